@@ -1,0 +1,51 @@
+"""Convert CValues-Comparison jsonl into the reward model's 7-field MindRecord (the tutorial's script).
+
+    python cvalues_comparison.py --model /path/to/llama2/tokenizer.model --src_file data/jsonl/train.jsonl \
+        --dst_file data/mindrecord/train_4096.mindrecord --seq_length 4096 --pad_token_id 2
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+
+from mindrlhf.cli import main_guard  # noqa: E402
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True,
+                        help="a local SentencePiece tokenizer.model, or a directory holding one (nothing is downloaded)")
+    parser.add_argument("--padding_side", default="right", choices=["right"],
+                        help="padding side; loss_mask and end_ind are defined for right padding only")
+    parser.add_argument("--src_file", required=True, help="CValues-Comparison .jsonl file")
+    parser.add_argument("--dst_file", required=True, help="output .mindrecord path (a .db index is written beside it)")
+    parser.add_argument("--seq_length", type=int, default=1024, help="tokens per sequence after truncation/padding")
+    parser.add_argument("--pad_token_id", type=int, default=2, help="padding id (Llama 2 has none; the tutorial uses 2)")
+    parser.add_argument("--skip_invalid", action="store_true",
+                        help="skip malformed rows and report them, instead of stopping at the first one")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dst_file")
+    parser.add_argument("--num_threads", type=int, default=-1, help="tokenizer threads (default: all cores)")
+    return parser.parse_args(argv)
+
+
+@main_guard
+def main(argv=None):
+    args = get_args(argv)
+    from mindrlhf.data.convert import convert_file
+    from mindrlhf.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model, num_threads=args.num_threads)
+    result = convert_file(args.src_file, tokenizer, args.dst_file, args.seq_length, args.pad_token_id,
+                          overwrite=args.overwrite, skip_invalid=args.skip_invalid)
+    print(json.dumps(result["stats"], ensure_ascii=False))
+    skipped = result["skipped"]
+    print(f"skipped: {skipped['total']}")
+    for reason, detail in skipped["by_reason"].items():
+        print(f"  {detail['count']} x {reason} (first lines: {detail['first_lines']})")
+    print(f"Transformation finished! Output file refer: {args.dst_file} ({result['rows']} pairs)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Train a Llama2 reward model (the tutorial's reward_train.py), through the MindFormers Trainer.
+
+    python reward_train.py --config ../../model_configs/llama2_config/run_llama_2_7b_rm.yaml \
+        --train_dataset data/mindrecord/train_4096.mindrecord
+Resume an interrupted run:  ... --resume True --load_checkpoint output/checkpoint
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+
+from mindrlhf.cli import main_guard, str2bool  # noqa: E402
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="run YAML, e.g. run_llama_2_7b_rm.yaml")
+    parser.add_argument("--train_dataset", default="", help="MindRecord file or directory (overrides the YAML)")
+    parser.add_argument("--run_mode", default="train", choices=["train"], help="only 'train' (as the tutorial)")
+    parser.add_argument("--task", default="text_generation", help="MindFormers task name")
+    parser.add_argument("--use_parallel", default=None, type=str2bool,
+                        help="distributed run (True under a launcher); default: the YAML's use_parallel")
+    parser.add_argument("--output_dir", default=None, help="where log/ and checkpoint/ go (default: YAML, ./output)")
+    parser.add_argument("--load_checkpoint", default=None,
+                        help="weights to start from, or with --resume the checkpoint directory holding rank_N/")
+    parser.add_argument("--resume", default=False, type=str2bool, nargs="?", const=True,
+                        help="continue an interrupted run (global step, optimizer state) from its checkpoints")
+    parser.add_argument("--epochs", type=int, default=None, help="override runner_config.epochs")
+    parser.add_argument("--batch_size", type=int, default=None, help="override the pairs per step")
+    parser.add_argument("--save_steps", type=int, default=None, help="override CheckpointMonitor.save_checkpoint_steps")
+    parser.add_argument("--stop_step", type=int, default=None, help="stop after this global step (checkpoint kept)")
+    return parser.parse_args(argv)
+
+
+@main_guard
+def main(argv=None):
+    args = get_args(argv)
+    from mindrlhf.training.trainer import train
+
+    summary = train(args.config, args.train_dataset or None, task=args.task, output_dir=args.output_dir,
+                    load_checkpoint=args.load_checkpoint, resume=args.resume, use_parallel=args.use_parallel,
+                    epochs=args.epochs, batch_size=args.batch_size, save_steps=args.save_steps,
+                    stop_step=args.stop_step)
+    print(json.dumps({k: summary[k] for k in ("output_dir", "log_file", "checkpoint_dir", "steps_logged",
+                                              "first_loss", "last_loss")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Preference pairs -> the tutorial's 7-field samples -> one MindRecord, written atomically.
+
+Semantics equal the tutorial's cvalues_comparison.py (template, truncation, right padding, loss_mask, end_ind)
+but pairs that are identical after truncation are skipped and counted instead of crashing, tokenization is
+batched over all cores, and the file appears only when complete.
+"""
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional
+
+import numpy as np
+
+from mindrlhf.data.pairs import PreferencePair, SkipReport, read_pairs
+from mindrlhf.data.prompt import RECORD_SCHEMA, format_prompt
+from mindrlhf.errors import ConfigError, OutputExistsError
+
+SKIP_IDENTICAL = "chosen and rejected are identical after truncation"
+
+
+@dataclass
+class LengthStats:
+    """The tutorial's statistics: count and prompt/chosen/reject max, min and average token lengths."""
+
+    seq_length: int
+    count: int = 0
+    totals: Dict[str, int] = field(default_factory=lambda: {"prompt": 0, "chosen": 0, "reject": 0})
+    maxima: Dict[str, int] = field(default_factory=lambda: {"prompt": 0, "chosen": 0, "reject": 0})
+    minima: Dict[str, int] = field(default_factory=dict)
+    truncated: int = 0
+    max_token_id: int = -1
+
+    def add(self, prompt_len, chosen_len, reject_len):
+        self.count += 1
+        for key, value in (("prompt", prompt_len), ("chosen", chosen_len), ("reject", reject_len)):
+            self.totals[key] += value
+            self.maxima[key] = max(self.maxima[key], value)
+            self.minima[key] = min(self.minima.get(key, value), value)
+
+    def as_dict(self) -> dict:
+        out = {"count": self.count}
+        for key in ("prompt", "chosen", "reject"):
+            out[f"{key}_max"] = self.maxima[key]
+            out[f"{key}_min"] = self.minima.get(key, 0)
+            out[f"{key}_avg"] = round(self.totals[key] / self.count, 2) if self.count else 0.0
+        out["truncated_pairs"] = self.truncated
+        out["max_token_id"] = self.max_token_id
+        return out
+
+
+def build_samples(chosen_ids: List[List[int]], rejected_ids: List[List[int]], seq_length: int, pad_token_id: int):
+    """Tokenized full texts -> (samples dict of arrays, keep mask). Rows with no differing token are dropped."""
+    n = len(chosen_ids)
+    chosen = np.full((n, seq_length), pad_token_id, dtype=np.int32)
+    rejected = np.full((n, seq_length), pad_token_id, dtype=np.int32)
+    c_len = np.zeros(n, dtype=np.int64)
+    r_len = np.zeros(n, dtype=np.int64)
+    for i, (c, r) in enumerate(zip(chosen_ids, rejected_ids)):
+        c, r = c[:seq_length], r[:seq_length]
+        c_len[i], r_len[i] = len(c), len(r)
+        chosen[i, :len(c)] = c
+        rejected[i, :len(r)] = r
+    differ = chosen != rejected
+    keep = differ.any(axis=1)
+    divergence = differ.argmax(axis=1)
+    end_ind = np.maximum(c_len, r_len)
+    positions = np.arange(seq_length)
+    loss_mask = ((positions[None, :] >= divergence[:, None]) & (positions[None, :] < end_ind[:, None]))
+    samples = {
+        "chosen_input_ids": chosen,
+        "chosen_attention_mask": (positions[None, :] < c_len[:, None]).astype(np.int32),
+        "rejected_input_ids": rejected,
+        "rejected_attention_mask": (positions[None, :] < r_len[:, None]).astype(np.int32),
+        "loss_mask": loss_mask.astype(np.int32),
+        "end_ind": end_ind,
+    }
+    return samples, keep
+
+
+class AtomicMindRecordWriter:
+    """A FileWriter into a private temporary folder beside the destination, moved into place on commit.
+
+    The .mindrecord and its .db appear together or not at all; an existing output is kept unless overwrite.
+    """
+
+    def __init__(self, dst_file: str, schema: dict = None, overwrite: bool = False):
+        from mindspore.mindrecord import FileWriter
+
+        self.dst_file = os.path.abspath(dst_file)
+        if not overwrite and (os.path.exists(self.dst_file) or os.path.exists(self.dst_file + ".db")):
+            raise OutputExistsError(f"{dst_file} already exists; pass --overwrite to replace it")
+        parent = os.path.dirname(self.dst_file)
+        os.makedirs(parent, exist_ok=True)
+        self.tmp_dir = tempfile.mkdtemp(prefix=".partial-", dir=parent)
+        self.tmp_file = os.path.join(self.tmp_dir, os.path.basename(self.dst_file))
+        self.writer = FileWriter(file_name=self.tmp_file, shard_num=1, overwrite=True)
+        self.writer.add_schema(schema or RECORD_SCHEMA, "reward_model_pairs")
+        self.rows = 0
+
+    def write(self, rows: List[dict]):
+        if rows:
+            self.writer.write_raw_data(rows)
+            self.rows += len(rows)
+
+    def commit(self):
+        self.writer.commit()
+        for suffix in ("", ".db"):
+            os.replace(self.tmp_file + suffix, self.dst_file + suffix)
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+    def abort(self):
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        return False
+
+
+def _chunks(items: Iterable, size: int):
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def convert_pairs(pairs: Iterable[PreferencePair], tokenizer, dst_file: str, seq_length: int, pad_token_id: int,
+                  overwrite: bool = False, chunk_size: int = 2048, report: Optional[SkipReport] = None,
+                  progress: bool = True) -> dict:
+    """Write the MindRecord and return {'stats', 'skipped', 'rows', 'dst_file'}. Streams in chunks."""
+    from tqdm import tqdm
+
+    if seq_length < 2:
+        raise ConfigError(f"--seq_length must be at least 2, got {seq_length}")
+    if not 0 <= pad_token_id < tokenizer.vocab_size:
+        raise ConfigError(f"--pad_token_id {pad_token_id} is outside the tokenizer's vocabulary "
+                          f"(size {tokenizer.vocab_size})")
+    report = report if report is not None else SkipReport()
+    stats = LengthStats(seq_length)
+    position_id = np.arange(seq_length, dtype=np.int32)
+    bar = tqdm(desc="converting pairs", unit="pair", disable=not progress)
+    with AtomicMindRecordWriter(dst_file, overwrite=overwrite) as writer:
+        for chunk in _chunks(pairs, chunk_size):
+            texts = [p.prompt.strip() for p in chunk] + [p.chosen.strip() for p in chunk] + \
+                    [p.rejected.strip() for p in chunk] + \
+                    [format_prompt(p.prompt, p.chosen) for p in chunk] + \
+                    [format_prompt(p.prompt, p.rejected) for p in chunk]
+            ids = tokenizer.encode(texts)
+            n = len(chunk)
+            prompt_ids, chosen_ids, reject_ids = ids[:n], ids[n:2 * n], ids[2 * n:3 * n]
+            full_c, full_r = ids[3 * n:4 * n], ids[4 * n:]
+            samples, keep = build_samples(full_c, full_r, seq_length, pad_token_id)
+            rows = []
+            if keep.any():
+                stats.max_token_id = max(stats.max_token_id, int(samples["chosen_input_ids"][keep].max()),
+                                         int(samples["rejected_input_ids"][keep].max()))
+            for i, pair in enumerate(chunk):
+                if not keep[i]:
+                    report.add(SKIP_IDENTICAL, pair.line)
+                    continue
+                if len(full_c[i]) > seq_length or len(full_r[i]) > seq_length:
+                    stats.truncated += 1
+                stats.add(min(len(prompt_ids[i]), seq_length), min(len(chosen_ids[i]), seq_length),
+                          min(len(reject_ids[i]), seq_length))
+                row = {name: samples[name][i] for name in samples}
+                row["position_id"] = position_id
+                row["end_ind"] = int(samples["end_ind"][i])
+                rows.append(row)
+            writer.write(rows)
+            bar.update(n)
+        bar.close()
+        if writer.rows == 0:
+            raise ConfigError(f"no usable pairs to write to {dst_file} ({report.total} skipped)")
+        writer.commit()
+    result = {"dst_file": dst_file, "rows": stats.count, "seq_length": seq_length, "pad_token_id": pad_token_id,
+              "max_token_id": stats.max_token_id, "tokenizer": getattr(tokenizer, "path", None),
+              "stats": stats.as_dict(), "skipped": report.as_dict()}
+    with open(os.path.abspath(dst_file) + ".stats.json", "w", encoding="utf-8") as fh:
+        json.dump(result, fh, ensure_ascii=False, indent=2)
+    return result
+
+
+def convert_file(src_file: str, tokenizer, dst_file: str, seq_length: int, pad_token_id: int = 2,
+                 overwrite: bool = False, skip_invalid: bool = False, progress: bool = True) -> dict:
+    report = SkipReport()
+    pairs = read_pairs(src_file, skip_invalid=skip_invalid, report=report)
+    return convert_pairs(pairs, tokenizer, dst_file, seq_length, pad_token_id, overwrite=overwrite,
+                         report=report, progress=progress)

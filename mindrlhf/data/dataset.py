@@ -1,0 +1,128 @@
+"""RewardModelDataset: the 7-field MindRecord -> (2B, S) batches, chosen rows first, then rejected rows.
+
+Registered with MindFormers so YAML `train_dataset_task.type: RewardModelDataset` resolves. Optional length
+bucketing trims each batch to the smallest boundary that holds its longest pair, so padding costs no compute.
+"""
+import copy
+import os
+import re
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from mindformers.dataset.base_dataset import BaseDataset
+from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
+from mindrlhf.data.prompt import MODEL_COLUMNS, RECORD_COLUMNS
+from mindrlhf.errors import ConfigError
+
+_MINDRECORD = re.compile(r"\.mindrecord\d*$")
+
+
+def resolve_mindrecord_files(source) -> List[str]:
+    """A .mindrecord file, a list of them, or a directory searched recursively -> sorted file list."""
+    if isinstance(source, (list, tuple)):
+        files = []
+        for item in source:
+            files.extend(resolve_mindrecord_files(item))
+        return files
+    if not source:
+        raise ConfigError("no dataset given: set dataset_dir in the YAML or pass --train_dataset/--eval_dataset")
+    source = str(source)
+    if os.path.isdir(source):
+        found = sorted(os.path.join(root, name) for root, dirs, names in os.walk(source)
+                       for name in names if _MINDRECORD.search(name) and not root.split(os.sep)[-1].startswith("."))
+        if not found:
+            raise ConfigError(f"{source}: directory holds no .mindrecord files")
+        return found
+    if not os.path.isfile(source):
+        raise ConfigError(f"{source}: dataset file does not exist")
+    if not os.path.isfile(source + ".db"):
+        raise ConfigError(f"{source}: MindRecord index {source}.db is missing (incomplete or not a MindRecord)")
+    return [source]
+
+
+def bucket_length(length: int, boundaries: Sequence[int], seq_length: int) -> int:
+    """The smallest boundary >= length (seq_length when none fits)."""
+    for boundary in sorted(boundaries):
+        if length <= boundary <= seq_length:
+            return boundary
+    return seq_length
+
+
+def make_batch_map(boundaries: Optional[Sequence[int]] = None):
+    """The per-batch transform: stack chosen then rejected, per-row end_ind, optional trimming to a bucket."""
+
+    def batch_map(chosen_ids, chosen_mask, rejected_ids, rejected_mask, position_id, loss_mask, end_ind):
+        input_ids = np.concatenate((chosen_ids, rejected_ids)).astype(np.int32)
+        attention_mask = np.concatenate((chosen_mask, rejected_mask)).astype(np.float32)
+        positions = np.concatenate((position_id, position_id)).astype(np.int32)
+        row_end = attention_mask.sum(axis=1).astype(np.int32)
+        loss_mask = loss_mask.astype(np.float32)
+        if boundaries:
+            seq_length = input_ids.shape[1]
+            keep = bucket_length(int(np.max(end_ind)), boundaries, seq_length)
+            input_ids, attention_mask = input_ids[:, :keep], attention_mask[:, :keep]
+            positions, loss_mask = positions[:, :keep], loss_mask[:, :keep]
+        return input_ids, positions, attention_mask, loss_mask, row_end
+
+    return batch_map
+
+
+def shard_info():
+    """(shard_id, num_shards) for this rank: split under data parallel, whole under full-batch semi-auto."""
+    shard_id, num_shards = BaseDataset._generate_shard_info()  # pylint: disable=protected-access
+    if num_shards is not None and num_shards <= 1:
+        shard_id, num_shards = None, None
+    return shard_id, num_shards
+
+
+def create_reward_dataset(files, batch_size: int, shuffle: bool = False, drop_remainder: bool = True,
+                          repeat: int = 1, num_samples: Optional[int] = None, bucket_boundaries=None,
+                          num_parallel_workers: int = 1, shard_id=None, num_shards=None, seed: Optional[int] = None):
+    """The dataset pipeline without the registry: what both training and evaluation use."""
+    import mindspore.dataset as ds
+
+    files = resolve_mindrecord_files(files)
+    if seed is not None:
+        ds.config.set_seed(seed)
+    kwargs = {}
+    if num_shards:
+        kwargs.update(num_shards=num_shards, shard_id=shard_id)
+    if num_samples:
+        kwargs["num_samples"] = int(num_samples)
+    dataset = ds.MindDataset(files, columns_list=list(RECORD_COLUMNS), shuffle=shuffle,
+                             num_parallel_workers=num_parallel_workers, **kwargs)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    dataset = dataset.map(make_batch_map(bucket_boundaries), input_columns=list(RECORD_COLUMNS),
+                          output_columns=list(MODEL_COLUMNS), num_parallel_workers=num_parallel_workers)
+    dataset = dataset.project(list(MODEL_COLUMNS))
+    if repeat and repeat > 1:
+        dataset = dataset.repeat(repeat)
+    return dataset
+
+
+@MindFormerRegister.register(MindFormerModuleType.DATASET)
+class RewardModelDataset(BaseDataset):
+    """YAML entry point. dataset_config fields (all optional but data_loader.dataset_dir/dataset_files):
+
+    data_loader.{dataset_dir|dataset_files, shuffle, num_samples}, batch_size, drop_remainder, repeat,
+    num_parallel_workers, seed, bucket_boundaries (list of lengths; empty = fixed length).
+    """
+
+    def __new__(cls, dataset_config: Optional[dict] = None, data_loader=None, batch_size: int = 8,
+                drop_remainder: bool = True, repeat: int = 1, pad_token_id: int = 2, seed: int = 0,
+                num_parallel_workers: int = 1, bucket_boundaries=None, **kwargs):
+        dataset_config = copy.deepcopy(cls.check_dataset_config(dataset_config, locals()))
+        loader = dataset_config.data_loader or {}
+        source = loader.get("dataset_dir") or loader.get("dataset_files")
+        shard_id, num_shards = shard_info()
+        return create_reward_dataset(
+            source, batch_size=int(dataset_config.batch_size or batch_size),
+            shuffle=bool(loader.get("shuffle", False)),
+            drop_remainder=bool(dataset_config.get("drop_remainder", True)),
+            repeat=int(dataset_config.get("repeat", 1) or 1),
+            num_samples=loader.get("num_samples"),
+            bucket_boundaries=dataset_config.get("bucket_boundaries") or None,
+            num_parallel_workers=int(dataset_config.get("num_parallel_workers", 1) or 1),
+            shard_id=shard_id, num_shards=num_shards, seed=dataset_config.get("seed", seed))

@@ -1,0 +1,34 @@
+"""The one prompt template and the column names of the 7-field MindRecord.
+
+Conversion, evaluation and inference all format text here, so training and scoring never drift apart
+(the upstream inference script used '根据一下' while training used '根据以下').
+"""
+
+PROMPT_TEMPLATE = "根据以下问题，写一个合适的回答。\n\n### 问题：\n{instruction}\n\n### 回答：\n{response}"
+
+RECORD_COLUMNS = (
+    "chosen_input_ids",
+    "chosen_attention_mask",
+    "rejected_input_ids",
+    "rejected_attention_mask",
+    "position_id",
+    "loss_mask",
+    "end_ind",
+)
+
+MODEL_COLUMNS = ("input_ids", "position_id", "attention_mask", "loss_mask", "end_ind")
+
+RECORD_SCHEMA = {
+    "chosen_input_ids": {"type": "int32", "shape": [-1]},
+    "chosen_attention_mask": {"type": "int32", "shape": [-1]},
+    "rejected_input_ids": {"type": "int32", "shape": [-1]},
+    "rejected_attention_mask": {"type": "int32", "shape": [-1]},
+    "position_id": {"type": "int32", "shape": [-1]},
+    "loss_mask": {"type": "int32", "shape": [-1]},
+    "end_ind": {"type": "int64"},
+}
+
+
+def format_prompt(instruction: str, response: str) -> str:
+    """prompt + response in the training template; inputs are stripped as the tutorial does."""
+    return PROMPT_TEMPLATE.format_map({"instruction": instruction.strip(), "response": response.strip()})

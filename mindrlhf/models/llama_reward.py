@@ -1,0 +1,53 @@
+"""LlamaRewardModel: MindFormers' Llama backbone + a scalar value head.
+
+Backbone parameters are named `model.*` exactly as in LlamaForCausalLM, so a pretrained Llama2 checkpoint
+loads into it (its `lm_head.*` is simply not used). In training construct returns the CompareLoss; in
+eval mode it returns one reward per sequence, read at end_ind - 1 (the sequence's own last real token).
+"""
+import mindspore.common.dtype as mstype
+from mindspore import ops
+from mindspore.common.initializer import Normal
+from mindformers.models.llama import LlamaConfig
+from mindformers.models.llama.llama import LlamaModel, LlamaPreTrainedModel
+from mindformers.modules.layers import Linear
+from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
+from mindrlhf.models.loss import CompareLoss
+
+VALUE_HEAD_PREFIX = "v_head."
+
+
+@MindFormerRegister.register(MindFormerModuleType.MODELS)
+class LlamaRewardModel(LlamaPreTrainedModel):
+    """config: a LlamaConfig. Value head: hidden_size -> 1, no bias, N(0, 1/sqrt(hidden+1)) init."""
+
+    def __init__(self, config: LlamaConfig = None):
+        config = config if config is not None else LlamaConfig()
+        super().__init__(config, auto_prefix=True)
+        self.config = config
+        self.model = LlamaModel(config=config)
+        # Let every batch be shorter than seq_length (length bucketing): slice the causal mask like pynative does.
+        self.model.casual_mask.is_dynamic = True
+        self.v_head = Linear(in_channels=config.hidden_size, out_channels=1, has_bias=False,
+                             compute_dtype=config.compute_dtype, param_init_type=config.param_init_type,
+                             weight_init=Normal(sigma=1.0 / (config.hidden_size + 1) ** 0.5))
+        dp = config.parallel_config.data_parallel
+        self.v_head.shard(strategy_matmul=((dp, 1), (1, 1)))
+        self.loss = CompareLoss(config)
+        self.cast = ops.Cast()
+        self.load_checkpoint(config)
+
+    def token_rewards(self, input_ids):
+        """(N, S) int32 -> (N, S) float32 reward at every position."""
+        hidden = self.model(input_ids)
+        batch, seq = input_ids.shape
+        hidden = hidden.reshape((batch * seq, -1))
+        values = self.cast(self.v_head(hidden), mstype.float32)
+        return values.reshape((batch, seq))
+
+    def construct(self, input_ids, position_id=None, attention_mask=None, loss_mask=None, end_ind=None):
+        rewards = self.token_rewards(input_ids)
+        if self.training:
+            return self.loss(rewards, loss_mask)
+        index = ops.clip_by_value(self.cast(end_ind, mstype.int32).reshape((-1, 1)) - 1, 0, input_ids.shape[1] - 1)
+        return ops.gather_elements(rewards, 1, index).reshape((-1,))

@@ -1,0 +1,136 @@
+"""Loading a run YAML, applying CLI overrides, and checking it before any compute starts.
+
+Every section the Trainer would silently fill with a default (a cosine LR at 5e-5, the stock wrapper that
+fails on CPU, ...) must be written out; the data must match the model (sequence length, vocabulary, pad id).
+"""
+import glob
+import json
+import os
+from typing import Optional
+
+import numpy as np
+
+from mindrlhf.errors import ConfigError
+
+REQUIRED_SECTIONS = ("runner_config", "runner_wrapper", "optimizer", "lr_schedule", "parallel", "parallel_config",
+                     "context", "callbacks", "model", "train_dataset", "train_dataset_task")
+
+
+def load_config(path: str):
+    """A MindFormerConfig from a YAML path, with a clear error for a missing or unreadable file."""
+    from mindformers import MindFormerConfig
+
+    if not path or not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' does not exist")
+    if not path.endswith((".yaml", ".yml")):
+        raise ConfigError(f"config file '{path}' must be a .yaml/.yml file")
+    try:
+        config = MindFormerConfig(os.path.realpath(path))
+    except Exception as err:  # yaml errors come in many types
+        raise ConfigError(f"{path}: cannot parse YAML ({err})") from None
+    config.config_path = os.path.realpath(path)
+    return config
+
+
+def check_sections(config, path: str = "config", required=REQUIRED_SECTIONS):
+    missing = [name for name in required if not config.get(name)]
+    if missing:
+        raise ConfigError(f"{path}: missing section(s) {', '.join(missing)}; MindFormers would fill them with "
+                          "silent defaults (e.g. a cosine LR at 5e-5), so every one must be set explicitly")
+
+
+def checkpoint_files(directory: str):
+    """All .ckpt files below a checkpoint directory (rank_N/ layout or flat), oldest step first."""
+    files = glob.glob(os.path.join(directory, "**", "*.ckpt"), recursive=True)
+    return sorted(files, key=lambda f: (os.path.dirname(f), _step_of(f), f))
+
+
+def _step_of(path: str) -> int:
+    """The global step in a MindSpore checkpoint name 'prefix-EPOCH_STEP.ckpt' (steps per epoch folded in)."""
+    name = os.path.basename(path)[:-len(".ckpt")]
+    tail = name.rsplit("-", 1)[-1]
+    parts = tail.split("_")
+    try:
+        return int(parts[0]) * 10 ** 9 + int(parts[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def mindrecord_info(files, sample_rows: int = 2000) -> dict:
+    """seq_length, row count, pad id and max token id of a converted dataset (sidecar stats or a sample)."""
+    from mindspore.mindrecord import FileReader
+
+    info = {"rows": 0, "seq_length": None, "pad_token_id": None, "max_token_id": -1}
+    for path in files:
+        sidecar = path + ".stats.json"
+        if os.path.isfile(sidecar):
+            with open(sidecar, encoding="utf-8") as fh:
+                meta = json.load(fh)
+            info["pad_token_id"] = meta.get("pad_token_id", info["pad_token_id"])
+            info["max_token_id"] = max(info["max_token_id"], meta.get("max_token_id", -1))
+        reader = FileReader(path, num_consumer=1, columns=["chosen_input_ids", "rejected_input_ids",
+                                                          "chosen_attention_mask", "end_ind"])
+        try:
+            for i, row in enumerate(reader.get_next()):
+                if i >= sample_rows:
+                    break
+                ids = row["chosen_input_ids"]
+                seq = int(ids.shape[0])
+                if info["seq_length"] not in (None, seq):
+                    raise ConfigError(f"{path}: rows of length {seq} and {info['seq_length']} mixed")
+                info["seq_length"] = seq
+                info["max_token_id"] = max(info["max_token_id"], int(ids.max()), int(row["rejected_input_ids"].max()))
+                real = int(row["chosen_attention_mask"].sum())
+                if info["pad_token_id"] is None and real < seq:
+                    info["pad_token_id"] = int(ids[real])
+        finally:
+            reader.close()
+        info["rows"] += _row_count(path)
+    return info
+
+
+def _row_count(path: str) -> int:
+    from mindspore.dataset import MindDataset
+
+    return MindDataset(path, columns_list=["end_ind"], shuffle=False).get_dataset_size()
+
+
+def check_data_against_model(config, files, role: str = "train", rank_size: int = 1):
+    """Raise ConfigError for data the model cannot take; returns the data info."""
+    model_cfg = config.model.model_config
+    info = mindrecord_info(files)
+    shown = files[0] if len(files) == 1 else f"{files[0]} (+{len(files) - 1} more)"
+    if info["rows"] == 0:
+        raise ConfigError(f"{shown}: the {role} dataset is empty")
+    if info["seq_length"] != model_cfg.seq_length:
+        raise ConfigError(f"{shown}: the data was converted with --seq_length {info['seq_length']} but the model's "
+                          f"seq_length is {model_cfg.seq_length}; convert again or set model.model_config.seq_length")
+    if info["max_token_id"] >= model_cfg.vocab_size:
+        raise ConfigError(f"{shown}: token id {info['max_token_id']} is >= the model's vocab_size "
+                          f"{model_cfg.vocab_size}; was it converted with another tokenizer?")
+    if info["pad_token_id"] is not None and model_cfg.pad_token_id is not None \
+            and info["pad_token_id"] != model_cfg.pad_token_id:
+        raise ConfigError(f"{shown}: the data is padded with {info['pad_token_id']} but the model's pad_token_id is "
+                          f"{model_cfg.pad_token_id}; use the same --pad_token_id and model.model_config.pad_token_id")
+    dataset_cfg = config[f"{role}_dataset"]
+    batch = int(dataset_cfg.batch_size or config.runner_config.batch_size or 1)
+    per_rank = info["rows"] // max(rank_size, 1)
+    if dataset_cfg.get("drop_remainder", True) and batch > per_rank:
+        raise ConfigError(f"{shown}: batch_size {batch} is larger than the {per_rank} pair(s) each of {rank_size} "
+                          "rank(s) reads; no step could run")
+    return info
+
+
+def set_dataset(config, role: str, source: Optional[str]):
+    if source:
+        config[f"{role}_dataset"].data_loader.dataset_dir = source
+        config[f"{role}_dataset"].data_loader.pop("dataset_files", None)
+
+
+def dataset_source(config, role: str):
+    loader = config[f"{role}_dataset"].data_loader
+    return loader.get("dataset_dir") or loader.get("dataset_files")
+
+
+def np_seed(config):
+    np.random.seed(int(config.get("seed", 0) or 0))

@@ -1,0 +1,123 @@
+"""Reward-model training through the MindFormers Trainer: config, checks, resume, and a summary.
+
+Loss lines land in <output_dir>/log/rank_N/info.log, checkpoints in <output_dir>/checkpoint/rank_N/.
+Resume = load_checkpoint pointing at a directory holding rank_N/ + resume_training (bit-exact continuation).
+"""
+import json
+import os
+from typing import Optional
+
+from mindrlhf.errors import ConfigError
+from mindrlhf.training import config as cfg
+
+TRAIN_SUMMARY = "train_summary.json"
+
+
+def rank_info():
+    """(rank_id, rank_size) from the launcher's environment (RANK_ID/RANK_SIZE or msrun's)."""
+    from mindformers.tools.utils import get_real_group_size, get_real_rank
+
+    return get_real_rank(), get_real_group_size()
+
+
+def resolve_resume_dir(path: str) -> str:
+    """A checkpoint directory that holds rank_N/ with .ckpt files; a bare .ckpt cannot be resumed from."""
+    if os.path.isfile(path):
+        raise ConfigError(f"{path}: resume needs the checkpoint directory that holds rank_0/ (e.g. "
+                          f"{os.path.dirname(os.path.dirname(os.path.abspath(path)))}), not a single .ckpt file")
+    if not os.path.isdir(path):
+        raise ConfigError(f"{path}: checkpoint directory does not exist")
+    if os.path.basename(os.path.normpath(path)).startswith("rank_"):
+        path = os.path.dirname(os.path.normpath(path))
+    if not os.path.isdir(os.path.join(path, "rank_0")) or not cfg.checkpoint_files(os.path.join(path, "rank_0")):
+        raise ConfigError(f"{path}: no rank_0/*.ckpt to resume from")
+    return path
+
+
+def prepare_config(config_path: str, train_dataset: Optional[str] = None, output_dir: Optional[str] = None,
+                   load_checkpoint: Optional[str] = None, resume: bool = False,
+                   use_parallel: Optional[bool] = None, epochs: Optional[int] = None,
+                   batch_size: Optional[int] = None, save_steps: Optional[int] = None,
+                   stop_step: Optional[int] = None):
+    """The run's MindFormerConfig with CLI overrides applied and everything checkable checked."""
+    config = cfg.load_config(config_path)
+    cfg.check_sections(config, config_path)
+    if use_parallel is not None:
+        config.use_parallel = use_parallel
+    if output_dir:
+        config.output_dir = os.path.abspath(output_dir)
+    else:
+        config.output_dir = os.path.abspath(config.get("output_dir") or "./output")
+    if epochs:
+        config.runner_config.epochs = int(epochs)
+    if batch_size:
+        config.runner_config.batch_size = int(batch_size)
+        config.train_dataset.batch_size = int(batch_size)
+    if save_steps:
+        for callback in config.callbacks:
+            if callback.get("type") == "CheckpointMonitor":
+                callback.save_checkpoint_steps = int(save_steps)
+    if stop_step:
+        config.runner_config.stop_step = int(stop_step)
+    cfg.set_dataset(config, "train", train_dataset)
+    if config.context.get("device_target") == "CPU" and config.runner_config.get("sink_mode"):
+        raise ConfigError(f"{config_path}: runner_config.sink_mode must be False on CPU "
+                          "(sink mode multiplies the step count there)")
+    if resume:
+        config.load_checkpoint = resolve_resume_dir(load_checkpoint or os.path.join(config.output_dir, "checkpoint"))
+        config.resume_training = True
+    elif load_checkpoint:
+        if not os.path.exists(load_checkpoint):
+            raise ConfigError(f"{load_checkpoint}: checkpoint does not exist")
+        config.load_checkpoint = os.path.abspath(load_checkpoint)
+        config.resume_training = False
+    return config
+
+
+def train(config_path: str, train_dataset: Optional[str] = None, task: str = "text_generation", **overrides) -> dict:
+    """Train and return a summary dict (also written as <output_dir>/train_summary.json by rank 0)."""
+    from mindformers.core.context import build_context
+    from mindformers.trainer import Trainer
+    from mindformers.utils.file_utils import set_output_path
+
+    from mindrlhf.data.dataset import resolve_mindrecord_files
+    from mindrlhf.tools.loss_log import parse_log
+
+    config = prepare_config(config_path, train_dataset, **overrides)
+    files = resolve_mindrecord_files(cfg.dataset_source(config, "train"))
+    set_output_path(config.output_dir)
+    build_context(config)
+    rank_id, rank_size = rank_info()
+    data_parallel = rank_size if config.use_parallel and config.parallel.get("parallel_mode", 0) == 0 else 1
+    info = cfg.check_data_against_model(config, files, "train", data_parallel)
+    stop_step = config.runner_config.pop("stop_step", None)
+    trainer = Trainer(args=config, task=task, callbacks=[stop_at(int(stop_step))] if stop_step else None)
+    trainer.train()
+    log_file = os.path.join(config.output_dir, "log", f"rank_{rank_id}", "info.log")
+    points = parse_log(log_file) if os.path.isfile(log_file) else []
+    ckpt_dir = os.path.join(config.output_dir, "checkpoint", f"rank_{rank_id}")
+    summary = {
+        "config": config_path, "train_dataset": files, "pairs": info["rows"], "rank_id": rank_id,
+        "rank_size": rank_size, "output_dir": config.output_dir, "log_file": log_file,
+        "checkpoint_dir": ckpt_dir, "checkpoints": cfg.checkpoint_files(ckpt_dir),
+        "steps_logged": len(points), "first_loss": points[0].loss if points else None,
+        "last_loss": points[-1].loss if points else None, "resumed": bool(config.resume_training),
+    }
+    if rank_id == 0:
+        with open(os.path.join(config.output_dir, TRAIN_SUMMARY), "w", encoding="utf-8") as fh:
+            json.dump(summary, fh, indent=2)
+    return summary
+
+
+def stop_at(step: int):
+    """A callback that stops after `step` global steps (a deliberate interruption, e.g. for resume tests)."""
+    from mindspore.train.callback import Callback
+
+    class StopAtStep(Callback):
+        def on_train_step_end(self, run_context):
+            # The optimizer's global_step is restored on resume, unlike cb_params.cur_step_num.
+            optimizer = run_context.original_args().train_network.optimizer
+            if int(optimizer.global_step.asnumpy().reshape(-1)[0]) >= step:
+                run_context.request_stop()
+
+    return StopAtStep()
