@@ -147,39 +147,38 @@ def convert_pairs(pairs: Iterable[PreferencePair], tokenizer, dst_file: str, seq
     report = report if report is not None else SkipReport()
     stats = LengthStats(seq_length)
     position_id = np.arange(seq_length, dtype=np.int32)
-    bar = tqdm(desc="converting pairs", unit="pair", disable=not progress)
     with AtomicMindRecordWriter(dst_file, overwrite=overwrite) as writer:
-        for chunk in _chunks(pairs, chunk_size):
-            texts = [p.prompt.strip() for p in chunk] + [p.chosen.strip() for p in chunk] + \
-                    [p.rejected.strip() for p in chunk] + \
-                    [format_prompt(p.prompt, p.chosen) for p in chunk] + \
-                    [format_prompt(p.prompt, p.rejected) for p in chunk]
-            ids = tokenizer.encode(texts)
-            n = len(chunk)
-            prompt_ids, chosen_ids, reject_ids = ids[:n], ids[n:2 * n], ids[2 * n:3 * n]
-            full_c, full_r = ids[3 * n:4 * n], ids[4 * n:]
-            samples, keep = build_samples(full_c, full_r, seq_length, pad_token_id)
-            rows = []
-            if keep.any():
-                stats.max_token_id = max(stats.max_token_id, int(samples["chosen_input_ids"][keep].max()),
-                                         int(samples["rejected_input_ids"][keep].max()))
-            for i, pair in enumerate(chunk):
-                if not keep[i]:
-                    report.add(SKIP_IDENTICAL, pair.line)
-                    continue
-                if len(full_c[i]) > seq_length or len(full_r[i]) > seq_length:
-                    stats.truncated += 1
-                stats.add(min(len(prompt_ids[i]), seq_length), min(len(chosen_ids[i]), seq_length),
-                          min(len(reject_ids[i]), seq_length))
-                row = {name: samples[name][i] for name in samples}
-                row["position_id"] = position_id
-                row["end_ind"] = int(samples["end_ind"][i])
-                rows.append(row)
-            writer.write(rows)
-            bar.update(n)
-        bar.close()
+        with tqdm(desc="converting pairs", unit="pair", disable=not progress) as bar:
+            for chunk in _chunks(pairs, chunk_size):
+                texts = [p.prompt.strip() for p in chunk] + [p.chosen.strip() for p in chunk] + \
+                        [p.rejected.strip() for p in chunk] + \
+                        [format_prompt(p.prompt, p.chosen) for p in chunk] + \
+                        [format_prompt(p.prompt, p.rejected) for p in chunk]
+                ids = tokenizer.encode(texts)
+                n = len(chunk)
+                prompt_ids, chosen_ids, reject_ids = ids[:n], ids[n:2 * n], ids[2 * n:3 * n]
+                full_c, full_r = ids[3 * n:4 * n], ids[4 * n:]
+                samples, keep = build_samples(full_c, full_r, seq_length, pad_token_id)
+                rows = []
+                if keep.any():
+                    stats.max_token_id = max(stats.max_token_id, int(samples["chosen_input_ids"][keep].max()),
+                                             int(samples["rejected_input_ids"][keep].max()))
+                for i, pair in enumerate(chunk):
+                    if not keep[i]:
+                        report.add(SKIP_IDENTICAL, pair.line)
+                        continue
+                    if len(full_c[i]) > seq_length or len(full_r[i]) > seq_length:
+                        stats.truncated += 1
+                    stats.add(min(len(prompt_ids[i]), seq_length), min(len(chosen_ids[i]), seq_length),
+                              min(len(reject_ids[i]), seq_length))
+                    row = {name: samples[name][i] for name in samples}
+                    row["position_id"] = position_id
+                    row["end_ind"] = int(samples["end_ind"][i])
+                    rows.append(row)
+                writer.write(rows)
+                bar.update(n)
         if writer.rows == 0:
-            raise ConfigError(f"no usable pairs to write to {dst_file} ({report.total} skipped)")
+            raise ConfigError(f"no usable pairs to write to {dst_file}; " + ("; ".join(report.lines()) or "input is empty"))
         writer.commit()
     result = {"dst_file": dst_file, "rows": stats.count, "seq_length": seq_length, "pad_token_id": pad_token_id,
               "max_token_id": stats.max_token_id, "tokenizer": getattr(tokenizer, "path", None),

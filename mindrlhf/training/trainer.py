@@ -56,7 +56,7 @@ def prepare_config(config_path: str, train_dataset: Optional[str] = None, output
     if save_steps:
         for callback in config.callbacks:
             if callback.get("type") == "CheckpointMonitor":
-                callback.save_checkpoint_steps = int(save_steps)
+                callback["save_checkpoint_steps"] = int(save_steps)
     if stop_step:
         config.runner_config.stop_step = int(stop_step)
     cfg.set_dataset(config, "train", train_dataset)

@@ -1,0 +1,42 @@
+"""Reward scores for prompt+response rows (the tutorial's reward_infer.py), with the training template.
+
+    python reward_infer.py --config run_llama_2_7b_rm.yaml --data_file data/jsonl/test.jsonl \
+        --tokenizer /path/to/tokenizer.model --distributed_ckpt_path output/checkpoint
+Rows: {"prompt", "response"} (one score) or {"prompt", "pos_resp", "neg_resp"} (both scored).
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+
+from mindrlhf.cli import main_guard, str2bool  # noqa: E402
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the run YAML used for training")
+    parser.add_argument("--data_file", required=True, help=".json or .jsonl rows to score")
+    parser.add_argument("--tokenizer", required=True, help="local tokenizer.model or a directory holding one")
+    parser.add_argument("--distributed_ckpt_path", required=True,
+                        help="checkpoint root holding rank_N/, a rank_N directory, or one .ckpt (newest is used)")
+    parser.add_argument("--batch_size", type=int, default=16, help="sequences per forward pass")
+    parser.add_argument("--output_file", default=None,
+                        help="jsonl of {prompt, response, score} (default: <output_dir>/reward_infer_scores.jsonl)")
+    parser.add_argument("--skip_invalid", action="store_true", help="skip malformed rows and report them")
+    parser.add_argument("--use_parallel", default=False, type=str2bool, help="accepted for tutorial compatibility")
+    return parser.parse_args(argv)
+
+
+@main_guard
+def main(argv=None):
+    args = get_args(argv)
+    from mindrlhf.evaluation.run import infer
+
+    result = infer(args.config, args.data_file, args.tokenizer, args.distributed_ckpt_path,
+                   output_file=args.output_file, batch_size=args.batch_size, skip_invalid=args.skip_invalid)
+    print(f"scored {result['scored']} responses with {result['checkpoint']}; scores: {result['output_file']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""reward_eval and reward_infer as functions: inputs -> scores -> human lines + JSON results.
+
+Evaluation covers every pair of the test file (no drop_remainder, no sample cap), checkpoint by checkpoint.
+"""
+import json
+import os
+from typing import Callable, List, Optional
+
+import numpy as np
+
+from mindrlhf.data.pairs import SkipReport, read_pairs, read_rows
+from mindrlhf.data.prompt import format_prompt
+from mindrlhf.errors import ConfigError
+from mindrlhf.evaluation.metrics import pairwise_metrics
+from mindrlhf.evaluation.scorer import RewardScorer, list_checkpoints
+
+
+def _is_jsonl(path: str) -> bool:
+    return str(path).endswith((".jsonl", ".json"))
+
+
+def load_eval_pairs(source: str, seq_length: int, tokenizer=None, skip_invalid: bool = False) -> dict:
+    """{'chosen': [ids], 'rejected': [ids], 'pos_type': [...], 'neg_type': [...]} from jsonl or MindRecord."""
+    if _is_jsonl(source):
+        if tokenizer is None:
+            raise ConfigError(f"{source}: a jsonl eval set needs --tokenizer (a local tokenizer.model)")
+        report = SkipReport()
+        pairs = list(read_pairs(source, skip_invalid=skip_invalid, report=report))
+        if not pairs:
+            raise ConfigError(f"{source}: no pairs to evaluate")
+        ids = tokenizer.encode([format_prompt(p.prompt, p.chosen) for p in pairs] +
+                               [format_prompt(p.prompt, p.rejected) for p in pairs])
+        n = len(pairs)
+        return {"chosen": [x[:seq_length] for x in ids[:n]], "rejected": [x[:seq_length] for x in ids[n:]],
+                "pos_type": [p.pos_type for p in pairs], "neg_type": [p.neg_type for p in pairs],
+                "skipped": report.as_dict()}
+    from mindspore.mindrecord import FileReader
+
+    from mindrlhf.data.dataset import resolve_mindrecord_files
+
+    out = {"chosen": [], "rejected": [], "pos_type": None, "neg_type": None, "skipped": {"total": 0}}
+    for path in resolve_mindrecord_files(source):
+        reader = FileReader(path, num_consumer=1, columns=["chosen_input_ids", "chosen_attention_mask",
+                                                          "rejected_input_ids", "rejected_attention_mask"])
+        try:
+            for row in reader.get_next():
+                out["chosen"].append(row["chosen_input_ids"][:int(row["chosen_attention_mask"].sum())].tolist())
+                out["rejected"].append(
+                    row["rejected_input_ids"][:int(row["rejected_attention_mask"].sum())].tolist())
+        finally:
+            reader.close()
+    if not out["chosen"]:
+        raise ConfigError(f"{source}: the eval dataset is empty")
+    return out
+
+
+def score_pairs(scorer: RewardScorer, data: dict, pairs_per_batch: int, log: Callable[[str], None],
+                progress: bool = True):
+    """Chosen and rejected rewards for every pair, logging the tutorial's 'acc: [x]; avg acc: [y]' lines."""
+    from tqdm import tqdm
+
+    n = len(data["chosen"])
+    order = np.argsort([max(len(c), len(r)) for c, r in zip(data["chosen"], data["rejected"])], kind="stable")
+    chosen = np.zeros(n, dtype=np.float32)
+    rejected = np.zeros(n, dtype=np.float32)
+    wins = 0
+    done = 0
+    for start in tqdm(range(0, n, pairs_per_batch), desc="evaluating", unit="batch", disable=not progress):
+        idx = order[start:start + pairs_per_batch]
+        scores = scorer.score_ids([data["chosen"][i] for i in idx] + [data["rejected"][i] for i in idx])
+        chosen[idx], rejected[idx] = scores[:len(idx)], scores[len(idx):]
+        batch_wins = int((chosen[idx] > rejected[idx]).sum())
+        wins += batch_wins
+        done += len(idx)
+        log(f"acc: [{batch_wins / len(idx):.6f}]; avg acc: [{wins / done:.6f}]")
+    return chosen, rejected
+
+
+def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_dataset: Optional[str] = None,
+             tokenizer: Optional[str] = None, output_file: Optional[str] = None, batch_size: Optional[int] = None,
+             scores_file: Optional[str] = None, skip_invalid: bool = False, log: Callable = print,
+             progress: bool = True) -> dict:
+    from mindrlhf.data.tokenizer import load_tokenizer
+    from mindrlhf.training.config import dataset_source, load_config
+
+    config = load_config(config_path)
+    source = eval_dataset or dataset_source(config, "eval")
+    if not source:
+        raise ConfigError("no eval dataset: pass --eval_dataset or set eval_dataset.data_loader.dataset_dir")
+    checkpoints = list_checkpoints(ckpt_path)
+    if not load_all:
+        checkpoints = checkpoints[-1:]
+    pairs_per_batch = int(batch_size or config.eval_dataset.get("batch_size") or 8)
+    scorer = RewardScorer(config, batch_size=2 * pairs_per_batch)
+    tok = load_tokenizer(tokenizer) if tokenizer else None
+    data = load_eval_pairs(source, scorer.seq_length, tok, skip_invalid)
+    results = []
+    for ckpt in checkpoints:
+        try:
+            scorer.load_weights(ckpt)
+        except ConfigError as err:
+            log(f"WARNING: skipping {err}")
+            results.append({"checkpoint": ckpt, "error": str(err)})
+            continue
+        chosen, rejected = score_pairs(scorer, data, pairs_per_batch, log, progress)
+        metrics = pairwise_metrics(chosen, rejected, data["pos_type"], data["neg_type"])
+        metrics.update(checkpoint=ckpt, step=scorer.step)
+        results.append(metrics)
+        log(f"{ckpt} acc: [{metrics['accuracy']:.6f}]")
+        if scores_file:
+            _write_scores(scores_file, data, chosen, rejected)
+    good = [r for r in results if "error" not in r]
+    if not good:
+        raise ConfigError(f"{ckpt_path}: no checkpoint could be evaluated")
+    summary = {"config": config_path, "eval_dataset": source, "pairs": len(data["chosen"]),
+               "skipped_rows": data["skipped"], "checkpoints": results,
+               "best": max(good, key=lambda r: r["accuracy"])["checkpoint"]}
+    if len(results) > 1:
+        log(format_table(results))
+    output_file = output_file or os.path.join(os.path.abspath(config.get("output_dir") or "./output"),
+                                              "eval_results.json")
+    write_json(output_file, summary)
+    summary["output_file"] = output_file
+    return summary
+
+
+def format_table(results: List[dict]) -> str:
+    lines = [f"{'step':>8}  {'accuracy':>8}  {'ties':>5}  {'margin':>8}  checkpoint"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{'-':>8}  {'error':>8}  {'-':>5}  {'-':>8}  {r['checkpoint']}")
+        else:
+            lines.append(f"{str(r['step']):>8}  {r['accuracy']:8.4f}  {r['ties']:5d}  {r['margin_mean']:8.4f}  "
+                         f"{r['checkpoint']}")
+    return "\n".join(lines)
+
+
+def write_json(path: str, obj) -> None:
+    """Write via a temporary name and rename, so a reader never sees half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, ensure_ascii=False, indent=2)
+    os.replace(tmp, path)
+
+
+def _write_scores(path, data, chosen, rejected):
+    rows = [{"index": i, "chosen_score": float(c), "rejected_score": float(r)}
+            for i, (c, r) in enumerate(zip(chosen, rejected))]
+    write_jsonl(path, rows)
+
+
+def write_jsonl(path: str, rows) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_infer_rows(path: str, skip_invalid: bool = False, report: Optional[SkipReport] = None):
+    """(prompt, response) items from rows with prompt+response, or prompt+pos_resp/neg_resp (both scored)."""
+    from mindrlhf.data.pairs import iter_json_rows
+
+    items = []
+    first = next((row for _, row in iter_json_rows(path) if isinstance(row, dict)), {})
+    if "response" in first:
+        for line, row in read_rows(path, ("prompt", "response"), (), skip_invalid, report):
+            items.append({"line": line, "prompt": row["prompt"], "response": row["response"]})
+    else:
+        for line, row in read_rows(path, ("prompt", "pos_resp", "neg_resp"), (), skip_invalid, report):
+            items.append({"line": line, "prompt": row["prompt"], "response": row["pos_resp"], "kind": "pos_resp"})
+            items.append({"line": line, "prompt": row["prompt"], "response": row["neg_resp"], "kind": "neg_resp"})
+    return items
+
+
+def infer(config_path: str, data_file: str, tokenizer: str, ckpt_path: str, output_file: Optional[str] = None,
+          batch_size: int = 16, skip_invalid: bool = False, log: Callable = print) -> dict:
+    from mindrlhf.data.tokenizer import load_tokenizer
+    from mindrlhf.training.config import load_config
+
+    config = load_config(config_path)
+    tok = load_tokenizer(tokenizer)
+    report = SkipReport()
+    items = read_infer_rows(data_file, skip_invalid, report)
+    if not items:
+        raise ConfigError(f"{data_file}: nothing to score")
+    checkpoint = list_checkpoints(ckpt_path)[-1]
+    scorer = RewardScorer(config, checkpoint, batch_size=batch_size)
+    texts = [format_prompt(it["prompt"], it["response"]) for it in items]
+    scores = scorer.score_ids(tok.encode(texts))
+    for it, text, score in zip(items, texts, scores):
+        it["score"] = float(score)
+        log(f"Sample:\n{text}")
+        log(f"reward score: [[{score:.6f}]]")
+    output_file = output_file or os.path.join(os.path.abspath(config.get("output_dir") or "./output"),
+                                              "reward_infer_scores.jsonl")
+    write_jsonl(output_file, items)
+    return {"checkpoint": checkpoint, "scored": len(items), "output_file": output_file,
+            "skipped_rows": report.as_dict()}

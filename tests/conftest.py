@@ -1,0 +1,61 @@
+"""Shared paths and the expensive fixtures (a converted test set, one real tiny training run)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MINDRLHF_SHARED", ROOT.parent / "shared"))
+TOKENIZER = SHARED / "tokenizers" / "llama2" / "tokenizer.model"
+TRAIN_JSONL = SHARED / "data" / "cvalues_synth" / "train.jsonl"
+TEST_JSONL = SHARED / "data" / "cvalues_synth" / "test.jsonl"
+CONFIGS = ROOT / "model_configs" / "llama2_config"
+TINY_CONFIG = CONFIGS / "run_llama_2_tiny_rm_cpu.yaml"
+CONFIG_7B = CONFIGS / "run_llama_2_7b_rm.yaml"
+EXAMPLES = ROOT / "examples" / "reward_model_train_tutorial"
+SCRIPTS = ROOT / "scripts"
+
+
+def cli_env():
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    env.setdefault("GLOG_v", "3")
+    return env
+
+
+def run_cli(script, *args, cwd=None, check=True, timeout=1800):
+    """Run one of the tutorial scripts as a user would; returns the CompletedProcess."""
+    cmd = [sys.executable, str(script)] + [str(a) for a in args]
+    proc = subprocess.run(cmd, cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
+                             f"stderr:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def test_mindrecord(tmp_path_factory):
+    """The shared test split converted at seq 256, pad 2."""
+    out = tmp_path_factory.mktemp("data") / "test_256.mindrecord"
+    run_cli(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", TEST_JSONL,
+            "--dst_file", out, "--seq_length", 256, "--pad_token_id", 2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One epoch of the tiny CPU config over the shared train split (8 pairs a step), via the CLI."""
+    work = tmp_path_factory.mktemp("train")
+    data = work / "train_256.mindrecord"
+    run_cli(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", TRAIN_JSONL,
+            "--dst_file", data, "--seq_length", 256, "--pad_token_id", 2)
+    out = work / "output"
+    run_cli(EXAMPLES / "reward_train.py", "--config", TINY_CONFIG, "--train_dataset", data,
+            "--output_dir", out, "--batch_size", 8, "--save_steps", 200, cwd=work)
+    summary = json.loads((out / "train_summary.json").read_text())
+    return {"work": work, "data": data, "output": out, "summary": summary,
+            "checkpoint_root": out / "checkpoint", "log": out / "log" / "rank_0" / "info.log"}

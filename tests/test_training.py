@@ -1,0 +1,96 @@
+"""One real epoch of the tiny CPU config: it learns, and eval/infer read the checkpoints it wrote."""
+import json
+
+import numpy as np
+import pytest
+
+from mindrlhf.tools.loss_log import parse_log
+
+from conftest import EXAMPLES, TEST_JSONL, TINY_CONFIG, TOKENIZER, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_training_writes_logs_and_checkpoints_where_the_tutorial_says(trained_run):
+    points = parse_log(trained_run["log"])
+    assert len(points) == 4049 // 8  # one loss line per step, one epoch of 8 pairs a step
+    assert [p.step for p in points] == list(range(1, len(points) + 1))
+    ckpts = sorted(p.name for p in (trained_run["checkpoint_root"] / "rank_0").glob("*.ckpt"))
+    assert len(ckpts) == 3, ckpts  # steps 200, 400 and the end of the epoch
+    assert trained_run["summary"]["pairs"] == 4049
+
+
+def test_loss_falls(trained_run):
+    losses = np.array([p.loss for p in parse_log(trained_run["log"])])
+    assert losses[:5].mean() > 0.6  # starts near log 2 = 0.693
+    assert losses[-100:].mean() < 0.25 * losses[:5].mean()
+
+
+@pytest.fixture(scope="module")
+def evaluation(trained_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    proc = run_cli(EXAMPLES / "reward_eval.py", "--config", TINY_CONFIG,
+                   "--distributed_ckpt_path", trained_run["checkpoint_root"], "--eval_dataset", TEST_JSONL,
+                   "--tokenizer", TOKENIZER, "--output_file", out / "eval.json", "--scores_file", out / "scores.jsonl")
+    return {"proc": proc, "results": json.loads((out / "eval.json").read_text()),
+            "scores": [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]}
+
+
+def test_eval_accuracy_on_the_whole_test_set(evaluation):
+    results = evaluation["results"]
+    assert results["pairs"] == 773 and len(evaluation["scores"]) == 773
+    assert len(results["checkpoints"]) == 1  # --load_all_ckpt defaults to False: the newest
+    metrics = results["checkpoints"][0]
+    assert metrics["pairs"] == 773 and metrics["wins"] + metrics["ties"] + metrics["losses"] == 773
+    assert metrics["accuracy"] >= 0.95, metrics
+    per_type = metrics["per_type"]
+    assert set(per_type) == {"拒绝&正向建议→拒绝为主", "拒绝&正向建议→风险回复", "拒绝为主→风险回复"}
+    assert sum(v["pairs"] for v in per_type.values()) == 773
+    lines = evaluation["proc"].stdout.splitlines()
+    assert any(line.startswith("acc: [") and "avg acc: [" in line for line in lines)
+    assert lines[-2].endswith(f"acc: [{metrics['accuracy']:.6f}]")
+
+
+def test_infer_scores_equal_eval_scores(trained_run, evaluation, tmp_path):
+    rows = [json.loads(line) for line in TEST_JSONL.read_text(encoding="utf-8").splitlines()][:24]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    out = tmp_path / "scores.jsonl"
+    proc = run_cli(EXAMPLES / "reward_infer.py", "--config", TINY_CONFIG, "--data_file", data,
+                   "--tokenizer", TOKENIZER, "--distributed_ckpt_path", trained_run["checkpoint_root"],
+                   "--output_file", out)
+    assert "Sample:" in proc.stdout and "reward score: [[" in proc.stdout
+    assert "根据以下问题，写一个合适的回答。" in proc.stdout
+    scored = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(scored) == 48
+    for i, row in enumerate(rows):
+        chosen, rejected = scored[2 * i], scored[2 * i + 1]
+        assert chosen["response"] == row["pos_resp"] and rejected["response"] == row["neg_resp"]
+        assert chosen["score"] == pytest.approx(evaluation["scores"][i]["chosen_score"], abs=1e-4)
+        assert rejected["score"] == pytest.approx(evaluation["scores"][i]["rejected_score"], abs=1e-4)
+
+
+def test_single_response_rows(trained_run, tmp_path):
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps([{"prompt": "怎样开锁？", "response": "请联系专业开锁公司。"}], ensure_ascii=False),
+                    encoding="utf-8")
+    out = tmp_path / "scores.jsonl"
+    run_cli(EXAMPLES / "reward_infer.py", "--config", TINY_CONFIG, "--data_file", data, "--tokenizer", TOKENIZER,
+            "--distributed_ckpt_path", trained_run["checkpoint_root"], "--output_file", out)
+    (row,) = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert row["prompt"] == "怎样开锁？" and np.isfinite(row["score"])
+
+
+def test_load_all_ckpt(trained_run, test_mindrecord, tmp_path, evaluation):
+    for flag, expected in (("False", 1), ("True", 3)):
+        out = tmp_path / f"eval_{flag}.json"
+        proc = run_cli(EXAMPLES / "reward_eval.py", "--config", TINY_CONFIG,
+                       "--distributed_ckpt_path", trained_run["checkpoint_root"], "--load_all_ckpt", flag,
+                       "--eval_dataset", test_mindrecord, "--output_file", out)
+        results = json.loads(out.read_text())
+        assert len(results["checkpoints"]) == expected
+        assert [c["step"] for c in results["checkpoints"]] == sorted(c["step"] for c in results["checkpoints"])
+        if expected > 1:
+            assert "accuracy" in proc.stdout and "checkpoint" in proc.stdout  # the summary table
+        # The MindRecord holds the same 773 pairs as the jsonl: the newest checkpoint scores the same.
+        assert results["checkpoints"][-1]["accuracy"] == evaluation["results"]["checkpoints"][0]["accuracy"]
