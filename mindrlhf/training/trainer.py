@@ -5,6 +5,7 @@ Resume = load_checkpoint pointing at a directory holding rank_N/ + resume_traini
 """
 import json
 import os
+import sys
 from typing import Optional
 
 from mindrlhf.errors import ConfigError
@@ -31,7 +32,32 @@ def resolve_resume_dir(path: str) -> str:
         path = os.path.dirname(os.path.normpath(path))
     if not os.path.isdir(os.path.join(path, "rank_0")) or not cfg.checkpoint_files(os.path.join(path, "rank_0")):
         raise ConfigError(f"{path}: no rank_0/*.ckpt to resume from")
-    return path
+    return os.path.abspath(path)
+
+
+def checkpoint_is_readable(path: str) -> bool:
+    """Parse the whole file (a truncated or corrupt checkpoint fails here), materialising one tensor only."""
+    import mindspore as ms
+
+    try:
+        ms.load_checkpoint(path, choice_func=lambda name: name == "global_step")
+        return True
+    except Exception:  # pylint: disable=broad-except  (MindSpore raises several types for bad files)
+        return False
+
+
+def newest_resumable(ckpt_dir: str, rank_id: int = 0, warn=print):
+    """The newest checkpoint of this rank that reads back whole; corrupt ones are skipped with a warning.
+
+    Returns its file name (what MindFormers' resume_training takes), or raises when none is usable.
+    """
+    rank_dir = os.path.join(ckpt_dir, f"rank_{rank_id}")
+    files = sorted(cfg.checkpoint_files(rank_dir), key=lambda f: (os.path.getmtime(f), f), reverse=True)
+    for path in files:
+        if checkpoint_is_readable(path):
+            return os.path.basename(path)
+        warn(f"WARNING: skipping corrupt or truncated checkpoint {path}")
+    raise ConfigError(f"{rank_dir}: no readable checkpoint to resume from")
 
 
 def prepare_config(config_path: str, train_dataset: Optional[str] = None, output_dir: Optional[str] = None,
@@ -65,7 +91,7 @@ def prepare_config(config_path: str, train_dataset: Optional[str] = None, output
                           "(sink mode multiplies the step count there)")
     if resume:
         config.load_checkpoint = resolve_resume_dir(load_checkpoint or os.path.join(config.output_dir, "checkpoint"))
-        config.resume_training = True
+        config.resume_training = True  # the file is picked per rank in train(), once the rank is known
     elif load_checkpoint:
         if not os.path.exists(load_checkpoint):
             raise ConfigError(f"{load_checkpoint}: checkpoint does not exist")
@@ -90,6 +116,8 @@ def train(config_path: str, train_dataset: Optional[str] = None, task: str = "te
     rank_id, rank_size = rank_info()
     data_parallel = rank_size if config.use_parallel and config.parallel.get("parallel_mode", 0) == 0 else 1
     info = cfg.check_data_against_model(config, files, "train", data_parallel)
+    if config.resume_training:
+        config.resume_training = newest_resumable(config.load_checkpoint, rank_id, warn=_warn)
     stop_step = config.runner_config.pop("stop_step", None)
     trainer = Trainer(args=config, task=task, callbacks=[stop_at(int(stop_step))] if stop_step else None)
     trainer.train()
@@ -107,6 +135,13 @@ def train(config_path: str, train_dataset: Optional[str] = None, task: str = "te
         with open(os.path.join(config.output_dir, TRAIN_SUMMARY), "w", encoding="utf-8") as fh:
             json.dump(summary, fh, indent=2)
     return summary
+
+
+def _warn(message: str):
+    from mindformers.tools.logger import logger
+
+    logger.warning(message)
+    print(message, file=sys.stderr)
 
 
 def stop_at(step: int):

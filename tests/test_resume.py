@@ -1,0 +1,111 @@
+"""Resume continues bit for bit: after a clean stop, after SIGKILL, and past a corrupt checkpoint."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+import mindspore as ms
+
+from conftest import EXAMPLES, TINY_CONFIG, cli_env, run_cli
+
+pytestmark = pytest.mark.slow
+TRAIN = EXAMPLES / "reward_train.py"
+
+
+@pytest.fixture(scope="module")
+def dynamic_scale_config(tmp_path_factory):
+    """The tiny config with a dynamic loss scale, so the CPU overflow check is exercised for real."""
+    raw = yaml.safe_load(TINY_CONFIG.read_text(encoding="utf-8"))
+    raw["runner_wrapper"]["scale_sense"] = {"type": "DynamicLossScaleUpdateCell", "loss_scale_value": 1024,
+                                            "scale_factor": 2, "scale_window": 1000}
+    raw["model"]["model_config"]["num_layers"] = 1
+    path = tmp_path_factory.mktemp("cfg") / "tiny_dynamic.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def train(config, data, out, *extra, check=True):
+    return run_cli(TRAIN, "--config", config, "--train_dataset", data, "--output_dir", out,
+                   "--batch_size", 4, *extra, check=check)
+
+
+def newest(out):
+    files = sorted((out / "checkpoint" / "rank_0").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return files[-1]
+
+
+def weights(path):
+    return {k: v.asnumpy() for k, v in ms.load_checkpoint(str(path)).items()}
+
+
+# Counters of the process that wrote the file (this run's own step count), not training state.
+RUN_BOOKKEEPING = {"current_iterator_step", "last_overflow_iterator_step"}
+
+
+def assert_same(a, b):
+    wa, wb = weights(a), weights(b)
+    assert set(wa) == set(wb)
+    assert any(k.startswith("adam_m.") for k in wa)  # optimizer state is part of the comparison
+    assert {"global_step", "loss_scale", "scale_sense"} <= set(wa)
+    for name in sorted(set(wa) - RUN_BOOKKEEPING):
+        np.testing.assert_array_equal(wa[name], wb[name], err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(dynamic_scale_config, test_mindrecord, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    train(dynamic_scale_config, test_mindrecord, out, "--stop_step", 16, "--save_steps", 8)
+    return newest(out)
+
+
+def test_resume_after_a_clean_stop_is_bit_exact(dynamic_scale_config, test_mindrecord, tmp_path, uninterrupted):
+    out = tmp_path / "out"
+    train(dynamic_scale_config, test_mindrecord, out, "--stop_step", 8, "--save_steps", 8)
+    train(dynamic_scale_config, test_mindrecord, out, "--stop_step", 16, "--save_steps", 8,
+          "--resume", "True", "--load_checkpoint", out / "checkpoint")
+    assert int(weights(newest(out))["global_step"].reshape(-1)[0]) == 16
+    assert_same(newest(out), uninterrupted)
+
+
+def test_sigkill_then_resume_matches(dynamic_scale_config, test_mindrecord, tmp_path, uninterrupted):
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(TRAIN), "--config", str(dynamic_scale_config), "--train_dataset", str(test_mindrecord),
+           "--output_dir", str(out), "--batch_size", "4", "--save_steps", "4"]
+    proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rank_dir = out / "checkpoint" / "rank_0"
+    deadline = time.time() + 600
+    while time.time() < deadline and len(list(rank_dir.glob("*.ckpt"))) < 2:
+        assert proc.poll() is None, "training ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = int(weights(newest(out))["global_step"].reshape(-1)[0])
+    assert 8 <= killed_at < 16
+    train(dynamic_scale_config, test_mindrecord, out, "--stop_step", 16, "--save_steps", 4, "--resume")
+    assert_same(newest(out), uninterrupted)
+
+
+def test_corrupt_newest_checkpoint_is_skipped(dynamic_scale_config, test_mindrecord, tmp_path, uninterrupted):
+    out = tmp_path / "out"
+    train(dynamic_scale_config, test_mindrecord, out, "--stop_step", 12, "--save_steps", 4)
+    bad = newest(out)
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])  # a crash mid-write
+    now = time.time()
+    os.utime(bad, (now + 5, now + 5))
+    proc = train(dynamic_scale_config, test_mindrecord, out, "--stop_step", 16, "--save_steps", 4, "--resume")
+    assert f"skipping corrupt or truncated checkpoint {bad}" in proc.stderr
+    assert_same(newest(out), uninterrupted)
+
+
+def test_resume_from_a_single_file_is_refused(dynamic_scale_config, test_mindrecord, tmp_path, uninterrupted):
+    proc = train(dynamic_scale_config, test_mindrecord, tmp_path / "x", "--resume", "--load_checkpoint",
+                 uninterrupted, check=False)
+    assert proc.returncode == 2
+    assert "not a single .ckpt file" in proc.stderr and "Traceback" not in proc.stderr
