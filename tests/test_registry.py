@@ -60,7 +60,7 @@ def test_production_config_sets_every_section_explicitly():
     from mindrlhf.training.config import REQUIRED_SECTIONS, check_sections, load_config
 
     config = load_config(str(CONFIG_7B))
-    check_sections(config, str(CONFIG_7B))
+    check_sections(str(CONFIG_7B))
     assert set(REQUIRED_SECTIONS) <= set(config.keys())
     assert config.model.arch.type == "LlamaRewardModel"
     assert config.train_dataset_task.type == "RewardModelDataset"

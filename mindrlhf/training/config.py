@@ -32,8 +32,13 @@ def load_config(path: str):
     return config
 
 
-def check_sections(config, path: str = "config", required=REQUIRED_SECTIONS):
-    missing = [name for name in required if not config.get(name)]
+def check_sections(path: str, required=REQUIRED_SECTIONS):
+    """Sections must be in the YAML itself: MindFormerConfig fills some in while loading."""
+    import yaml
+
+    with open(path, encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh) or {}
+    missing = [name for name in required if not raw.get(name)]
     if missing:
         raise ConfigError(f"{path}: missing section(s) {', '.join(missing)}; MindFormers would fill them with "
                           "silent defaults (e.g. a cosine LR at 5e-5), so every one must be set explicitly")

@@ -67,7 +67,7 @@ def prepare_config(config_path: str, train_dataset: Optional[str] = None, output
                    stop_step: Optional[int] = None):
     """The run's MindFormerConfig with CLI overrides applied and everything checkable checked."""
     config = cfg.load_config(config_path)
-    cfg.check_sections(config, config_path)
+    cfg.check_sections(config_path)
     if use_parallel is not None:
         config.use_parallel = use_parallel
     if output_dir:

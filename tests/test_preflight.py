@@ -1,0 +1,78 @@
+"""Mismatches between data and model are caught before training starts, with a clear message."""
+import json
+
+import pytest
+import yaml
+from mindspore.mindrecord import FileWriter
+
+from mindrlhf.data.prompt import RECORD_SCHEMA
+
+from conftest import EXAMPLES, TEST_JSONL, TINY_CONFIG, TOKENIZER, run_cli
+
+TRAIN = EXAMPLES / "reward_train.py"
+
+
+def convert(tmp_path, name, *args, src=TEST_JSONL):
+    dst = tmp_path / f"{name}.mindrecord"
+    run_cli(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", src, "--dst_file", dst, *args)
+    return dst
+
+
+def refused(tmp_path, data, config=TINY_CONFIG, *extra):
+    out = tmp_path / "output"
+    proc = run_cli(TRAIN, "--config", config, "--train_dataset", data, "--output_dir", out, *extra, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (out / "checkpoint").exists() or not list((out / "checkpoint").rglob("*.ckpt"))
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_sequence_length_mismatch(tmp_path):
+    data = convert(tmp_path, "s128", "--seq_length", 128, "--pad_token_id", 2)
+    assert "--seq_length 128 but the model's seq_length is 256" in refused(tmp_path, data)
+
+
+def test_pad_mismatch(tmp_path):
+    data = convert(tmp_path, "pad0", "--seq_length", 256, "--pad_token_id", 0)
+    assert "padded with 0 but the model's pad_token_id is 2" in refused(tmp_path, data)
+
+
+def test_token_ids_beyond_vocabulary(tmp_path):
+    data = convert(tmp_path, "ok", "--seq_length", 256, "--pad_token_id", 2)
+    raw = yaml.safe_load(TINY_CONFIG.read_text(encoding="utf-8"))
+    raw["model"]["model_config"]["vocab_size"] = 1000
+    config = tmp_path / "small_vocab.yaml"
+    config.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    assert ">= the model's vocab_size 1000" in refused(tmp_path, data, config)
+
+
+def test_empty_dataset(tmp_path):
+    path = tmp_path / "empty.mindrecord"
+    writer = FileWriter(str(path), shard_num=1)
+    writer.add_schema(RECORD_SCHEMA, "empty")
+    writer.commit()
+    assert "dataset is empty" in refused(tmp_path, path)
+
+
+def test_batch_larger_than_data(tmp_path):
+    rows = TEST_JSONL.read_text(encoding="utf-8").splitlines()[:3]
+    src = tmp_path / "three.jsonl"
+    src.write_text("\n".join(rows), encoding="utf-8")
+    data = convert(tmp_path, "three", "--seq_length", 256, "--pad_token_id", 2, src=src)
+    assert "batch_size 8 is larger than the 3 pair(s)" in refused(tmp_path, data)
+
+
+def test_missing_sections_are_refused(tmp_path):
+    raw = yaml.safe_load(TINY_CONFIG.read_text(encoding="utf-8"))
+    del raw["lr_schedule"]
+    config = tmp_path / "no_lr.yaml"
+    config.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    data = tmp_path / "unused.mindrecord"
+    message = refused(tmp_path, data, config)
+    assert "missing section(s) lr_schedule" in message
+
+
+@pytest.mark.parametrize("bad", ["missing.yaml", "notyaml.txt"])
+def test_bad_config_path(tmp_path, bad):
+    message = refused(tmp_path, tmp_path / "x.mindrecord", tmp_path / bad)
+    assert "config file" in message
