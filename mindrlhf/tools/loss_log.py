@@ -1,7 +1,8 @@
 """The training log's loss lines: the one pattern that parses them, for plots, tests and summaries.
 
 MindFormers 1.9 writes `{ Epoch:[  1/  1], step:[   16/  506], loss:[0.114781/0.475559], ... lr: 0.00075, ...
-global_norm: [1.9468232], ...`; older MindFormers (the tutorial's screenshots) wrote `epoch: 1 step: 16, loss: 0.744`.
+global_norm: [1.9468232], ...`; older MindFormers (the tutorial's screenshots) wrote `epoch: 1 step: 16, loss: 0.744`, MindSpore's
+LossMonitor `epoch: 1 step: 16, loss is 0.744`.
 """
 import re
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ NEW_LINE = re.compile(
     r"Epoch:\[\s*(?P<epoch>\d+)/\s*(?P<epochs>\d+)\],\s*step:\[\s*(?P<step>\d+)/\s*(?P<steps>\d+)\],\s*"
     r"loss:\s*\[\s*(?P<loss>" + _NUM + r")(?:/\s*(?P<avg>" + _NUM + r"))?\s*\]")
 OLD_LINE = re.compile(r"(?:epoch:\s*(?P<epoch>\d+)\s*,?\s*)?(?:step:\s*(?P<step>\d+)\s*,?\s*)?"
-                      r"loss(?:\s*is)?\s*[:=]\s*(?P<loss>" + _NUM + r")(?![\d/])", re.IGNORECASE)
+                      r"\bloss(?:\s+is\s+|\s*[:=]\s*)(?P<loss>" + _NUM + r")(?![\d/])", re.IGNORECASE)
 LR = re.compile(r"\blr:\s*\[?\s*(?P<v>" + _NUM + r")")
 GLOBAL_NORM = re.compile(r"global_norm:\s*\[?\s*(?P<v>" + _NUM + r")")
 

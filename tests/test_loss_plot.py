@@ -1,0 +1,95 @@
+"""reward_loss_plot.py: loss lines -> TensorBoard events that read back exactly, live following, a real PNG."""
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+from mindrlhf.tools.loss_log import parse_line
+from mindrlhf.tools.loss_plot import read_events
+
+from conftest import EXAMPLES, cli_env, run_cli
+
+PLOT = EXAMPLES / "reward_loss_plot.py"
+
+
+def mf_line(step, steps, loss, epoch=1, epochs=1, lr=1e-3, norm=2.5):
+    return (f"2026-11-25 20:27:51,009 - mindformers[callback.py:747] - INFO - {{ Epoch:[{epoch:3d}/{epochs:3d}], "
+            f"step:[{step:5d}/{steps:5d}], loss:[{loss}/0.5], per_step_time: 112ms, lr: {lr}, overflow cond: False, "
+            f"loss_scale: 1.0, global_norm: [{norm}], train_throughput_per_npu: 0.019T\n")
+
+
+@pytest.mark.parametrize("line, step, loss", [
+    (mf_line(7, 16, "0.515193"), 7, 0.515193),
+    (mf_line(3, 16, "2", epoch=2, epochs=3), 19, 2.0),
+    (mf_line(1, 5, "-1.5e-03"), 1, -0.0015),
+    (mf_line(1, 5, "7.25E+2"), 1, 725.0),
+    ("epoch: 1 step: 20, loss: 0.744\n", 20, 0.744),
+    ("epoch: 2 step: 5, loss is 1e-2\n", 5, 0.01),
+])
+def test_parse_line_formats(line, step, loss):
+    point = parse_line(line, ordinal=1)
+    assert point.step == step and point.loss == pytest.approx(loss)
+
+
+def test_parse_line_ignores_other_lines():
+    assert parse_line("INFO - Training Over! loss_scale: 1.0, global_norm: [2.0]") is None
+    assert parse_line("per_step_time: 112ms, lr: 0.00075") is None
+
+
+def test_old_format_without_steps_uses_sink_size():
+    points = [parse_line("loss: 0.5", ordinal=i, sink_size=2) for i in (1, 2, 3)]
+    assert [p.step for p in points] == [2, 4, 6]
+
+
+@pytest.mark.slow
+def test_events_from_a_real_training_log_read_back(trained_run, tmp_path):
+    log = trained_run["log"]
+    expected = [parse_line(line) for line in log.read_text(encoding="utf-8").splitlines() if "loss:[" in line]
+    out = tmp_path / "loss_dir"
+    proc = run_cli(PLOT, "--log_file", log, "--output_file_dir", out)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    events = read_events(str(out))
+    assert result["points"] == len(expected) == len(events["loss"]) == 506
+    assert [s for s, _ in events["loss"]] == [p.step for p in expected]
+    assert [v for _, v in events["loss"]] == pytest.approx([p.loss for p in expected], rel=1e-6)
+    assert len(events["learning_rate"]) == len(events["global_norm"]) == 506
+    image = Image.open(result["png"])
+    image.load()
+    assert image.size == (800, 450)
+    colors = image.convert("RGB").getcolors(maxcolors=1 << 16)
+    assert colors is not None and len(colors) > 20  # a drawn curve, not a blank canvas
+    assert (out / "loss.png").stat().st_size > 10_000
+
+
+def test_live_mode_follows_a_growing_and_replaced_log(tmp_path):
+    log = tmp_path / "info.log"
+    out = tmp_path / "live"
+    proc = subprocess.Popen([sys.executable, str(PLOT), "--log_file", str(log), "--output_file_dir", str(out),
+                             "--parse_mode", "real-time", "--idle_timeout", "4"],
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(6)  # the plotter is up and waiting for a log that does not exist yet
+        with open(log, "w", encoding="utf-8") as fh:
+            for step in range(1, 6):
+                fh.write(mf_line(step, 10, f"0.{9 - step}"))
+                fh.flush()
+                time.sleep(0.3)
+            fh.write(mf_line(6, 10, "0.3")[:40])  # half a line: not parsed until complete
+            fh.flush()
+            time.sleep(1.0)
+            fh.write(mf_line(6, 10, "0.3")[40:])
+        time.sleep(1.5)
+        replacement = tmp_path / "info.log.new"  # a restarted run replaces the file
+        replacement.write_text(mf_line(7, 10, "0.25") + mf_line(8, 10, "0.2"), encoding="utf-8")
+        replacement.replace(log)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "no new lines for 4s; stopping" in stdout
+    events = read_events(str(out))
+    assert [s for s, _ in events["loss"]] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert events["loss"][5][1] == pytest.approx(0.3)
