@@ -15,6 +15,11 @@ from mindrlhf.evaluation.metrics import pairwise_metrics
 from mindrlhf.evaluation.scorer import RewardScorer, list_checkpoints
 
 
+def is_writer_rank() -> bool:
+    """Under a launcher every rank scores; only rank 0 writes the shared result files."""
+    return int(os.environ.get("RANK_ID", os.environ.get("MS_NODE_ID", "0")) or 0) == 0
+
+
 def _is_jsonl(path: str) -> bool:
     return str(path).endswith((".jsonl", ".json"))
 
@@ -107,7 +112,7 @@ def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_data
         metrics.update(checkpoint=ckpt, step=scorer.step)
         results.append(metrics)
         log(f"{ckpt} acc: [{metrics['accuracy']:.6f}]")
-        if scores_file:
+        if scores_file and is_writer_rank():
             _write_scores(scores_file, data, chosen, rejected)
     good = [r for r in results if "error" not in r]
     if not good:
@@ -119,7 +124,8 @@ def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_data
         log(format_table(results))
     output_file = output_file or os.path.join(os.path.abspath(config.get("output_dir") or "./output"),
                                               "eval_results.json")
-    write_json(output_file, summary)
+    if is_writer_rank():
+        write_json(output_file, summary)
     summary["output_file"] = output_file
     return summary
 
@@ -196,6 +202,7 @@ def infer(config_path: str, data_file: str, tokenizer: str, ckpt_path: str, outp
         log(f"reward score: [[{score:.6f}]]")
     output_file = output_file or os.path.join(os.path.abspath(config.get("output_dir") or "./output"),
                                               "reward_infer_scores.jsonl")
-    write_jsonl(output_file, items)
+    if is_writer_rank():
+        write_jsonl(output_file, items)
     return {"checkpoint": checkpoint, "scored": len(items), "output_file": output_file,
             "skipped_rows": report.as_dict()}
