@@ -10,16 +10,22 @@ from mindspore.common.initializer import Normal
 from mindformers.models.llama import LlamaConfig
 from mindformers.models.llama.llama import LlamaModel, LlamaPreTrainedModel
 from mindformers.modules.layers import Linear
+from mindformers.tools.logger import logger
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from mindrlhf.models.loss import CompareLoss
+from mindrlhf.models.weights import load_backbone
 
 VALUE_HEAD_PREFIX = "v_head."
 
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
 class LlamaRewardModel(LlamaPreTrainedModel):
-    """config: a LlamaConfig. Value head: hidden_size -> 1, no bias, N(0, 1/sqrt(hidden+1)) init."""
+    """config: a LlamaConfig. Value head: hidden_size -> 1, no bias, N(0, 1/sqrt(hidden+1)) init.
+
+    model_config.checkpoint_name_or_path (a local .ckpt/.safetensors) initialises the backbone; its lm_head is
+    ignored and the value head stays freshly initialised (see mindrlhf.models.weights.load_backbone).
+    """
 
     def __init__(self, config: LlamaConfig = None):
         config = config if config is not None else LlamaConfig()
@@ -35,7 +41,11 @@ class LlamaRewardModel(LlamaPreTrainedModel):
         self.v_head.shard(strategy_matmul=((dp, 1), (1, 1)))
         self.loss = CompareLoss(config)
         self.cast = ops.Cast()
-        self.load_checkpoint(config)
+        self.load_report = None
+        # The MindFormers Trainer clears checkpoint_name_or_path before building; prepare_config keeps a copy.
+        weights = getattr(config, "backbone_checkpoint", None) or config.checkpoint_name_or_path
+        if weights:
+            self.load_report = load_backbone(self, weights, log=logger.info)
 
     def token_rewards(self, input_ids):
         """(N, S) int32 -> (N, S) float32 reward at every position."""

@@ -93,9 +93,14 @@ def prepare_config(config_path: str, train_dataset: Optional[str] = None, output
         config.load_checkpoint = resolve_resume_dir(load_checkpoint or os.path.join(config.output_dir, "checkpoint"))
         config.resume_training = True  # the file is picked per rank in train(), once the rank is known
     elif load_checkpoint:
-        if not os.path.exists(load_checkpoint):
-            raise ConfigError(f"{load_checkpoint}: checkpoint does not exist")
-        config.load_checkpoint = os.path.abspath(load_checkpoint)
+        # Weights only: through the model's own loader, which checks shapes and reports what it loaded.
+        if not os.path.isfile(load_checkpoint):
+            raise ConfigError(f"{load_checkpoint}: weights file does not exist (to resume a run, pass --resume "
+                              "and its checkpoint directory)")
+        config.model.model_config.checkpoint_name_or_path = os.path.abspath(load_checkpoint)
+        config.load_checkpoint = ""
+    if config.model.model_config.get("checkpoint_name_or_path"):
+        config.model.model_config.backbone_checkpoint = config.model.model_config.checkpoint_name_or_path
         config.resume_training = False
     return config
 

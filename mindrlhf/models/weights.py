@@ -1,0 +1,244 @@
+"""Pretrained Llama2 weights into the reward model: Hugging Face safetensors -> MindSpore .ckpt, and loading.
+
+Conversion streams tensor by tensor (memory-mapped, no PyTorch) and checks every shape against the target
+config. Loading takes the backbone (`model.*`), drops the language-model head, initialises the value head,
+and says exactly which parameters came from where; any mismatch is an error naming the tensor.
+"""
+import json
+import os
+import re
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from mindrlhf.errors import ConfigError
+
+HF_TO_MS = [
+    (r"^model\.embed_tokens\.weight$", "model.tok_embeddings.embedding_weight"),
+    (r"^model\.layers\.(\d+)\.self_attn\.q_proj\.weight$", r"model.layers.\1.attention.wq.weight"),
+    (r"^model\.layers\.(\d+)\.self_attn\.k_proj\.weight$", r"model.layers.\1.attention.wk.weight"),
+    (r"^model\.layers\.(\d+)\.self_attn\.v_proj\.weight$", r"model.layers.\1.attention.wv.weight"),
+    (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.weight$", r"model.layers.\1.attention.wo.weight"),
+    (r"^model\.layers\.(\d+)\.mlp\.gate_proj\.weight$", r"model.layers.\1.feed_forward.w1.weight"),
+    (r"^model\.layers\.(\d+)\.mlp\.down_proj\.weight$", r"model.layers.\1.feed_forward.w2.weight"),
+    (r"^model\.layers\.(\d+)\.mlp\.up_proj\.weight$", r"model.layers.\1.feed_forward.w3.weight"),
+    (r"^model\.layers\.(\d+)\.input_layernorm\.weight$", r"model.layers.\1.attention_norm.weight"),
+    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.weight$", r"model.layers.\1.ffn_norm.weight"),
+    (r"^model\.norm\.weight$", "model.norm_out.weight"),
+    (r"^lm_head\.weight$", "lm_head.weight"),
+]
+IGNORED_HF = re.compile(r"rotary_emb\.inv_freq$")
+_ST_DTYPES = {"F16": (np.float16, "Float16"), "F32": (np.float32, "Float32"), "BF16": (np.uint16, "BFloat16"),
+              "F64": (np.float64, "Float64")}
+_MS_TYPES = {"float16": (np.float16, "Float16"), "float32": (np.float32, "Float32")}
+
+
+def hf_to_ms_name(name: str) -> Optional[str]:
+    for pattern, target in HF_TO_MS:
+        if re.match(pattern, name):
+            return re.sub(pattern, target, name)
+    return None
+
+
+def ffn_hidden_size(hidden: int, multiple_of: int = 256, ffn_dim_multiplier=None, intermediate_size=None) -> int:
+    """Llama's FFN width as MindFormers computes it (11008 for hidden 4096, multiple_of 256)."""
+    if intermediate_size:
+        return int(intermediate_size)
+    width = int(2 * (4 * hidden) / 3)
+    if ffn_dim_multiplier:
+        width = int(ffn_dim_multiplier * width)
+    return multiple_of * ((width + multiple_of - 1) // multiple_of)
+
+
+def expected_shapes(model_config) -> Dict[str, Tuple[int, ...]]:
+    """Every backbone tensor's shape for a LlamaConfig-like mapping (the YAML's model_config)."""
+    get = model_config.get if hasattr(model_config, "get") else lambda k, d=None: getattr(model_config, k, d)
+    hidden, layers, heads = int(get("hidden_size")), int(get("num_layers")), int(get("num_heads"))
+    kv_heads = int(get("n_kv_heads") or heads)
+    vocab = int(get("vocab_size"))
+    ffn = ffn_hidden_size(hidden, int(get("multiple_of", 256) or 256), get("ffn_dim_multiplier"),
+                          get("intermediate_size"))
+    kv = kv_heads * (hidden // heads)
+    shapes = {"model.tok_embeddings.embedding_weight": (vocab, hidden), "model.norm_out.weight": (hidden,)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "attention.wq.weight": (hidden, hidden), p + "attention.wk.weight": (kv, hidden),
+                       p + "attention.wv.weight": (kv, hidden), p + "attention.wo.weight": (hidden, hidden),
+                       p + "feed_forward.w1.weight": (ffn, hidden), p + "feed_forward.w2.weight": (hidden, ffn),
+                       p + "feed_forward.w3.weight": (ffn, hidden), p + "attention_norm.weight": (hidden,),
+                       p + "ffn_norm.weight": (hidden,)})
+    return shapes
+
+
+def safetensors_files(input_path: str) -> List[str]:
+    """One model.safetensors, or the shards named by model.safetensors.index.json, in index order."""
+    if os.path.isfile(input_path):
+        return [input_path]
+    if not os.path.isdir(input_path):
+        raise ConfigError(f"{input_path}: not a file or directory")
+    index = os.path.join(input_path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as fh:
+            weight_map = json.load(fh)["weight_map"]
+        shards = list(dict.fromkeys(weight_map.values()))
+        missing = [s for s in shards if not os.path.isfile(os.path.join(input_path, s))]
+        if missing:
+            raise ConfigError(f"{index}: shard(s) {missing} are missing")
+        return [os.path.join(input_path, s) for s in shards]
+    files = sorted(f for f in os.listdir(input_path) if f.endswith(".safetensors"))
+    if not files:
+        raise ConfigError(f"{input_path}: no .safetensors files (and no model.safetensors.index.json)")
+    return [os.path.join(input_path, f) for f in files]
+
+
+def iter_safetensors(path: str) -> Iterator[Tuple[str, np.ndarray, str]]:
+    """(name, memory-mapped array, MindSpore type name) per tensor; bf16 stays as raw 16-bit words."""
+    with open(path, "rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(header_len))
+    base = 8 + header_len
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta["dtype"] not in _ST_DTYPES:
+            raise ConfigError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
+        np_type, ms_type = _ST_DTYPES[meta["dtype"]]
+        start, end = meta["data_offsets"]
+        count = int(np.prod(meta["shape"])) if meta["shape"] else 1
+        array = np.memmap(path, dtype=np_type, mode="r", offset=base + start, shape=(count,))
+        if (end - start) != array.nbytes:
+            raise ConfigError(f"{path}: tensor {name} is truncated")
+        yield name, array.reshape(meta["shape"]), ms_type
+
+
+def _bf16_to_f32(words: np.ndarray) -> np.ndarray:
+    return (words.astype(np.uint32) << 16).view(np.float32)
+
+
+def _cast(array: np.ndarray, src_type: str, dtype: Optional[str]) -> Tuple[np.ndarray, str]:
+    if src_type == "BFloat16":
+        array = _bf16_to_f32(np.asarray(array))
+        src_type = "Float32"
+    if dtype is None:
+        return np.ascontiguousarray(array), src_type
+    np_type, ms_type = _MS_TYPES[dtype]
+    return np.ascontiguousarray(array, dtype=np_type), ms_type
+
+
+class CheckpointStreamWriter:
+    """Appends one MindSpore Checkpoint protobuf message per tensor slice, as mindspore.save_checkpoint does,
+    so a 7B model never sits in memory whole; written to a temporary name and renamed when complete."""
+
+    SLICE_BYTES = 1 << 30
+
+    def __init__(self, path: str):
+        from mindspore.train.checkpoint_pb2 import Checkpoint
+
+        self.Checkpoint = Checkpoint  # pylint: disable=invalid-name
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.tmp = f"{path}.tmp-{os.getpid()}"
+        self.fh = open(self.tmp, "wb")  # pylint: disable=consider-using-with
+
+    def write(self, name: str, array: np.ndarray, ms_type: str):
+        slices = max(1, int(np.ceil(array.nbytes / self.SLICE_BYTES)))
+        flat = array.reshape(array.shape[0], -1) if array.ndim else array.reshape(1)
+        for part in np.array_split(flat, slices) if slices > 1 else [array]:
+            message = self.Checkpoint()
+            value = message.value.add()
+            value.tag = name
+            value.tensor.dims.extend(list(array.shape))
+            value.tensor.tensor_type = ms_type
+            value.tensor.tensor_content = np.ascontiguousarray(part).tobytes()
+            self.fh.write(message.SerializeToString())
+
+    def commit(self):
+        self.fh.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self):
+        self.fh.close()
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+def convert_hf_to_ms(input_path: str, output_path: str, model_config=None, dtype: Optional[str] = None,
+                     keep_lm_head: bool = False, log=print) -> dict:
+    """Hugging Face Llama safetensors (one file or sharded with an index) -> a MindSpore checkpoint."""
+    if model_config is None:
+        hf_config = os.path.join(input_path, "config.json") if os.path.isdir(input_path) else None
+        if not hf_config or not os.path.isfile(hf_config):
+            raise ConfigError(f"{input_path}: pass --config (a run YAML) or keep config.json beside the weights")
+        with open(hf_config, encoding="utf-8") as fh:
+            hf = json.load(fh)
+        model_config = {"hidden_size": hf["hidden_size"], "num_layers": hf["num_hidden_layers"],
+                        "num_heads": hf["num_attention_heads"], "n_kv_heads": hf.get("num_key_value_heads"),
+                        "vocab_size": hf["vocab_size"], "intermediate_size": hf.get("intermediate_size")}
+    expected = expected_shapes(model_config)
+    seen, unmapped, dropped = set(), [], []
+    writer = CheckpointStreamWriter(output_path)
+    try:
+        for shard in safetensors_files(input_path):
+            log(f"reading {shard}")
+            for hf_name, array, src_type in iter_safetensors(shard):
+                name = hf_to_ms_name(hf_name)
+                if name is None:
+                    if not IGNORED_HF.search(hf_name):
+                        unmapped.append(hf_name)
+                    continue
+                if name == "lm_head.weight" and not keep_lm_head:
+                    dropped.append(hf_name)
+                    continue
+                if name in expected and tuple(array.shape) != expected[name]:
+                    raise ConfigError(f"{shard}: tensor {hf_name} (-> {name}) has shape {tuple(array.shape)}, "
+                                      f"the target config expects {expected[name]}")
+                if name in seen:
+                    raise ConfigError(f"{shard}: tensor {hf_name} appears twice")
+                seen.add(name)
+                data, ms_type = _cast(array, src_type, dtype)
+                writer.write(name, data, ms_type)
+        missing = sorted(set(expected) - seen)
+        if unmapped:
+            raise ConfigError(f"{input_path}: tensor(s) with no place in the reward model: {unmapped[:10]}")
+        if missing:
+            raise ConfigError(f"{input_path}: missing tensor(s) the target config needs: {missing[:10]}"
+                              f"{' ...' if len(missing) > 10 else ''}")
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return {"output_path": output_path, "tensors": len(seen), "dropped": dropped}
+
+
+def load_backbone(network, path: str, log=print) -> dict:
+    """Initialise a LlamaRewardModel from a Llama (or reward-model) checkpoint; returns what went where."""
+    import mindspore as ms
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"checkpoint_name_or_path '{path}' is not a local file. mindrlhf never downloads "
+                          "weights: pass a local path to a .ckpt or .safetensors file")
+    fmt = "safetensors" if path.endswith(".safetensors") else "ckpt"
+    try:
+        params = ms.load_checkpoint(path, format=fmt)
+    except Exception as err:  # pylint: disable=broad-except
+        raise ConfigError(f"{path}: cannot read checkpoint ({str(err).splitlines()[0]})") from None
+    own = {p.name: p for p in network.get_parameters()}
+    loaded, fresh = {}, []
+    for name, param in own.items():
+        if name not in params:
+            if name.startswith("v_head."):
+                fresh.append(name)
+                continue
+            raise ConfigError(f"{path}: has no tensor {name} for the backbone")
+        if tuple(params[name].shape) != tuple(param.shape):
+            raise ConfigError(f"{path}: tensor {name} has shape {tuple(params[name].shape)}, "
+                              f"the model expects {tuple(param.shape)}")
+        loaded[name] = params[name]
+    ignored = sorted(n for n in params if n not in own and not n.startswith(("adam_", "accu_grads")))
+    not_loaded, _ = ms.load_param_into_net(network, loaded, strict_load=False)
+    if not_loaded and set(not_loaded) - set(fresh):
+        raise ConfigError(f"{path}: could not load {sorted(set(not_loaded) - set(fresh))[:5]}")
+    report = {"checkpoint": path, "loaded": sorted(loaded), "newly_initialised": fresh, "ignored": ignored}
+    log(f"loaded {len(loaded)} parameters from {path}; newly initialised: {fresh or 'none'}; "
+        f"ignored from the checkpoint: {ignored or 'none'}")
+    return report

@@ -1,0 +1,139 @@
+"""Pretrained Llama weights: HF safetensors (single or sharded) -> .ckpt -> the reward model's backbone."""
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import mindspore as ms
+
+import mindrlhf  # noqa: F401
+from mindrlhf.models.weights import hf_to_ms_name
+from mindrlhf.training.config import load_config
+
+from conftest import EXAMPLES, ROOT, TINY_CONFIG, run_cli
+
+CONVERT = ROOT / "scripts" / "convert_weight.py"
+
+
+def tiny_hf_tensors(hidden=64, layers=2, vocab=32000, ffn=192, seed=0):
+    rng = np.random.default_rng(seed)
+
+    def w(*shape):
+        return (rng.standard_normal(shape) * 0.02).astype(np.float32)
+
+    tensors = {"model.embed_tokens.weight": w(vocab, hidden), "model.norm.weight": 1 + w(hidden),
+               "lm_head.weight": w(vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors.update({p + "self_attn.q_proj.weight": w(hidden, hidden), p + "self_attn.k_proj.weight": w(hidden, hidden),
+                        p + "self_attn.v_proj.weight": w(hidden, hidden), p + "self_attn.o_proj.weight": w(hidden, hidden),
+                        p + "mlp.gate_proj.weight": w(ffn, hidden), p + "mlp.down_proj.weight": w(hidden, ffn),
+                        p + "mlp.up_proj.weight": w(ffn, hidden), p + "input_layernorm.weight": 1 + w(hidden),
+                        p + "post_attention_layernorm.weight": 1 + w(hidden),
+                        p + "self_attn.rotary_emb.inv_freq": w(hidden // 8)})
+    return tensors
+
+
+def write_hf(directory, tensors, shards=1, hidden=64):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": hidden, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 32000, "intermediate_size": 192,
+        "rms_norm_eps": 1e-5, "torch_dtype": "float32"}))
+    names = sorted(tensors)
+    if shards == 1:
+        save_file(tensors, str(directory / "model.safetensors"))
+        return directory
+    weight_map = {}
+    for k in range(shards):
+        part = names[k::shards]
+        fname = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: tensors[n] for n in part}, str(directory / fname))
+        weight_map.update({n: fname for n in part})
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return directory
+
+
+def build_model(checkpoint):
+    from mindformers import LlamaConfig
+    from mindrlhf.models.llama_reward import LlamaRewardModel
+
+    ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
+    cfg = dict(load_config(str(TINY_CONFIG)).model.model_config)
+    cfg.pop("type")
+    cfg["checkpoint_name_or_path"] = str(checkpoint)
+    return LlamaRewardModel(LlamaConfig(**cfg))
+
+
+@pytest.fixture(scope="module")
+def hf_tensors():
+    return tiny_hf_tensors()
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, hf_tensors):
+    work = tmp_path_factory.mktemp("hf")
+    out = work / "llama_tiny.ckpt"
+    proc = run_cli(CONVERT, "--input_path", write_hf(work / "single", hf_tensors), "--output_path", out,
+                   "--config", TINY_CONFIG)
+    return {"work": work, "ckpt": out, "result": json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def test_every_backbone_tensor_equals_its_source(converted, hf_tensors):
+    assert converted["result"]["tensors"] == 2 + 2 * 9
+    assert converted["result"]["dropped"] == ["lm_head.weight"]
+    model = build_model(converted["ckpt"])
+    report = model.load_report
+    assert report["newly_initialised"] == ["v_head.weight"]
+    params = {p.name: p.asnumpy() for p in model.get_parameters()}
+    assert set(params) - set(report["loaded"]) == {"v_head.weight"}
+    for hf_name, value in hf_tensors.items():
+        name = hf_to_ms_name(hf_name)
+        if name is None or name == "lm_head.weight":
+            continue
+        np.testing.assert_array_equal(params[name], value, err_msg=f"{hf_name} -> {name}")
+    assert np.abs(params["v_head.weight"]).max() > 0  # initialised, not left at zero
+
+
+def test_sharded_safetensors_convert_the_same(converted, hf_tensors):
+    out = converted["work"] / "sharded.ckpt"
+    run_cli(CONVERT, "--input_path", write_hf(converted["work"] / "sharded", hf_tensors, shards=3),
+            "--output_path", out, "--config", TINY_CONFIG)
+    single, sharded = ms.load_checkpoint(str(converted["ckpt"])), ms.load_checkpoint(str(out))
+    assert set(single) == set(sharded)
+    for name in single:
+        np.testing.assert_array_equal(single[name].asnumpy(), sharded[name].asnumpy(), err_msg=name)
+
+
+def test_mismatched_hidden_size_names_the_tensor(tmp_path):
+    src = write_hf(tmp_path / "wide", tiny_hf_tensors(hidden=48, ffn=144), hidden=48)
+    out = tmp_path / "bad.ckpt"
+    proc = run_cli(CONVERT, "--input_path", src, "--output_path", out, "--config", TINY_CONFIG, check=False)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()[-1]
+    assert "model.embed_tokens.weight" in err or "self_attn" in err or "model.norm.weight" in err, err
+    assert "has shape (" in err and "expects (" in err
+    assert not out.exists() and not list(tmp_path.glob("bad.ckpt.tmp-*"))
+
+
+def test_loading_a_mismatched_checkpoint_is_an_error(tmp_path, converted):
+    from mindrlhf.errors import ConfigError
+
+    params = ms.load_checkpoint(str(converted["ckpt"]))
+    params["model.norm_out.weight"] = ms.Parameter(ms.Tensor(np.ones(32, np.float32)), name="model.norm_out.weight")
+    bad = tmp_path / "bad.ckpt"
+    ms.save_checkpoint([{"name": k, "data": v} for k, v in params.items()], str(bad))
+    with pytest.raises(ConfigError, match=r"model.norm_out.weight has shape \(32,\), the model expects \(64,\)"):
+        build_model(bad)
+    with pytest.raises(ConfigError, match="pass a local path"):
+        build_model("llama2_7b")
+
+
+@pytest.mark.slow
+def test_training_starts_from_the_converted_weights(converted, test_mindrecord, tmp_path):
+    out = tmp_path / "output"
+    run_cli(EXAMPLES / "reward_train.py", "--config", TINY_CONFIG, "--train_dataset", test_mindrecord,
+            "--output_dir", out, "--load_checkpoint", converted["ckpt"], "--stop_step", 2)
+    log = (out / "log" / "rank_0" / "info.log").read_text()
+    assert f"loaded 20 parameters from {converted['ckpt']}; newly initialised: ['v_head.weight']" in log
