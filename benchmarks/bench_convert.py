@@ -1,0 +1,164 @@
+"""Conversion throughput: the tutorial's algorithm vs ours, same input, same run, tutorial's padded layout.
+
+The baseline re-implements upstream cvalues_comparison.py: mindformers' LlamaTokenizer called five times per
+pair (three length probes, two padded encodes), numpy loss_mask/end_ind, one FileWriter.write_raw_data per
+pair. Ours: batched multi-threaded SentencePiece, vectorised samples, batched writes. Both outputs are
+compared row by row. Target: >= 6x pairs/s, whole process, seq 1024, >= 40,000 pairs.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from common import TOKENIZER, TRAIN_JSONL, require_inputs, save, timed
+
+TEMPLATE = "根据以下问题，写一个合适的回答。\n\n### 问题：\n{instruction}\n\n### 回答：\n{response}"
+SCHEMA = {"chosen_input_ids": {"type": "int32", "shape": [-1]}, "chosen_attention_mask": {"type": "int32", "shape": [-1]},
+          "rejected_input_ids": {"type": "int32", "shape": [-1]},
+          "rejected_attention_mask": {"type": "int32", "shape": [-1]}, "position_id": {"type": "int32", "shape": [-1]},
+          "loss_mask": {"type": "int32", "shape": [-1]}, "end_ind": {"type": "int64"}}
+
+
+def make_input(path, copies):
+    rows = [line for line in TRAIN_JSONL.read_text(encoding="utf-8").splitlines() if line.strip()]
+    with open(path, "w", encoding="utf-8") as fh:
+        for _ in range(copies):
+            fh.write("\n".join(rows) + "\n")
+    return len(rows) * copies
+
+
+def tutorial_convert(src, dst, seq, times):
+    """The upstream algorithm, step for step."""
+    from mindformers import LlamaTokenizer
+    from mindspore.mindrecord import FileWriter
+
+    with timed(times, "baseline_load_tokenizer"):
+        tokenizer = LlamaTokenizer(vocab_file=str(TOKENIZER))
+        tokenizer.pad_token = tokenizer.eos_token
+    writer = FileWriter(file_name=dst, shard_num=1, overwrite=True)
+    writer.add_schema(SCHEMA)
+    count = 0
+    with open(src, encoding="utf-8") as fh:
+        for line in fh:
+            item = json.loads(line)
+            with timed(times, "baseline_tokenize"):
+                prompt, chosen, reject = item["prompt"].strip(), item["pos_resp"].strip(), item["neg_resp"].strip()
+                for text in (prompt, chosen, reject):
+                    np.array(tokenizer(text, truncation=True, max_length=seq, add_special_tokens=False)["input_ids"])
+                c = tokenizer(TEMPLATE.format_map({"instruction": prompt, "response": chosen}), truncation=True,
+                              max_length=seq, padding="max_length", add_special_tokens=False)
+                r = tokenizer(TEMPLATE.format_map({"instruction": prompt, "response": reject}), truncation=True,
+                              max_length=seq, padding="max_length", add_special_tokens=False)
+            with timed(times, "baseline_build"):
+                # int32 casts: MindSpore 2.9's FileWriter rejects the int64/float64 arrays upstream wrote.
+                sample = {"chosen_input_ids": np.array(c["input_ids"], np.int32),
+                          "chosen_attention_mask": np.array(c["attention_mask"], np.int32),
+                          "rejected_input_ids": np.array(r["input_ids"], np.int32),
+                          "rejected_attention_mask": np.array(r["attention_mask"], np.int32)}
+                diff = np.nonzero(sample["chosen_input_ids"] != sample["rejected_input_ids"])[0]
+                if len(diff) == 0:
+                    continue
+                sample["position_id"] = np.arange(seq, dtype=np.int32)
+                c_idx = np.nonzero(sample["chosen_input_ids"] == 2)[0]
+                r_idx = np.nonzero(sample["rejected_input_ids"] == 2)[0]
+                end = max(c_idx[0] if len(c_idx) else seq, r_idx[0] if len(r_idx) else seq)
+                loss_mask = np.zeros(seq, dtype=np.int32)
+                loss_mask[diff[0]:end] = 1
+                sample["loss_mask"] = loss_mask
+                sample["end_ind"] = int(end)
+            with timed(times, "baseline_write"):
+                writer.write_raw_data([sample])
+            count += 1
+    with timed(times, "baseline_write"):
+        writer.commit()
+    return count
+
+
+def ours_convert(src, dst, seq, times):
+    from mindrlhf.data import convert as conv
+    from mindrlhf.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(TOKENIZER))
+    encode = tokenizer.encode
+
+    def timed_encode(texts):
+        with timed(times, "ours_tokenize"):
+            return encode(texts)
+
+    tokenizer.encode = timed_encode
+    original_write = conv.AtomicMindRecordWriter.write
+
+    def timed_write(self, rows):
+        with timed(times, "ours_write"):
+            original_write(self, rows)
+
+    conv.AtomicMindRecordWriter.write = timed_write
+    try:
+        result = conv.convert_file(str(src), tokenizer, dst, seq, 2, overwrite=True, progress=False)
+    finally:
+        conv.AtomicMindRecordWriter.write = original_write
+    return result["rows"]
+
+
+def compare(a, b, limit=2000):
+    from mindspore.mindrecord import FileReader
+
+    ra, rb = FileReader(a, num_consumer=1), FileReader(b, num_consumer=1)
+    checked = 0
+    for x, y in zip(ra.get_next(), rb.get_next()):
+        for key in SCHEMA:
+            if not np.array_equal(np.asarray(x[key]), np.asarray(y[key])):
+                raise AssertionError(f"row {checked}: field {key} differs")
+        checked += 1
+        if checked >= limit:
+            break
+    ra.close()
+    rb.close()
+    return checked
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--copies", type=int, default=10, help="copies of the 4,049-pair train set (10 -> 40,490)")
+    parser.add_argument("--seq_length", type=int, default=1024)
+    args = parser.parse_args()
+    require_inputs()
+    import mindrlhf  # noqa: F401  (imports MindSpore/MindFormers before any timing)
+
+    work = tempfile.mkdtemp(prefix="bench_convert_")
+    try:
+        src = os.path.join(work, "pairs.jsonl")
+        pairs = make_input(src, args.copies)
+        times = {}
+        start = time.perf_counter()
+        base_rows = tutorial_convert(src, os.path.join(work, "tutorial.mindrecord"), args.seq_length, times)
+        baseline = time.perf_counter() - start
+        start = time.perf_counter()
+        our_rows = ours_convert(src, os.path.join(work, "ours.mindrecord"), args.seq_length, times)
+        ours = time.perf_counter() - start
+        checked = compare(os.path.join(work, "tutorial.mindrecord"), os.path.join(work, "ours.mindrecord"))
+        assert base_rows == our_rows, (base_rows, our_rows)
+        result = {
+            "pairs": pairs, "seq_length": args.seq_length, "rows_written": our_rows, "rows_compared": checked,
+            "baseline_seconds": round(baseline, 2), "ours_seconds": round(ours, 2),
+            "baseline_pairs_per_s": round(pairs / baseline, 1), "ours_pairs_per_s": round(pairs / ours, 1),
+            "speedup": round(baseline / ours, 2),
+            "ours_tokenize_seconds": round(times.get("ours_tokenize", 0), 2),
+            "ours_write_seconds": round(times.get("ours_write", 0), 2),
+            "ours_write_share": round(times.get("ours_write", 0) / ours, 3),
+            "baseline_breakdown_seconds": {k: round(v, 2) for k, v in times.items() if k.startswith("baseline")},
+        }
+        print(f"conversion speedup {result['speedup']}x ({result['ours_pairs_per_s']} vs "
+              f"{result['baseline_pairs_per_s']} pairs/s); our writer share {result['ours_write_share']:.0%}")
+        save("convert", result)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
