@@ -1,0 +1,34 @@
+"""The README's main job: the demo runs the whole pipeline on its own generated sample and summarises it."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, cli_env
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_end_to_end(tmp_path):
+    env = cli_env()
+    env["MINDRLHF_SHARED"] = str(tmp_path / "no_shared")  # the demo needs nothing from shared/
+    proc = subprocess.run([sys.executable, "-m", "mindrlhf.demo", "--workdir", str(tmp_path / "demo"),
+                           "--train_pairs", "1200", "--test_pairs", "300"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["pairs"] == 300 and summary["accuracy"] >= 0.9
+    assert len(summary["per_type_accuracy"]) == 3
+    assert summary["last_loss"] < summary["first_loss"]
+    for key in ("train_log", "loss_png", "eval_results", "infer_scores"):
+        assert os.path.exists(summary["outputs"][key]), key
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(summary["outputs"]["tensorboard"]))
+    assert "pairwise accuracy on 300 test pairs" in proc.stdout
+    # a second run never overwrites the first one's results
+    again = subprocess.run([sys.executable, "-m", "mindrlhf.demo", "--workdir", str(tmp_path / "demo"),
+                            "--train_pairs", "200", "--test_pairs", "50"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0
+    assert json.loads((tmp_path / "demo" / "summary.json").read_text())["pairs"] == 300
