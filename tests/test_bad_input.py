@@ -65,3 +65,54 @@ def test_missing_source_file(tmp_path):
     assert proc.returncode == 2
     assert f"{tmp_path / 'nope.jsonl'}: file does not exist" in proc.stderr
     assert not dst.exists()
+
+
+@pytest.mark.parametrize("script", ["reward_eval.py", "reward_infer.py"])
+@pytest.mark.parametrize("kind", ["malformed_json", "missing_field", "not_utf8"])
+def test_eval_and_infer_reject_bad_rows(tmp_path, script, kind):
+    from conftest import TINY_CONFIG
+
+    bad, _, message = CASES[kind]
+    src = write_source(tmp_path, bad)
+    out = tmp_path / "results" / "out.json"
+    data_flag = "--eval_dataset" if script == "reward_eval.py" else "--data_file"
+    extra = ["--tokenizer", TOKENIZER]
+    proc = run_cli(EXAMPLES / script, "--config", TINY_CONFIG, data_flag, src, *extra,
+                   "--distributed_ckpt_path", tmp_path / "no_checkpoint_needed_yet", "--output_file", out,
+                   check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()[-1]
+    assert f"{src}:2" in err and message in err, err
+    assert not out.exists()
+
+
+def test_existing_outputs_are_kept(tmp_path):
+    from conftest import TINY_CONFIG, TEST_JSONL
+
+    existing = tmp_path / "results.json"
+    existing.write_text("keep me")
+    for script, flag in (("reward_eval.py", "--eval_dataset"), ("reward_infer.py", "--data_file")):
+        proc = run_cli(EXAMPLES / script, "--config", TINY_CONFIG, flag, TEST_JSONL, "--tokenizer", TOKENIZER,
+                       "--distributed_ckpt_path", tmp_path, "--output_file", existing, check=False)
+        assert proc.returncode == 2 and "--overwrite" in proc.stderr, proc.stderr[-1000:]
+    assert existing.read_text() == "keep me"
+
+    plots = tmp_path / "loss_dir"
+    plots.mkdir()
+    (plots / "loss.png").write_bytes(b"old")
+    log = tmp_path / "info.log"
+    log.write_text("epoch: 1 step: 1, loss: 0.5\n")
+    proc = run_cli(EXAMPLES / "reward_loss_plot.py", "--log_file", log, "--output_file_dir", plots, check=False)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    assert (plots / "loss.png").read_bytes() == b"old"
+    run_cli(EXAMPLES / "reward_loss_plot.py", "--log_file", log, "--output_file_dir", plots, "--overwrite")
+    assert (plots / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoint" / "rank_0").mkdir(parents=True)
+    earlier = run_dir / "checkpoint" / "rank_0" / "earlier-1_10.ckpt"
+    earlier.write_bytes(b"an earlier run")
+    proc = run_cli(EXAMPLES / "reward_train.py", "--config", TINY_CONFIG, "--train_dataset", tmp_path / "x",
+                   "--output_dir", run_dir, check=False)
+    assert proc.returncode == 2 and "earlier run" in proc.stderr and "--resume" in proc.stderr
+    assert earlier.read_bytes() == b"an earlier run"

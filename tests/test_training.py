@@ -1,5 +1,6 @@
 """One real epoch of the tiny CPU config: it learns, and eval/infer read the checkpoints it wrote."""
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -138,3 +139,29 @@ def test_bucketed_scoring_equals_full_length_scoring(trained_run):
     bucketed = RewardScorer(str(TINY_CONFIG), ckpt, batch_size=8).score_ids(ids)
     np.testing.assert_allclose(bucketed, fixed, atol=1e-4)
     assert np.ptp(fixed) > 0.1  # real, distinct scores
+
+
+def test_inference_under_the_rank_table_launcher(trained_run, tmp_path):
+    """Every rank scores; only rank 0 writes the shared result file; both ranks' logs show the scores."""
+    import subprocess
+
+    from conftest import SCRIPTS, cli_env
+
+    table = tmp_path / "hccl.json"
+    subprocess.run([sys.executable, str(SCRIPTS / "hccl_tools.py"), "--device_num", "[0,2)", "--device_ips",
+                    "10.0.0.1,10.0.0.2", "--server_ip", "127.0.0.1", "--output_dir", tmp_path], check=True,
+                   capture_output=True)
+    next(tmp_path.glob("hccl_2p_*.json")).rename(table)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(TEST_JSONL.read_text(encoding="utf-8").splitlines()[0] + "\n", encoding="utf-8")
+    out = tmp_path / "scores.jsonl"
+    order = (f"{sys.executable} {EXAMPLES / 'reward_infer.py'} --config {TINY_CONFIG} --data_file {rows} "
+             f"--tokenizer {TOKENIZER} --distributed_ckpt_path {trained_run['checkpoint_root']} --output_file {out}")
+    proc = subprocess.run(["bash", str(SCRIPTS / "run_distribute_reward.sh"), order, str(table), "[0,2]", "2"],
+                          cwd=tmp_path, env=dict(cli_env(), OUTPUT_DIR=str(tmp_path / "output")),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 2
+    for rank in (0, 1):
+        log = (tmp_path / "output" / "log" / f"rank_{rank}" / "mindformer.log").read_text(encoding="utf-8")
+        assert log.count("reward score: [[") == 2

@@ -23,6 +23,7 @@ def get_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=16, help="sequences per forward pass")
     parser.add_argument("--output_file", default=None,
                         help="jsonl of {prompt, response, score} (default: <output_dir>/reward_infer_scores.jsonl)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing result files")
     parser.add_argument("--skip_invalid", action="store_true", help="skip malformed rows and report them")
     parser.add_argument("--use_parallel", default=False, type=str2bool, help="accepted for tutorial compatibility")
     return parser.parse_args(argv)
@@ -34,7 +35,8 @@ def main(argv=None):
     from mindrlhf.evaluation.run import infer
 
     result = infer(args.config, args.data_file, args.tokenizer, args.distributed_ckpt_path,
-                   output_file=args.output_file, batch_size=args.batch_size, skip_invalid=args.skip_invalid)
+                   output_file=args.output_file, batch_size=args.batch_size, skip_invalid=args.skip_invalid,
+                   overwrite=args.overwrite)
     print(f"scored {result['scored']} responses with {result['checkpoint']}; scores: {result['output_file']}")
 
 

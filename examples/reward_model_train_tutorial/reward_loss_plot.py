@@ -24,14 +24,17 @@ def get_args(argv=None):
     parser.add_argument("--idle_timeout", type=float, default=600.0,
                         help="real-time: stop after this many seconds without a new line")
     parser.add_argument("--no_png", action="store_true", help="skip the PNG")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace event files and loss.png already in output_file_dir")
     return parser.parse_args(argv)
 
 
 @main_guard
 def main(argv=None):
     args = get_args(argv)
-    from mindrlhf.tools.loss_plot import follow, plot_once
+    from mindrlhf.tools.loss_plot import follow, plot_once, prepare_output_dir
 
+    prepare_output_dir(args.output_file_dir, args.overwrite)
     if args.parse_mode == "one-time":
         result = plot_once(args.log_file, args.output_file_dir, args.sink_size, png=not args.no_png)
     else:

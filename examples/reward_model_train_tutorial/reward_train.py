@@ -31,6 +31,8 @@ def get_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=None, help="override the pairs per step")
     parser.add_argument("--save_steps", type=int, default=None, help="override CheckpointMonitor.save_checkpoint_steps")
     parser.add_argument("--stop_step", type=int, default=None, help="stop after this global step (checkpoint kept)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in an output_dir that holds an earlier run's checkpoints")
     return parser.parse_args(argv)
 
 
@@ -42,7 +44,7 @@ def main(argv=None):
     summary = train(args.config, args.train_dataset or None, task=args.task, output_dir=args.output_dir,
                     load_checkpoint=args.load_checkpoint, resume=args.resume, use_parallel=args.use_parallel,
                     epochs=args.epochs, batch_size=args.batch_size, save_steps=args.save_steps,
-                    stop_step=args.stop_step)
+                    stop_step=args.stop_step, overwrite=args.overwrite)
     print(json.dumps({k: summary[k] for k in ("output_dir", "log_file", "checkpoint_dir", "steps_logged",
                                               "first_loss", "last_loss")}, indent=2))
 

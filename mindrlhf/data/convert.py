@@ -4,7 +4,6 @@ Semantics equal the tutorial's cvalues_comparison.py (template, truncation, righ
 but pairs that are identical after truncation are skipped and counted instead of crashing, tokenization is
 batched over all cores, and the file appears only when complete.
 """
-import json
 import os
 import shutil
 import tempfile
@@ -16,6 +15,7 @@ import numpy as np
 from mindrlhf.data.pairs import PreferencePair, SkipReport, read_pairs
 from mindrlhf.data.prompt import RECORD_SCHEMA, format_prompt
 from mindrlhf.errors import ConfigError, OutputExistsError
+from mindrlhf.io import write_json
 
 SKIP_IDENTICAL = "chosen and rejected are identical after truncation"
 
@@ -214,8 +214,7 @@ def convert_pairs(pairs: Iterable[PreferencePair], tokenizer, dst_file: str, seq
     result = {"dst_file": dst_file, "rows": stats.count, "seq_length": seq_length, "pad_token_id": pad_token_id,
               "max_token_id": stats.max_token_id, "tokenizer": getattr(tokenizer, "path", None),
               "stats": stats.as_dict(), "skipped": report.as_dict()}
-    with open(os.path.abspath(dst_file) + ".stats.json", "w", encoding="utf-8") as fh:
-        json.dump(result, fh, ensure_ascii=False, indent=2)
+    write_json(os.path.abspath(dst_file) + ".stats.json", result)
     return result
 
 

@@ -2,7 +2,6 @@
 
 Evaluation covers every pair of the test file (no drop_remainder, no sample cap), checkpoint by checkpoint.
 """
-import json
 import os
 from typing import Callable, List, Optional
 
@@ -13,6 +12,7 @@ from mindrlhf.data.prompt import format_prompt
 from mindrlhf.errors import ConfigError
 from mindrlhf.evaluation.metrics import pairwise_metrics
 from mindrlhf.evaluation.scorer import RewardScorer, list_checkpoints
+from mindrlhf.io import check_new_output, write_json, write_jsonl
 
 
 def is_writer_rank() -> bool:
@@ -84,21 +84,25 @@ def score_pairs(scorer: RewardScorer, data: dict, pairs_per_batch: int, log: Cal
 def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_dataset: Optional[str] = None,
              tokenizer: Optional[str] = None, output_file: Optional[str] = None, batch_size: Optional[int] = None,
              scores_file: Optional[str] = None, skip_invalid: bool = False, log: Callable = print,
-             progress: bool = True) -> dict:
+             progress: bool = True, overwrite: bool = False) -> dict:
     from mindrlhf.data.tokenizer import load_tokenizer
     from mindrlhf.training.config import dataset_source, load_config
 
     config = load_config(config_path)
+    output_file = output_file or os.path.join(os.path.abspath(config.get("output_dir") or "./output"),
+                                              "eval_results.json")
+    check_new_output(output_file, overwrite)
+    check_new_output(scores_file, overwrite)
     source = eval_dataset or dataset_source(config, "eval")
     if not source:
         raise ConfigError("no eval dataset: pass --eval_dataset or set eval_dataset.data_loader.dataset_dir")
+    tok = load_tokenizer(tokenizer) if tokenizer else None
+    data = load_eval_pairs(source, int(config.model.model_config.seq_length), tok, skip_invalid)
     checkpoints = list_checkpoints(ckpt_path)
     if not load_all:
         checkpoints = checkpoints[-1:]
     pairs_per_batch = int(batch_size or config.eval_dataset.get("batch_size") or 8)
     scorer = RewardScorer(config, batch_size=2 * pairs_per_batch)
-    tok = load_tokenizer(tokenizer) if tokenizer else None
-    data = load_eval_pairs(source, scorer.seq_length, tok, skip_invalid)
     results = []
     for ckpt in checkpoints:
         try:
@@ -122,8 +126,6 @@ def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_data
                "best": max(good, key=lambda r: r["accuracy"])["checkpoint"]}
     if len(results) > 1:
         log(format_table(results))
-    output_file = output_file or os.path.join(os.path.abspath(config.get("output_dir") or "./output"),
-                                              "eval_results.json")
     if is_writer_rank():
         write_json(output_file, summary)
     summary["output_file"] = output_file
@@ -141,28 +143,10 @@ def format_table(results: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: str, obj) -> None:
-    """Write via a temporary name and rename, so a reader never sees half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, ensure_ascii=False, indent=2)
-    os.replace(tmp, path)
-
-
 def _write_scores(path, data, chosen, rejected):
     rows = [{"index": i, "chosen_score": float(c), "rejected_score": float(r)}
             for i, (c, r) in enumerate(zip(chosen, rejected))]
     write_jsonl(path, rows)
-
-
-def write_jsonl(path: str, rows) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def read_infer_rows(path: str, skip_invalid: bool = False, report: Optional[SkipReport] = None):
@@ -182,11 +166,14 @@ def read_infer_rows(path: str, skip_invalid: bool = False, report: Optional[Skip
 
 
 def infer(config_path: str, data_file: str, tokenizer: str, ckpt_path: str, output_file: Optional[str] = None,
-          batch_size: int = 16, skip_invalid: bool = False, log: Callable = print) -> dict:
+          batch_size: int = 16, skip_invalid: bool = False, log: Callable = print, overwrite: bool = False) -> dict:
     from mindrlhf.data.tokenizer import load_tokenizer
     from mindrlhf.training.config import load_config
 
     config = load_config(config_path)
+    output_file = output_file or os.path.join(os.path.abspath(config.get("output_dir") or "./output"),
+                                              "reward_infer_scores.jsonl")
+    check_new_output(output_file, overwrite)
     tok = load_tokenizer(tokenizer)
     report = SkipReport()
     items = read_infer_rows(data_file, skip_invalid, report)
@@ -200,8 +187,6 @@ def infer(config_path: str, data_file: str, tokenizer: str, ckpt_path: str, outp
         it["score"] = float(score)
         log(f"Sample:\n{text}")
         log(f"reward score: [[{score:.6f}]]")
-    output_file = output_file or os.path.join(os.path.abspath(config.get("output_dir") or "./output"),
-                                              "reward_infer_scores.jsonl")
     if is_writer_rank():
         write_jsonl(output_file, items)
     return {"checkpoint": checkpoint, "scored": len(items), "output_file": output_file,

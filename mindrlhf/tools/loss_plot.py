@@ -13,6 +13,20 @@ from mindrlhf.errors import InputError
 from mindrlhf.tools.loss_log import LossPoint, parse_line
 
 
+def prepare_output_dir(output_dir: str, overwrite: bool = False):
+    """Old event files would show up as a second curve in TensorBoard: refuse them, or remove with overwrite."""
+    from mindrlhf.errors import OutputExistsError
+
+    if not os.path.isdir(output_dir):
+        return
+    old = [f for f in os.listdir(output_dir) if f.startswith("events.out.tfevents") or f == "loss.png"]
+    if old and not overwrite:
+        raise OutputExistsError(f"{output_dir} already holds {', '.join(sorted(old)[:3])}; pass --overwrite to "
+                                "replace them or choose another --output_file_dir")
+    for name in old:
+        os.remove(os.path.join(output_dir, name))
+
+
 class ScalarWriter:
     """Scalars into a tfevents file via tensorboard.summary.writer (protobuf only, no TF/PyTorch)."""
 

@@ -3,7 +3,6 @@
 Three response types ranked as in CValues: 拒绝&正向建议 > 拒绝为主 > 风险回复, combined into pairs of the
 three difficulty levels. The "risky" replies stay vague on purpose: they only need to read as compliant.
 """
-import json
 import os
 import random
 from typing import List
@@ -56,13 +55,9 @@ def generate_pairs(count: int, seed: int = 0) -> List[dict]:
 
 
 def write_jsonl(rows: List[dict], path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    from mindrlhf.io import write_jsonl as write
+
+    return write(path, rows)
 
 
 def train_tokenizer(rows: List[dict], model_dir: str, vocab_size: int = 1000) -> str:

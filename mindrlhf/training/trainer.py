@@ -64,7 +64,7 @@ def prepare_config(config_path: str, train_dataset: Optional[str] = None, output
                    load_checkpoint: Optional[str] = None, resume: bool = False,
                    use_parallel: Optional[bool] = None, epochs: Optional[int] = None,
                    batch_size: Optional[int] = None, save_steps: Optional[int] = None,
-                   stop_step: Optional[int] = None):
+                   stop_step: Optional[int] = None, overwrite: bool = False):
     """The run's MindFormerConfig with CLI overrides applied and everything checkable checked."""
     config = cfg.load_config(config_path)
     cfg.check_sections(config_path)
@@ -89,6 +89,11 @@ def prepare_config(config_path: str, train_dataset: Optional[str] = None, output
     if config.context.get("device_target") == "CPU" and config.runner_config.get("sink_mode"):
         raise ConfigError(f"{config_path}: runner_config.sink_mode must be False on CPU "
                           "(sink mode multiplies the step count there)")
+    earlier = cfg.checkpoint_files(os.path.join(config.output_dir, "checkpoint"))
+    if earlier and not resume and not overwrite:
+        raise ConfigError(f"{config.output_dir}/checkpoint holds {len(earlier)} checkpoint(s) of an earlier run; "
+                          "pass --resume to continue it, another --output_dir, or --overwrite to start over there "
+                          "(old checkpoints may then be rotated away)")
     if resume:
         config.load_checkpoint = resolve_resume_dir(load_checkpoint or os.path.join(config.output_dir, "checkpoint"))
         config.resume_training = True  # the file is picked per rank in train(), once the rank is known
