@@ -71,7 +71,9 @@ def test_live_mode_follows_a_growing_and_replaced_log(tmp_path):
                              "--parse_mode", "real-time", "--idle_timeout", "4"],
                             env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(6)  # the plotter is up and waiting for a log that does not exist yet
+        first = proc.stdout.readline()  # the plotter is up and waiting for a log that does not exist yet
+        assert first.startswith(f"following {log}"), first
+        time.sleep(1)
         with open(log, "w", encoding="utf-8") as fh:
             for step in range(1, 6):
                 fh.write(mf_line(step, 10, f"0.{9 - step}"))

@@ -38,7 +38,8 @@ def main(argv=None):
     if args.parse_mode == "one-time":
         result = plot_once(args.log_file, args.output_file_dir, args.sink_size, png=not args.no_png)
     else:
-        result = follow(args.log_file, args.output_file_dir, args.sink_size, args.idle_timeout, png=not args.no_png)
+        result = follow(args.log_file, args.output_file_dir, args.sink_size, args.idle_timeout, png=not args.no_png,
+                        log=lambda message: print(message, flush=True))
     print(json.dumps(result))
 
 

@@ -105,6 +105,10 @@ def plot_once(log_file: str, output_dir: str, sink_size: int = 1, png: bool = Tr
             if point is not None:
                 points.append(point)
                 writer.add_point(point)
+    return _finish(writer, points, output_dir, png)
+
+
+def _finish(writer: ScalarWriter, points: List[LossPoint], output_dir: str, png: bool) -> dict:
     writer.close()
     result = {"points": len(points), "event_dir": output_dir, "event_file": writer.path}
     if png and points:
@@ -120,6 +124,7 @@ def follow(log_file: str, output_dir: str, sink_size: int = 1, idle_timeout: flo
     handle, inode, position = None, None, 0
     last_activity = time.time()
     buffer = ""
+    log(f"following {log_file} (Ctrl-C to stop; stops after {idle_timeout:g}s without new lines)")
     try:
         while stop is None or not stop():
             try:
@@ -154,11 +159,7 @@ def follow(log_file: str, output_dir: str, sink_size: int = 1, idle_timeout: flo
     finally:
         if handle is not None:
             handle.close()
-        writer.close()
-    result = {"points": len(points), "event_dir": output_dir, "event_file": writer.path}
-    if png and points:
-        result["png"] = save_png(points, os.path.join(output_dir, "loss.png"))
-    return result
+    return _finish(writer, points, output_dir, png)
 
 
 def read_events(event_dir: str) -> dict:
