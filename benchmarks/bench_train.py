@@ -52,7 +52,6 @@ def main():
     data = os.path.join(work, f"train_{args.seq_length}.mindrecord")
     run([sys.executable, str(EXAMPLES / "cvalues_comparison.py"), "--model", str(TOKENIZER), "--src_file",
          str(TRAIN_JSONL), "--dst_file", data, "--seq_length", str(args.seq_length)], env)
-    stats = json.load(open(data + ".stats.json", encoding="utf-8"))
     from mindspore.mindrecord import FileReader
 
     reader = FileReader(data, num_consumer=1, columns=["chosen_attention_mask", "rejected_attention_mask"])

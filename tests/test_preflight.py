@@ -1,5 +1,4 @@
 """Mismatches between data and model are caught before training starts, with a clear message."""
-import json
 
 import pytest
 import yaml

@@ -1,8 +1,8 @@
 """The training log's loss lines: the one pattern that parses them, for plots, tests and summaries.
 
 MindFormers 1.9 writes `{ Epoch:[  1/  1], step:[   16/  506], loss:[0.114781/0.475559], ... lr: 0.00075, ...
-global_norm: [1.9468232], ...`; older MindFormers (the tutorial's screenshots) wrote `epoch: 1 step: 16, loss: 0.744`, MindSpore's
-LossMonitor `epoch: 1 step: 16, loss is 0.744`.
+global_norm: [1.9468232], ...`; older MindFormers (the tutorial's screenshots) wrote
+`epoch: 1 step: 16, loss: 0.744`, MindSpore's LossMonitor `epoch: 1 step: 16, loss is 0.744`.
 """
 import re
 from dataclasses import dataclass

@@ -8,7 +8,6 @@ import json
 import os
 from typing import Optional
 
-import numpy as np
 
 from mindrlhf.errors import ConfigError
 
@@ -136,6 +135,3 @@ def dataset_source(config, role: str):
     loader = config[f"{role}_dataset"].data_loader
     return loader.get("dataset_dir") or loader.get("dataset_files")
 
-
-def np_seed(config):
-    np.random.seed(int(config.get("seed", 0) or 0))

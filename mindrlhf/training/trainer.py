@@ -104,9 +104,11 @@ def prepare_config(config_path: str, train_dataset: Optional[str] = None, output
                               "and its checkpoint directory)")
         config.model.model_config.checkpoint_name_or_path = os.path.abspath(load_checkpoint)
         config.load_checkpoint = ""
-    if config.model.model_config.get("checkpoint_name_or_path"):
-        config.model.model_config.backbone_checkpoint = config.model.model_config.checkpoint_name_or_path
         config.resume_training = False
+    if config.model.model_config.get("checkpoint_name_or_path") and not resume:
+        # The Trainer clears checkpoint_name_or_path before building the model; the model reads this copy.
+        # On resume the run's own checkpoint replaces every weight anyway, so the backbone is not loaded twice.
+        config.model.model_config.backbone_checkpoint = config.model.model_config.checkpoint_name_or_path
     return config
 
 

@@ -1,7 +1,8 @@
 """A train-one-step cell for YAML `runner_wrapper`: MFTrainOneStepCell on Ascend/GPU, and runnable on CPU.
 
 The stock cell's overflow check falls through to the Ascend-only NPUGetFloatStatusV2 on CPU; here the CPU
-path uses the IsFinite-based check (the GPU path's FloatStatus is not on CPU either), so a dynamic loss scale works everywhere.
+path uses the IsFinite-based check (the GPU path's FloatStatus is not on CPU either), so a dynamic loss
+scale works everywhere.
 """
 from mindspore import context
 from mindspore.nn.wrap.loss_scale import _ascend_grad_overflow  # the IsFinite-based per-tensor check
