@@ -61,7 +61,8 @@ def test_identical_after_truncation_is_skipped_and_counted(tmp_path):
     src = tmp_path / "pairs.jsonl"
     src.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
     dst = tmp_path / "out.mindrecord"
-    proc = run_cli(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", src,
+    # --model may also name the directory holding tokenizer.model
+    proc = run_cli(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER.parent, "--src_file", src,
                    "--dst_file", dst, "--seq_length", 64, "--pad_token_id", 2)
     assert "skipped: 2" in proc.stdout
     assert "identical after truncation (first lines: [2, 3])" in proc.stdout

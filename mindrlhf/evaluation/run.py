@@ -117,7 +117,7 @@ def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_data
         results.append(metrics)
         log(f"{ckpt} acc: [{metrics['accuracy']:.6f}]")
         if scores_file and is_writer_rank():
-            _write_scores(scores_file, data, chosen, rejected)
+            _write_scores(scores_file, chosen, rejected)
     good = [r for r in results if "error" not in r]
     if not good:
         raise ConfigError(f"{ckpt_path}: no checkpoint could be evaluated")
@@ -143,7 +143,7 @@ def format_table(results: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def _write_scores(path, data, chosen, rejected):
+def _write_scores(path, chosen, rejected):
     rows = [{"index": i, "chosen_score": float(c), "rejected_score": float(r)}
             for i, (c, r) in enumerate(zip(chosen, rejected))]
     write_jsonl(path, rows)

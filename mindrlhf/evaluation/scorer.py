@@ -79,8 +79,10 @@ class RewardScorer:
         self.pad_token_id = int(self.model_config.pad_token_id)
         self.batch_size = batch_size
         self.buckets = sorted(b for b in buckets if b < self.seq_length) + [self.seq_length]
-        mode = config.context.get("mode", 0)
-        ms.set_context(mode=mode, device_target=config.context.get("device_target", "CPU"))
+        target = config.context.get("device_target", "CPU")
+        ms.set_context(mode=config.context.get("mode", 0), device_target=target)
+        if target != "CPU":  # under a launcher each rank scores on its own device
+            ms.set_device(target, int(os.environ.get("DEVICE_ID", config.context.get("device_id", 0) or 0)))
         self.network = LlamaRewardModel(self.model_config)
         self.network.set_train(False)
         self.checkpoint = None
