@@ -79,7 +79,7 @@ def tutorial_convert(src, dst, seq, times):
     return count
 
 
-def ours_convert(src, dst, seq, times):
+def ours_convert(src, dst, seq, times, layout="padded"):
     from mindrlhf.data import convert as conv
     from mindrlhf.data.tokenizer import load_tokenizer
 
@@ -99,7 +99,7 @@ def ours_convert(src, dst, seq, times):
 
     conv.AtomicMindRecordWriter.write = timed_write
     try:
-        result = conv.convert_file(str(src), tokenizer, dst, seq, 2, overwrite=True, progress=False)
+        result = conv.convert_file(str(src), tokenizer, dst, seq, 2, overwrite=True, progress=False, layout=layout)
     finally:
         conv.AtomicMindRecordWriter.write = original_write
     return result["rows"]
@@ -141,7 +141,13 @@ def main():
         start = time.perf_counter()
         our_rows = ours_convert(src, os.path.join(work, "ours.mindrecord"), args.seq_length, times)
         ours = time.perf_counter() - start
+        compact_times = {}
+        start = time.perf_counter()
+        ours_convert(src, os.path.join(work, "compact.mindrecord"), args.seq_length, compact_times, "compact")
+        compact = time.perf_counter() - start
         checked = compare(os.path.join(work, "tutorial.mindrecord"), os.path.join(work, "ours.mindrecord"))
+        sizes = {name: os.path.getsize(os.path.join(work, f"{name}.mindrecord"))
+                 for name in ("tutorial", "ours", "compact")}
         assert base_rows == our_rows, (base_rows, our_rows)
         result = {
             "pairs": pairs, "seq_length": args.seq_length, "rows_written": our_rows, "rows_compared": checked,
@@ -152,9 +158,13 @@ def main():
             "ours_write_seconds": round(times.get("ours_write", 0), 2),
             "ours_write_share": round(times.get("ours_write", 0) / ours, 3),
             "baseline_breakdown_seconds": {k: round(v, 2) for k, v in times.items() if k.startswith("baseline")},
+            "compact_seconds": round(compact, 2), "compact_speedup": round(baseline / compact, 2),
+            "file_mb": {k: round(v / 2 ** 20, 1) for k, v in sizes.items()},
+            "compact_size_ratio": round(sizes["ours"] / sizes["compact"], 1),
         }
         print(f"conversion speedup {result['speedup']}x ({result['ours_pairs_per_s']} vs "
-              f"{result['baseline_pairs_per_s']} pairs/s); our writer share {result['ours_write_share']:.0%}")
+              f"{result['baseline_pairs_per_s']} pairs/s); our writer share {result['ours_write_share']:.0%}; "
+              f"compact layout {result['compact_speedup']}x, {result['compact_size_ratio']}x smaller")
         save("convert", result)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -1,5 +1,6 @@
 """RewardModelDataset from the YAML registry: (2B, S) batches, chosen rows then rejected, per-rank shards."""
 import numpy as np
+import pytest
 from mindspore.mindrecord import FileReader
 
 import mindrlhf  # noqa: F401
@@ -75,3 +76,55 @@ def test_bucketing_trims_each_batch_to_a_boundary(test_mindrecord):
         smaller = [b for b in boundaries if b < width]
         assert not smaller or batch["end_ind"].max() > max(smaller)
     assert len(widths) > 1
+
+
+def test_compact_layout_gives_identical_batches(test_mindrecord, tmp_path):
+    from conftest import EXAMPLES, TEST_JSONL, TOKENIZER, run_cli
+
+    compact = tmp_path / "test_compact.mindrecord"
+    run_cli(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", TEST_JSONL, "--dst_file", compact,
+            "--seq_length", 256, "--pad_token_id", 2, "--layout", "compact")
+    rows = records(compact)
+    assert len(rows) == 773 and all(r["seq_length"] == 256 for r in rows)
+    assert any(len(r["chosen_input_ids"]) < 256 for r in rows)  # stored unpadded
+    for boundaries in (None, [160, 192, 224]):
+        padded = create_reward_dataset(str(test_mindrecord), 4, drop_remainder=False, bucket_boundaries=boundaries)
+        unpadded = create_reward_dataset(str(compact), 4, drop_remainder=False, bucket_boundaries=boundaries)
+        count = 0
+        for a, b in zip(padded.create_dict_iterator(output_numpy=True), unpadded.create_dict_iterator(output_numpy=True)):
+            for name in a:
+                assert a[name].dtype == b[name].dtype, name
+                np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+            count += 1
+        assert count == 194
+
+
+def test_preflight_reads_compact_files(test_mindrecord, tmp_path):
+    from mindrlhf.training.config import mindrecord_info
+
+    from conftest import EXAMPLES, TEST_JSONL, TOKENIZER, run_cli
+
+    compact = tmp_path / "c.mindrecord"
+    run_cli(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", TEST_JSONL, "--dst_file", compact,
+            "--seq_length", 256, "--pad_token_id", 2, "--layout", "compact")
+    (tmp_path / "c.mindrecord.stats.json").unlink()  # the layout is read from the file itself
+    info = mindrecord_info([str(compact)])
+    assert info["seq_length"] == 256 and info["rows"] == 773
+    assert info == {**mindrecord_info([str(test_mindrecord)]), "pad_token_id": info["pad_token_id"]}
+
+
+@pytest.mark.slow
+def test_training_runs_on_compact_files(tmp_path):
+    from mindrlhf.tools.loss_log import parse_log
+
+    from conftest import EXAMPLES, TEST_JSONL, TOKENIZER, run_cli
+
+    compact = tmp_path / "c.mindrecord"
+    run_cli(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", TEST_JSONL, "--dst_file", compact,
+            "--seq_length", 256, "--pad_token_id", 2, "--layout", "compact")
+    out = tmp_path / "output"
+    run_cli(EXAMPLES / "reward_train.py", "--config", TINY_CONFIG, "--train_dataset", compact, "--output_dir", out,
+            "--stop_step", 6)
+    points = parse_log(out / "log" / "rank_0" / "info.log")
+    assert [p.step for p in points] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(p.loss) for p in points)

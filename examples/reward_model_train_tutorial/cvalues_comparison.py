@@ -23,6 +23,9 @@ def get_args(argv=None):
     parser.add_argument("--dst_file", required=True, help="output .mindrecord path (a .db index is written beside it)")
     parser.add_argument("--seq_length", type=int, default=1024, help="tokens per sequence after truncation/padding")
     parser.add_argument("--pad_token_id", type=int, default=2, help="padding id (Llama 2 has none; the tutorial uses 2)")
+    parser.add_argument("--layout", default="padded", choices=["padded", "compact"],
+                        help="padded: the tutorial's fixed-length rows; compact: unpadded rows (files shrink by the "
+                             "padding share), padded per batch by RewardModelDataset")
     parser.add_argument("--skip_invalid", action="store_true",
                         help="skip malformed rows and report them, instead of stopping at the first one")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dst_file")
@@ -38,7 +41,7 @@ def main(argv=None):
 
     tokenizer = load_tokenizer(args.model, num_threads=args.num_threads)
     result = convert_file(args.src_file, tokenizer, args.dst_file, args.seq_length, args.pad_token_id,
-                          overwrite=args.overwrite, skip_invalid=args.skip_invalid)
+                          overwrite=args.overwrite, skip_invalid=args.skip_invalid, layout=args.layout)
     print(json.dumps(result["stats"], ensure_ascii=False))
     skipped = result["skipped"]
     print(f"skipped: {skipped['total']}")

@@ -13,7 +13,7 @@ from typing import Dict, Iterable, List, Optional
 import numpy as np
 
 from mindrlhf.data.pairs import PreferencePair, SkipReport, read_pairs
-from mindrlhf.data.prompt import RECORD_SCHEMA, format_prompt
+from mindrlhf.data.prompt import COMPACT_SCHEMA, LAYOUTS, RECORD_SCHEMA, format_prompt
 from mindrlhf.errors import ConfigError, OutputExistsError
 from mindrlhf.io import write_json
 
@@ -133,8 +133,20 @@ def _chunks(items: Iterable, size: int):
         yield chunk
 
 
+def compact_row(row: dict, seq_length: int) -> dict:
+    """A padded 7-field row cut to its own lengths, plus the length it pads back to."""
+    c_len, r_len = int(row["chosen_attention_mask"].sum()), int(row["rejected_attention_mask"].sum())
+    end = int(row["end_ind"])
+    return {"chosen_input_ids": row["chosen_input_ids"][:c_len],
+            "chosen_attention_mask": row["chosen_attention_mask"][:c_len],
+            "rejected_input_ids": row["rejected_input_ids"][:r_len],
+            "rejected_attention_mask": row["rejected_attention_mask"][:r_len],
+            "position_id": row["position_id"][:end], "loss_mask": row["loss_mask"][:end], "end_ind": end,
+            "seq_length": seq_length}
+
+
 def _prepare_chunk(chunk: List[PreferencePair], tokenizer, seq_length: int, pad_token_id: int,
-                   position_id: np.ndarray):
+                   position_id: np.ndarray, compact: bool = False):
     """Tokenize and build one chunk: (rows to write, per-pair lengths, skipped lines, truncated count)."""
     texts = [p.prompt.strip() for p in chunk] + [p.chosen.strip() for p in chunk] + \
             [p.rejected.strip() for p in chunk] + \
@@ -160,13 +172,13 @@ def _prepare_chunk(chunk: List[PreferencePair], tokenizer, seq_length: int, pad_
         row = {name: samples[name][i] for name in samples}
         row["position_id"] = position_id
         row["end_ind"] = int(samples["end_ind"][i])
-        rows.append(row)
+        rows.append(compact_row(row, seq_length) if compact else row)
     return rows, lengths, skipped, truncated, max_id
 
 
 def convert_pairs(pairs: Iterable[PreferencePair], tokenizer, dst_file: str, seq_length: int, pad_token_id: int,
                   overwrite: bool = False, chunk_size: int = 2048, report: Optional[SkipReport] = None,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, layout: str = "padded") -> dict:
     """Write the MindRecord and return {'stats', 'skipped', 'rows', 'dst_file'}.
 
     Streams in chunks; the next chunk is tokenized on a worker thread while this one is written, so the
@@ -181,18 +193,22 @@ def convert_pairs(pairs: Iterable[PreferencePair], tokenizer, dst_file: str, seq
     if not 0 <= pad_token_id < tokenizer.vocab_size:
         raise ConfigError(f"--pad_token_id {pad_token_id} is outside the tokenizer's vocabulary "
                           f"(size {tokenizer.vocab_size})")
+    if layout not in LAYOUTS:
+        raise ConfigError(f"--layout must be one of {LAYOUTS}, got {layout!r}")
+    compact = layout == "compact"
     report = report if report is not None else SkipReport()
     stats = LengthStats(seq_length)
     position_id = np.arange(seq_length, dtype=np.int32)
     chunks = _chunks(pairs, chunk_size)
-    with AtomicMindRecordWriter(dst_file, overwrite=overwrite) as writer, \
+    with AtomicMindRecordWriter(dst_file, COMPACT_SCHEMA if compact else RECORD_SCHEMA, overwrite) as writer, \
             ThreadPoolExecutor(max_workers=1) as pool, \
             tqdm(desc="converting pairs", unit="pair", disable=not progress) as bar:
         def submit():
             chunk = next(chunks, None)
             if chunk is None:
                 return None, None
-            return chunk, pool.submit(_prepare_chunk, chunk, tokenizer, seq_length, pad_token_id, position_id)
+            return chunk, pool.submit(_prepare_chunk, chunk, tokenizer, seq_length, pad_token_id, position_id,
+                                      compact)
 
         chunk, future = submit()
         while future is not None:
@@ -212,15 +228,16 @@ def convert_pairs(pairs: Iterable[PreferencePair], tokenizer, dst_file: str, seq
                               ("; ".join(report.lines()) or "input is empty"))
         writer.commit()
     result = {"dst_file": dst_file, "rows": stats.count, "seq_length": seq_length, "pad_token_id": pad_token_id,
-              "max_token_id": stats.max_token_id, "tokenizer": getattr(tokenizer, "path", None),
+              "max_token_id": stats.max_token_id, "tokenizer": getattr(tokenizer, "path", None), "layout": layout,
               "stats": stats.as_dict(), "skipped": report.as_dict()}
     write_json(os.path.abspath(dst_file) + ".stats.json", result)
     return result
 
 
 def convert_file(src_file: str, tokenizer, dst_file: str, seq_length: int, pad_token_id: int = 2,
-                 overwrite: bool = False, skip_invalid: bool = False, progress: bool = True) -> dict:
+                 overwrite: bool = False, skip_invalid: bool = False, progress: bool = True,
+                 layout: str = "padded") -> dict:
     report = SkipReport()
     pairs = read_pairs(src_file, skip_invalid=skip_invalid, report=report)
     return convert_pairs(pairs, tokenizer, dst_file, seq_length, pad_token_id, overwrite=overwrite,
-                         report=report, progress=progress)
+                         report=report, progress=progress, layout=layout)

@@ -69,6 +69,47 @@ def make_batch_map(boundaries: Optional[Sequence[int]] = None):
     return batch_map
 
 
+def compact_seq_length(files: Sequence[str]) -> Optional[int]:
+    """The target length of a compact-layout MindRecord (its schema has seq_length), None for padded files."""
+    from mindspore.mindrecord import FileReader
+
+    layouts = set()
+    for path in files:
+        reader = FileReader(path, num_consumer=1)
+        try:
+            compact = "seq_length" in reader.schema()
+            row = next(reader.get_next(), None) if compact else None
+        finally:
+            reader.close()
+        layouts.add(int(row["seq_length"]) if compact and row is not None else ("compact" if compact else None))
+    if len(layouts) > 1:
+        raise ConfigError(f"dataset files mix layouts or lengths: {sorted(map(str, layouts))}")
+    found = layouts.pop() if layouts else None
+    return found if isinstance(found, int) else None
+
+
+def make_compact_batch_map(seq_length: int, pad_token_id: int, boundaries: Optional[Sequence[int]] = None):
+    """per_batch_map for unpadded rows: pad to the bucket (or seq_length) here, giving what the padded
+    layout gives after trimming."""
+
+    def pad_batch(chosen_ids, chosen_mask, rejected_ids, rejected_mask, position_id, loss_mask, end_ind, _info):
+        batch = len(chosen_ids)
+        longest = max(int(np.asarray(e)) for e in end_ind)
+        width = bucket_length(longest, boundaries, seq_length) if boundaries else seq_length
+        input_ids = np.full((2 * batch, width), pad_token_id, dtype=np.int32)
+        attention = np.zeros((2 * batch, width), dtype=np.float32)
+        losses = np.zeros((batch, width), dtype=np.float32)
+        for i in range(batch):
+            for row, ids in ((i, chosen_ids[i]), (batch + i, rejected_ids[i])):
+                input_ids[row, :len(ids)] = ids
+                attention[row, :len(ids)] = 1.0
+            losses[i, :len(loss_mask[i])] = loss_mask[i]
+        positions = np.tile(np.arange(width, dtype=np.int32), (2 * batch, 1))
+        return input_ids, positions, attention, losses, attention.sum(axis=1).astype(np.int32)
+
+    return pad_batch
+
+
 def shard_info():
     """(shard_id, num_shards) for this rank: split under data parallel, whole under full-batch semi-auto."""
     shard_id, num_shards = BaseDataset._generate_shard_info()  # pylint: disable=protected-access
@@ -79,8 +120,13 @@ def shard_info():
 
 def create_reward_dataset(files, batch_size: int, shuffle: bool = False, drop_remainder: bool = True,
                           repeat: int = 1, num_samples: Optional[int] = None, bucket_boundaries=None,
-                          num_parallel_workers: int = 1, shard_id=None, num_shards=None, seed: Optional[int] = None):
-    """The dataset pipeline without the registry: what both training and evaluation use."""
+                          num_parallel_workers: int = 1, shard_id=None, num_shards=None, seed: Optional[int] = None,
+                          pad_token_id: int = 2):
+    """The dataset pipeline without the registry: what both training and evaluation use.
+
+    Padded files are batched then trimmed; compact files (see mindrlhf.data.prompt.COMPACT_SCHEMA) are padded
+    per batch. Both give the same batches.
+    """
     import mindspore.dataset as ds
 
     files = resolve_mindrecord_files(files)
@@ -93,9 +139,16 @@ def create_reward_dataset(files, batch_size: int, shuffle: bool = False, drop_re
         kwargs["num_samples"] = int(num_samples)
     dataset = ds.MindDataset(files, columns_list=list(RECORD_COLUMNS), shuffle=shuffle,
                              num_parallel_workers=num_parallel_workers, **kwargs)
-    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
-    dataset = dataset.map(make_batch_map(bucket_boundaries), input_columns=list(RECORD_COLUMNS),
-                          output_columns=list(MODEL_COLUMNS), num_parallel_workers=num_parallel_workers)
+    compact_length = compact_seq_length(files)
+    if compact_length:
+        dataset = dataset.batch(batch_size, drop_remainder=drop_remainder, input_columns=list(RECORD_COLUMNS),
+                                output_columns=list(MODEL_COLUMNS), num_parallel_workers=num_parallel_workers,
+                                per_batch_map=make_compact_batch_map(compact_length, pad_token_id,
+                                                                     bucket_boundaries))
+    else:
+        dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+        dataset = dataset.map(make_batch_map(bucket_boundaries), input_columns=list(RECORD_COLUMNS),
+                              output_columns=list(MODEL_COLUMNS), num_parallel_workers=num_parallel_workers)
     dataset = dataset.project(list(MODEL_COLUMNS))
     if repeat and repeat > 1:
         dataset = dataset.repeat(repeat)
@@ -125,4 +178,5 @@ class RewardModelDataset(BaseDataset):
             num_samples=loader.get("num_samples"),
             bucket_boundaries=dataset_config.get("bucket_boundaries") or None,
             num_parallel_workers=int(dataset_config.get("num_parallel_workers", 1) or 1),
-            shard_id=shard_id, num_shards=num_shards, seed=dataset_config.get("seed", seed))
+            shard_id=shard_id, num_shards=num_shards, seed=dataset_config.get("seed", seed),
+            pad_token_id=int(dataset_config.get("pad_token_id", pad_token_id)))

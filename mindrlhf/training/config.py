@@ -72,6 +72,9 @@ def mindrecord_info(files, sample_rows: int = 2000) -> dict:
                 meta = json.load(fh)
             info["pad_token_id"] = meta.get("pad_token_id", info["pad_token_id"])
             info["max_token_id"] = max(info["max_token_id"], meta.get("max_token_id", -1))
+        from mindrlhf.data.dataset import compact_seq_length
+
+        compact = compact_seq_length([path])
         reader = FileReader(path, num_consumer=1, columns=["chosen_input_ids", "rejected_input_ids",
                                                           "chosen_attention_mask", "end_ind"])
         try:
@@ -79,13 +82,13 @@ def mindrecord_info(files, sample_rows: int = 2000) -> dict:
                 if i >= sample_rows:
                     break
                 ids = row["chosen_input_ids"]
-                seq = int(ids.shape[0])
+                seq = compact or int(ids.shape[0])
                 if info["seq_length"] not in (None, seq):
                     raise ConfigError(f"{path}: rows of length {seq} and {info['seq_length']} mixed")
                 info["seq_length"] = seq
                 info["max_token_id"] = max(info["max_token_id"], int(ids.max()), int(row["rejected_input_ids"].max()))
                 real = int(row["chosen_attention_mask"].sum())
-                if info["pad_token_id"] is None and real < seq:
+                if info["pad_token_id"] is None and real < len(ids):  # compact rows carry no padding
                     info["pad_token_id"] = int(ids[real])
         finally:
             reader.close()
@@ -103,6 +106,9 @@ def check_data_against_model(config, files, role: str = "train", rank_size: int 
     """Raise ConfigError for data the model cannot take; returns the data info."""
     model_cfg = config.model.model_config
     info = mindrecord_info(files)
+    dataset_cfg = config[f"{role}_dataset"]
+    if info["pad_token_id"] is None:  # compact files are padded per batch with the dataset's pad_token_id
+        info["pad_token_id"] = dataset_cfg.get("pad_token_id")
     shown = files[0] if len(files) == 1 else f"{files[0]} (+{len(files) - 1} more)"
     if info["rows"] == 0:
         raise ConfigError(f"{shown}: the {role} dataset is empty")
@@ -116,7 +122,6 @@ def check_data_against_model(config, files, role: str = "train", rank_size: int 
             and info["pad_token_id"] != model_cfg.pad_token_id:
         raise ConfigError(f"{shown}: the data is padded with {info['pad_token_id']} but the model's pad_token_id is "
                           f"{model_cfg.pad_token_id}; use the same --pad_token_id and model.model_config.pad_token_id")
-    dataset_cfg = config[f"{role}_dataset"]
     batch = int(dataset_cfg.batch_size or config.runner_config.batch_size or 1)
     per_rank = info["rows"] // max(rank_size, 1)
     if dataset_cfg.get("drop_remainder", True) and batch > per_rank:
