@@ -61,7 +61,8 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=1)
     args = parser.parse_args(argv)
 
-    from mindrlhf.tools.sample_data import generate_pairs, train_tokenizer, write_jsonl
+    from mindrlhf.io import write_json, write_jsonl
+    from mindrlhf.tools.sample_data import generate_pairs, train_tokenizer
 
     start = time.time()
     work = os.path.abspath(args.workdir)
@@ -75,8 +76,8 @@ def main(argv=None):
     print("== sample data and tokenizer (generated here, nothing is downloaded)")
     train_rows = generate_pairs(args.train_pairs, seed=1)
     test_rows = generate_pairs(args.test_pairs, seed=2)
-    train_jsonl = write_jsonl(train_rows, os.path.join(data, "jsonl", "train.jsonl"))
-    test_jsonl = write_jsonl(test_rows, os.path.join(data, "jsonl", "test.jsonl"))
+    train_jsonl = write_jsonl(os.path.join(data, "jsonl", "train.jsonl"), train_rows)
+    test_jsonl = write_jsonl(os.path.join(data, "jsonl", "test.jsonl"), test_rows)
     tokenizer = train_tokenizer(train_rows, os.path.join(work, "tokenizer"))
     print(f"   {len(train_rows)} train / {len(test_rows)} test pairs; tokenizer {tokenizer}")
 
@@ -99,8 +100,8 @@ def main(argv=None):
                         os.path.join(output, "checkpoint"), "--load_all_ckpt", "True", "--eval_dataset", test_jsonl,
                         "--tokenizer", tokenizer, "--output_file", eval_json, log_dir=logs)
     infer_rows = os.path.join(data, "jsonl", "infer.jsonl")
-    write_jsonl([{"prompt": r["prompt"], "response": r["pos_resp"]} for r in test_rows[:3]] +
-                [{"prompt": r["prompt"], "response": r["neg_resp"]} for r in test_rows[:3]], infer_rows)
+    write_jsonl(infer_rows, [{"prompt": r["prompt"], "response": r["pos_resp"]} for r in test_rows[:3]] +
+                [{"prompt": r["prompt"], "response": r["neg_resp"]} for r in test_rows[:3]])
     infer_out = os.path.join(work, "infer_scores.jsonl")
     times["infer"] = run("infer", "reward_infer.py", "--config", CONFIG, "--data_file", infer_rows, "--tokenizer",
                          tokenizer, "--distributed_ckpt_path", os.path.join(output, "checkpoint"),
@@ -122,8 +123,7 @@ def main(argv=None):
                     "loss_png": os.path.join(loss_dir, "loss.png"), "eval_results": eval_json,
                     "infer_scores": infer_out, "logs": logs},
     }
-    with open(os.path.join(work, "summary.json"), "w", encoding="utf-8") as fh:
-        json.dump(summary, fh, ensure_ascii=False, indent=2)
+    write_json(os.path.join(work, "summary.json"), summary)
     print("\n== summary")
     print(f"   pairwise accuracy on {summary['pairs']} test pairs: {summary['accuracy']:.4f} (ties {summary['ties']})")
     for kind, acc in summary["per_type_accuracy"].items():

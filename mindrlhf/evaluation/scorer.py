@@ -5,7 +5,6 @@ so reward_eval.py and reward_infer.py give the same number for the same response
 keys masked makes the score independent of how much padding a batch carries, so batches are trimmed to the
 smallest of a few fixed lengths (each compiled once in graph mode).
 """
-import glob
 import os
 from typing import List, Optional, Sequence
 
@@ -13,6 +12,8 @@ import numpy as np
 
 from mindrlhf.data.prompt import format_prompt
 from mindrlhf.errors import ConfigError
+from mindrlhf.models.weights import load_checkpoint_dict
+from mindrlhf.training.config import checkpoint_files
 
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -33,20 +34,10 @@ def list_checkpoints(path: str) -> List[str]:
     directory = path
     if os.path.isdir(os.path.join(path, "rank_0")):
         directory = os.path.join(path, "rank_0")
-    files = glob.glob(os.path.join(directory, "*.ckpt"))
+    files = checkpoint_files(directory)
     if not files:
         raise ConfigError(f"{path}: no .ckpt files (looked in {directory})")
-    return sorted(files, key=lambda f: (os.path.getmtime(f), f))
-
-
-def load_checkpoint_dict(path: str):
-    """The parameter dict of a checkpoint, or ConfigError for a truncated/corrupt file (never half-loaded)."""
-    import mindspore as ms
-
-    try:
-        return ms.load_checkpoint(path)
-    except Exception as err:  # MindSpore raises ValueError/RuntimeError for corrupt files
-        raise ConfigError(f"{path}: checkpoint is corrupt or truncated ({str(err).splitlines()[0]})") from None
+    return files
 
 
 def checkpoint_step(params: dict) -> Optional[int]:
@@ -135,14 +126,6 @@ class RewardScorer:
             out = self.network(ms.Tensor(ids), None, None, None, ms.Tensor(ends))
             scores[idx] = out.asnumpy().reshape(-1)
         return scores
-
-    def score_batch(self, input_ids: np.ndarray, end_ind: np.ndarray) -> np.ndarray:
-        """Rewards for an already padded (N, S) batch, read at end_ind - 1."""
-        import mindspore as ms
-
-        out = self.network(ms.Tensor(np.asarray(input_ids, np.int32)), None, None, None,
-                           ms.Tensor(np.asarray(end_ind, np.int32)))
-        return out.asnumpy().reshape(-1)
 
     def score(self, prompts: Sequence[str], responses: Sequence[str], tokenizer) -> List[float]:
         texts = [format_prompt(p, r) for p, r in zip(prompts, responses)]

@@ -210,6 +210,20 @@ def convert_hf_to_ms(input_path: str, output_path: str, model_config=None, dtype
     return {"output_path": output_path, "tensors": len(seen), "dropped": dropped}
 
 
+def load_checkpoint_dict(path: str, choice_func=None) -> dict:
+    """A checkpoint's parameters, or ConfigError for a truncated/corrupt file (never half-loaded).
+
+    choice_func limits which tensors are materialised; the whole file is still parsed, so it still validates.
+    """
+    import mindspore as ms
+
+    fmt = "safetensors" if path.endswith(".safetensors") else "ckpt"
+    try:
+        return ms.load_checkpoint(path, format=fmt, choice_func=choice_func)
+    except Exception as err:  # pylint: disable=broad-except  (MindSpore raises several types for bad files)
+        raise ConfigError(f"{path}: checkpoint is corrupt or truncated ({str(err).splitlines()[0]})") from None
+
+
 def load_backbone(network, path: str, log=print) -> dict:
     """Initialise a LlamaRewardModel from a Llama (or reward-model) checkpoint; returns what went where."""
     import mindspore as ms
@@ -217,11 +231,7 @@ def load_backbone(network, path: str, log=print) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"checkpoint_name_or_path '{path}' is not a local file. mindrlhf never downloads "
                           "weights: pass a local path to a .ckpt or .safetensors file")
-    fmt = "safetensors" if path.endswith(".safetensors") else "ckpt"
-    try:
-        params = ms.load_checkpoint(path, format=fmt)
-    except Exception as err:  # pylint: disable=broad-except
-        raise ConfigError(f"{path}: cannot read checkpoint ({str(err).splitlines()[0]})") from None
+    params = load_checkpoint_dict(path)
     own = {p.name: p for p in network.get_parameters()}
     loaded, fresh = {}, []
     for name, param in own.items():

@@ -56,12 +56,6 @@ def generate_pairs(count: int, seed: int = 0) -> List[dict]:
     return rows
 
 
-def write_jsonl(rows: List[dict], path: str) -> str:
-    from mindrlhf.io import write_jsonl as write
-
-    return write(path, rows)
-
-
 def train_tokenizer(rows: List[dict], model_dir: str, vocab_size: int = 1000) -> str:
     """A SentencePiece model with Llama 2's special ids (unk 0, bos 1, eos 2) and byte fallback."""
     import sentencepiece as spm

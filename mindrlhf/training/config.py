@@ -44,20 +44,12 @@ def check_sections(path: str, required=REQUIRED_SECTIONS):
 
 
 def checkpoint_files(directory: str):
-    """All .ckpt files below a checkpoint directory (rank_N/ layout or flat), oldest step first."""
+    """All .ckpt files below a checkpoint directory (rank_N/ layout or flat), oldest first.
+
+    Ordered by modification time: names repeat across resumed runs (prefix_1-1_10.ckpt), mtimes do not.
+    """
     files = glob.glob(os.path.join(directory, "**", "*.ckpt"), recursive=True)
-    return sorted(files, key=lambda f: (os.path.dirname(f), _step_of(f), f))
-
-
-def _step_of(path: str) -> int:
-    """The global step in a MindSpore checkpoint name 'prefix-EPOCH_STEP.ckpt' (steps per epoch folded in)."""
-    name = os.path.basename(path)[:-len(".ckpt")]
-    tail = name.rsplit("-", 1)[-1]
-    parts = tail.split("_")
-    try:
-        return int(parts[0]) * 10 ** 9 + int(parts[1])
-    except (IndexError, ValueError):
-        return -1
+    return sorted(files, key=lambda f: (os.path.getmtime(f), f))
 
 
 def mindrecord_info(files, sample_rows: int = 2000) -> dict:

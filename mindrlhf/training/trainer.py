@@ -37,12 +37,12 @@ def resolve_resume_dir(path: str) -> str:
 
 def checkpoint_is_readable(path: str) -> bool:
     """Parse the whole file (a truncated or corrupt checkpoint fails here), materialising one tensor only."""
-    import mindspore as ms
+    from mindrlhf.models.weights import load_checkpoint_dict
 
     try:
-        ms.load_checkpoint(path, choice_func=lambda name: name == "global_step")
+        load_checkpoint_dict(path, choice_func=lambda name: name == "global_step")
         return True
-    except Exception:  # pylint: disable=broad-except  (MindSpore raises several types for bad files)
+    except ConfigError:
         return False
 
 
@@ -52,8 +52,7 @@ def newest_resumable(ckpt_dir: str, rank_id: int = 0, warn=print):
     Returns its file name (what MindFormers' resume_training takes), or raises when none is usable.
     """
     rank_dir = os.path.join(ckpt_dir, f"rank_{rank_id}")
-    files = sorted(cfg.checkpoint_files(rank_dir), key=lambda f: (os.path.getmtime(f), f), reverse=True)
-    for path in files:
+    for path in reversed(cfg.checkpoint_files(rank_dir)):
         if checkpoint_is_readable(path):
             return os.path.basename(path)
         warn(f"WARNING: skipping corrupt or truncated checkpoint {path}")
