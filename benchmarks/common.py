@@ -1,4 +1,4 @@
-"""Shared bits for the benchmarks: inputs from ../shared (or MINDRLHF_SHARED), timing, JSON results."""
+"""Shared bits for the benchmarks: inputs from tests/data (shipped with the repository), timing, JSON results."""
 import json
 import os
 import sys
@@ -8,10 +8,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHARED = Path(os.environ.get("MINDRLHF_SHARED", ROOT.parent / "shared"))
-TOKENIZER = SHARED / "tokenizers" / "llama2" / "tokenizer.model"
-TRAIN_JSONL = SHARED / "data" / "cvalues_synth" / "train.jsonl"
-TEST_JSONL = SHARED / "data" / "cvalues_synth" / "test.jsonl"
+DATA = ROOT / "tests" / "data"
+TOKENIZER = DATA / "tokenizers" / "llama2" / "tokenizer.model"
+TRAIN_JSONL = DATA / "cvalues_synth" / "train.jsonl"
+TEST_JSONL = DATA / "cvalues_synth" / "test.jsonl"
 TINY_CONFIG = ROOT / "model_configs" / "llama2_config" / "run_llama_2_tiny_rm_cpu.yaml"
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -19,7 +19,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 def require_inputs():
     for path in (TOKENIZER, TRAIN_JSONL, TEST_JSONL):
         if not path.exists():
-            sys.exit(f"benchmark input {path} is missing (set MINDRLHF_SHARED to the shared/ folder)")
+            sys.exit(f"benchmark input {path} is missing (it ships in tests/data)")
 
 
 @contextmanager

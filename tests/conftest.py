@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MINDRLHF_SHARED", ROOT.parent / "shared"))
-TOKENIZER = SHARED / "tokenizers" / "llama2" / "tokenizer.model"
-TRAIN_JSONL = SHARED / "data" / "cvalues_synth" / "train.jsonl"
-TEST_JSONL = SHARED / "data" / "cvalues_synth" / "test.jsonl"
+# Fixtures live in the repository (a fresh clone tests itself): the Llama 2 SentencePiece model and the
+# CValues-format synthetic train/test splits (4,049 / 773 pairs).
+DATA = ROOT / "tests" / "data"
+TOKENIZER = DATA / "tokenizers" / "llama2" / "tokenizer.model"
+TRAIN_JSONL = DATA / "cvalues_synth" / "train.jsonl"
+TEST_JSONL = DATA / "cvalues_synth" / "test.jsonl"
 CONFIGS = ROOT / "model_configs" / "llama2_config"
 TINY_CONFIG = CONFIGS / "run_llama_2_tiny_rm_cpu.yaml"
 CONFIG_7B = CONFIGS / "run_llama_2_7b_rm.yaml"
@@ -39,7 +41,7 @@ def run_cli(script, *args, cwd=None, check=True, timeout=1800):
 
 @pytest.fixture(scope="session")
 def test_mindrecord(tmp_path_factory):
-    """The shared test split converted at seq 256, pad 2."""
+    """The test split converted at seq 256, pad 2."""
     out = tmp_path_factory.mktemp("data") / "test_256.mindrecord"
     run_cli(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", TEST_JSONL,
             "--dst_file", out, "--seq_length", 256, "--pad_token_id", 2)
@@ -48,7 +50,7 @@ def test_mindrecord(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
-    """One epoch of the tiny CPU config over the shared train split (8 pairs a step), via the CLI."""
+    """One epoch of the tiny CPU config over the train split (8 pairs a step), via the CLI."""
     work = tmp_path_factory.mktemp("train")
     data = work / "train_256.mindrecord"
     run_cli(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", TRAIN_JSONL,

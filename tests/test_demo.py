@@ -13,7 +13,6 @@ pytestmark = pytest.mark.slow
 
 def test_demo_end_to_end(tmp_path):
     env = cli_env()
-    env["MINDRLHF_SHARED"] = str(tmp_path / "no_shared")  # the demo needs nothing from shared/
     proc = subprocess.run([sys.executable, "-m", "mindrlhf.demo", "--workdir", str(tmp_path / "demo"),
                            "--train_pairs", "1200", "--test_pairs", "300"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)

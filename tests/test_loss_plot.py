@@ -34,6 +34,35 @@ def test_parse_line_formats(line, step, loss):
     assert point.step == step and point.loss == pytest.approx(loss)
 
 
+TUTORIAL_LINE = ("print_output_info: Epoch:[  1/  2], step:[    2/29134], loss: 0.744, time:68580.279 ms, "
+                 "lr:8e-08, overflow cond: False, loss_scale: 128.0")
+
+
+def tutorial_line(epoch, step, loss, overflow=False, scale=128.0):
+    """The tutorial's own log line (its section on loss curves), with other numbers."""
+    return (TUTORIAL_LINE.replace("[  1/  2]", f"[{epoch:3d}/  2]").replace("[    2/29134]", f"[{step:5d}/29134]")
+            .replace("0.744", loss).replace("False", str(overflow)).replace("128.0", str(scale)) + "\n")
+
+
+def test_the_tutorials_line_at_its_epoch_aware_step(tmp_path):
+    point = parse_line(TUTORIAL_LINE, ordinal=1)
+    assert (point.step, point.epoch, point.loss, point.lr) == (2, 1, 0.744, 8e-08)
+    assert point.loss_scale == 128.0 and point.overflow is False
+    # Two epochs through the CLI: the first step of epoch 2 lands at 29,135, not at the line's ordinal.
+    log = tmp_path / "info.log"
+    log.write_text(tutorial_line(1, 1, "0.75") + TUTORIAL_LINE + "\n" + tutorial_line(1, 29134, "0.5") +
+                   tutorial_line(2, 1, "0.4", overflow=True, scale=64.0) + tutorial_line(2, 2, "0.3"),
+                   encoding="utf-8")
+    out = tmp_path / "loss_dir"
+    run_cli(PLOT, "--log_file", log, "--output_file_dir", out)
+    events = read_events(str(out))
+    assert events["loss"] == [(1, 0.75), (2, pytest.approx(0.744)), (29134, 0.5), (29135, pytest.approx(0.4)),
+                              (29136, pytest.approx(0.3))]
+    assert [v for _, v in events["loss_scale"]] == [128.0, 128.0, 128.0, 64.0, 128.0]
+    assert events["overflow"] == [(1, 0.0), (2, 0.0), (29134, 0.0), (29135, 1.0), (29136, 0.0)]
+    assert [s for s, _ in events["learning_rate"]] == [1, 2, 29134, 29135, 29136]
+
+
 def test_parse_line_ignores_other_lines():
     assert parse_line("INFO - Training Over! loss_scale: 1.0, global_norm: [2.0]") is None
     assert parse_line("per_step_time: 112ms, lr: 0.00075") is None

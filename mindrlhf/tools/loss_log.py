@@ -2,7 +2,9 @@
 
 MindFormers 1.9 writes `{ Epoch:[  1/  1], step:[   16/  506], loss:[0.114781/0.475559], ... lr: 0.00075, ...
 global_norm: [1.9468232], ...`; older MindFormers (the tutorial's screenshots) wrote
-`epoch: 1 step: 16, loss: 0.744`, MindSpore's LossMonitor `epoch: 1 step: 16, loss is 0.744`.
+`epoch: 1 step: 16, loss: 0.744`, MindSpore's LossMonitor `epoch: 1 step: 16, loss is 0.744`, and the
+tutorial's own log `Epoch:[  1/  2], step:[    2/29134], loss: 0.744, ..., overflow cond: False, loss_scale: 128.0`.
+Lines with `Epoch:[e/E], step:[s/S]` are placed at the global step (e - 1) * S + s.
 """
 import re
 from dataclasses import dataclass
@@ -11,11 +13,13 @@ from typing import Iterable, List, Optional
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf)"
 NEW_LINE = re.compile(
     r"Epoch:\[\s*(?P<epoch>\d+)/\s*(?P<epochs>\d+)\],\s*step:\[\s*(?P<step>\d+)/\s*(?P<steps>\d+)\],\s*"
-    r"loss:\s*\[\s*(?P<loss>" + _NUM + r")(?:/\s*(?P<avg>" + _NUM + r"))?\s*\]")
+    r"loss:\s*\[?\s*(?P<loss>" + _NUM + r")(?:/\s*(?P<avg>" + _NUM + r"))?")
 OLD_LINE = re.compile(r"(?:epoch:\s*(?P<epoch>\d+)\s*,?\s*)?(?:step:\s*(?P<step>\d+)\s*,?\s*)?"
                       r"\bloss(?:\s+is\s+|\s*[:=]\s*)(?P<loss>" + _NUM + r")(?![\d/])", re.IGNORECASE)
 LR = re.compile(r"\blr:\s*\[?\s*(?P<v>" + _NUM + r")")
 GLOBAL_NORM = re.compile(r"global_norm:\s*\[?\s*(?P<v>" + _NUM + r")")
+LOSS_SCALE = re.compile(r"loss_scale:\s*\[?\s*(?P<v>" + _NUM + r")")
+OVERFLOW = re.compile(r"overflow cond:\s*(?P<v>True|False)")
 
 
 @dataclass
@@ -25,6 +29,8 @@ class LossPoint:
     epoch: Optional[int] = None
     lr: Optional[float] = None
     global_norm: Optional[float] = None
+    loss_scale: Optional[float] = None
+    overflow: Optional[bool] = None
 
 
 def parse_line(line: str, ordinal: int = 0, sink_size: int = 1) -> Optional[LossPoint]:
@@ -40,10 +46,11 @@ def parse_line(line: str, ordinal: int = 0, sink_size: int = 1) -> Optional[Loss
         step = int(match["step"]) if match["step"] else ordinal * sink_size
         point = LossPoint(step=step, loss=float(match["loss"]),
                           epoch=int(match["epoch"]) if match["epoch"] else None)
-    lr = LR.search(line)
-    norm = GLOBAL_NORM.search(line)
-    point.lr = float(lr["v"]) if lr else None
-    point.global_norm = float(norm["v"]) if norm else None
+    for attr, pattern in (("lr", LR), ("global_norm", GLOBAL_NORM), ("loss_scale", LOSS_SCALE)):
+        found = pattern.search(line)
+        setattr(point, attr, float(found["v"]) if found else None)
+    overflow = OVERFLOW.search(line)
+    point.overflow = (overflow["v"] == "True") if overflow else None
     return point
 
 

@@ -48,6 +48,10 @@ class ScalarWriter:
             self.add("learning_rate", point.lr, point.step)
         if point.global_norm is not None:
             self.add("global_norm", point.global_norm, point.step)
+        if point.loss_scale is not None:
+            self.add("loss_scale", point.loss_scale, point.step)
+        if point.overflow is not None:
+            self.add("overflow", float(point.overflow), point.step)
 
     def flush(self):
         self.writer.flush()
