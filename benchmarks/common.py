@@ -1,6 +1,5 @@
 """Shared bits for the benchmarks: inputs from tests/data (shipped with the repository), timing, JSON results."""
 import json
-import os
 import sys
 import time
 from contextlib import contextmanager

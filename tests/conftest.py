@@ -1,6 +1,7 @@
 """Shared paths and the expensive fixtures (a converted test set, one real tiny training run)."""
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,25 @@ def run_cli(script, *args, cwd=None, check=True, timeout=1800):
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
                              f"stderr:\n{proc.stderr[-4000:]}")
     return proc
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def msrun(order, workers, log_dir, *node, port=None, timeout=900, prefix=()):
+    """scripts/msrun_launcher.sh as a user runs it: one node (workers), or with node = (local_workers,
+    master_addr, port, node_rank) one node of several. Returns a Popen when node is given (start all nodes,
+    then wait), else the finished CompletedProcess. prefix: e.g. `ip netns exec NAME` to run it on a "host"."""
+    args = [*prefix, "bash", str(SCRIPTS / "msrun_launcher.sh"), order, str(workers)]
+    if node:
+        args += [str(a) for a in node] + [str(log_dir)]
+        return subprocess.Popen(args, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    args += [str(port or free_port()), str(log_dir)]
+    return subprocess.run(args, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

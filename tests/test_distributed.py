@@ -1,20 +1,14 @@
-"""Rank tables, the rank-table launcher's bookkeeping, and a real 2-rank data-parallel msrun on CPU."""
+"""Rank tables and the rank-table launcher's bookkeeping (multi-rank training, resume, evaluation: test_multirank.py)."""
 import json
-import re
-import socket
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
-import mindspore as ms
-
 from mindrlhf.tools.hccl_tools import RankTableError, validate_table
-from mindrlhf.tools.loss_log import parse_log
 
-from conftest import EXAMPLES, ROOT, SCRIPTS, TINY_CONFIG, cli_env
+from conftest import SCRIPTS, cli_env
 
 HCCL = SCRIPTS / "hccl_tools.py"
 LAUNCH = SCRIPTS / "run_distribute_reward.sh"
@@ -129,32 +123,3 @@ def test_launcher_validates_arguments(tmp_path, table, args, message):
     proc = subprocess.run(["bash", str(LAUNCH), *args], cwd=tmp_path, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and message in proc.stderr and "Usage" not in proc.stdout
     assert "EXECUTE_ORDER" in proc.stderr  # the usage text
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_two_rank_data_parallel_training_under_msrun(tmp_path, test_mindrecord):
-    out = tmp_path / "output"
-    order = (f"{EXAMPLES / 'reward_train.py'} --config {TINY_CONFIG} --train_dataset {test_mindrecord} "
-             f"--output_dir {out} --use_parallel True --stop_step 12")
-    proc = subprocess.run(["bash", str(SCRIPTS / "msrun_launcher.sh"), order, "2", str(free_port()),
-                           str(tmp_path / "msrun_log")], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env=cli_env())
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
-    logs = [parse_log(out / "log" / f"rank_{r}" / "info.log") for r in (0, 1)]
-    assert [len(points) for points in logs] == [12, 12]
-    steps_per_epoch = set(re.findall(r"step:\[\s*\d+/\s*(\d+)\]", (out / "log" / "rank_0" / "info.log").read_text()))
-    assert steps_per_epoch == {str((773 + 1) // 2 // 8)}  # each rank reads its own half of the 773 pairs
-    assert [p.loss for p in logs[0]][:3] != [p.loss for p in logs[1]][:3]  # different data, different losses
-    ckpts = [sorted((out / "checkpoint" / f"rank_{r}").glob("*.ckpt"))[-1] for r in (0, 1)]
-    a, b = (ms.load_checkpoint(str(c)) for c in ckpts)
-    params = [k for k in a if k.startswith(("model.", "v_head."))]
-    assert len(params) > 10
-    for name in params:
-        np.testing.assert_array_equal(a[name].asnumpy(), b[name].asnumpy(), err_msg=name)
-    assert int(a["global_step"].asnumpy().reshape(-1)[0]) == 12

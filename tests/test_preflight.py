@@ -58,7 +58,7 @@ def test_batch_larger_than_data(tmp_path):
     src = tmp_path / "three.jsonl"
     src.write_text("\n".join(rows), encoding="utf-8")
     data = convert(tmp_path, "three", "--seq_length", 256, "--pad_token_id", 2, src=src)
-    assert "batch_size 8 is larger than the 3 pair(s)" in refused(tmp_path, data)
+    assert "a step takes 8 pair(s) but each of 1 reader(s) has 3" in refused(tmp_path, data)
 
 
 def test_missing_sections_are_refused(tmp_path):
@@ -75,3 +75,25 @@ def test_missing_sections_are_refused(tmp_path):
 def test_bad_config_path(tmp_path, bad):
     message = refused(tmp_path, tmp_path / "x.mindrecord", tmp_path / bad)
     assert "config file" in message
+
+
+def edited_7b(tmp_path, name, edit):
+    from conftest import CONFIG_7B
+
+    raw = yaml.safe_load(CONFIG_7B.read_text(encoding="utf-8"))
+    edit(raw)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("name, edit, message", [
+    ("buckets_sink", lambda raw: raw["train_dataset"].update(bucket_boundaries=[1024, 2048, 4096]),
+     "set sink_size: 1 (one graph per bucket) or bucket_boundaries: []"),
+    ("split_batch", lambda raw: raw["parallel"].update(full_batch=False),
+     "parallel.full_batch must be True under semi-auto/auto parallel"),
+])
+def test_parallel_layouts_that_cannot_work_are_refused(tmp_path, name, edit, message):
+    """Checked from the 8-NPU YAML itself, before any device is touched (so also on CPU)."""
+    config = edited_7b(tmp_path, name, edit)
+    assert message in refused(tmp_path, tmp_path / "unused.mindrecord", config)

@@ -164,28 +164,5 @@ def test_inference_under_the_rank_table_launcher(trained_run, tmp_path):
     assert len(out.read_text(encoding="utf-8").splitlines()) == 2
     for rank in (0, 1):
         log = (tmp_path / "output" / "log" / f"rank_{rank}" / "mindformer.log").read_text(encoding="utf-8")
-        assert log.count("reward score: [[") == 2
-
-
-def test_evaluation_under_msrun(trained_run, tmp_path):
-    """msrun starts the workers; evaluation needs no collective setup and each worker scores the whole set."""
-    import socket
-    import subprocess
-
-    from conftest import ROOT, SCRIPTS, cli_env
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    rows = tmp_path / "pairs.jsonl"
-    rows.write_text("\n".join(TEST_JSONL.read_text(encoding="utf-8").splitlines()[:16]) + "\n", encoding="utf-8")
-    out = tmp_path / "eval.json"
-    order = (f"{EXAMPLES / 'reward_eval.py'} --config {TINY_CONFIG} --distributed_ckpt_path "
-             f"{trained_run['checkpoint_root']} --eval_dataset {rows} --tokenizer {TOKENIZER} --output_file {out}")
-    proc = subprocess.run(["bash", str(SCRIPTS / "msrun_launcher.sh"), order, "2", str(port), str(tmp_path / "logs")],
-                          cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(out.read_text())["pairs"] == 16
-    for worker in (0, 1):
-        log = (tmp_path / "logs" / f"worker_{worker}.log").read_text(encoding="utf-8")
-        assert "evaluated 16 pairs" in log
+        assert log.count("reward score: [[") == 2  # no collective backend on CPU here: each rank scores all
+        assert "has no collective backend here" in log

@@ -27,6 +27,9 @@ def get_args(argv=None):
     parser.add_argument("--scores_file", default=None, help="also write per-pair scores as jsonl")
     parser.add_argument("--overwrite", action="store_true", help="replace existing result files")
     parser.add_argument("--skip_invalid", action="store_true", help="skip malformed jsonl rows and report them")
+    parser.add_argument("--src_strategy", default=None,
+                        help="strategy file (or folder) of a model-parallel run whose checkpoints are slices "
+                             "(default: <output_dir>/strategy/ of that run, when it is there)")
     parser.add_argument("--use_parallel", default=False, type=str2bool, help="accepted for tutorial compatibility")
     return parser.parse_args(argv)
 
@@ -39,7 +42,7 @@ def main(argv=None):
     summary = evaluate(args.config, args.distributed_ckpt_path, load_all=args.load_all_ckpt,
                        eval_dataset=args.eval_dataset, tokenizer=args.tokenizer, output_file=args.output_file,
                        batch_size=args.batch_size, scores_file=args.scores_file, skip_invalid=args.skip_invalid,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, src_strategy=args.src_strategy)
     print(f"evaluated {summary['pairs']} pairs; results: {summary['output_file']}")
 
 

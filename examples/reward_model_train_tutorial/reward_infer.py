@@ -25,6 +25,9 @@ def get_args(argv=None):
                         help="jsonl of {prompt, response, score} (default: <output_dir>/reward_infer_scores.jsonl)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing result files")
     parser.add_argument("--skip_invalid", action="store_true", help="skip malformed rows and report them")
+    parser.add_argument("--src_strategy", default=None,
+                        help="strategy file (or folder) of a model-parallel run whose checkpoints are slices "
+                             "(default: <output_dir>/strategy/ of that run, when it is there)")
     parser.add_argument("--use_parallel", default=False, type=str2bool, help="accepted for tutorial compatibility")
     return parser.parse_args(argv)
 
@@ -36,7 +39,7 @@ def main(argv=None):
 
     result = infer(args.config, args.data_file, args.tokenizer, args.distributed_ckpt_path,
                    output_file=args.output_file, batch_size=args.batch_size, skip_invalid=args.skip_invalid,
-                   overwrite=args.overwrite)
+                   overwrite=args.overwrite, src_strategy=args.src_strategy)
     print(f"scored {result['scored']} responses with {result['checkpoint']}; scores: {result['output_file']}")
 
 

@@ -1,23 +1,35 @@
 """reward_eval and reward_infer as functions: inputs -> scores -> human lines + JSON results.
 
 Evaluation covers every pair of the test file (no drop_remainder, no sample cap), checkpoint by checkpoint.
+Under a launcher with a collective backend (msrun, or HCCL on Ascend) each rank scores every N-th batch of the
+same length-sorted batches and the scores are gathered, so N ranks take about 1/N of the time and give the
+scores of one process bit for bit; rank 0 alone checks and writes the outputs.
 """
 import os
 from typing import Callable, List, Optional
 
 import numpy as np
 
+from mindrlhf import distributed
 from mindrlhf.data.pairs import SkipReport, read_pairs, read_rows
 from mindrlhf.data.prompt import format_prompt
 from mindrlhf.errors import ConfigError
 from mindrlhf.evaluation.metrics import pairwise_metrics
-from mindrlhf.evaluation.scorer import RewardScorer, list_checkpoints
+from mindrlhf.evaluation.scorer import RewardScorer, length_batches, list_checkpoints, set_scoring_context
 from mindrlhf.io import check_new_output, write_json, write_jsonl
 
 
-def is_writer_rank() -> bool:
-    """Under a launcher every rank scores; only rank 0 writes the shared result files."""
-    return int(os.environ.get("RANK_ID", os.environ.get("MS_NODE_ID", "0")) or 0) == 0
+def start_ranks(config, log: Callable) -> tuple:
+    """(rank, number of ranks sharing the work). Without a collective backend (the rank-table launcher on CPU)
+    every rank scores everything, and says so."""
+    target = set_scoring_context(config)
+    rank, size = distributed.rank_and_size()
+    if distributed.communicator_ready(target):
+        return rank, size
+    if size > 1:
+        log(f"WARNING: rank {rank} of {size} has no collective backend here (rank-table launcher on {target}); "
+            "it scores every item itself")
+    return rank, 1
 
 
 def _is_jsonl(path: str) -> bool:
@@ -60,39 +72,50 @@ def load_eval_pairs(source: str, seq_length: int, tokenizer=None, skip_invalid: 
 
 
 def score_pairs(scorer: RewardScorer, data: dict, pairs_per_batch: int, log: Callable[[str], None],
-                progress: bool = True):
-    """Chosen and rejected rewards for every pair, logging the tutorial's 'acc: [x]; avg acc: [y]' lines."""
+                progress: bool = True, rank: int = 0, size: int = 1):
+    """Chosen and rejected rewards for every pair, logging the tutorial's 'acc: [x]; avg acc: [y]' lines.
+
+    With size > 1 this rank scores every size-th batch (its log shows its own batches) and all ranks end with
+    every pair's scores.
+    """
     from tqdm import tqdm
 
     n = len(data["chosen"])
-    order = np.argsort([max(len(c), len(r)) for c, r in zip(data["chosen"], data["rejected"])], kind="stable")
-    chosen = np.zeros(n, dtype=np.float32)
-    rejected = np.zeros(n, dtype=np.float32)
+    batches = length_batches([max(len(c), len(r)) for c, r in zip(data["chosen"], data["rejected"])],
+                             pairs_per_batch)[rank::size]
+    chosen = np.full(n, np.nan, dtype=np.float32)
+    rejected = np.full(n, np.nan, dtype=np.float32)
     wins = 0
     done = 0
-    for start in tqdm(range(0, n, pairs_per_batch), desc="evaluating", unit="batch", disable=not progress):
-        idx = order[start:start + pairs_per_batch]
+    for idx in tqdm(batches, desc=f"evaluating (rank {rank})" if size > 1 else "evaluating", unit="batch",
+                    disable=not progress):
         scores = scorer.score_ids([data["chosen"][i] for i in idx] + [data["rejected"][i] for i in idx])
         chosen[idx], rejected[idx] = scores[:len(idx)], scores[len(idx):]
         batch_wins = int((chosen[idx] > rejected[idx]).sum())
         wins += batch_wins
         done += len(idx)
         log(f"acc: [{batch_wins / len(idx):.6f}]; avg acc: [{wins / done:.6f}]")
+    if size > 1:
+        mine = np.concatenate(batches) if batches else np.zeros(0, np.int64)
+        chosen = distributed.gather_shares(chosen[mine], mine, n).astype(np.float32)
+        rejected = distributed.gather_shares(rejected[mine], mine, n).astype(np.float32)
     return chosen, rejected
 
 
 def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_dataset: Optional[str] = None,
              tokenizer: Optional[str] = None, output_file: Optional[str] = None, batch_size: Optional[int] = None,
              scores_file: Optional[str] = None, skip_invalid: bool = False, log: Callable = print,
-             progress: bool = True, overwrite: bool = False) -> dict:
+             progress: bool = True, overwrite: bool = False, src_strategy: Optional[str] = None) -> dict:
     from mindrlhf.data.tokenizer import load_tokenizer
     from mindrlhf.training.config import dataset_source, load_config
 
     config = load_config(config_path)
+    rank, size = start_ranks(config, log)
     output_file = output_file or os.path.join(os.path.abspath(config.get("output_dir") or "./output"),
                                               "eval_results.json")
-    check_new_output(output_file, overwrite)
-    check_new_output(scores_file, overwrite)
+    if rank == 0:
+        check_new_output(output_file, overwrite)
+        check_new_output(scores_file, overwrite)
     source = eval_dataset or dataset_source(config, "eval")
     if not source:
         raise ConfigError("no eval dataset: pass --eval_dataset or set eval_dataset.data_loader.dataset_dir")
@@ -102,31 +125,31 @@ def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_data
     if not load_all:
         checkpoints = checkpoints[-1:]
     pairs_per_batch = int(batch_size or config.eval_dataset.get("batch_size") or 8)
-    scorer = RewardScorer(config, batch_size=2 * pairs_per_batch)
+    scorer = RewardScorer(config, batch_size=2 * pairs_per_batch, log=log)
     results = []
     for ckpt in checkpoints:
         try:
-            scorer.load_weights(ckpt)
+            scorer.load_weights(ckpt, src_strategy)
         except ConfigError as err:
             log(f"WARNING: skipping {err}")
             results.append({"checkpoint": ckpt, "error": str(err)})
             continue
-        chosen, rejected = score_pairs(scorer, data, pairs_per_batch, log, progress)
+        chosen, rejected = score_pairs(scorer, data, pairs_per_batch, log, progress, rank, size)
         metrics = pairwise_metrics(chosen, rejected, data["pos_type"], data["neg_type"])
         metrics.update(checkpoint=ckpt, step=scorer.step)
         results.append(metrics)
         log(f"{ckpt} acc: [{metrics['accuracy']:.6f}]")
-        if scores_file and is_writer_rank():
+        if scores_file and rank == 0:
             _write_scores(scores_file, chosen, rejected)
     good = [r for r in results if "error" not in r]
     if not good:
-        raise ConfigError(f"{ckpt_path}: no checkpoint could be evaluated")
+        raise ConfigError(f"{ckpt_path}: no checkpoint could be evaluated; {results[-1]['error']}")
     summary = {"config": config_path, "eval_dataset": source, "pairs": len(data["chosen"]),
                "skipped_rows": data["skipped"], "checkpoints": results,
                "best": max(good, key=lambda r: r["accuracy"])["checkpoint"]}
     if len(results) > 1:
         log(format_table(results))
-    if is_writer_rank():
+    if rank == 0:
         write_json(output_file, summary)
     summary["output_file"] = output_file
     return summary
@@ -166,28 +189,35 @@ def read_infer_rows(path: str, skip_invalid: bool = False, report: Optional[Skip
 
 
 def infer(config_path: str, data_file: str, tokenizer: str, ckpt_path: str, output_file: Optional[str] = None,
-          batch_size: int = 16, skip_invalid: bool = False, log: Callable = print, overwrite: bool = False) -> dict:
+          batch_size: int = 16, skip_invalid: bool = False, log: Callable = print, overwrite: bool = False,
+          src_strategy: Optional[str] = None) -> dict:
     from mindrlhf.data.tokenizer import load_tokenizer
     from mindrlhf.training.config import load_config
 
     config = load_config(config_path)
+    rank, size = start_ranks(config, log)
     output_file = output_file or os.path.join(os.path.abspath(config.get("output_dir") or "./output"),
                                               "reward_infer_scores.jsonl")
-    check_new_output(output_file, overwrite)
+    if rank == 0:
+        check_new_output(output_file, overwrite)
     tok = load_tokenizer(tokenizer)
     report = SkipReport()
     items = read_infer_rows(data_file, skip_invalid, report)
     if not items:
         raise ConfigError(f"{data_file}: nothing to score")
     checkpoint = list_checkpoints(ckpt_path)[-1]
-    scorer = RewardScorer(config, checkpoint, batch_size=batch_size)
+    scorer = RewardScorer(config, checkpoint, batch_size=batch_size, src_strategy=src_strategy, log=log)
     texts = [format_prompt(it["prompt"], it["response"]) for it in items]
-    scores = scorer.score_ids(tok.encode(texts))
-    for it, text, score in zip(items, texts, scores):
+    scores = scorer.score_ids(tok.encode(texts), rank, size)
+    mine = np.flatnonzero(~np.isnan(scores))
+    for i in mine:  # each rank logs what it scored
+        log(f"Sample:\n{texts[i]}")
+        log(f"reward score: [[{scores[i]:.6f}]]")
+    if size > 1:
+        scores = distributed.gather_shares(scores[mine], mine, len(items)).astype(np.float32)
+    for it, score in zip(items, scores):
         it["score"] = float(score)
-        log(f"Sample:\n{text}")
-        log(f"reward score: [[{score:.6f}]]")
-    if is_writer_rank():
+    if rank == 0:
         write_jsonl(output_file, items)
     return {"checkpoint": checkpoint, "scored": len(items), "output_file": output_file,
             "skipped_rows": report.as_dict()}

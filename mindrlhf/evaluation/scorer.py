@@ -12,7 +12,7 @@ import numpy as np
 
 from mindrlhf.data.prompt import format_prompt
 from mindrlhf.errors import ConfigError
-from mindrlhf.models.weights import load_checkpoint_dict
+from mindrlhf.models.weights import checkpoint_step, load_whole
 from mindrlhf.training.config import checkpoint_files
 
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -40,19 +40,32 @@ def list_checkpoints(path: str) -> List[str]:
     return files
 
 
-def checkpoint_step(params: dict) -> Optional[int]:
-    step = params.get("global_step")
-    if step is None:
-        return None
-    return int(np.asarray(step.asnumpy()).reshape(-1)[0])
+def set_scoring_context(config) -> str:
+    """Graph/pynative mode and the device of this rank (under a launcher each rank scores on its own device).
+
+    Returns the device target; call before distributed.communicator_ready().
+    """
+    import mindspore as ms
+
+    target = config.context.get("device_target", "CPU")
+    ms.set_context(mode=config.context.get("mode", 0), device_target=target)
+    if target != "CPU":
+        ms.set_device(target, int(os.environ.get("DEVICE_ID", config.context.get("device_id", 0) or 0)))
+    return target
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> List[np.ndarray]:
+    """Indices sorted by length (stable), cut into batches of batch_size: the same batches however many ranks
+    score them, so every score is bit-identical to one process."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 class RewardScorer:
     """score(prompts, responses) -> rewards. Build once per config; load_weights() per checkpoint."""
 
     def __init__(self, config, checkpoint: Optional[str] = None, batch_size: int = 16,
-                 buckets: Sequence[int] = DEFAULT_BUCKETS):
-        import mindspore as ms
+                 buckets: Sequence[int] = DEFAULT_BUCKETS, src_strategy: Optional[str] = None, log=print):
         from mindformers import LlamaConfig
 
         from mindrlhf.models.llama_reward import LlamaRewardModel
@@ -70,31 +83,26 @@ class RewardScorer:
         self.pad_token_id = int(self.model_config.pad_token_id)
         self.batch_size = batch_size
         self.buckets = sorted(b for b in buckets if b < self.seq_length) + [self.seq_length]
-        target = config.context.get("device_target", "CPU")
-        ms.set_context(mode=config.context.get("mode", 0), device_target=target)
-        if target != "CPU":  # under a launcher each rank scores on its own device
-            ms.set_device(target, int(os.environ.get("DEVICE_ID", config.context.get("device_id", 0) or 0)))
+        set_scoring_context(config)
         self.network = LlamaRewardModel(self.model_config)
         self.network.set_train(False)
         self.checkpoint = None
         self.step = None
+        self.log = log
         if checkpoint:
-            self.load_weights(checkpoint)
+            self.load_weights(checkpoint, src_strategy)
 
-    def load_weights(self, checkpoint: str):
-        """Load every model parameter from a checkpoint; a missing or mis-shaped one is an error."""
+    def load_weights(self, checkpoint: str, src_strategy: Optional[str] = None):
+        """Load every model parameter from a checkpoint (model-parallel slices are merged first, with the run's
+        strategy file); a missing or mis-shaped parameter is an error."""
         import mindspore as ms
 
-        params = load_checkpoint_dict(checkpoint)
         own = {p.name: p for p in self.network.get_parameters()}
+        params = load_whole(checkpoint, {n: tuple(p.shape) for n, p in own.items()}, src_strategy, log=self.log)
         missing = [name for name in own if name not in params]
         if missing:
             raise ConfigError(f"{checkpoint}: lacks {len(missing)} model parameter(s), e.g. {missing[:3]}; "
                               "is it a reward-model checkpoint for this config?")
-        for name, param in own.items():
-            if tuple(params[name].shape) != tuple(param.shape):
-                raise ConfigError(f"{checkpoint}: parameter {name} has shape {tuple(params[name].shape)}, "
-                                  f"the model expects {tuple(param.shape)}")
         ms.load_param_into_net(self.network, {k: params[k] for k in own}, strict_load=True)
         self.checkpoint = checkpoint
         self.step = checkpoint_step(params)
@@ -106,25 +114,29 @@ class RewardScorer:
                 return boundary
         return self.seq_length
 
-    def score_ids(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
-        """Rewards for token id lists (truncated to seq_length), batched by similar length."""
+    def score_batch(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        """One forward pass over these sequences, padded to the smallest bucket that holds the longest."""
         import mindspore as ms
 
+        width = self.bucket(max(len(s) for s in sequences))
+        ids = np.full((len(sequences), width), self.pad_token_id, dtype=np.int32)
+        for row, seq in enumerate(sequences):
+            ids[row, :len(seq)] = seq
+        ends = np.array([len(s) for s in sequences], dtype=np.int32)
+        return self.network(ms.Tensor(ids), None, None, None, ms.Tensor(ends)).asnumpy().reshape(-1)
+
+    def score_ids(self, sequences: Sequence[Sequence[int]], rank: int = 0, size: int = 1) -> np.ndarray:
+        """Rewards for token id lists (truncated to seq_length), batched by similar length.
+
+        With size > 1 only every size-th batch from `rank` on is scored; the others stay NaN (for
+        distributed.gather_shares).
+        """
         sequences = [list(s)[:self.seq_length] for s in sequences]
         if any(len(s) == 0 for s in sequences):
             raise ConfigError("cannot score an empty sequence")
-        order = np.argsort([len(s) for s in sequences], kind="stable")
-        scores = np.zeros(len(sequences), dtype=np.float32)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            width = self.bucket(max(len(sequences[i]) for i in idx))
-            ids = np.full((len(idx), width), self.pad_token_id, dtype=np.int32)
-            ends = np.zeros(len(idx), dtype=np.int32)
-            for row, i in enumerate(idx):
-                ids[row, :len(sequences[i])] = sequences[i]
-                ends[row] = len(sequences[i])
-            out = self.network(ms.Tensor(ids), None, None, None, ms.Tensor(ends))
-            scores[idx] = out.asnumpy().reshape(-1)
+        scores = np.full(len(sequences), np.nan, dtype=np.float32)
+        for idx in length_batches([len(s) for s in sequences], self.batch_size)[rank::size]:
+            scores[idx] = self.score_batch([sequences[i] for i in idx])
         return scores
 
     def score(self, prompts: Sequence[str], responses: Sequence[str], tokenizer) -> List[float]:

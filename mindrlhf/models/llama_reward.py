@@ -37,10 +37,22 @@ class LlamaRewardModel(LlamaPreTrainedModel):
         self.v_head = Linear(in_channels=config.hidden_size, out_channels=1, has_bias=False,
                              compute_dtype=config.compute_dtype, param_init_type=config.param_init_type,
                              weight_init=Normal(sigma=1.0 / (config.hidden_size + 1) ** 0.5))
-        dp = config.parallel_config.data_parallel
+        # Parallel layout, as MindFormers' LlamaForCausalLM places its lm_head: the head's input (the final norm's
+        # output) has its hidden dimension whole, so ((dp, 1), (1, 1)) needs no communication; the (1, hidden)
+        # weight stays replicated and whole in every rank's checkpoint. Head and loss sit on the last stage.
+        parallel = config.parallel_config
+        dp, stages = parallel.data_parallel, parallel.pipeline_stage
         self.v_head.shard(strategy_matmul=((dp, 1), (1, 1)))
         self.loss = CompareLoss(config)
-        self.cast = ops.Cast()
+        if stages > 1:
+            self.v_head.pipeline_stage = stages - 1
+            self.loss.pipeline_stage = stages - 1
+        self.cast = ops.Cast().shard(((dp, 1),))
+        self.cast_index = ops.Cast().shard(((dp,),))
+        self.last_index = ops.Sub().shard(((dp, 1), ()))
+        self.clip_low = ops.Maximum().shard(((dp, 1), ()))
+        self.clip_high = ops.Minimum().shard(((dp, 1), ()))
+        self.gather = ops.GatherD().shard(((dp, 1), (dp, 1)))  # GatherD: gathered dim unsplit, same strategies
         self.load_report = None
         # The MindFormers Trainer clears checkpoint_name_or_path before building; prepare_config keeps a copy.
         weights = getattr(config, "backbone_checkpoint", None) or config.checkpoint_name_or_path
@@ -59,5 +71,6 @@ class LlamaRewardModel(LlamaPreTrainedModel):
         rewards = self.token_rewards(input_ids)
         if self.training:
             return self.loss(rewards, loss_mask)
-        index = ops.clip_by_value(self.cast(end_ind, mstype.int32).reshape((-1, 1)) - 1, 0, input_ids.shape[1] - 1)
-        return ops.gather_elements(rewards, 1, index).reshape((-1,))
+        index = self.last_index(self.cast_index(end_ind, mstype.int32).reshape((-1, 1)), 1)
+        index = self.clip_high(self.clip_low(index, 0), input_ids.shape[1] - 1)
+        return self.gather(rewards, 1, index).reshape((-1,))

@@ -43,6 +43,21 @@ def check_sections(path: str, required=REQUIRED_SECTIONS):
                           "silent defaults (e.g. a cosine LR at 5e-5), so every one must be set explicitly")
 
 
+def check_parallel(config, path: str):
+    """Layouts the reward path cannot run correctly, refused with what to set instead."""
+    runner, parallel = config.runner_config, config.parallel
+    buckets = config.train_dataset.get("bucket_boundaries")
+    if buckets and runner.get("sink_mode") and (int(runner.get("sink_size", 1) or 1) > 1
+                                                or int(config.parallel_config.get("pipeline_stage", 1) or 1) > 1):
+        raise ConfigError(f"{path}: train_dataset.bucket_boundaries changes the batch shape from step to step, "
+                          "which data sink with sink_size > 1 (or pipeline stages) cannot take; set sink_size: 1 "
+                          "(one graph per bucket) or bucket_boundaries: []")
+    if config.get("use_parallel") and parallel.get("parallel_mode", 0) in (1, 2) \
+            and parallel.get("full_batch") is False and not parallel.get("dataset_strategy"):
+        raise ConfigError(f"{path}: parallel.full_batch must be True under semi-auto/auto parallel: CompareLoss "
+                          "pairs the first half of the global batch (chosen) with the second (rejected)")
+
+
 def checkpoint_files(directory: str):
     """All .ckpt files below a checkpoint directory (rank_N/ layout or flat), oldest first.
 
@@ -114,11 +129,15 @@ def check_data_against_model(config, files, role: str = "train", rank_size: int 
             and info["pad_token_id"] != model_cfg.pad_token_id:
         raise ConfigError(f"{shown}: the data is padded with {info['pad_token_id']} but the model's pad_token_id is "
                           f"{model_cfg.pad_token_id}; use the same --pad_token_id and model.model_config.pad_token_id")
-    batch = int(dataset_cfg.batch_size or config.runner_config.batch_size or 1)
-    per_rank = info["rows"] // max(rank_size, 1)
-    if dataset_cfg.get("drop_remainder", True) and batch > per_rank:
-        raise ConfigError(f"{shown}: batch_size {batch} is larger than the {per_rank} pair(s) each of {rank_size} "
-                          "rank(s) reads; no step could run")
+    batch = int(config.runner_config.batch_size or dataset_cfg.batch_size or 1)
+    readers, per_step = max(rank_size, 1), batch
+    if rank_size > 1 and config.parallel.get("parallel_mode", 0) in (1, 2):
+        # semi-auto/auto parallel with full_batch: every rank reads all pairs, B x dp of them a step
+        readers, per_step = 1, batch * int(config.parallel_config.get("data_parallel", 1) or 1)
+    per_rank = info["rows"] // readers
+    if dataset_cfg.get("drop_remainder", True) and per_step > per_rank:
+        raise ConfigError(f"{shown}: a step takes {per_step} pair(s) but each of {readers} reader(s) has "
+                          f"{per_rank}; no step could run")
     return info
 
 

@@ -2,6 +2,7 @@
 
 Loss lines land in <output_dir>/log/rank_N/info.log, checkpoints in <output_dir>/checkpoint/rank_N/.
 Resume = load_checkpoint pointing at a directory holding rank_N/ + resume_training (bit-exact continuation).
+Under a launcher all ranks resume from the same step: the newest one every rank can read back whole.
 """
 import json
 import os
@@ -12,13 +13,6 @@ from mindrlhf.errors import ConfigError
 from mindrlhf.training import config as cfg
 
 TRAIN_SUMMARY = "train_summary.json"
-
-
-def rank_info():
-    """(rank_id, rank_size) from the launcher's environment (RANK_ID/RANK_SIZE or msrun's)."""
-    from mindformers.tools.utils import get_real_group_size, get_real_rank
-
-    return get_real_rank(), get_real_group_size()
 
 
 def resolve_resume_dir(path: str) -> str:
@@ -35,28 +29,51 @@ def resolve_resume_dir(path: str) -> str:
     return os.path.abspath(path)
 
 
-def checkpoint_is_readable(path: str) -> bool:
-    """Parse the whole file (a truncated or corrupt checkpoint fails here), materialising one tensor only."""
-    from mindrlhf.models.weights import load_checkpoint_dict
+def readable_step(path: str) -> Optional[int]:
+    """The global step of a checkpoint that reads back whole, else None (truncated or corrupt).
+
+    The whole file is parsed; only the global_step tensor is materialised.
+    """
+    from mindrlhf.models.weights import checkpoint_step, load_checkpoint_dict
 
     try:
-        load_checkpoint_dict(path, choice_func=lambda name: name == "global_step")
-        return True
+        return checkpoint_step(load_checkpoint_dict(path, choice_func=lambda name: name == "global_step"))
     except ConfigError:
-        return False
+        return None
 
 
-def newest_resumable(ckpt_dir: str, rank_id: int = 0, warn=print):
-    """The newest checkpoint of this rank that reads back whole; corrupt ones are skipped with a warning.
+def readable_checkpoints(ckpt_dir: str, rank_id: int = 0, warn=print) -> dict:
+    """{global step: file name} of this rank's checkpoints that read back whole (newest file per step);
+    corrupt or truncated ones are skipped with a warning naming the file."""
+    found = {}
+    for path in cfg.checkpoint_files(os.path.join(ckpt_dir, f"rank_{rank_id}")):
+        step = readable_step(path)
+        if step is None:
+            warn(f"WARNING: skipping corrupt or truncated checkpoint {path}")
+        else:
+            found[step] = os.path.basename(path)
+    return found
 
-    Returns its file name (what MindFormers' resume_training takes), or raises when none is usable.
+
+def resume_file(ckpt_dir: str, rank_id: int = 0, collective: bool = False, warn=print) -> str:
+    """The checkpoint file name (what MindFormers' resume_training takes) this rank resumes from.
+
+    Alone: the newest readable one. Under a launcher (collective=True) the ranks agree on the newest step that
+    every rank can read, so one rank's truncated file sends all ranks back together.
     """
-    rank_dir = os.path.join(ckpt_dir, f"rank_{rank_id}")
-    for path in reversed(cfg.checkpoint_files(rank_dir)):
-        if checkpoint_is_readable(path):
-            return os.path.basename(path)
-        warn(f"WARNING: skipping corrupt or truncated checkpoint {path}")
-    raise ConfigError(f"{rank_dir}: no readable checkpoint to resume from")
+    from mindrlhf import distributed
+
+    found = readable_checkpoints(ckpt_dir, rank_id, warn)
+    step = distributed.agree_on_step(found, log=warn) if collective else max(found, default=None)
+    if step is None:
+        raise ConfigError(f"{os.path.join(ckpt_dir, f'rank_{rank_id}')}: no readable checkpoint to resume from"
+                          + (" at a step every rank has" if collective and found else ""))
+    return found[step]
+
+
+def is_resume_dir(path) -> bool:
+    """A checkpoint directory of a run (holding rank_N/ or being one), as the tutorial's YAML resume sets it."""
+    return bool(path) and os.path.isdir(path) and bool(cfg.checkpoint_files(path))
 
 
 def prepare_config(config_path: str, train_dataset: Optional[str] = None, output_dir: Optional[str] = None,
@@ -88,6 +105,10 @@ def prepare_config(config_path: str, train_dataset: Optional[str] = None, output
     if config.context.get("device_target") == "CPU" and config.runner_config.get("sink_mode"):
         raise ConfigError(f"{config_path}: runner_config.sink_mode must be False on CPU "
                           "(sink mode multiplies the step count there)")
+    if not resume and not load_checkpoint and is_resume_dir(config.get("load_checkpoint")):
+        # The tutorial's way: load_checkpoint in the YAML set to the run's checkpoint directory, same command.
+        resume, load_checkpoint = True, config.load_checkpoint
+    cfg.check_parallel(config, config_path)
     earlier = cfg.checkpoint_files(os.path.join(config.output_dir, "checkpoint"))
     if earlier and not resume and not overwrite:
         raise ConfigError(f"{config.output_dir}/checkpoint holds {len(earlier)} checkpoint(s) of an earlier run; "
@@ -96,7 +117,8 @@ def prepare_config(config_path: str, train_dataset: Optional[str] = None, output
     if resume:
         config.load_checkpoint = resolve_resume_dir(load_checkpoint or os.path.join(config.output_dir, "checkpoint"))
         config.resume_training = True  # the file is picked per rank in train(), once the rank is known
-    elif load_checkpoint:
+    elif load_checkpoint or config.get("load_checkpoint"):
+        load_checkpoint = load_checkpoint or config.load_checkpoint
         # Weights only: through the model's own loader, which checks shapes and reports what it loaded.
         if not os.path.isfile(load_checkpoint):
             raise ConfigError(f"{load_checkpoint}: weights file does not exist (to resume a run, pass --resume "
@@ -123,12 +145,16 @@ def train(config_path: str, train_dataset: Optional[str] = None, task: str = "te
     config = prepare_config(config_path, train_dataset, **overrides)
     files = resolve_mindrecord_files(cfg.dataset_source(config, "train"))
     set_output_path(config.output_dir)
+    from mindrlhf import distributed
+
     build_context(config)
-    rank_id, rank_size = rank_info()
-    data_parallel = rank_size if config.use_parallel and config.parallel.get("parallel_mode", 0) == 0 else 1
-    info = cfg.check_data_against_model(config, files, "train", data_parallel)
+    rank_id, rank_size = distributed.rank_and_size()
+    collective = bool(config.use_parallel) and rank_size > 1
+    if collective and config.context.get("device_target") == "CPU":
+        use_cpu_barrier()
+    info = cfg.check_data_against_model(config, files, "train", rank_size if config.use_parallel else 1)
     if config.resume_training:
-        config.resume_training = newest_resumable(config.load_checkpoint, rank_id, warn=_warn)
+        config.resume_training = resume_file(config.load_checkpoint, rank_id, collective, warn=_warn)
     stop_step = config.runner_config.pop("stop_step", None)
     trainer = Trainer(args=config, task=task, callbacks=[stop_at(int(stop_step))] if stop_step else None)
     trainer.train()
@@ -146,6 +172,24 @@ def train(config_path: str, train_dataset: Optional[str] = None, task: str = "te
         with open(os.path.join(config.output_dir, TRAIN_SUMMARY), "w", encoding="utf-8") as fh:
             json.dump(summary, fh, indent=2)
     return summary
+
+
+def use_cpu_barrier():
+    """MindFormers' resume path waits on a Barrier op, which CPU does not have (`Unsupported op [Barrier] on
+    CPU`); there it waits on an AllGather instead. Each module holds its own imported name, so each is set."""
+    import importlib
+
+    from mindrlhf import distributed
+
+    def barrier(*_args, **_kwargs):
+        distributed.barrier()
+
+    for module in ("mindspore.communication.comm_func", "mindformers.trainer.utils",
+                   "mindformers.utils.load_checkpoint_utils", "mindformers.version_control",
+                   "mindformers.core.callback.callback"):
+        mod = importlib.import_module(module)
+        if hasattr(mod, "barrier"):
+            mod.barrier = barrier
 
 
 def _warn(message: str):

@@ -1,0 +1,108 @@
+"""Ranks under either launcher: who am I, what is my share, gather to everyone, agree on a step.
+
+The one place that reads RANK_ID / RANK_SIZE (run_distribute_reward.sh, msrun, MindFormers all set them) and
+talks across ranks. Collectives use AllGather only: it is the one collective MindSpore runs on CPU (msrun) as on
+Ascend (HCCL); CPU AllReduce supports SUM only and CPU has no Barrier op at all.
+Imports MindSpore lazily, so rank lookups cost nothing for tools that never communicate.
+"""
+import os
+from typing import Callable, Iterable, List, Optional, Sequence
+
+import numpy as np
+
+
+def rank_and_size():
+    """(rank, world size) from the launcher's environment; (0, 1) for a plain process."""
+    rank = os.environ.get("RANK_ID") or os.environ.get("MS_NODE_ID") or "0"
+    size = os.environ.get("RANK_SIZE") or os.environ.get("MS_WORKER_NUM") or "1"
+    return int(rank), max(int(size), 1)
+
+
+def is_writer() -> bool:
+    """Only rank 0 checks and writes shared outputs (results, summaries)."""
+    return rank_and_size()[0] == 0
+
+
+def under_msrun() -> bool:
+    """msrun runs the script in its scheduler process too (MS_ROLE=MS_SCHED): there init() serves the cluster
+    and the workers' init() waits for it, so the scheduler must call init() as well."""
+    return os.environ.get("MS_ROLE") in ("MS_WORKER", "MS_SCHED") and bool(os.environ.get("MS_SCHED_HOST"))
+
+
+def share(indices: Sequence[int], rank: int, size: int) -> List[int]:
+    """This rank's part of a work list: every size-th item from rank on, so a length-sorted list gives every
+    rank the same mix of short and long items (and about 1/size of the time)."""
+    return list(indices)[rank::size]
+
+
+def communicator_ready(device_target: str) -> bool:
+    """True when a collective backend is up, initialising it when a launcher provided one.
+
+    msrun (CPU or Ascend) or an HCCL rank table on Ascend; the rank-table launcher on CPU has none.
+    Call after mindspore.set_context(device_target=...). (Asking MindSpore for the device target here instead
+    makes init() hang under msrun on CPU, hence the argument.)
+    """
+    from mindspore.communication import GlobalComm, init
+
+    if rank_and_size()[1] <= 1 and not under_msrun():
+        return False
+    if GlobalComm.INITED:
+        return True
+    if under_msrun() or (device_target == "Ascend" and os.environ.get("RANK_TABLE_FILE")):
+        init()
+        return True
+    return False
+
+
+def all_gather(array: np.ndarray) -> np.ndarray:
+    """(k, ...) on every rank -> (size * k, ...) on every rank, in rank order. Same k on every rank."""
+    import mindspore as ms
+    from mindspore import ops
+
+    array = np.ascontiguousarray(array)
+    return ops.AllGather()(ms.Tensor(array)).asnumpy()
+
+
+def barrier():
+    """Wait for every rank (an AllGather of one number: CPU has no Barrier op)."""
+    all_gather(np.zeros(1, np.int32))
+
+
+def gather_shares(values: np.ndarray, indices: Sequence[int], total: int, fill=np.nan) -> np.ndarray:
+    """Each rank's values for its `indices` -> the whole (total,) array on every rank.
+
+    Shares may differ in length; they are padded to the longest before the AllGather. float64 carries float32
+    scores and integer indices exactly.
+    """
+    width = int(all_gather(np.array([len(indices)], np.int64)).max())
+    mine = np.full((1, 2, max(width, 1)), -1.0, dtype=np.float64)
+    mine[0, 0, :len(indices)] = values
+    mine[0, 1, :len(indices)] = indices
+    whole = np.full(total, fill, dtype=np.float64)
+    for part_values, part_index in all_gather(mine):
+        keep = part_index >= 0
+        whole[part_index[keep].astype(np.int64)] = part_values[keep]
+    return whole
+
+
+def agree_on_step(readable_steps: Iterable[int], log: Callable[[str], None] = print) -> Optional[int]:
+    """The newest step that every rank has readable; None when there is none.
+
+    Each rank passes the global steps of its own checkpoints that read back whole. Rank by rank the lists differ
+    when a kill left one rank's newest file truncated or missing; then all fall back together.
+    """
+    mine = sorted(set(int(s) for s in readable_steps), reverse=True)
+    longest = int(all_gather(np.array([len(mine)], np.int64)).max())
+    if longest == 0:
+        return None
+    row = np.full((1, longest), -1, np.int64)
+    row[0, :len(mine)] = mine
+    lists = all_gather(row)
+    common = set(mine)
+    for other in lists:
+        common &= set(int(s) for s in other if s >= 0)
+    agreed = max(common) if common else None
+    newest = max((int(s) for s in lists.reshape(-1) if s >= 0), default=None)
+    if agreed != newest:
+        log(f"WARNING: not every rank can read step {newest}; all ranks resume from step {agreed}")
+    return agreed
