@@ -10,7 +10,7 @@ from PIL import Image
 from mindrlhf.tools.loss_log import parse_line
 from mindrlhf.tools.loss_plot import read_events
 
-from conftest import EXAMPLES, cli_env, run_cli
+from conftest import EXAMPLES, SEEN_PAIRS, cli_env, run_cli
 
 PLOT = EXAMPLES / "reward_loss_plot.py"
 
@@ -81,10 +81,10 @@ def test_events_from_a_real_training_log_read_back(trained_run, tmp_path):
     proc = run_cli(PLOT, "--log_file", log, "--output_file_dir", out)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     events = read_events(str(out))
-    assert result["points"] == len(expected) == len(events["loss"]) == 506
+    assert result["points"] == len(expected) == len(events["loss"]) == SEEN_PAIRS // 8
     assert [s for s, _ in events["loss"]] == [p.step for p in expected]
     assert [v for _, v in events["loss"]] == pytest.approx([p.loss for p in expected], rel=1e-6)
-    assert len(events["learning_rate"]) == len(events["global_norm"]) == 506
+    assert len(events["learning_rate"]) == len(events["global_norm"]) == SEEN_PAIRS // 8
     image = Image.open(result["png"])
     image.load()
     assert image.size == (800, 450)

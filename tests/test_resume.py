@@ -109,3 +109,18 @@ def test_resume_from_a_single_file_is_refused(dynamic_scale_config, test_mindrec
                  uninterrupted, check=False)
     assert proc.returncode == 2
     assert "not a single .ckpt file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_tutorials_yaml_only_resume_continues_the_run(dynamic_scale_config, test_mindrecord, tmp_path,
+                                                           uninterrupted):
+    """The tutorial resumes by pointing load_checkpoint in the YAML at the checkpoint directory and running the
+    same command again (no --resume flag)."""
+    out = tmp_path / "out"
+    train(dynamic_scale_config, test_mindrecord, out, "--stop_step", 8, "--save_steps", 8)
+    raw = yaml.safe_load(dynamic_scale_config.read_text(encoding="utf-8"))
+    raw["load_checkpoint"] = str(out / "checkpoint")
+    resumed_config = tmp_path / "resume.yaml"
+    resumed_config.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    train(resumed_config, test_mindrecord, out, "--stop_step", 16, "--save_steps", 8)
+    assert int(weights(newest(out))["global_step"].reshape(-1)[0]) == 16
+    assert_same(newest(out), uninterrupted)
