@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast bench peer-venv clean
 
 $(STAMP): setup.py requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,16 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) benchmarks/run_all.py
+
+# The peer for benchmarks/bench_peer.py (TRL's RewardTrainer): its own venv, since TRL needs a newer transformers
+# than MindFormers pins in .venv. PyPI's torch is the multi-GB CUDA build: PEER_TORCH=/path/to/torch-*+cpu*.whl
+# installs a CPU-only wheel instead.
+PEER_VENV ?= .venv-peer
+PEER_TORCH ?= torch
+peer-venv:
+	test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install --quiet $(PEER_TORCH)
+	$(PEER_VENV)/bin/python -m pip install --quiet transformers trl datasets
 
 clean:
 	rm -rf demo_output output .pytest_cache

@@ -18,7 +18,8 @@ setup(
     packages=find_packages(include=["mindrlhf", "mindrlhf.*"]),
     python_requires=">=3.9",
     install_requires=requirements(),
-    extras_require={"test": ["pytest"]},
+    # interop: benchmarks/check_hf_parity.py scores the Hugging Face export with transformers on PyTorch
+    extras_require={"test": ["pytest"], "interop": ["torch", "transformers"]},
     entry_points={"console_scripts": ["mindrlhf-demo=mindrlhf.demo:main",
                                       "mindrlhf-hccl-tools=mindrlhf.tools.hccl_tools:main"]},
 )

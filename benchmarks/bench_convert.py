@@ -86,9 +86,9 @@ def ours_convert(src, dst, seq, times, layout="padded"):
     tokenizer = load_tokenizer(str(TOKENIZER))
     encode = tokenizer.encode
 
-    def timed_encode(texts):
+    def timed_encode(*args, **kwargs):
         with timed(times, "ours_tokenize"):
-            return encode(texts)
+            return encode(*args, **kwargs)
 
     tokenizer.encode = timed_encode
     original_write = conv.AtomicMindRecordWriter.write

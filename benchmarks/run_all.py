@@ -6,13 +6,26 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-for name in ("bench_convert.py", "bench_infer.py", "bench_train.py"):
+for name in ("bench_convert.py", "bench_convert_tokenizers.py", "bench_infer.py", "bench_train.py", "bench_server.py"):
     print(f"== {name}", flush=True)
     proc = subprocess.run([sys.executable, str(HERE / name)], cwd=HERE)
     if proc.returncode != 0:
         sys.exit(f"{name} failed with exit code {proc.returncode}")
+# Optional: the peer comparison (TRL) needs its own interpreter, .venv-peer (`make peer-venv`); without it
+# bench_peer.py prints how to create it and exits 0, and its ratio is left out below.
+PEER_PYTHON = HERE.parent / ".venv-peer" / "bin" / "python"
+print("== bench_peer.py (optional)", flush=True)
+if PEER_PYTHON.exists():
+    proc = subprocess.run([sys.executable, str(HERE / "bench_peer.py"), "--peer_python", str(PEER_PYTHON)], cwd=HERE)
+    if proc.returncode != 0:
+        sys.exit(f"bench_peer.py failed with exit code {proc.returncode}")
+else:
+    print(f"skipped: no {PEER_PYTHON} (create it with `make peer-venv`)")
 print("== ratios")
-for name in ("convert", "infer", "train"):
+for name in ("convert", "convert_tokenizers", "infer", "train", "server"):
     data = json.loads((HERE / "results" / f"{name}.json").read_text())
     key = "speedup_real_tokens_per_s" if name == "train" else "speedup"
-    print(f"{name:8s} {data[key]}x")
+    print(f"{name:18s} {data[key]}x")
+if PEER_PYTHON.exists() and (HERE / "results" / "peer.json").exists():
+    peer = json.loads((HERE / "results" / "peer.json").read_text())
+    print(f"{'peer (ours/trl s/step)':18s} {peer['ratio_s_per_step_ours_over_trl']}x")

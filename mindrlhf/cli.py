@@ -18,6 +18,18 @@ def str2bool(value) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got '{value}'")
 
 
+def add_scoring_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The checkpoint-reading flags reward_eval.py and reward_infer.py share."""
+    parser.add_argument("--src_strategy", default=None,
+                        help="strategy file (or folder) of a model-parallel run whose checkpoints are slices "
+                             "(default: <output_dir>/strategy/ of that run, when it is there)")
+    parser.add_argument("--template", default=None,
+                        help="default: the template recorded beside the checkpoints by training (else the "
+                             "tutorial's); given, it must render as the recorded one (tutorial, chat, or a file)")
+    parser.add_argument("--use_parallel", default=False, type=str2bool, help="accepted for tutorial compatibility")
+    return parser
+
+
 def main_guard(func):
     """Run a CLI main; project errors become 'error: ...' on stderr and exit code 2, without a traceback."""
 

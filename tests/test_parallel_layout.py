@@ -63,6 +63,16 @@ def test_dp2_mp4_strategies_of_the_7b_yaml():
     for name in ("cast", "cast_mask", "abs", "neg", "exp", "log1p", "relu", "sum_loss", "sum_mask"):
         assert s[f"loss.{name}"] == [[2, 1]], name
     assert s["loss.at_least_one"] == [[2], []] and s["loss.div"] == [[2], [2]] and s["loss.mean"] == [[2]]
+    # per-pair margin (B,) -> (B, 1), added to the (B, S) or (B, 1) differences, split by dp
+    assert s["loss.cast_margin"] == s["loss.expand_margin"] == [[2]]
+    assert s["loss.add_margin"] == s["loss.add_score_margin"] == [[2, 1], [2, 1]]
+    # last-token loss and centering on the (2B, 1) scores: halves gathered whole like the rewards, then dp
+    assert s["loss.slice_chosen_score"] == s["loss.slice_rejected_score"] == [[1, 1]]
+    assert s["loss.sub_score"] == s["loss.add_score"] == s["loss.add_center"] == [[2, 1], [2, 1]]
+    for name in ("cast_score", "abs_score", "neg_score", "exp_score", "log1p_score", "relu_score", "mean_score",
+                 "square_center", "mean_center"):
+        assert s[f"loss.{name}"] == [[2, 1]], name
+    assert s["loss.scale_center"] == s["loss.add_terms"] == [[], []]  # scalars
     # scoring: the gather reads the last real token of each row, rows split by dp, sequence whole
     assert s["model.gather"] == [[2, 1], [2, 1]]
     assert s["model.last_index"] == s["model.clip_low"] == s["model.clip_high"] == [[2, 1], []]

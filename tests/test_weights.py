@@ -3,56 +3,17 @@ import json
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 import mindspore as ms
 
 import mindrlhf  # noqa: F401
 from mindrlhf.models.weights import hf_to_ms_name
+from mindrlhf.tools.tiny_hf import tiny_hf_tensors, write_hf
 from mindrlhf.training.config import load_config
 
 from conftest import EXAMPLES, ROOT, TINY_CONFIG, run_cli
 
 CONVERT = ROOT / "scripts" / "convert_weight.py"
-
-
-def tiny_hf_tensors(hidden=64, layers=2, vocab=32000, ffn=192, seed=0):
-    rng = np.random.default_rng(seed)
-
-    def w(*shape):
-        return (rng.standard_normal(shape) * 0.02).astype(np.float32)
-
-    tensors = {"model.embed_tokens.weight": w(vocab, hidden), "model.norm.weight": 1 + w(hidden),
-               "lm_head.weight": w(vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        tensors.update({p + "self_attn.q_proj.weight": w(hidden, hidden), p + "self_attn.k_proj.weight": w(hidden, hidden),
-                        p + "self_attn.v_proj.weight": w(hidden, hidden), p + "self_attn.o_proj.weight": w(hidden, hidden),
-                        p + "mlp.gate_proj.weight": w(ffn, hidden), p + "mlp.down_proj.weight": w(hidden, ffn),
-                        p + "mlp.up_proj.weight": w(ffn, hidden), p + "input_layernorm.weight": 1 + w(hidden),
-                        p + "post_attention_layernorm.weight": 1 + w(hidden),
-                        p + "self_attn.rotary_emb.inv_freq": w(hidden // 8)})
-    return tensors
-
-
-def write_hf(directory, tensors, shards=1, hidden=64):
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "hidden_size": hidden, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 32000, "intermediate_size": 192,
-        "rms_norm_eps": 1e-5, "torch_dtype": "float32"}))
-    names = sorted(tensors)
-    if shards == 1:
-        save_file(tensors, str(directory / "model.safetensors"))
-        return directory
-    weight_map = {}
-    for k in range(shards):
-        part = names[k::shards]
-        fname = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
-        save_file({n: tensors[n] for n in part}, str(directory / fname))
-        weight_map.update({n: fname for n in part})
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return directory
 
 
 def build_model(checkpoint):

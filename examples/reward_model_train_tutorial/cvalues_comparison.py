@@ -16,13 +16,23 @@ from mindrlhf.cli import main_guard  # noqa: E402
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True,
-                        help="a local SentencePiece tokenizer.model, or a directory holding one (nothing is downloaded)")
+                        help="a local SentencePiece tokenizer.model, a Hugging Face tokenizer.json, or a directory "
+                             "holding one (nothing is downloaded)")
+    parser.add_argument("--template", default="tutorial",
+                        help="tutorial (default, the tutorial's prompt), chat (the tokenizer folder's own chat "
+                             "template, user + assistant turn), or a template file (.jinja: a chat template; else "
+                             "a format string with {instruction} and {response}); recorded in <dst>.stats.json")
+    parser.add_argument("--overlong", default="truncate", choices=["truncate", "drop", "error"],
+                        help="pairs longer than --seq_length after the template: truncate (the tutorial's way), "
+                             "drop (counted and reported by line), or error (stop, naming file and line)")
     parser.add_argument("--padding_side", default="right", choices=["right"],
                         help="padding side; loss_mask and end_ind are defined for right padding only")
     parser.add_argument("--src_file", required=True, help="CValues-Comparison .jsonl file")
     parser.add_argument("--dst_file", required=True, help="output .mindrecord path (a .db index is written beside it)")
     parser.add_argument("--seq_length", type=int, default=1024, help="tokens per sequence after truncation/padding")
-    parser.add_argument("--pad_token_id", type=int, default=2, help="padding id (Llama 2 has none; the tutorial uses 2)")
+    parser.add_argument("--pad_token_id", type=int, default=None,
+                        help="padding id; default 2 for a tokenizer.model (Llama 2 has none; the tutorial uses 2), "
+                             "the pad_token (else eos_token) of a Hugging Face tokenizer")
     parser.add_argument("--layout", default="padded", choices=["padded", "compact"],
                         help="padded: the tutorial's fixed-length rows; compact: unpadded rows (files shrink by the "
                              "padding share), padded per batch by RewardModelDataset")
@@ -37,11 +47,13 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     from mindrlhf.data.convert import convert_file
+    from mindrlhf.data.templates import resolve_template
     from mindrlhf.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.model, num_threads=args.num_threads)
     result = convert_file(args.src_file, tokenizer, args.dst_file, args.seq_length, args.pad_token_id,
-                          overwrite=args.overwrite, skip_invalid=args.skip_invalid, layout=args.layout)
+                          overwrite=args.overwrite, skip_invalid=args.skip_invalid, layout=args.layout,
+                          template=resolve_template(args.template, tokenizer), overlong=args.overlong)
     print(json.dumps(result["stats"], ensure_ascii=False))
     skipped = result["skipped"]
     print(f"skipped: {skipped['total']}")

@@ -9,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
-from mindrlhf.cli import main_guard, str2bool  # noqa: E402
+from mindrlhf.cli import add_scoring_args, main_guard, str2bool  # noqa: E402
 
 
 def get_args(argv=None):
@@ -21,16 +21,17 @@ def get_args(argv=None):
                         help="True: every checkpoint in order with a summary table; False: the newest only")
     parser.add_argument("--eval_dataset", default=None,
                         help="MindRecord file/dir, or a CValues .jsonl (needs --tokenizer); default: the YAML's")
-    parser.add_argument("--tokenizer", default=None, help="local tokenizer.model, for a .jsonl eval set")
+    parser.add_argument("--tokenizer", default=None,
+                        help="local tokenizer.model or tokenizer folder, for a .jsonl eval set")
     parser.add_argument("--batch_size", type=int, default=None, help="pairs per forward pass")
     parser.add_argument("--output_file", default=None, help="JSON results (default: <output_dir>/eval_results.json)")
     parser.add_argument("--scores_file", default=None, help="also write per-pair scores as jsonl")
     parser.add_argument("--overwrite", action="store_true", help="replace existing result files")
     parser.add_argument("--skip_invalid", action="store_true", help="skip malformed jsonl rows and report them")
-    parser.add_argument("--src_strategy", default=None,
-                        help="strategy file (or folder) of a model-parallel run whose checkpoints are slices "
-                             "(default: <output_dir>/strategy/ of that run, when it is there)")
-    parser.add_argument("--use_parallel", default=False, type=str2bool, help="accepted for tutorial compatibility")
+    parser.add_argument("--save_stats", action="store_true",
+                        help="also write the reward mean/std over the eval set (chosen and rejected) to "
+                             "<checkpoint root>/reward_stats.json, for --normalize in reward_infer.py / the server")
+    add_scoring_args(parser)
     return parser.parse_args(argv)
 
 
@@ -42,7 +43,8 @@ def main(argv=None):
     summary = evaluate(args.config, args.distributed_ckpt_path, load_all=args.load_all_ckpt,
                        eval_dataset=args.eval_dataset, tokenizer=args.tokenizer, output_file=args.output_file,
                        batch_size=args.batch_size, scores_file=args.scores_file, skip_invalid=args.skip_invalid,
-                       overwrite=args.overwrite, src_strategy=args.src_strategy)
+                       overwrite=args.overwrite, src_strategy=args.src_strategy, template=args.template,
+                       save_stats=args.save_stats)
     print(f"evaluated {summary['pairs']} pairs; results: {summary['output_file']}")
 
 

@@ -10,14 +10,15 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
-from mindrlhf.cli import main_guard, str2bool  # noqa: E402
+from mindrlhf.cli import add_scoring_args, main_guard  # noqa: E402
 
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the run YAML used for training")
     parser.add_argument("--data_file", required=True, help=".json or .jsonl rows to score")
-    parser.add_argument("--tokenizer", required=True, help="local tokenizer.model or a directory holding one")
+    parser.add_argument("--tokenizer", required=True,
+                        help="local tokenizer.model, tokenizer.json, or a directory holding one")
     parser.add_argument("--distributed_ckpt_path", required=True,
                         help="checkpoint root holding rank_N/, a rank_N directory, or one .ckpt (newest is used)")
     parser.add_argument("--batch_size", type=int, default=16, help="sequences per forward pass")
@@ -25,10 +26,10 @@ def get_args(argv=None):
                         help="jsonl of {prompt, response, score} (default: <output_dir>/reward_infer_scores.jsonl)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing result files")
     parser.add_argument("--skip_invalid", action="store_true", help="skip malformed rows and report them")
-    parser.add_argument("--src_strategy", default=None,
-                        help="strategy file (or folder) of a model-parallel run whose checkpoints are slices "
-                             "(default: <output_dir>/strategy/ of that run, when it is there)")
-    parser.add_argument("--use_parallel", default=False, type=str2bool, help="accepted for tutorial compatibility")
+    parser.add_argument("--normalize", action="store_true",
+                        help="score = (raw - mean) / std with <checkpoint root>/reward_stats.json "
+                             "(reward_eval.py --save_stats); raw_score keeps the raw reward")
+    add_scoring_args(parser)
     return parser.parse_args(argv)
 
 
@@ -39,7 +40,8 @@ def main(argv=None):
 
     result = infer(args.config, args.data_file, args.tokenizer, args.distributed_ckpt_path,
                    output_file=args.output_file, batch_size=args.batch_size, skip_invalid=args.skip_invalid,
-                   overwrite=args.overwrite, src_strategy=args.src_strategy)
+                   overwrite=args.overwrite, src_strategy=args.src_strategy, template=args.template,
+                   normalize=args.normalize)
     print(f"scored {result['scored']} responses with {result['checkpoint']}; scores: {result['output_file']}")
 
 

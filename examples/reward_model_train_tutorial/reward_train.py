@@ -33,6 +33,12 @@ def get_args(argv=None):
     parser.add_argument("--stop_step", type=int, default=None, help="stop after this global step (checkpoint kept)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start a new run in an output_dir that holds an earlier run's checkpoints")
+    parser.add_argument("--loss_type", default=None, choices=["span", "last_token"],
+                        help="override model_config.loss_type: span (the tutorial's, default) or last_token "
+                             "(Bradley-Terry on each sequence's last token, as TRL/OpenRLHF)")
+    parser.add_argument("--center_rewards_coefficient", type=float, default=None,
+                        help="override model_config.center_rewards_coefficient c: adds c * mean((r_chosen + "
+                             "r_rejected)^2) (TRL); default 0")
     return parser.parse_args(argv)
 
 
@@ -44,7 +50,8 @@ def main(argv=None):
     summary = train(args.config, args.train_dataset or None, task=args.task, output_dir=args.output_dir,
                     load_checkpoint=args.load_checkpoint, resume=args.resume, use_parallel=args.use_parallel,
                     epochs=args.epochs, batch_size=args.batch_size, save_steps=args.save_steps,
-                    stop_step=args.stop_step, overwrite=args.overwrite)
+                    stop_step=args.stop_step, overwrite=args.overwrite, loss_type=args.loss_type,
+                    center_rewards_coefficient=args.center_rewards_coefficient)
     print(json.dumps({k: summary[k] for k in ("output_dir", "log_file", "checkpoint_dir", "steps_logged",
                                               "first_loss", "last_loss")}, indent=2))
 

@@ -1,4 +1,5 @@
-"""RewardModelDataset: the 7-field MindRecord -> (2B, S) batches, chosen rows first, then rejected rows.
+"""RewardModelDataset: the 7-field MindRecord -> (2B, S) batches, chosen rows first, then rejected rows
+(plus a (B,) margin when the file has that eighth column).
 
 Registered with MindFormers so YAML `train_dataset_task.type: RewardModelDataset` resolves. Optional length
 bucketing trims each batch to the smallest boundary that holds its longest pair, so padding costs no compute.
@@ -13,7 +14,7 @@ import numpy as np
 from mindformers.dataset.base_dataset import BaseDataset
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from mindrlhf.data.prompt import MODEL_COLUMNS, RECORD_COLUMNS
+from mindrlhf.data.prompt import MARGIN_COLUMN, MODEL_COLUMNS, RECORD_COLUMNS
 from mindrlhf.errors import ConfigError
 
 _MINDRECORD = re.compile(r"\.mindrecord\d*$")
@@ -51,9 +52,10 @@ def bucket_length(length: int, boundaries: Sequence[int], seq_length: int) -> in
 
 
 def make_batch_map(boundaries: Optional[Sequence[int]] = None):
-    """The per-batch transform: stack chosen then rejected, per-row end_ind, optional trimming to a bucket."""
+    """The per-batch transform: stack chosen then rejected, per-row end_ind, optional trimming to a bucket;
+    a margin column (B,) passes through as float32."""
 
-    def batch_map(chosen_ids, chosen_mask, rejected_ids, rejected_mask, position_id, loss_mask, end_ind):
+    def batch_map(chosen_ids, chosen_mask, rejected_ids, rejected_mask, position_id, loss_mask, end_ind, *margin):
         input_ids = np.concatenate((chosen_ids, rejected_ids)).astype(np.int32)
         attention_mask = np.concatenate((chosen_mask, rejected_mask)).astype(np.float32)
         positions = np.concatenate((position_id, position_id)).astype(np.int32)
@@ -64,9 +66,34 @@ def make_batch_map(boundaries: Optional[Sequence[int]] = None):
             keep = bucket_length(int(np.max(end_ind)), boundaries, seq_length)
             input_ids, attention_mask = input_ids[:, :keep], attention_mask[:, :keep]
             positions, loss_mask = positions[:, :keep], loss_mask[:, :keep]
+        if margin:
+            return input_ids, positions, attention_mask, loss_mask, row_end, _margins(margin[0])
         return input_ids, positions, attention_mask, loss_mask, row_end
 
     return batch_map
+
+
+def _margins(values) -> np.ndarray:
+    return np.asarray([float(np.asarray(v)) for v in values], dtype=np.float32)
+
+
+def record_columns(files: Sequence[str]) -> List[str]:
+    """The columns to read: the 7 fields, plus margin when the files have it (all of them, or an error)."""
+    from mindspore.mindrecord import FileReader
+
+    with_margin = []
+    for path in files:
+        reader = FileReader(path, num_consumer=1)
+        try:
+            with_margin.append(MARGIN_COLUMN in reader.schema())
+        finally:
+            reader.close()
+    if any(with_margin) and not all(with_margin):
+        have = [f for f, m in zip(files, with_margin) if m]
+        lack = [f for f, m in zip(files, with_margin) if not m]
+        raise ConfigError(f"dataset files mix rows with and without a margin column ({have[0]} has one, "
+                          f"{lack[0]} has none); convert them all with margins or all without")
+    return list(RECORD_COLUMNS) + ([MARGIN_COLUMN] if with_margin and all(with_margin) else [])
 
 
 def compact_seq_length(files: Sequence[str]) -> Optional[int]:
@@ -88,9 +115,10 @@ def compact_seq_length(files: Sequence[str]) -> Optional[int]:
     return found if isinstance(found, int) else None
 
 
-def make_compact_batch_map(seq_length: int, pad_token_id: int, boundaries: Optional[Sequence[int]] = None):
+def make_compact_batch_map(seq_length: int, pad_token_id: int, boundaries: Optional[Sequence[int]] = None,
+                           margin: bool = False):
     """per_batch_map for unpadded rows: pad to the bucket (or seq_length) here, giving what the padded
-    layout gives after trimming."""
+    layout gives after trimming. MindSpore matches its signature to the columns, hence two of them."""
 
     def pad_batch(chosen_ids, chosen_mask, rejected_ids, rejected_mask, position_id, loss_mask, end_ind, _info):
         batch = len(chosen_ids)
@@ -107,7 +135,12 @@ def make_compact_batch_map(seq_length: int, pad_token_id: int, boundaries: Optio
         positions = np.tile(np.arange(width, dtype=np.int32), (2 * batch, 1))
         return input_ids, positions, attention, losses, attention.sum(axis=1).astype(np.int32)
 
-    return pad_batch
+    def pad_batch_with_margin(chosen_ids, chosen_mask, rejected_ids, rejected_mask, position_id, loss_mask, end_ind,
+                              margins, info):
+        return pad_batch(chosen_ids, chosen_mask, rejected_ids, rejected_mask, position_id, loss_mask, end_ind,
+                         info) + (_margins(margins),)
+
+    return pad_batch_with_margin if margin else pad_batch
 
 
 def shard_info():
@@ -137,19 +170,21 @@ def create_reward_dataset(files, batch_size: int, shuffle: bool = False, drop_re
         kwargs.update(num_shards=num_shards, shard_id=shard_id)
     if num_samples:
         kwargs["num_samples"] = int(num_samples)
-    dataset = ds.MindDataset(files, columns_list=list(RECORD_COLUMNS), shuffle=shuffle,
+    columns = record_columns(files)
+    model_columns = list(MODEL_COLUMNS) + ([MARGIN_COLUMN] if MARGIN_COLUMN in columns else [])
+    dataset = ds.MindDataset(files, columns_list=columns, shuffle=shuffle,
                              num_parallel_workers=num_parallel_workers, **kwargs)
     compact_length = compact_seq_length(files)
     if compact_length:
-        dataset = dataset.batch(batch_size, drop_remainder=drop_remainder, input_columns=list(RECORD_COLUMNS),
-                                output_columns=list(MODEL_COLUMNS), num_parallel_workers=num_parallel_workers,
+        dataset = dataset.batch(batch_size, drop_remainder=drop_remainder, input_columns=columns,
+                                output_columns=model_columns, num_parallel_workers=num_parallel_workers,
                                 per_batch_map=make_compact_batch_map(compact_length, pad_token_id,
-                                                                     bucket_boundaries))
+                                                                     bucket_boundaries, MARGIN_COLUMN in columns))
     else:
         dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
-        dataset = dataset.map(make_batch_map(bucket_boundaries), input_columns=list(RECORD_COLUMNS),
-                              output_columns=list(MODEL_COLUMNS), num_parallel_workers=num_parallel_workers)
-    dataset = dataset.project(list(MODEL_COLUMNS))
+        dataset = dataset.map(make_batch_map(bucket_boundaries), input_columns=columns,
+                              output_columns=model_columns, num_parallel_workers=num_parallel_workers)
+    dataset = dataset.project(model_columns)
     if repeat and repeat > 1:
         dataset = dataset.repeat(repeat)
     return dataset

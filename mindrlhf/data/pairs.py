@@ -13,6 +13,7 @@ from mindrlhf.errors import InputError
 
 PAIR_FIELDS = ("prompt", "pos_resp", "neg_resp")
 TYPE_FIELDS = ("pos_type", "neg_type")
+NUMBER_FIELDS = ("margin",)
 
 
 @dataclass
@@ -23,6 +24,7 @@ class PreferencePair:
     pos_type: Optional[str] = None
     neg_type: Optional[str] = None
     line: int = 0
+    margin: Optional[float] = None
 
 
 @dataclass
@@ -102,12 +104,23 @@ def check_text_field(path, line, row, name) -> str:
     return value
 
 
+def check_number_field(path, line, row, name) -> Optional[float]:
+    """An optional numeric field as a finite float (None when absent), or an InputError."""
+    value = row.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+        raise InputError(path, line, name, f"must be a finite number, got {value!r}")
+    return float(value)
+
+
 def _reason(err: InputError) -> str:
     return f"field '{err.field}' {err.reason}" if err.field else err.reason
 
 
-def read_rows(path, fields, optional=(), skip_invalid=False, report: Optional[SkipReport] = None):
-    """Validated rows as dicts holding `fields` (required non-empty strings) and `optional` (str or None)."""
+def read_rows(path, fields, optional=(), skip_invalid=False, report: Optional[SkipReport] = None, numbers=()):
+    """Validated rows as dicts holding `fields` (required non-empty strings), `optional` (str or None) and
+    `numbers` (finite float or None)."""
     for line, row in iter_json_rows(path):
         try:
             if isinstance(row, InputError):
@@ -116,6 +129,8 @@ def read_rows(path, fields, optional=(), skip_invalid=False, report: Optional[Sk
             for name in optional:
                 value = row.get(name)
                 out[name] = value if isinstance(value, str) else None
+            for name in numbers:
+                out[name] = check_number_field(path, line, row, name)
         except InputError as err:
             if not skip_invalid:
                 raise
@@ -127,6 +142,6 @@ def read_rows(path, fields, optional=(), skip_invalid=False, report: Optional[Sk
 
 def read_pairs(path, skip_invalid=False, report: Optional[SkipReport] = None) -> Iterator[PreferencePair]:
     """PreferencePairs from a CValues-Comparison jsonl file."""
-    for line, row in read_rows(path, PAIR_FIELDS, TYPE_FIELDS, skip_invalid, report):
+    for line, row in read_rows(path, PAIR_FIELDS, TYPE_FIELDS, skip_invalid, report, NUMBER_FIELDS):
         yield PreferencePair(row["prompt"], row["pos_resp"], row["neg_resp"],
-                             row["pos_type"], row["neg_type"], line)
+                             row["pos_type"], row["neg_type"], line, row["margin"])

@@ -33,6 +33,11 @@ RECORD_SCHEMA = {
 COMPACT_SCHEMA = dict(RECORD_SCHEMA, seq_length={"type": "int64"})
 LAYOUTS = ("padded", "compact")
 
+# Per-pair margin (TRL/OpenRLHF): an eighth column, written only when the source rows carry a `margin`, so
+# files without margins keep the tutorial's 7 fields; RewardModelDataset then yields it as a sixth model input.
+MARGIN_COLUMN = "margin"
+MARGIN_SCHEMA = {MARGIN_COLUMN: {"type": "float32"}}
+
 
 def format_prompt(instruction: str, response: str) -> str:
     """prompt + response in the training template; inputs are stripped as the tutorial does."""

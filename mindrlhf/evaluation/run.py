@@ -12,41 +12,64 @@ import numpy as np
 
 from mindrlhf import distributed
 from mindrlhf.data.pairs import SkipReport, read_pairs, read_rows
-from mindrlhf.data.prompt import format_prompt
+from mindrlhf.data.templates import JINJA, TUTORIAL, choose_template, read_run_template, run_template_path
 from mindrlhf.errors import ConfigError
 from mindrlhf.evaluation.metrics import pairwise_metrics
-from mindrlhf.evaluation.scorer import RewardScorer, length_batches, list_checkpoints, set_scoring_context
+from mindrlhf.evaluation.scorer import (RewardScorer, checkpoint_root, length_batches, list_checkpoints,
+                                        set_scoring_context)
 from mindrlhf.io import check_new_output, write_json, write_jsonl
 
 
 def start_ranks(config, log: Callable) -> tuple:
-    """(rank, number of ranks sharing the work). Without a collective backend (the rank-table launcher on CPU)
-    every rank scores everything, and says so."""
+    """(rank, part, parts): the launcher's rank (rank 0 writes), and this rank's part of the work among `parts`
+    ranks sharing it. Without a collective backend (the rank-table launcher on CPU) every rank scores
+    everything (part 0 of 1), and says so."""
     target = set_scoring_context(config)
     rank, size = distributed.rank_and_size()
     if distributed.communicator_ready(target):
-        return rank, size
+        return rank, rank, size
     if size > 1:
         log(f"WARNING: rank {rank} of {size} has no collective backend here (rank-table launcher on {target}); "
             "it scores every item itself")
-    return rank, 1
+    return rank, 0, 1
 
 
 def _is_jsonl(path: str) -> bool:
     return str(path).endswith((".jsonl", ".json"))
 
 
-def load_eval_pairs(source: str, seq_length: int, tokenizer=None, skip_invalid: bool = False) -> dict:
+def run_template(ckpt_path: str, requested: Optional[str], tokenizer, eval_source: Optional[str] = None):
+    """The template to render with: the one recorded beside the checkpoints (training wrote it), confirmed by
+    --template if given; an eval MindRecord converted with another template is an error."""
+    from mindrlhf.data.templates import data_template
+
+    root = checkpoint_root(ckpt_path)
+    recorded = read_run_template(root)
+    data = None
+    if eval_source and not _is_jsonl(eval_source):
+        from mindrlhf.data.dataset import resolve_mindrecord_files
+
+        data = data_template(resolve_mindrecord_files(eval_source))
+    template = choose_template(requested, tokenizer, recorded, run_template_path(root), data, str(eval_source))
+    if template.kind == JINJA and tokenizer is not None and not hasattr(tokenizer, "special_tokens"):
+        raise ConfigError(f"the run's template '{template.name}' is a chat template: pass its Hugging Face tokenizer "
+                          "folder (tokenizer.json) as --tokenizer")
+    return template
+
+
+def load_eval_pairs(source: str, seq_length: int, tokenizer=None, skip_invalid: bool = False,
+                    template=TUTORIAL) -> dict:
     """{'chosen': [ids], 'rejected': [ids], 'pos_type': [...], 'neg_type': [...]} from jsonl or MindRecord."""
     if _is_jsonl(source):
         if tokenizer is None:
-            raise ConfigError(f"{source}: a jsonl eval set needs --tokenizer (a local tokenizer.model)")
+            raise ConfigError(f"{source}: a jsonl eval set needs --tokenizer (a local tokenizer.model or tokenizer "
+                              "folder)")
         report = SkipReport()
         pairs = list(read_pairs(source, skip_invalid=skip_invalid, report=report))
         if not pairs:
             raise ConfigError(f"{source}: no pairs to evaluate")
-        ids = tokenizer.encode([format_prompt(p.prompt, p.chosen) for p in pairs] +
-                               [format_prompt(p.prompt, p.rejected) for p in pairs])
+        ids = template.encode(tokenizer, [p.prompt for p in pairs] * 2,
+                              [p.chosen for p in pairs] + [p.rejected for p in pairs])
         n = len(pairs)
         return {"chosen": [x[:seq_length] for x in ids[:n]], "rejected": [x[:seq_length] for x in ids[n:]],
                 "pos_type": [p.pos_type for p in pairs], "neg_type": [p.neg_type for p in pairs],
@@ -105,22 +128,28 @@ def score_pairs(scorer: RewardScorer, data: dict, pairs_per_batch: int, log: Cal
 def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_dataset: Optional[str] = None,
              tokenizer: Optional[str] = None, output_file: Optional[str] = None, batch_size: Optional[int] = None,
              scores_file: Optional[str] = None, skip_invalid: bool = False, log: Callable = print,
-             progress: bool = True, overwrite: bool = False, src_strategy: Optional[str] = None) -> dict:
+             progress: bool = True, overwrite: bool = False, src_strategy: Optional[str] = None,
+             template: Optional[str] = None, save_stats: bool = False) -> dict:
+    """save_stats: also write the newest evaluated checkpoint's reward mean/std beside it (normalize.py)."""
     from mindrlhf.data.tokenizer import load_tokenizer
+    from mindrlhf.evaluation import normalize
     from mindrlhf.training.config import dataset_source, load_config
 
     config = load_config(config_path)
-    rank, size = start_ranks(config, log)
+    rank, part, parts = start_ranks(config, log)
     output_file = output_file or os.path.join(os.path.abspath(config.get("output_dir") or "./output"),
                                               "eval_results.json")
     if rank == 0:
         check_new_output(output_file, overwrite)
         check_new_output(scores_file, overwrite)
+        if save_stats:
+            normalize.check_stats_output(checkpoint_root(ckpt_path), overwrite)
     source = eval_dataset or dataset_source(config, "eval")
     if not source:
         raise ConfigError("no eval dataset: pass --eval_dataset or set eval_dataset.data_loader.dataset_dir")
     tok = load_tokenizer(tokenizer) if tokenizer else None
-    data = load_eval_pairs(source, int(config.model.model_config.seq_length), tok, skip_invalid)
+    chosen_template = run_template(ckpt_path, template, tok, source)
+    data = load_eval_pairs(source, int(config.model.model_config.seq_length), tok, skip_invalid, chosen_template)
     checkpoints = list_checkpoints(ckpt_path)
     if not load_all:
         checkpoints = checkpoints[-1:]
@@ -134,21 +163,26 @@ def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_data
             log(f"WARNING: skipping {err}")
             results.append({"checkpoint": ckpt, "error": str(err)})
             continue
-        chosen, rejected = score_pairs(scorer, data, pairs_per_batch, log, progress, rank, size)
+        chosen, rejected = score_pairs(scorer, data, pairs_per_batch, log, progress, part, parts)
         metrics = pairwise_metrics(chosen, rejected, data["pos_type"], data["neg_type"])
         metrics.update(checkpoint=ckpt, step=scorer.step)
         results.append(metrics)
         log(f"{ckpt} acc: [{metrics['accuracy']:.6f}]")
+        newest_scores = (ckpt, scorer.step, chosen, rejected)
         if scores_file and rank == 0:
             _write_scores(scores_file, chosen, rejected)
     good = [r for r in results if "error" not in r]
     if not good:
         raise ConfigError(f"{ckpt_path}: no checkpoint could be evaluated; {results[-1]['error']}")
-    summary = {"config": config_path, "eval_dataset": source, "pairs": len(data["chosen"]),
+    summary = {"config": config_path, "eval_dataset": source, "template": chosen_template.name,
+               "pairs": len(data["chosen"]),
                "skipped_rows": data["skipped"], "checkpoints": results,
                "best": max(good, key=lambda r: r["accuracy"])["checkpoint"]}
     if len(results) > 1:
         log(format_table(results))
+    if save_stats and rank == 0:
+        summary["stats_file"] = normalize.save_stats(checkpoint_root(ckpt_path), *newest_scores, source, overwrite)
+        log(f"reward statistics of {newest_scores[0]}: {summary['stats_file']}")
     if rank == 0:
         write_json(output_file, summary)
     summary["output_file"] = output_file
@@ -190,34 +224,42 @@ def read_infer_rows(path: str, skip_invalid: bool = False, report: Optional[Skip
 
 def infer(config_path: str, data_file: str, tokenizer: str, ckpt_path: str, output_file: Optional[str] = None,
           batch_size: int = 16, skip_invalid: bool = False, log: Callable = print, overwrite: bool = False,
-          src_strategy: Optional[str] = None) -> dict:
+          src_strategy: Optional[str] = None, template: Optional[str] = None, normalize: bool = False) -> dict:
+    """normalize: score = (raw - mean) / std with the checkpoint's reward_stats.json; raw_score keeps the raw."""
     from mindrlhf.data.tokenizer import load_tokenizer
+    from mindrlhf.evaluation.normalize import load_stats, normalize as apply_stats
     from mindrlhf.training.config import load_config
 
     config = load_config(config_path)
-    rank, size = start_ranks(config, log)
+    rank, part, parts = start_ranks(config, log)
     output_file = output_file or os.path.join(os.path.abspath(config.get("output_dir") or "./output"),
                                               "reward_infer_scores.jsonl")
     if rank == 0:
         check_new_output(output_file, overwrite)
     tok = load_tokenizer(tokenizer)
+    chosen_template = run_template(ckpt_path, template, tok)
     report = SkipReport()
     items = read_infer_rows(data_file, skip_invalid, report)
     if not items:
         raise ConfigError(f"{data_file}: nothing to score")
     checkpoint = list_checkpoints(ckpt_path)[-1]
+    stats = load_stats(checkpoint_root(checkpoint), checkpoint) if normalize else None
     scorer = RewardScorer(config, checkpoint, batch_size=batch_size, src_strategy=src_strategy, log=log)
-    texts = [format_prompt(it["prompt"], it["response"]) for it in items]
-    scores = scorer.score_ids(tok.encode(texts), rank, size)
+    texts = [chosen_template.render(it["prompt"], it["response"]) for it in items]
+    scores = scorer.score_ids(tok.encode(texts, special_tokens=chosen_template.special_tokens), part, parts)
     mine = np.flatnonzero(~np.isnan(scores))
     for i in mine:  # each rank logs what it scored
         log(f"Sample:\n{texts[i]}")
         log(f"reward score: [[{scores[i]:.6f}]]")
-    if size > 1:
+    if parts > 1:
         scores = distributed.gather_shares(scores[mine], mine, len(items)).astype(np.float32)
     for it, score in zip(items, scores):
         it["score"] = float(score)
+    if stats is not None:
+        log(f"normalized with mean {stats['mean']:.6f}, std {stats['std']:.6f} from {stats['path']}")
+        for it, score in zip(items, apply_stats(scores, stats)):
+            it["raw_score"], it["score"] = it["score"], float(score)
     if rank == 0:
         write_jsonl(output_file, items)
     return {"checkpoint": checkpoint, "scored": len(items), "output_file": output_file,
-            "skipped_rows": report.as_dict()}
+            "skipped_rows": report.as_dict(), "template": chosen_template.name}

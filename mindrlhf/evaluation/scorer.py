@@ -1,16 +1,18 @@
 """RewardScorer: a trained checkpoint -> one reward per prompt+response, batched and length-sorted.
 
-The text is formatted with the training template and scored at the sequence's own last token (end_ind - 1),
+The text is formatted with the run's template (recorded beside its checkpoints, see mindrlhf.data.templates;
+the tutorial's when none is recorded) and scored at the sequence's own last token (end_ind - 1),
 so reward_eval.py and reward_infer.py give the same number for the same response. Causal attention with pad
 keys masked makes the score independent of how much padding a batch carries, so batches are trimmed to the
 smallest of a few fixed lengths (each compiled once in graph mode).
 """
 import os
+import re
 from typing import List, Optional, Sequence
 
 import numpy as np
 
-from mindrlhf.data.prompt import format_prompt
+from mindrlhf.data.templates import TUTORIAL, read_run_template
 from mindrlhf.errors import ConfigError
 from mindrlhf.models.weights import checkpoint_step, load_whole
 from mindrlhf.training.config import checkpoint_files
@@ -38,6 +40,14 @@ def list_checkpoints(path: str) -> List[str]:
     if not files:
         raise ConfigError(f"{path}: no .ckpt files (looked in {directory})")
     return files
+
+
+def checkpoint_root(path: str) -> str:
+    """The folder holding rank_N/ (and the run's template.json) for --distributed_ckpt_path: a .ckpt, a rank_N
+    directory, or the root itself. Works for paths that do not exist (then nothing is found there)."""
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path) if os.path.isfile(path) or path.endswith(".ckpt") else path
+    return os.path.dirname(folder) if re.fullmatch(r"rank_\d+", os.path.basename(folder)) else folder
 
 
 def set_scoring_context(config) -> str:
@@ -88,6 +98,7 @@ class RewardScorer:
         self.network.set_train(False)
         self.checkpoint = None
         self.step = None
+        self.template = None  # the run's recorded template, read with the checkpoint
         self.log = log
         if checkpoint:
             self.load_weights(checkpoint, src_strategy)
@@ -105,6 +116,7 @@ class RewardScorer:
                               "is it a reward-model checkpoint for this config?")
         ms.load_param_into_net(self.network, {k: params[k] for k in own}, strict_load=True)
         self.checkpoint = checkpoint
+        self.template = read_run_template(checkpoint_root(checkpoint))
         self.step = checkpoint_step(params)
         return self
 
@@ -139,8 +151,10 @@ class RewardScorer:
             scores[idx] = self.score_batch([sequences[i] for i in idx])
         return scores
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str], tokenizer) -> List[float]:
-        texts = [format_prompt(p, r) for p, r in zip(prompts, responses)]
-        return self.score_ids(tokenizer.encode(texts)).tolist()
+    def score(self, prompts: Sequence[str], responses: Sequence[str], tokenizer, template=None) -> List[float]:
+        """Rewards for text pairs, rendered with `template`, else the checkpoint's recorded one, else the
+        tutorial's."""
+        template = template or self.template or TUTORIAL
+        return self.score_ids(template.encode(tokenizer, prompts, responses)).tolist()
 
 

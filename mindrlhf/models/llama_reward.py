@@ -3,6 +3,10 @@
 Backbone parameters are named `model.*` exactly as in LlamaForCausalLM, so a pretrained Llama2 checkpoint
 loads into it (its `lm_head.*` is simply not used). In training construct returns the CompareLoss; in
 eval mode it returns one reward per sequence, read at end_ind - 1 (the sequence's own last real token).
+
+The Llama-architecture families all build from the YAML's LlamaConfig: Llama 2; Llama 3/3.x (n_kv_heads for
+GQA, theta 500000, intermediate_size; 3.1+ extend_method LLAMA3); Qwen2/Qwen2.5 (GQA, qkv_has_bias, theta
+1000000; tie_word_embeddings only ties an lm_head, which a reward model has none of). See model_configs/.
 """
 import mindspore.common.dtype as mstype
 from mindspore import ops
@@ -14,6 +18,7 @@ from mindformers.tools.logger import logger
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from mindrlhf.models.loss import CompareLoss
+from mindrlhf.models.cpu_speedups import use_cpu_attention_softmax
 from mindrlhf.models.weights import load_backbone
 
 VALUE_HEAD_PREFIX = "v_head."
@@ -34,6 +39,8 @@ class LlamaRewardModel(LlamaPreTrainedModel):
         self.model = LlamaModel(config=config)
         # Let every batch be shorter than seq_length (length bucketing): slice the causal mask like pynative does.
         self.model.casual_mask.is_dynamic = True
+        # On CPU the stock attention-softmax backward is slow (an expanded ReduceSum): same formula, faster sum.
+        use_cpu_attention_softmax(self.model, config)
         self.v_head = Linear(in_channels=config.hidden_size, out_channels=1, has_bias=False,
                              compute_dtype=config.compute_dtype, param_init_type=config.param_init_type,
                              weight_init=Normal(sigma=1.0 / (config.hidden_size + 1) ** 0.5))
@@ -67,10 +74,16 @@ class LlamaRewardModel(LlamaPreTrainedModel):
         values = self.cast(self.v_head(hidden), mstype.float32)
         return values.reshape((batch, seq))
 
-    def construct(self, input_ids, position_id=None, attention_mask=None, loss_mask=None, end_ind=None):
+    def last_token_rewards(self, rewards, end_ind):
+        """(N, S) rewards -> (N, 1): each row's reward at its own last real token (end_ind - 1)."""
+        index = self.last_index(self.cast_index(end_ind, mstype.int32).reshape((-1, 1)), 1)
+        index = self.clip_high(self.clip_low(index, 0), rewards.shape[1] - 1)
+        return self.gather(rewards, 1, index)
+
+    def construct(self, input_ids, position_id=None, attention_mask=None, loss_mask=None, end_ind=None,
+                  margin=None):
         rewards = self.token_rewards(input_ids)
         if self.training:
-            return self.loss(rewards, loss_mask)
-        index = self.last_index(self.cast_index(end_ind, mstype.int32).reshape((-1, 1)), 1)
-        index = self.clip_high(self.clip_low(index, 0), input_ids.shape[1] - 1)
-        return self.gather(rewards, 1, index).reshape((-1,))
+            scores = self.last_token_rewards(rewards, end_ind) if self.loss.needs_scores else None
+            return self.loss(rewards, loss_mask, scores, margin)
+        return self.last_token_rewards(rewards, end_ind).reshape((-1,))

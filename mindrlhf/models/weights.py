@@ -22,6 +22,9 @@ HF_TO_MS = [
     (r"^model\.layers\.(\d+)\.self_attn\.k_proj\.weight$", r"model.layers.\1.attention.wk.weight"),
     (r"^model\.layers\.(\d+)\.self_attn\.v_proj\.weight$", r"model.layers.\1.attention.wv.weight"),
     (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.weight$", r"model.layers.\1.attention.wo.weight"),
+    (r"^model\.layers\.(\d+)\.self_attn\.q_proj\.bias$", r"model.layers.\1.attention.wq.bias"),  # Qwen2
+    (r"^model\.layers\.(\d+)\.self_attn\.k_proj\.bias$", r"model.layers.\1.attention.wk.bias"),
+    (r"^model\.layers\.(\d+)\.self_attn\.v_proj\.bias$", r"model.layers.\1.attention.wv.bias"),
     (r"^model\.layers\.(\d+)\.mlp\.gate_proj\.weight$", r"model.layers.\1.feed_forward.w1.weight"),
     (r"^model\.layers\.(\d+)\.mlp\.down_proj\.weight$", r"model.layers.\1.feed_forward.w2.weight"),
     (r"^model\.layers\.(\d+)\.mlp\.up_proj\.weight$", r"model.layers.\1.feed_forward.w3.weight"),
@@ -29,6 +32,7 @@ HF_TO_MS = [
     (r"^model\.layers\.(\d+)\.post_attention_layernorm\.weight$", r"model.layers.\1.ffn_norm.weight"),
     (r"^model\.norm\.weight$", "model.norm_out.weight"),
     (r"^lm_head\.weight$", "lm_head.weight"),
+    (r"^score\.weight$", "v_head.weight"),  # a reward model's head (LlamaForSequenceClassification, OpenRLHF)
 ]
 IGNORED_HF = re.compile(r"rotary_emb\.inv_freq$")
 _ST_DTYPES = {"F16": (np.float16, "Float16"), "F32": (np.float32, "Float32"), "BF16": (np.uint16, "BFloat16"),
@@ -54,7 +58,8 @@ def ffn_hidden_size(hidden: int, multiple_of: int = 256, ffn_dim_multiplier=None
 
 
 def expected_shapes(model_config) -> Dict[str, Tuple[int, ...]]:
-    """Every backbone tensor's shape for a LlamaConfig-like mapping (the YAML's model_config)."""
+    """Every backbone tensor's shape for a LlamaConfig-like mapping (the YAML's model_config): GQA k/v widths
+    from n_kv_heads, q/k/v biases with qkv_has_bias."""
     get = model_config.get if hasattr(model_config, "get") else lambda k, d=None: getattr(model_config, k, d)
     hidden, layers, heads = int(get("hidden_size")), int(get("num_layers")), int(get("num_heads"))
     kv_heads = int(get("n_kv_heads") or heads)
@@ -70,7 +75,53 @@ def expected_shapes(model_config) -> Dict[str, Tuple[int, ...]]:
                        p + "feed_forward.w1.weight": (ffn, hidden), p + "feed_forward.w2.weight": (hidden, ffn),
                        p + "feed_forward.w3.weight": (ffn, hidden), p + "attention_norm.weight": (hidden,),
                        p + "ffn_norm.weight": (hidden,)})
+        if get("qkv_has_bias"):
+            shapes.update({p + "attention.wq.bias": (hidden,), p + "attention.wk.bias": (kv,),
+                           p + "attention.wv.bias": (kv,)})
     return shapes
+
+
+def hf_model_config(hf: dict) -> dict:
+    """A Hugging Face config.json (Llama 2/3, Qwen2) as the LlamaConfig fields the shapes and RoPE depend on.
+
+    Qwen2's config has no attention_bias: its q/k/v always carry one. Qwen2 ties lm_head to embed_tokens when
+    tie_word_embeddings is set (checkpoints may then hold no lm_head.weight)."""
+    qwen = hf.get("model_type") == "qwen2"
+    return {"hidden_size": hf["hidden_size"], "num_layers": hf["num_hidden_layers"],
+            "num_heads": hf["num_attention_heads"], "n_kv_heads": hf.get("num_key_value_heads"),
+            "vocab_size": hf["vocab_size"], "intermediate_size": hf.get("intermediate_size"),
+            "qkv_has_bias": bool(hf.get("attention_bias", qwen)), "theta": hf.get("rope_theta", 10000.0),
+            "rms_norm_eps": hf.get("rms_norm_eps"), "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False))}
+
+
+LLAMA3_SCALING = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def check_hf_config(hf: dict, model_config, where: str):
+    """What shapes cannot show: RoPE theta, RoPE scaling (Llama 3.1+) and the norm epsilon of config.json must be
+    the YAML's, or the converted weights would run with another RoPE/normalisation than they were trained with."""
+    get = model_config.get if hasattr(model_config, "get") else lambda k, d=None: getattr(model_config, k, d)
+    ours = hf_model_config(hf)
+    for key, default in (("theta", 10000.0), ("rms_norm_eps", None)):
+        mine = get(key, default)
+        if ours[key] is not None and mine is not None and abs(float(ours[key]) - float(mine)) > 1e-12 * abs(ours[key]):
+            raise ConfigError(f"{where}: {'rope_theta' if key == 'theta' else key} is {ours[key]} but the target "
+                              f"config's model_config.{key} is {mine}; the converted weights would be used with "
+                              "another RoPE/normalisation than they were trained with")
+    scaling = hf.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type")) if scaling else None
+    method, factors = str(get("extend_method", "None") or "None"), get("scaling_factor", None)
+    if kind == "llama3":
+        wanted = {k: scaling.get(k) for k in LLAMA3_SCALING}
+        same = method == "LLAMA3" and hasattr(factors, "get") and all(
+            factors.get(k) is not None and float(factors.get(k)) == float(v) for k, v in wanted.items())
+        if not same:
+            raise ConfigError(f"{where}: rope_scaling is Llama 3.1's ({wanted}); set model_config.extend_method: "
+                              f"\"LLAMA3\" and scaling_factor: {wanted} (the YAML has {method}, {factors})")
+    elif kind not in (None, "default"):
+        raise ConfigError(f"{where}: rope_scaling type {kind!r} is not supported by this converter's checks")
+    elif method != "None":
+        raise ConfigError(f"{where}: has no rope_scaling but model_config.extend_method is {method}")
 
 
 def safetensors_files(input_path: str) -> List[str]:
@@ -167,18 +218,27 @@ class CheckpointStreamWriter:
 
 def convert_hf_to_ms(input_path: str, output_path: str, model_config=None, dtype: Optional[str] = None,
                      keep_lm_head: bool = False, log=print) -> dict:
-    """Hugging Face Llama safetensors (one file or sharded with an index) -> a MindSpore checkpoint."""
-    if model_config is None:
-        hf_config = os.path.join(input_path, "config.json") if os.path.isdir(input_path) else None
-        if not hf_config or not os.path.isfile(hf_config):
-            raise ConfigError(f"{input_path}: pass --config (a run YAML) or keep config.json beside the weights")
+    """Hugging Face Llama 2/3 or Qwen2 safetensors (one file or sharded with an index) -> a MindSpore checkpoint.
+
+    Tied embeddings (Qwen2): with keep_lm_head and no lm_head.weight in the files, embed_tokens is written as
+    lm_head.weight, as transformers ties them.
+    """
+    hf_config = os.path.join(input_path, "config.json") if os.path.isdir(input_path) else None
+    hf = None
+    if hf_config and os.path.isfile(hf_config):
         with open(hf_config, encoding="utf-8") as fh:
             hf = json.load(fh)
-        model_config = {"hidden_size": hf["hidden_size"], "num_layers": hf["num_hidden_layers"],
-                        "num_heads": hf["num_attention_heads"], "n_kv_heads": hf.get("num_key_value_heads"),
-                        "vocab_size": hf["vocab_size"], "intermediate_size": hf.get("intermediate_size")}
+    if model_config is None:
+        if hf is None:
+            raise ConfigError(f"{input_path}: pass --config (a run YAML) or keep config.json beside the weights")
+        model_config = hf_model_config(hf)
+    elif hf is not None:
+        check_hf_config(hf, model_config, hf_config)
+    get = model_config.get if hasattr(model_config, "get") else lambda k, d=None: getattr(model_config, k, d)
+    tied = bool(hf.get("tie_word_embeddings", False) if hf is not None else get("tie_word_embeddings", False))
     expected = expected_shapes(model_config)
     seen, unmapped, dropped = set(), [], []
+    embed_source = None
     writer = CheckpointStreamWriter(output_path)
     try:
         for shard in safetensors_files(input_path):
@@ -192,12 +252,21 @@ def convert_hf_to_ms(input_path: str, output_path: str, model_config=None, dtype
                 if name == "lm_head.weight" and not keep_lm_head:
                     dropped.append(hf_name)
                     continue
+                if name == "v_head.weight" and tuple(array.shape) != (1, int(get("hidden_size"))):
+                    raise ConfigError(f"{shard}: tensor {hf_name} (-> {name}) has shape {tuple(array.shape)}, a "
+                                      f"reward model's one-label head is (1, {get('hidden_size')})")
+                if name not in ("lm_head.weight", "v_head.weight") and name not in expected:
+                    raise ConfigError(f"{shard}: tensor {hf_name} (-> {name}) has no place in the target config "
+                                      "(q/k/v biases need model_config.qkv_has_bias: True; layers beyond num_layers "
+                                      "are not read)")
                 if name in expected and tuple(array.shape) != expected[name]:
                     raise ConfigError(f"{shard}: tensor {hf_name} (-> {name}) has shape {tuple(array.shape)}, "
                                       f"the target config expects {expected[name]}")
                 if name in seen:
                     raise ConfigError(f"{shard}: tensor {hf_name} appears twice")
                 seen.add(name)
+                if hf_name == "model.embed_tokens.weight":
+                    embed_source = shard
                 data, ms_type = _cast(array, src_type, dtype)
                 writer.write(name, data, ms_type)
         missing = sorted(set(expected) - seen)
@@ -206,11 +275,19 @@ def convert_hf_to_ms(input_path: str, output_path: str, model_config=None, dtype
         if missing:
             raise ConfigError(f"{input_path}: missing tensor(s) the target config needs: {missing[:10]}"
                               f"{' ...' if len(missing) > 10 else ''}")
+        if keep_lm_head and "lm_head.weight" not in seen:
+            if not tied:
+                raise ConfigError(f"{input_path}: no lm_head.weight, and the model does not tie it to embed_tokens "
+                                  "(tie_word_embeddings is false)")
+            array, src_type = next((a, t) for n, a, t in iter_safetensors(embed_source)
+                                   if n == "model.embed_tokens.weight")
+            writer.write("lm_head.weight", *_cast(array, src_type, dtype))
+            seen.add("lm_head.weight")
         writer.commit()
     except BaseException:
         writer.abort()
         raise
-    return {"output_path": output_path, "tensors": len(seen), "dropped": dropped}
+    return {"output_path": output_path, "tensors": len(seen), "dropped": dropped, "tied_embeddings": tied}
 
 
 def load_checkpoint_dict(path: str, choice_func=None) -> dict:
@@ -265,6 +342,7 @@ def load_backbone(network, path: str, log=print) -> dict:
     return report
 
 
+VALUE_HEAD = "v_head."  # whole (replicated) in every rank's slice
 STRATEGY_HINT = ("pass --src_strategy with the training run's strategy file (MindFormers writes it to "
                  "<output_dir>/strategy/ckpt_strategy_rank_0.ckpt)")
 
@@ -334,7 +412,8 @@ def merge_slices(checkpoint: str, strategy: str, output_path: str) -> str:
             if not os.path.isfile(path):
                 raise ConfigError(f"{path}: slice of rank {rank} is missing (the strategy {strategy} spreads "
                                   f"the model over ranks {sorted(ranks)})")
-            load_checkpoint_dict(path, choice_func=lambda n: False)  # a truncated slice fails here, by name
+            # a truncated slice fails here, by name (the whole file is parsed, one small tensor materialised)
+            load_checkpoint_dict(path, choice_func=lambda n: n.startswith(VALUE_HEAD))
             files[rank] = path
         tmp = os.path.join(work, "merged.ckpt")
         ms.transform_checkpoint_by_rank(0, files, tmp, layout, None)

@@ -141,6 +141,20 @@ def check_data_against_model(config, files, role: str = "train", rank_size: int 
     return info
 
 
+def data_template_and_margin(config, files):
+    """The data's one template (from the sidecars; None when unknown) and whether it carries margins; with
+    margins the network gets them as a sixth input (construct_args_key), which the loss then applies."""
+    from mindrlhf.data.dataset import record_columns
+    from mindrlhf.data.prompt import MARGIN_COLUMN, MODEL_COLUMNS
+    from mindrlhf.data.templates import data_template
+
+    template = data_template(files)
+    margin = MARGIN_COLUMN in record_columns(files)
+    if margin:
+        config.train_dataset.construct_args_key = list(MODEL_COLUMNS) + [MARGIN_COLUMN]
+    return template, margin
+
+
 def set_dataset(config, role: str, source: Optional[str]):
     if source:
         config[f"{role}_dataset"].data_loader.dataset_dir = source

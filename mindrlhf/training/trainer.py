@@ -9,6 +9,7 @@ import os
 import sys
 from typing import Optional
 
+from mindrlhf import distributed
 from mindrlhf.errors import ConfigError
 from mindrlhf.training import config as cfg
 
@@ -61,8 +62,6 @@ def resume_file(ckpt_dir: str, rank_id: int = 0, collective: bool = False, warn=
     Alone: the newest readable one. Under a launcher (collective=True) the ranks agree on the newest step that
     every rank can read, so one rank's truncated file sends all ranks back together.
     """
-    from mindrlhf import distributed
-
     found = readable_checkpoints(ckpt_dir, rank_id, warn)
     step = distributed.agree_on_step(found, log=warn) if collective else max(found, default=None)
     if step is None:
@@ -80,10 +79,18 @@ def prepare_config(config_path: str, train_dataset: Optional[str] = None, output
                    load_checkpoint: Optional[str] = None, resume: bool = False,
                    use_parallel: Optional[bool] = None, epochs: Optional[int] = None,
                    batch_size: Optional[int] = None, save_steps: Optional[int] = None,
-                   stop_step: Optional[int] = None, overwrite: bool = False):
+                   stop_step: Optional[int] = None, overwrite: bool = False, loss_type: Optional[str] = None,
+                   center_rewards_coefficient: Optional[float] = None):
     """The run's MindFormerConfig with CLI overrides applied and everything checkable checked."""
+    from mindrlhf.models.loss import loss_options
+
     config = cfg.load_config(config_path)
     cfg.check_sections(config_path)
+    if loss_type is not None:
+        config.model.model_config.loss_type = loss_type
+    if center_rewards_coefficient is not None:
+        config.model.model_config.center_rewards_coefficient = float(center_rewards_coefficient)
+    loss_options(config.model.model_config)
     if use_parallel is not None:
         config.use_parallel = use_parallel
     if output_dir:
@@ -144,15 +151,17 @@ def train(config_path: str, train_dataset: Optional[str] = None, task: str = "te
 
     config = prepare_config(config_path, train_dataset, **overrides)
     files = resolve_mindrecord_files(cfg.dataset_source(config, "train"))
+    template, margin = cfg.data_template_and_margin(config, files)
     set_output_path(config.output_dir)
-    from mindrlhf import distributed
-
     build_context(config)
     rank_id, rank_size = distributed.rank_and_size()
     collective = bool(config.use_parallel) and rank_size > 1
     if collective and config.context.get("device_target") == "CPU":
         use_cpu_barrier()
     info = cfg.check_data_against_model(config, files, "train", rank_size if config.use_parallel else 1)
+    if template is not None and rank_id == 0:
+        record_run_template(os.path.join(config.output_dir, "checkpoint"), template,
+                            config.load_checkpoint if config.resume_training else None)
     if config.resume_training:
         config.resume_training = resume_file(config.load_checkpoint, rank_id, collective, warn=_warn)
     stop_step = config.runner_config.pop("stop_step", None)
@@ -167,6 +176,9 @@ def train(config_path: str, train_dataset: Optional[str] = None, task: str = "te
         "checkpoint_dir": ckpt_dir, "checkpoints": cfg.checkpoint_files(ckpt_dir),
         "steps_logged": len(points), "first_loss": points[0].loss if points else None,
         "last_loss": points[-1].loss if points else None, "resumed": bool(config.resume_training),
+        "template": template.name if template is not None else None, "margin": margin,
+        "loss_type": config.model.model_config.get("loss_type") or "span",
+        "center_rewards_coefficient": float(config.model.model_config.get("center_rewards_coefficient") or 0.0),
     }
     if rank_id == 0:
         with open(os.path.join(config.output_dir, TRAIN_SUMMARY), "w", encoding="utf-8") as fh:
@@ -174,12 +186,23 @@ def train(config_path: str, train_dataset: Optional[str] = None, task: str = "te
     return summary
 
 
+def record_run_template(checkpoint_root: str, template, resumed_from: Optional[str] = None):
+    """Write the data's template beside the checkpoints (evaluation and inference render with it); resuming a
+    run whose checkpoints were trained with another template is an error."""
+    from mindrlhf.data.templates import read_run_template, run_template_path, write_run_template
+
+    earlier = read_run_template(resumed_from) if resumed_from else None
+    if earlier is not None and not earlier.same_as(template):
+        raise ConfigError(f"{run_template_path(resumed_from)}: the checkpoints there were trained with the template "
+                          f"'{earlier.name}', the data was converted with '{template.name}'; resume with data "
+                          "converted with the run's template")
+    write_run_template(checkpoint_root, template)
+
+
 def use_cpu_barrier():
     """MindFormers' resume path waits on a Barrier op, which CPU does not have (`Unsupported op [Barrier] on
     CPU`); there it waits on an AllGather instead. Each module holds its own imported name, so each is set."""
     import importlib
-
-    from mindrlhf import distributed
 
     def barrier(*_args, **_kwargs):
         distributed.barrier()

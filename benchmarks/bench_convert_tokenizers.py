@@ -1,0 +1,144 @@
+"""Conversion throughput with a Hugging Face tokenizer folder (the `tokenizers` path), beside bench_convert.py's
+SentencePiece one: the tutorial's algorithm written with transformers vs ours, same input, same run, padded layout.
+
+The tokenizer is a Qwen2.5-style byte-level BPE folder trained here on the train split
+(mindrlhf.tools.hf_tokenizer), and pairs are rendered with its chat template. Baseline: the tutorial's
+cvalues_comparison.py with transformers' fast tokenizer in place of LlamaTokenizer: apply_chat_template and five
+tokenizer calls per pair, one FileWriter.write_raw_data per pair. Ours: `--template chat` through
+mindrlhf.data.convert: batched, multi-threaded `tokenizers` encoding overlapped with batched writes. Both outputs
+are compared row by row. The floor is the MindRecord writer: ours_write_share says how close the run is to it.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from bench_convert import SCHEMA, compare, make_input
+from common import TRAIN_JSONL, require_inputs, save, timed
+
+
+def messages(prompt, response):
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+
+
+def tutorial_convert(src, dst, seq, times, folder):
+    """The upstream algorithm step for step, with transformers' tokenizer and its chat template."""
+    from mindspore.mindrecord import FileWriter
+    from transformers import AutoTokenizer
+
+    with timed(times, "baseline_load_tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    pad = tokenizer.pad_token_id
+    writer = FileWriter(file_name=dst, shard_num=1, overwrite=True)
+    writer.add_schema(SCHEMA)
+    count = 0
+    with open(src, encoding="utf-8") as fh:
+        for line in fh:
+            item = json.loads(line)
+            with timed(times, "baseline_tokenize"):
+                prompt, chosen, reject = item["prompt"].strip(), item["pos_resp"].strip(), item["neg_resp"].strip()
+                for text in (prompt, chosen, reject):
+                    np.array(tokenizer(text, truncation=True, max_length=seq, add_special_tokens=False)["input_ids"])
+                texts = [tokenizer.apply_chat_template(messages(prompt, r), tokenize=False) for r in (chosen, reject)]
+                c, r = (tokenizer(t, truncation=True, max_length=seq, padding="max_length", add_special_tokens=False)
+                        for t in texts)
+            with timed(times, "baseline_build"):
+                sample = {"chosen_input_ids": np.array(c["input_ids"], np.int32),
+                          "chosen_attention_mask": np.array(c["attention_mask"], np.int32),
+                          "rejected_input_ids": np.array(r["input_ids"], np.int32),
+                          "rejected_attention_mask": np.array(r["attention_mask"], np.int32)}
+                diff = np.nonzero(sample["chosen_input_ids"] != sample["rejected_input_ids"])[0]
+                if len(diff) == 0:
+                    continue
+                sample["position_id"] = np.arange(seq, dtype=np.int32)
+                c_idx = np.nonzero(sample["chosen_input_ids"] == pad)[0]
+                r_idx = np.nonzero(sample["rejected_input_ids"] == pad)[0]
+                end = max(c_idx[0] if len(c_idx) else seq, r_idx[0] if len(r_idx) else seq)
+                loss_mask = np.zeros(seq, dtype=np.int32)
+                loss_mask[diff[0]:end] = 1
+                sample["loss_mask"] = loss_mask
+                sample["end_ind"] = int(end)
+            with timed(times, "baseline_write"):
+                writer.write_raw_data([sample])
+            count += 1
+    with timed(times, "baseline_write"):
+        writer.commit()
+    return count
+
+
+def ours_convert(src, dst, seq, times, folder):
+    from mindrlhf.data import convert as conv
+    from mindrlhf.data.templates import resolve_template
+    from mindrlhf.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(folder)
+    encode = tokenizer.encode
+
+    def timed_encode(*args, **kwargs):
+        with timed(times, "ours_tokenize"):
+            return encode(*args, **kwargs)
+
+    tokenizer.encode = timed_encode
+    original_write = conv.AtomicMindRecordWriter.write
+
+    def timed_write(self, rows):
+        with timed(times, "ours_write"):
+            original_write(self, rows)
+
+    conv.AtomicMindRecordWriter.write = timed_write
+    try:
+        result = conv.convert_file(str(src), tokenizer, dst, seq, None, overwrite=True, progress=False,
+                                   template=resolve_template("chat", tokenizer))
+    finally:
+        conv.AtomicMindRecordWriter.write = original_write
+    return result["rows"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--copies", type=int, default=10, help="copies of the 4,049-pair train set (10 -> 40,490)")
+    parser.add_argument("--seq_length", type=int, default=1024)
+    args = parser.parse_args()
+    require_inputs()
+    import mindrlhf  # noqa: F401  (imports MindSpore/MindFormers before any timing)
+    from mindrlhf.tools.hf_tokenizer import corpus, train_hf_tokenizer
+
+    work = tempfile.mkdtemp(prefix="bench_convert_tokenizers_")
+    try:
+        folder = train_hf_tokenizer(corpus(str(TRAIN_JSONL)), os.path.join(work, "tokenizer"), "qwen2")
+        src = os.path.join(work, "pairs.jsonl")
+        pairs = make_input(src, args.copies)
+        times = {}
+        start = time.perf_counter()
+        base_rows = tutorial_convert(src, os.path.join(work, "tutorial.mindrecord"), args.seq_length, times, folder)
+        baseline = time.perf_counter() - start
+        start = time.perf_counter()
+        our_rows = ours_convert(src, os.path.join(work, "ours.mindrecord"), args.seq_length, times, folder)
+        ours = time.perf_counter() - start
+        checked = compare(os.path.join(work, "tutorial.mindrecord"), os.path.join(work, "ours.mindrecord"))
+        assert base_rows == our_rows, (base_rows, our_rows)
+        result = {
+            "tokenizer": "Qwen2.5-style byte-level BPE folder (tokenizer.json), chat template", "pairs": pairs,
+            "seq_length": args.seq_length, "rows_written": our_rows, "rows_compared": checked,
+            "baseline_seconds": round(baseline, 2), "ours_seconds": round(ours, 2),
+            "baseline_pairs_per_s": round(pairs / baseline, 1), "ours_pairs_per_s": round(pairs / ours, 1),
+            "speedup": round(baseline / ours, 2),
+            "ours_tokenize_seconds": round(times.get("ours_tokenize", 0), 2),
+            "ours_write_seconds": round(times.get("ours_write", 0), 2),
+            "ours_write_share": round(times.get("ours_write", 0) / ours, 3),
+            "baseline_breakdown_seconds": {k: round(v, 2) for k, v in times.items() if k.startswith("baseline")},
+        }
+        print(f"tokenizers-path conversion speedup {result['speedup']}x ({result['ours_pairs_per_s']} vs "
+              f"{result['baseline_pairs_per_s']} pairs/s); our writer share {result['ours_write_share']:.0%}")
+        save("convert_tokenizers", result)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Reward server throughput: dynamic batching vs one text per forward pass (`--max_batch 1`), same server code,
+same texts, same run.
+
+32 concurrent clients (threads, one keep-alive HTTP connection each, 127.0.0.1 only) each send one text per
+request to POST /score, back to back, for --requests_per_client requests. Both servers compile every shape at
+start (--warmup), run side by side and get the same warm-up round; the timed rounds alternate between them
+(--rounds each), so a change in machine load hits both. The same texts scored in-process without HTTP give the
+ceiling batching can reach on this machine. Reports requests/s and p50/p99 latency for both,
+the ratio, and checks both answered the same scores. Target: >= 5x requests/s at a lower p99.
+Without --distributed_ckpt_path the tiny config's randomly initialised weights are served.
+"""
+import argparse
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import ROOT, TEST_JSONL, TINY_CONFIG, TOKENIZER, require_inputs, save
+
+SERVER = ROOT / "examples" / "reward_model_train_tutorial" / "reward_server.py"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def random_checkpoint(config: str, directory: Path) -> str:
+    import mindspore as ms
+
+    import mindrlhf  # noqa: F401
+    from mindrlhf.evaluation.scorer import RewardScorer
+
+    ms.set_seed(0)
+    path = directory / "random" / "rank_0" / "random.ckpt"
+    path.parent.mkdir(parents=True)
+    ms.save_checkpoint(RewardScorer(config).network, str(path))
+    return str(path.parent.parent)
+
+
+def model_ceiling(config: str, ckpt: str, items: list, clients: int) -> dict:
+    """The same texts scored in-process, no HTTP: one per forward pass vs rounds of `clients` batched as the
+    server batches them (DynamicBatcher.score). Bounds what the server can gain from batching on this machine."""
+    import mindrlhf  # noqa: F401
+    from mindrlhf.data.tokenizer import load_tokenizer
+    from mindrlhf.evaluation.run import run_template
+    from mindrlhf.evaluation.scorer import RewardScorer, list_checkpoints
+    from mindrlhf.serving.batcher import DynamicBatcher
+
+    tok = load_tokenizer(str(TOKENIZER))
+    template = run_template(ckpt, None, tok)
+    scorer = RewardScorer(config, list_checkpoints(ckpt)[-1], batch_size=clients)
+    ids = [x[:scorer.seq_length] for x in tok.encode([template.render(i["prompt"], i["response"]) for i in items],
+                                                     special_tokens=template.special_tokens)]
+    one, many = DynamicBatcher(scorer, 1), DynamicBatcher(scorer, clients)
+    one.warmup()
+    many.warmup()
+    single = batched = 0.0
+    for _ in range(3):  # alternating, as the server rounds
+        began = time.perf_counter()
+        for seq in ids:
+            one.score([seq])
+        single += time.perf_counter() - began
+        began = time.perf_counter()
+        for start in range(0, len(ids), clients):
+            many.score(ids[start:start + clients])
+        batched += time.perf_counter() - began
+    return {"batch_1_seq_per_s": round(3 * len(ids) / single, 1),
+            "batched_seq_per_s": round(3 * len(ids) / batched, 1), "ratio": round(single / batched, 2)}
+
+
+def post(conn, body: dict):
+    data = json.dumps(body).encode("utf-8")
+    conn.request("POST", "/score", body=data, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    answer = json.loads(resp.read())
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status}: {answer}")
+    return answer
+
+
+class Server:
+    """reward_server.py as a subprocess on a free loopback port; stopped with SIGTERM."""
+
+    def __init__(self, config, ckpt, max_batch, log_path):
+        self.port = free_port()
+        self.log = open(log_path, "w", encoding="utf-8")  # pylint: disable=consider-using-with
+        env = dict(os.environ, PYTHONPATH=str(ROOT), GLOG_v="3")
+        self.proc = subprocess.Popen(  # pylint: disable=consider-using-with
+            [sys.executable, str(SERVER), "--config", config, "--distributed_ckpt_path", ckpt, "--tokenizer",
+             str(TOKENIZER), "--port", str(self.port), "--max_batch", str(max_batch), "--warmup",
+             "--log_level", "warning"], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                sys.exit(f"server exited with {self.proc.returncode}; see {log_path}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    return
+            except OSError:
+                time.sleep(0.5)
+        sys.exit(f"server did not start within 300 s; see {log_path}")
+
+    def counts(self) -> dict:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        conn.request("GET", "/health")
+        return json.loads(conn.getresponse().read())["counts"]
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=120)
+        self.log.close()
+        if code != 0:
+            sys.exit(f"server exited with {code} on SIGTERM")
+
+
+def load(port: int, items: list, clients: int, per_client: int):
+    """clients threads, each sending per_client requests of one item; (wall seconds, latencies, scores)."""
+    latencies, scores, errors = [], {}, []
+    lock = threading.Lock()
+    start_gate = threading.Barrier(clients + 1)
+
+    def client(index: int):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        start_gate.wait()
+        try:
+            for k in range(per_client):
+                item = (index * per_client + k) % len(items)
+                sent = time.perf_counter()
+                answer = post(conn, items[item])
+                took = time.perf_counter() - sent
+                with lock:
+                    latencies.append(took)
+                    scores[item] = answer["rewards"][0]
+        except Exception as err:  # pylint: disable=broad-except  (reported below)
+            errors.append(repr(err))
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    start_gate.wait()
+    began = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - began
+    if errors:
+        sys.exit(f"{len(errors)} client(s) failed, e.g. {errors[0]}")
+    return wall, np.array(latencies), scores
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(TINY_CONFIG))
+    parser.add_argument("--distributed_ckpt_path", default=None)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--requests_per_client", type=int, default=8)
+    parser.add_argument("--max_batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating timed rounds per mode")
+    args = parser.parse_args()
+    require_inputs()
+    work = Path(tempfile.mkdtemp(prefix="bench_server_"))
+    ckpt = args.distributed_ckpt_path or random_checkpoint(args.config, work)
+    pairs = [json.loads(line) for line in TEST_JSONL.read_text(encoding="utf-8").splitlines()]
+    items = [{"prompt": p["prompt"], "response": p[key]} for p in pairs for key in ("pos_resp", "neg_resp")]
+    items = items[:args.clients * args.requests_per_client]
+    ceiling = model_ceiling(args.config, ckpt, items, args.clients)
+    print("model only (no HTTP):", ceiling, flush=True)
+    results, scores = {}, {}
+    modes = {"batch_1": 1, "dynamic": args.max_batch}
+    servers = {}
+    try:
+        for name, max_batch in modes.items():  # both up at once: the rounds alternate, so load drift hits both
+            servers[name] = Server(args.config, ckpt, max_batch, work / f"{name}.log")
+            load(servers[name].port, items, args.clients, 1)  # warm-up: connections, first requests
+        walls, lats, before = {n: 0.0 for n in modes}, {n: [] for n in modes}, {}
+        for name in modes:
+            before[name] = servers[name].counts()
+        for _ in range(args.rounds):
+            for name in modes:
+                wall, lat, scores[name] = load(servers[name].port, items, args.clients, args.requests_per_client)
+                walls[name] += wall
+                lats[name].extend(lat)
+        for name, max_batch in modes.items():
+            after, lat = servers[name].counts(), np.array(lats[name])
+            passes = after["forward_passes"] - before[name]["forward_passes"]
+            results[name] = {"max_batch": max_batch, "requests": len(lat), "wall_s": round(walls[name], 3),
+                             "requests_per_s": round(len(lat) / walls[name], 1),
+                             "p50_ms": round(float(np.percentile(lat, 50)) * 1000, 1),
+                             "p99_ms": round(float(np.percentile(lat, 99)) * 1000, 1),
+                             "forward_passes": passes,
+                             "mean_rows_per_pass": round((after["sequences"] - before[name]["sequences"])
+                                                         / max(1, passes), 1)}
+            print(name, results[name], flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+    common = sorted(set(scores["batch_1"]) & set(scores["dynamic"]))
+    diff = max(abs(scores["batch_1"][i] - scores["dynamic"][i]) for i in common)
+    speedup = results["dynamic"]["requests_per_s"] / results["batch_1"]["requests_per_s"]
+    result = {"clients": args.clients, "requests_per_client": args.requests_per_client, "texts": len(items),
+              "cpu_count": os.cpu_count(), "checkpoint": "random weights" if not args.distributed_ckpt_path else ckpt,
+              **results, "model_only_ceiling": ceiling, "speedup": round(speedup, 2),
+              "p99_ratio": round(results["dynamic"]["p99_ms"] / results["batch_1"]["p99_ms"], 2),
+              "max_abs_score_difference": diff, "target": ">= 5x requests/s at a lower p99"}
+    print(f"dynamic batching: {speedup:.2f}x requests/s, p99 {results['dynamic']['p99_ms']} ms vs "
+          f"{results['batch_1']['p99_ms']} ms; max |score difference| {diff:.2e}")
+    assert diff < 1e-4, diff
+    save("server", result)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""The reward server's HTTP side: OpenRLHF's `POST /get_reward`, `POST /score` with the run's template, and
+`GET /health`; a shared key, size limits, a bound on requests in flight and a per-request timeout.
+
+Contract (OpenRLHF's openrlhf/cli/serve_rm.py and utils/remote_rm_utils.py): `{"query": [full texts], "prompts":
+[...], "labels": [...]}` -> `{"rewards": [...], "scores": [...]}`; their PPO reads `rewards`. A full text is
+tokenized as reward_infer.py tokenizes the rendered template, so sending `template.render(prompt, response)`
+gives reward_infer.py's score for that row; `/score` renders `{"prompt", "response"}` items itself.
+
+Every rejection is a JSON `{"error", "limit"}` with a 4xx/503 and never touches the process: the next request
+is served. Nothing in a request reaches the file system or a shell: the checkpoint, config, tokenizer and
+template are fixed when the service starts, a request only carries texts.
+"""
+import asyncio
+import hmac
+import json
+import logging
+from dataclasses import asdict, dataclass
+from typing import List, Optional, Sequence, Tuple
+
+from mindrlhf.errors import ConfigError
+
+LOG = logging.getLogger("mindrlhf.serving")
+DRAIN_CAP = 8 << 20  # a rejected request's body is read (and dropped) up to this size, so the answer arrives
+INLINE_TOKENIZE_CHARS = 16384  # smaller requests are tokenized on the event loop, larger ones in a thread
+
+
+@dataclass
+class Limits:
+    """What one request, and all of them together, may take. Each is named in the answer that enforces it."""
+
+    max_body_bytes: int = 4 << 20
+    max_texts: int = 256
+    max_chars: int = 32768
+    max_in_flight: int = 64
+    request_timeout: float = 120.0
+
+    def check(self):
+        for name, value in asdict(self).items():
+            if not value or value <= 0:
+                raise ConfigError(f"--{name} must be positive, got {value}")
+        return self
+
+
+class Rejected(Exception):
+    """An answer other than 200: status, the limit or rule that decided it, a reason, extra headers."""
+
+    def __init__(self, status: int, limit: str, reason: str, headers: Optional[dict] = None):
+        super().__init__(reason)
+        self.status, self.limit, self.reason, self.headers = status, limit, reason, headers or {}
+
+
+def parse_json(body: bytes):
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as err:
+        raise Rejected(400, "json", f"malformed JSON: {str(err)[:200]}") from None
+
+
+def _string(value, where: str, limits: Limits) -> str:
+    if not isinstance(value, str):
+        raise Rejected(400, "field_type", f"{where} must be a string, got {type(value).__name__}")
+    if len(value) > limits.max_chars:
+        raise Rejected(413, "max_chars", f"{where} has {len(value)} characters, over max_chars={limits.max_chars}")
+    return value
+
+
+def _list(payload, field: str, what: str, limits: Limits) -> list:
+    if not isinstance(payload, dict):
+        raise Rejected(400, "body", f"the body must be a JSON object, got {type(payload).__name__}")
+    if field not in payload:
+        raise Rejected(400, "missing_field", f"missing field '{field}' ({what})")
+    values = payload[field]
+    if not isinstance(values, list):
+        raise Rejected(400, "field_type", f"field '{field}' must be a list ({what}), got {type(values).__name__}")
+    if not values:
+        raise Rejected(400, "empty", f"field '{field}' is an empty list: nothing to score")
+    if len(values) > limits.max_texts:
+        raise Rejected(413, "max_texts", f"field '{field}' has {len(values)} entries, over max_texts="
+                                         f"{limits.max_texts}")
+    return values
+
+
+def query_texts(payload, limits: Limits) -> List[str]:
+    """OpenRLHF's /get_reward body -> its full texts (prompts and labels, when sent, are not needed)."""
+    values = _list(payload, "query", "full texts: prompt and response in the run's template", limits)
+    return [_string(v, f"query[{i}]", limits) for i, v in enumerate(values)]
+
+
+def score_items(payload, limits: Limits) -> List[Tuple[str, str]]:
+    """/score body: one {"prompt", "response"} object, or {"items": [{"prompt", "response"}, ...]}."""
+    if isinstance(payload, dict) and "items" not in payload and ("prompt" in payload or "response" in payload):
+        payload = {"items": [payload]}
+    values = _list(payload, "items", 'objects with "prompt" and "response"', limits)
+    items = []
+    for i, item in enumerate(values):
+        if not isinstance(item, dict):
+            raise Rejected(400, "field_type", f"items[{i}] must be an object with prompt and response, got "
+                                              f"{type(item).__name__}")
+        for key in ("prompt", "response"):
+            if key not in item:
+                raise Rejected(400, "missing_field", f"items[{i}] has no field '{key}'")
+        items.append((_string(item["prompt"], f"items[{i}].prompt", limits),
+                      _string(item["response"], f"items[{i}].response", limits)))
+    return items
+
+
+class RewardService:  # pylint: disable=too-many-instance-attributes
+    """Texts -> rewards through the batcher, with the run's template, truncation and (optionally) normalisation.
+
+    Everything here is decided at start; requests bring only texts.
+    """
+
+    def __init__(self, scorer, tokenizer, template, batcher, limits: Limits, api_key: Optional[str] = None,
+                 stats: Optional[dict] = None, info: Optional[dict] = None):
+        self.scorer, self.tokenizer, self.template, self.batcher = scorer, tokenizer, template, batcher
+        self.limits = limits.check()
+        self._key = api_key.encode("utf-8") if api_key else None
+        self.stats = stats
+        self.info = dict(info or {})
+        self.in_flight = 0
+        self.counts = {"answered": 0, "rejected": 0}
+
+    # -- scoring ---------------------------------------------------------------------------------------------
+    def encode(self, texts: Sequence[str]) -> List[List[int]]:
+        """Token ids exactly as reward_infer.py makes them for the rendered text (same special-token rule)."""
+        return self.tokenizer.encode(list(texts), special_tokens=self.template.special_tokens)
+
+    async def rewards(self, texts: Sequence[str]) -> dict:
+        if sum(len(t) for t in texts) <= INLINE_TOKENIZE_CHARS:  # a thread hand-off costs more than this
+            ids = self.encode(texts)
+        else:
+            ids = await asyncio.get_running_loop().run_in_executor(None, self.encode, texts)
+        empty = [i for i, x in enumerate(ids) if not x]
+        if empty:
+            raise Rejected(400, "empty_text", f"text {empty[0]} has no tokens: nothing to score")
+        seq_length = self.scorer.seq_length
+        lengths = [len(x) for x in ids]
+        truncated = [i for i, n in enumerate(lengths) if n > seq_length]
+        ids = [x[:seq_length] for x in ids]  # as training and reward_infer.py truncate
+        job = self.batcher.submit(ids)
+        try:
+            raw = await asyncio.wrap_future(job.future)
+        except asyncio.CancelledError:  # request_timeout: the batcher skips what is left of this job
+            job.abandoned = True
+            raise
+        answer = {"rewards": [float(r) for r in raw], "num_tokens": lengths, "truncated": truncated}
+        if truncated:
+            answer["note"] = (f"{len(truncated)} text(s) longer than seq_length={seq_length} tokens were truncated "
+                              "to their first seq_length tokens, as in training")
+        if self.stats is not None:
+            from mindrlhf.evaluation.normalize import normalize
+
+            answer["raw_rewards"] = answer["rewards"]
+            answer["rewards"] = [float(r) for r in normalize(raw, self.stats)]
+            answer["normalized"] = True
+        return answer
+
+    # -- HTTP ------------------------------------------------------------------------------------------------
+    def check_key(self, request, peer: str):
+        """Bearer key in constant time; the log names the peer and the reason, never a key."""
+        if self._key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if not header:
+            reason = "no Authorization header"
+        elif scheme.lower() != "bearer":
+            reason = "Authorization is not a Bearer key"
+        elif not hmac.compare_digest(given.strip().encode("latin-1", "replace"), self._key):
+            reason = "wrong key"
+        else:
+            return
+        LOG.warning("401 %s %s from %s: %s", request.method, request.url.path, peer, reason)
+        raise Rejected(401, "api_key", "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                       {"WWW-Authenticate": "Bearer"})
+
+    async def read_body(self, request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limits.max_body_bytes):
+            raise Rejected(413, "max_body_bytes", f"request body of {declared} bytes is over max_body_bytes="
+                                                  f"{self.limits.max_body_bytes}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.limits.max_body_bytes:
+                raise Rejected(413, "max_body_bytes", f"request body over max_body_bytes="
+                                                      f"{self.limits.max_body_bytes}")
+            chunks.append(chunk)
+        request.state.body_read = True
+        return b"".join(chunks)
+
+    async def answer(self, request, kind: str) -> dict:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.request_timeout
+        try:
+            body = await asyncio.wait_for(self.read_body(request), self.limits.request_timeout)
+        except asyncio.TimeoutError:
+            raise Rejected(408, "request_timeout", f"request body not received within request_timeout="
+                                                   f"{self.limits.request_timeout}s") from None
+        payload = parse_json(body)
+        if kind == "get_reward":
+            texts = query_texts(payload, self.limits)
+        else:
+            texts = [self.template.render(p, r) for p, r in score_items(payload, self.limits)]
+        try:
+            answer = await asyncio.wait_for(self.rewards(texts), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            raise Rejected(503, "request_timeout", f"not scored within request_timeout="
+                                                   f"{self.limits.request_timeout}s; the server is busy, retry later",
+                           {"Retry-After": "1"}) from None
+        if kind == "get_reward":
+            answer["scores"] = answer["rewards"]  # newer OpenRLHF servers send both
+        return answer
+
+    async def handle(self, request, kind: str):
+        from fastapi.responses import JSONResponse
+
+        peer = f"{request.client.host}:{request.client.port}" if request.client else "unknown peer"
+        try:
+            self.check_key(request, peer)
+            if self.in_flight >= self.limits.max_in_flight:
+                raise Rejected(503, "max_in_flight", f"{self.in_flight} requests in flight, the limit max_in_flight="
+                                                     f"{self.limits.max_in_flight}; retry later", {"Retry-After": "1"})
+            self.in_flight += 1
+            try:
+                answer = await self.answer(request, kind)
+            finally:
+                self.in_flight -= 1
+        except Rejected as err:
+            self.counts["rejected"] += 1
+            if err.status != 401:
+                LOG.info("%d %s %s from %s: %s", err.status, request.method, request.url.path, peer, err.reason)
+            if err.limit != "request_timeout":
+                await drain(request)
+            return JSONResponse({"error": err.reason, "limit": err.limit}, status_code=err.status,
+                                headers=err.headers)
+        self.counts["answered"] += 1
+        return JSONResponse(answer)
+
+    def health(self) -> dict:
+        return dict(self.info, status="ok", in_flight=self.in_flight, counts=dict(self.counts, **self.batcher.counts),
+                    normalization=None if self.stats is None else
+                    {"mean": self.stats["mean"], "std": self.stats["std"], "stats_file": self.stats["path"]},
+                    limits=asdict(self.limits), api_key_required=self._key is not None)
+
+
+async def drain(request):
+    """Read and drop what is left of a rejected request's body (bounded), so the client gets the answer rather
+    than a reset connection."""
+    from starlette.requests import ClientDisconnect
+
+    if getattr(request.state, "body_read", False):
+        return
+    size = 0
+
+    async def consume():
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > DRAIN_CAP:
+                return
+
+    try:
+        await asyncio.wait_for(consume(), 2.0)
+    except (asyncio.TimeoutError, ClientDisconnect, RuntimeError):
+        pass
+
+
+def create_app(service: RewardService):
+    """The FastAPI application around a service (no docs or OpenAPI routes: nothing else to reach)."""
+    from fastapi import FastAPI, Request
+
+    app = FastAPI(title="mindrlhf reward server", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.post("/get_reward")
+    async def get_reward(request: Request):
+        return await service.handle(request, "get_reward")
+
+    @app.post("/score")
+    async def score(request: Request):
+        return await service.handle(request, "score")
+
+    @app.get("/health")
+    async def health():
+        return service.health()
+
+    return app

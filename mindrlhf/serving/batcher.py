@@ -1,0 +1,152 @@
+"""Dynamic batching: texts of requests that arrive within a few milliseconds are scored in one forward pass.
+
+One worker thread owns the model. It takes the oldest waiting job and keeps collecting the jobs that follow it
+less than `wait_ms` apart (at most 4 x wait_ms, or until `max_batch` sequences wait); it sorts all their
+sequences by length, cuts them into runs of one length bucket and at most max_batch rows, and scores each run
+with RewardScorer.score_batch. Rows are padded to a few fixed batch sizes (1, 4, 16, ..., max_batch) so graph
+mode compiles a handful of shapes rather than one per batch size; pad rows are scored and dropped (rows never
+attend to each other). A job whose request gave up (timeout) before its turn is skipped, and a batch whose
+requests all gave up stops between forward passes, so abandoned work never piles up.
+"""
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from typing import List, Sequence
+
+import numpy as np
+
+LOG = logging.getLogger("mindrlhf.serving")
+
+
+def padded_sizes(max_batch: int) -> List[int]:
+    """Batch sizes rows are padded to: powers of 4 below max_batch, and max_batch itself."""
+    sizes, size = {max_batch}, 1
+    while size < max_batch:
+        sizes.add(size)
+        size *= 4
+    return sorted(sizes)
+
+
+class Job:  # pylint: disable=too-few-public-methods
+    """abandoned: the request stopped waiting (timeout); its remaining forward passes are not run."""
+
+    __slots__ = ("sequences", "future", "abandoned")
+
+    def __init__(self, sequences: Sequence[Sequence[int]]):
+        self.sequences = sequences
+        self.future: Future = Future()
+        self.abandoned = False
+
+
+class Abandoned(Exception):
+    """Every request of a batch stopped waiting for it."""
+
+
+class DynamicBatcher:
+    """submit(token id lists) -> Future of a float32 array of their rewards, in order."""
+
+    def __init__(self, scorer, max_batch: int = 32, wait_ms: float = 5.0):
+        self.scorer = scorer
+        self.max_batch = max(1, int(max_batch))
+        self.wait = max(0.0, float(wait_ms)) / 1000.0
+        self.sizes = padded_sizes(self.max_batch)
+        self.jobs: "queue.Queue" = queue.Queue()  # bounded by the server's limit on requests in flight
+        self.counts = {"forward_passes": 0, "sequences": 0, "collected_batches": 0, "skipped_jobs": 0}
+        self.thread = threading.Thread(target=self._run, name="reward-batcher", daemon=True)
+
+    def start(self) -> "DynamicBatcher":
+        self.thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0):
+        self.jobs.put(None)
+        self.thread.join(timeout)
+
+    def submit(self, sequences: Sequence[Sequence[int]]) -> Job:
+        """Queue token id lists; the job's future gets their rewards. Set job.abandoned when giving up."""
+        job = Job(sequences)
+        self.jobs.put(job)
+        return job
+
+    def warmup(self):
+        """Compile every (batch size, bucket) shape now instead of on the first request that needs it."""
+        pad = self.scorer.pad_token_id
+        for width in self.scorer.buckets:
+            for size in self.sizes:
+                self.scorer.score_batch([[pad] * width] * size)
+
+    def score(self, sequences: Sequence[Sequence[int]], give_up=lambda: False) -> np.ndarray:
+        """Rewards for these sequences (already truncated to seq_length): sorted, bucketed, padded rows.
+
+        give_up() is asked before each forward pass; True raises Abandoned."""
+        scores = np.zeros(len(sequences), np.float32)
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        start = 0
+        while start < len(order):
+            if give_up():
+                raise Abandoned()
+            width = self.scorer.bucket(len(sequences[order[start]]))
+            stop = start
+            while stop < len(order) and stop - start < self.max_batch \
+                    and self.scorer.bucket(len(sequences[order[stop]])) == width:
+                stop += 1
+            rows = [sequences[i] for i in order[start:stop]]
+            size = next(s for s in self.sizes if s >= len(rows))
+            rows += [[self.scorer.pad_token_id]] * (size - len(rows))
+            scores[order[start:stop]] = self.scorer.score_batch(rows)[:stop - start]
+            self.counts["forward_passes"] += 1
+            start = stop
+        self.counts["sequences"] += len(sequences)
+        return scores
+
+    def _collect(self, first: Job) -> list:
+        """The first job plus every job that follows it with gaps under wait_ms (at most 4 x wait_ms in all),
+        up to max_batch sequences: a burst of requests whose parsing takes a while still lands in one batch,
+        and a lone request waits wait_ms."""
+        jobs, waiting = [first], len(first.sequences)
+        now = time.monotonic()
+        last_arrival, give_up = now, now + 4 * self.wait
+        while waiting < self.max_batch:
+            remaining = min(last_arrival + self.wait, give_up) - time.monotonic()
+            try:
+                job = self.jobs.get(timeout=remaining) if remaining > 0 else self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:  # stop: score what was collected, then end
+                self.jobs.put(None)
+                break
+            jobs.append(job)
+            waiting += len(job.sequences)
+            last_arrival = time.monotonic()
+        return jobs
+
+    def _run(self):
+        while True:
+            first = self.jobs.get()
+            if first is None:
+                return
+            collected = self._collect(first)
+            jobs = [job for job in collected if job.future.set_running_or_notify_cancel()]
+            self.counts["skipped_jobs"] += len(collected) - len(jobs)
+            if not jobs:
+                continue
+            self.counts["collected_batches"] += 1
+            sequences = [seq for job in jobs for seq in job.sequences]
+            try:
+                scores = self.score(sequences, lambda: all(job.abandoned for job in jobs))
+            except Abandoned as err:
+                self.counts["skipped_jobs"] += len(jobs)
+                for job in jobs:
+                    job.future.set_exception(err)
+                continue
+            except Exception as err:  # pylint: disable=broad-except  (answer every waiting request, keep serving)
+                LOG.exception("scoring failed")
+                for job in jobs:
+                    job.future.set_exception(err)
+                continue
+            start = 0
+            for job in jobs:
+                job.future.set_result(scores[start:start + len(job.sequences)])
+                start += len(job.sequences)
