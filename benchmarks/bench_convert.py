@@ -79,11 +79,16 @@ def tutorial_convert(src, dst, seq, times):
     return count
 
 
-def ours_convert(src, dst, seq, times, layout="padded"):
+def ours_convert(src, dst, seq, times, layout="padded", tokenizer_path=TOKENIZER, pad_token_id=2, template=None):
+    """mindrlhf.data.convert with its tokenizing and writing timed apart (times['ours_tokenize'/'ours_write']).
+
+    template: None for the tutorial's, or a name for resolve_template (bench_convert_tokenizers.py: "chat")."""
     from mindrlhf.data import convert as conv
+    from mindrlhf.data.templates import resolve_template
     from mindrlhf.data.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(str(TOKENIZER))
+    tokenizer = load_tokenizer(str(tokenizer_path))
+    options = {"template": resolve_template(template, tokenizer)} if template else {}
     encode = tokenizer.encode
 
     def timed_encode(*args, **kwargs):
@@ -99,7 +104,8 @@ def ours_convert(src, dst, seq, times, layout="padded"):
 
     conv.AtomicMindRecordWriter.write = timed_write
     try:
-        result = conv.convert_file(str(src), tokenizer, dst, seq, 2, overwrite=True, progress=False, layout=layout)
+        result = conv.convert_file(str(src), tokenizer, dst, seq, pad_token_id, overwrite=True, progress=False,
+                                   layout=layout, **options)
     finally:
         conv.AtomicMindRecordWriter.write = original_write
     return result["rows"]

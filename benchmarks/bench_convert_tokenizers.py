@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+import bench_convert as sentencepiece_bench
 from bench_convert import SCHEMA, compare, make_input
 from common import TRAIN_JSONL, require_inputs, save, timed
 
@@ -72,31 +73,9 @@ def tutorial_convert(src, dst, seq, times, folder):
 
 
 def ours_convert(src, dst, seq, times, folder):
-    from mindrlhf.data import convert as conv
-    from mindrlhf.data.templates import resolve_template
-    from mindrlhf.data.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(folder)
-    encode = tokenizer.encode
-
-    def timed_encode(*args, **kwargs):
-        with timed(times, "ours_tokenize"):
-            return encode(*args, **kwargs)
-
-    tokenizer.encode = timed_encode
-    original_write = conv.AtomicMindRecordWriter.write
-
-    def timed_write(self, rows):
-        with timed(times, "ours_write"):
-            original_write(self, rows)
-
-    conv.AtomicMindRecordWriter.write = timed_write
-    try:
-        result = conv.convert_file(str(src), tokenizer, dst, seq, None, overwrite=True, progress=False,
-                                   template=resolve_template("chat", tokenizer))
-    finally:
-        conv.AtomicMindRecordWriter.write = original_write
-    return result["rows"]
+    """Ours, as bench_convert.py times it, with the tokenizer folder, its own pad id and its chat template."""
+    return sentencepiece_bench.ours_convert(src, dst, seq, times, tokenizer_path=folder, pad_token_id=None,
+                                            template="chat")
 
 
 def main():
