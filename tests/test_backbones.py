@@ -154,8 +154,6 @@ def test_one_epoch_ranks_the_test_split(trained):
 
 @pytest.mark.slow
 def test_inference_and_evaluation_render_with_the_recorded_template(trained, tmp_path):
-    if trained["family"] != "qwen2":
-        pytest.skip("checked on the Qwen2 run (the template logic does not depend on the backbone)")
     rows = [json.loads(line) for line in TEST_JSONL.read_text(encoding="utf-8").splitlines()[:3]]
     data = tmp_path / "rows.jsonl"
     data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
@@ -163,7 +161,8 @@ def test_inference_and_evaluation_render_with_the_recorded_template(trained, tmp
     proc = run_cli(EXAMPLES / "reward_infer.py", "--config", trained["config"], "--data_file", data,
                    "--tokenizer", trained["tokenizer"], "--distributed_ckpt_path", trained["output"] / "checkpoint",
                    "--output_file", out)
-    assert "<|im_start|>user\n" in proc.stdout and "根据以下问题" not in proc.stdout
+    user_turn = {"qwen2": "<|im_start|>user\n", "llama3": "<|start_header_id|>user<|end_header_id|>"}
+    assert user_turn[trained["family"]] in proc.stdout and "根据以下问题" not in proc.stdout
     scored = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     for i in range(3):
         assert scored[2 * i]["score"] == pytest.approx(trained["scores"][i]["chosen_score"], abs=1e-4)
