@@ -32,6 +32,28 @@ def make_input(path, copies):
     return len(rows) * copies
 
 
+def tutorial_sample(c, r, pad, seq):
+    """The upstream 7-field sample from two padded tokenizer outputs (None when the pair is identical), as its
+    cvalues_comparison.py builds it; shared by both conversion benchmarks' baselines."""
+    # int32 casts: MindSpore 2.9's FileWriter rejects the int64/float64 arrays upstream wrote.
+    sample = {"chosen_input_ids": np.array(c["input_ids"], np.int32),
+              "chosen_attention_mask": np.array(c["attention_mask"], np.int32),
+              "rejected_input_ids": np.array(r["input_ids"], np.int32),
+              "rejected_attention_mask": np.array(r["attention_mask"], np.int32)}
+    diff = np.nonzero(sample["chosen_input_ids"] != sample["rejected_input_ids"])[0]
+    if len(diff) == 0:
+        return None
+    sample["position_id"] = np.arange(seq, dtype=np.int32)
+    c_idx = np.nonzero(sample["chosen_input_ids"] == pad)[0]
+    r_idx = np.nonzero(sample["rejected_input_ids"] == pad)[0]
+    end = max(c_idx[0] if len(c_idx) else seq, r_idx[0] if len(r_idx) else seq)
+    loss_mask = np.zeros(seq, dtype=np.int32)
+    loss_mask[diff[0]:end] = 1
+    sample["loss_mask"] = loss_mask
+    sample["end_ind"] = int(end)
+    return sample
+
+
 def tutorial_convert(src, dst, seq, times):
     """The upstream algorithm, step for step."""
     from mindformers import LlamaTokenizer
@@ -55,22 +77,9 @@ def tutorial_convert(src, dst, seq, times):
                 r = tokenizer(TEMPLATE.format_map({"instruction": prompt, "response": reject}), truncation=True,
                               max_length=seq, padding="max_length", add_special_tokens=False)
             with timed(times, "baseline_build"):
-                # int32 casts: MindSpore 2.9's FileWriter rejects the int64/float64 arrays upstream wrote.
-                sample = {"chosen_input_ids": np.array(c["input_ids"], np.int32),
-                          "chosen_attention_mask": np.array(c["attention_mask"], np.int32),
-                          "rejected_input_ids": np.array(r["input_ids"], np.int32),
-                          "rejected_attention_mask": np.array(r["attention_mask"], np.int32)}
-                diff = np.nonzero(sample["chosen_input_ids"] != sample["rejected_input_ids"])[0]
-                if len(diff) == 0:
+                sample = tutorial_sample(c, r, 2, seq)
+                if sample is None:
                     continue
-                sample["position_id"] = np.arange(seq, dtype=np.int32)
-                c_idx = np.nonzero(sample["chosen_input_ids"] == 2)[0]
-                r_idx = np.nonzero(sample["rejected_input_ids"] == 2)[0]
-                end = max(c_idx[0] if len(c_idx) else seq, r_idx[0] if len(r_idx) else seq)
-                loss_mask = np.zeros(seq, dtype=np.int32)
-                loss_mask[diff[0]:end] = 1
-                sample["loss_mask"] = loss_mask
-                sample["end_ind"] = int(end)
             with timed(times, "baseline_write"):
                 writer.write_raw_data([sample])
             count += 1

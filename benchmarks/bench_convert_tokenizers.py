@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 import bench_convert as sentencepiece_bench
-from bench_convert import SCHEMA, compare, make_input
+from bench_convert import SCHEMA, compare, make_input, tutorial_sample
 from common import TRAIN_JSONL, require_inputs, save, timed
 
 
@@ -49,21 +49,9 @@ def tutorial_convert(src, dst, seq, times, folder):
                 c, r = (tokenizer(t, truncation=True, max_length=seq, padding="max_length", add_special_tokens=False)
                         for t in texts)
             with timed(times, "baseline_build"):
-                sample = {"chosen_input_ids": np.array(c["input_ids"], np.int32),
-                          "chosen_attention_mask": np.array(c["attention_mask"], np.int32),
-                          "rejected_input_ids": np.array(r["input_ids"], np.int32),
-                          "rejected_attention_mask": np.array(r["attention_mask"], np.int32)}
-                diff = np.nonzero(sample["chosen_input_ids"] != sample["rejected_input_ids"])[0]
-                if len(diff) == 0:
+                sample = tutorial_sample(c, r, pad, seq)
+                if sample is None:
                     continue
-                sample["position_id"] = np.arange(seq, dtype=np.int32)
-                c_idx = np.nonzero(sample["chosen_input_ids"] == pad)[0]
-                r_idx = np.nonzero(sample["rejected_input_ids"] == pad)[0]
-                end = max(c_idx[0] if len(c_idx) else seq, r_idx[0] if len(r_idx) else seq)
-                loss_mask = np.zeros(seq, dtype=np.int32)
-                loss_mask[diff[0]:end] = 1
-                sample["loss_mask"] = loss_mask
-                sample["end_ind"] = int(end)
             with timed(times, "baseline_write"):
                 writer.write_raw_data([sample])
             count += 1
