@@ -1,0 +1,145 @@
+"""The CPU fast paths compute what the stock ones do: the attention core (scale on the query, tiled mask,
+MatMul-sum softmax backward) gives the stock loss and gradients, and the MatMul-based overflow check and grad
+clipping catch inf/NaN and clip to the same global norm."""
+import numpy as np
+import pytest
+
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+
+from conftest import TINY_CONFIG
+
+SEQ, PAIRS = 64, 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def graph_mode():
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    yield
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+def build(monkeypatch, stock):
+    import mindrlhf  # noqa: F401  (registers the model)
+    from mindformers import LlamaConfig
+
+    from mindrlhf.models.llama_reward import LlamaRewardModel
+    from mindrlhf.training.config import load_config
+
+    cfg = dict(load_config(str(TINY_CONFIG)).model.model_config)
+    cfg.pop("type")
+    cfg.update(seq_length=SEQ, batch_size=PAIRS)
+    if stock:
+        monkeypatch.setenv("MINDRLHF_STOCK_SOFTMAX", "1")
+    else:
+        monkeypatch.delenv("MINDRLHF_STOCK_SOFTMAX", raising=False)
+    ms.set_seed(0)
+    net = LlamaRewardModel(LlamaConfig(**cfg))
+    net.set_train(True)
+    return net
+
+
+def batch():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 32000, size=(2 * PAIRS, SEQ)).astype(np.int32)
+    ends = np.array([64, 40, 17, 50, 64, 9], np.int32)  # chosen rows, then rejected rows; some full length
+    mask = (np.arange(SEQ)[None, :] < ends[:, None]).astype(np.float32)
+    ids[mask == 0] = 2
+    positions = np.tile(np.arange(SEQ, dtype=np.int32), (2 * PAIRS, 1))
+    loss_mask = np.maximum(mask[:PAIRS], mask[PAIRS:])
+    return [Tensor(ids), Tensor(positions), Tensor(mask), Tensor(loss_mask), Tensor(ends)]
+
+
+def loss_and_grads(net):
+    weights = net.trainable_params()
+    loss, grads = ms.value_and_grad(net, None, weights)(*batch())
+    return float(loss.asnumpy()), {w.name: g.asnumpy() for w, g in zip(weights, grads)}
+
+
+def test_cpu_attention_gives_the_stock_loss_and_gradients(monkeypatch):
+    stock = build(monkeypatch, stock=True)
+    fast = build(monkeypatch, stock=False)
+    kinds = {type(layer.attention).__name__ for layer in fast.model.layers}
+    assert kinds == {"CpuLLamaAttention"}, kinds
+    assert {type(layer.attention).__name__ for layer in stock.model.layers} == {"LLamaAttention"}
+    ms.load_param_into_net(fast, {p.name: Parameter(p.data.copy(), p.name) for p in stock.get_parameters()})
+
+    stock_loss, stock_grads = loss_and_grads(stock)
+    fast_loss, fast_grads = loss_and_grads(fast)
+    assert fast_loss == pytest.approx(stock_loss, rel=1e-5)
+    assert set(fast_grads) == set(stock_grads)
+    for name, grad in stock_grads.items():
+        scale = float(np.abs(grad).max()) or 1.0
+        np.testing.assert_allclose(fast_grads[name], grad, rtol=0, atol=2e-5 * scale, err_msg=name)
+    attention_grads = [g for n, g in stock_grads.items() if ".attention.w" in n]
+    assert attention_grads and all(np.abs(g).max() > 0 for g in attention_grads)  # the path was exercised
+
+
+def test_matmul_sums_match_numpy_and_flag_inf_and_nan():
+    from mindrlhf.training.wrapper import matmul_square_sum, matmul_sum
+
+    rng = np.random.default_rng(1)
+    for shape in [(), (7,), (32000, 64), (3, 5, 11)]:
+        x = rng.normal(size=shape).astype(np.float32)
+        rounding = 1e-6 * float(np.abs(x).sum()) + 1e-6  # float32 accumulation of that many terms
+        assert float(matmul_sum(Tensor(x)).asnumpy()) == pytest.approx(float(x.astype(np.float64).sum()), abs=rounding)
+        assert float(matmul_square_sum(Tensor(x)).asnumpy()) == pytest.approx(
+            float((x.astype(np.float64) ** 2).sum()), rel=1e-5)
+    for bad in (np.inf, -np.inf, np.nan):
+        x = rng.normal(size=(50, 8)).astype(np.float32)
+        x[17, 3] = bad
+        assert not np.isfinite(float(matmul_sum(Tensor(x)).asnumpy()))
+
+
+class Quadratic(nn.Cell):
+    """loss = sum((w * x)^2): gradients 2 w x^2, inf when x is huge."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = Parameter(Tensor(np.linspace(0.5, 2.0, 12, dtype=np.float32).reshape(3, 4)), name="w")
+        self.b = Parameter(Tensor(np.array([1.0, -3.0, 2.0], np.float32)), name="b")
+
+    def construct(self, x):
+        return ops.reduce_sum(ops.square(self.w * x)) + ops.reduce_sum(ops.square(self.b))
+
+
+def step_cell(max_norm):
+    from mindrlhf.training.wrapper import CpuClipGradNorm, RewardTrainOneStepCell
+
+    net = Quadratic()
+    opt = nn.SGD(net.trainable_params(), learning_rate=1.0)
+    scale = nn.DynamicLossScaleUpdateCell(loss_scale_value=1024.0, scale_factor=2, scale_window=1000)
+    cell = RewardTrainOneStepCell(net, opt, use_clip_grad=True, max_grad_norm=max_norm, scale_sense=scale)
+    assert isinstance(cell.clip_grad_norm, CpuClipGradNorm)
+    return net, cell
+
+
+def test_overflow_skips_the_step_and_lowers_the_scale():
+    net, cell = step_cell(max_norm=1.0)
+    before = net.w.asnumpy().copy()
+    x = np.ones((3, 4), np.float32)
+    x[1, 2] = 1e30  # (w x)^2 overflows float32: inf loss, inf/NaN gradients
+    _, overflow, scale, _, _ = cell(Tensor(x))
+    assert bool(overflow.asnumpy()) is True
+    assert float(scale.asnumpy()) == 512.0
+    np.testing.assert_array_equal(net.w.asnumpy(), before)
+
+    _, overflow, scale, _, _ = cell(Tensor(np.ones((3, 4), np.float32)))
+    assert bool(overflow.asnumpy()) is False
+    assert float(scale.asnumpy()) == 512.0
+    assert not np.array_equal(net.w.asnumpy(), before)
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 1e6])
+def test_clipping_matches_the_global_norm(max_norm):
+    net, cell = step_cell(max_norm=max_norm)
+    w, b = net.w.asnumpy().astype(np.float64), net.b.asnumpy().astype(np.float64)
+    x = np.arange(1, 13, dtype=np.float64).reshape(3, 4) / 4
+    gw, gb = 2 * w * x ** 2, 2 * b
+    norm = np.sqrt((gw ** 2).sum() + (gb ** 2).sum())
+    coef = min(1.0, max_norm / (norm + 1e-6))
+    _, overflow, _, _, global_norm = cell(Tensor(x.astype(np.float32)))
+    assert bool(overflow.asnumpy()) is False
+    assert float(np.asarray(global_norm.asnumpy()).reshape(-1)[0]) == pytest.approx(norm, rel=1e-5)
+    np.testing.assert_allclose(net.w.asnumpy(), w - coef * gw, rtol=1e-5)  # SGD, lr 1: w - clipped gradient
+    np.testing.assert_allclose(net.b.asnumpy(), b - coef * gb, rtol=1e-5)
