@@ -1,5 +1,5 @@
 """The CPU fast paths compute what the stock ones do: the attention core (scale on the query, tiled mask,
-MatMul-sum softmax backward) gives the stock loss and gradients, and the MatMul-based overflow check and grad
+MatMul-sum softmax backward) and the MatMul RMSNorm give the stock loss and gradients, and the MatMul-based overflow check and grad
 clipping catch inf/NaN and clip to the same global norm."""
 import numpy as np
 import pytest
@@ -30,8 +30,9 @@ def build(monkeypatch, stock):
     cfg.pop("type")
     cfg.update(seq_length=SEQ, batch_size=PAIRS)
     if stock:
-        monkeypatch.setenv("MINDRLHF_STOCK_SOFTMAX", "1")
+        monkeypatch.setenv("MINDRLHF_STOCK_KERNELS", "1")
     else:
+        monkeypatch.delenv("MINDRLHF_STOCK_KERNELS", raising=False)
         monkeypatch.delenv("MINDRLHF_STOCK_SOFTMAX", raising=False)
     ms.set_seed(0)
     net = LlamaRewardModel(LlamaConfig(**cfg))
@@ -59,9 +60,12 @@ def loss_and_grads(net):
 def test_cpu_attention_gives_the_stock_loss_and_gradients(monkeypatch):
     stock = build(monkeypatch, stock=True)
     fast = build(monkeypatch, stock=False)
-    kinds = {type(layer.attention).__name__ for layer in fast.model.layers}
-    assert kinds == {"CpuLLamaAttention"}, kinds
-    assert {type(layer.attention).__name__ for layer in stock.model.layers} == {"LLamaAttention"}
+    def kinds(net):
+        return sorted({type(cell).__name__ for _, cell in net.cells_and_names() if "Attention" in type(cell).__name__
+                       or "RMSNorm" in type(cell).__name__})
+
+    assert kinds(fast) == ["CpuLLamaAttention", "CpuLlamaRMSNorm", "MatMulRMSNorm"], kinds(fast)
+    assert kinds(stock) == ["LLamaAttention", "LlamaRMSNorm"], kinds(stock)
     ms.load_param_into_net(fast, {p.name: Parameter(p.data.copy(), p.name) for p in stock.get_parameters()})
 
     stock_loss, stock_grads = loss_and_grads(stock)
@@ -71,8 +75,8 @@ def test_cpu_attention_gives_the_stock_loss_and_gradients(monkeypatch):
     for name, grad in stock_grads.items():
         scale = float(np.abs(grad).max()) or 1.0
         np.testing.assert_allclose(fast_grads[name], grad, rtol=0, atol=2e-5 * scale, err_msg=name)
-    attention_grads = [g for n, g in stock_grads.items() if ".attention.w" in n]
-    assert attention_grads and all(np.abs(g).max() > 0 for g in attention_grads)  # the path was exercised
+    exercised = [g for n, g in stock_grads.items() if ".attention.w" in n or "norm" in n]
+    assert len(exercised) >= 13 and all(np.abs(g).max() > 0 for g in exercised)  # both paths carry gradients
 
 
 def test_matmul_sums_match_numpy_and_flag_inf_and_nan():

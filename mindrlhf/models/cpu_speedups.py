@@ -7,8 +7,11 @@ The legacy attention core is q·kᵀ, times 1/√d, plus the (B, 1, S, S) mask, 
   (12 ms; as a MatMul against a column of ones: 2 ms) and a Sub that broadcasts that sum back (3.5 ms;
   tiled first: under 1 ms);
 - the 1/√d scale runs on the scores, forward and backward; on the query it touches S/d times fewer values.
+The legacy RMSNorm (float32) has the same two slow paths, a mean over the last axis and a per-row factor
+broadcast back, forward and backward (28 ms for a (16, 512, 256) input; with MatMul means and tiling: 12 ms).
 Same formulas, so gradients agree with the stock path to float32 rounding (sums are added in another order and
-the scale lands before the product). MINDRLHF_STOCK_SOFTMAX=1 in the environment keeps the stock attention.
+the scale lands before the product). MINDRLHF_STOCK_KERNELS=1 (or the older MINDRLHF_STOCK_SOFTMAX=1) in the
+environment keeps the stock layers.
 """
 import os
 
@@ -50,40 +53,88 @@ def _cpu_attn(self, query, key, value, mask):
 _CPU_CLASSES = {}
 
 
-def _cpu_class(cls):
-    """A subclass of the attention's own class whose _attn is _cpu_attn (one per class, so isinstance holds)."""
-    if cls not in _CPU_CLASSES:
-        _CPU_CLASSES[cls] = type(f"Cpu{cls.__name__}", (cls,), {"_attn": _cpu_attn, "__module__": __name__})
-    return _CPU_CLASSES[cls]
+def _cpu_class(cls, method, function):
+    """A subclass of a layer's own class with one method replaced (one per class, so isinstance holds)."""
+    key = (cls, method)
+    if key not in _CPU_CLASSES:
+        _CPU_CLASSES[key] = type(f"Cpu{cls.__name__}", (cls,), {method: function, "__module__": __name__})
+    return _CPU_CLASSES[key]
 
 
-def use_cpu_attention(backbone, config) -> int:
-    """Swap the CPU attention core into each legacy LLamaAttention of `backbone` where that is safe: CPU, one
-    process or data parallel (no operator sharding to keep), no flash attention, no KV cache, no recompute.
-    Returns the number of layers swapped."""
+def cpu_speedups_apply(config) -> bool:
+    """Whether the swaps are safe: CPU, one process or data parallel (no operator sharding to keep), no flash
+    attention, no KV cache, no recompute, and not switched off with MINDRLHF_STOCK_KERNELS=1."""
     from mindspore import context
     from mindspore.context import ParallelMode
 
-    if os.environ.get("MINDRLHF_STOCK_SOFTMAX") == "1":
-        return 0
+    if "1" in (os.environ.get("MINDRLHF_STOCK_KERNELS"), os.environ.get("MINDRLHF_STOCK_SOFTMAX")):
+        return False
     if context.get_context("device_target") != "CPU" or getattr(config, "use_flash_attention", False):
-        return 0
+        return False
     if getattr(config, "use_past", False):
-        return 0
+        return False
     if context.get_auto_parallel_context("parallel_mode") not in (ParallelMode.STAND_ALONE, ParallelMode.DATA_PARALLEL):
-        return 0
+        return False
     recompute = getattr(getattr(config, "parallel_config", None), "recompute", None)
-    if recompute is not None and (getattr(recompute, "recompute", False) or getattr(recompute, "select_recompute", False)):
-        return 0
-    swapped = 0
-    for layer in getattr(backbone, "layers", []):
-        attention = getattr(layer, "attention", None)
-        if attention is None or not isinstance(getattr(attention, "softmax", None), P.Softmax):
-            continue
-        if not hasattr(attention, "inv_norm_factor") or not hasattr(attention, "_merge_heads"):
-            continue
-        attention.__class__ = _cpu_class(type(attention))
-        attention.softmax = MatMulSumSoftmax()
-        attention.tile_mask = P.Tile()
-        swapped += 1
+    return not (recompute is not None and (getattr(recompute, "recompute", False)
+                                           or getattr(recompute, "select_recompute", False)))
+
+
+def use_cpu_kernels(backbone, config) -> dict:
+    """Swap the CPU attention core and RMSNorm into a legacy LlamaModel where cpu_speedups_apply(config).
+    Returns how many attention layers and norms were swapped."""
+    swapped = {"attention": 0, "norm": 0}
+    if not cpu_speedups_apply(config):
+        return swapped
+    float32 = str(getattr(config, "compute_dtype", "float32")).lower().endswith("float32")
+    for _, cell in list(backbone.cells_and_names()):
+        if (isinstance(getattr(cell, "softmax", None), P.Softmax) and hasattr(cell, "inv_norm_factor")
+                and hasattr(cell, "_merge_heads") and hasattr(cell, "_attn")):
+            cell.__class__ = _cpu_class(type(cell), "_attn", _cpu_attn)
+            cell.softmax = MatMulSumSoftmax()
+            cell.tile_mask = P.Tile()
+            swapped["attention"] += 1
+        elif (float32 and getattr(cell, "self_define", False) and hasattr(cell, "_self_norm")
+              and str(getattr(cell, "compute_type", "")).lower().endswith("float32")
+              and getattr(cell, "rms_norm", None) is not None):
+            cell.__class__ = _cpu_class(type(cell), "construct", _cpu_norm)
+            cell.matmul_norm = MatMulRMSNorm(cell.eps)
+            swapped["norm"] += 1
     return swapped
+
+
+class MatMulRMSNorm(nn.Cell):
+    """x * rsqrt(mean(x^2, -1) + eps) * weight in float32, its row means as MatMuls against ones and every
+    per-row factor tiled out before use, forward and backward (the broadcasting Mul and ReduceSum are slow)."""
+
+    def __init__(self, eps):
+        super().__init__()
+        self.eps = eps
+        self.matmul = P.MatMul()
+        self.tile = P.Tile()
+
+    def _normed(self, x):
+        width = x.shape[-1]
+        rows = x.reshape((-1, width))
+        mean = self.matmul(ops.square(rows), ops.ones((width, 1), rows.dtype)) / width
+        return rows, self.tile(ops.rsqrt(mean + self.eps), (1, width))
+
+    def construct(self, x, weight):
+        rows, scale = self._normed(x)
+        return (rows * scale * weight).reshape(x.shape)
+
+    def bprop(self, x, weight, out, dout):
+        rows, scale = self._normed(x)
+        width = rows.shape[-1]
+        normed = rows * scale
+        grad = dout.reshape((-1, width))
+        dweight = self.matmul(ops.ones((1, rows.shape[0]), rows.dtype), grad * normed).reshape(weight.shape)
+        grad = grad * weight
+        mean = self.matmul(grad * normed, ops.ones((width, 1), rows.dtype)) / width
+        dx = scale * (grad - normed * self.tile(mean, (1, width)))
+        return dx.reshape(x.shape), dweight
+
+
+def _cpu_norm(self, x):
+    """LlamaRMSNorm.construct through MatMulRMSNorm (float32 models only, see use_cpu_kernels)."""
+    return self.matmul_norm(x, self.weight)

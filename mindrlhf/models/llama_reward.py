@@ -18,7 +18,7 @@ from mindformers.tools.logger import logger
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from mindrlhf.models.loss import CompareLoss
-from mindrlhf.models.cpu_speedups import use_cpu_attention
+from mindrlhf.models.cpu_speedups import use_cpu_kernels
 from mindrlhf.models.weights import load_backbone
 
 VALUE_HEAD_PREFIX = "v_head."
@@ -40,7 +40,7 @@ class LlamaRewardModel(LlamaPreTrainedModel):
         # Let every batch be shorter than seq_length (length bucketing): slice the causal mask like pynative does.
         self.model.casual_mask.is_dynamic = True
         # On CPU the stock attention-softmax backward is slow (an expanded ReduceSum): same formula, faster sum.
-        use_cpu_attention(self.model, config)
+        use_cpu_kernels(self.model, config)
         self.v_head = Linear(in_channels=config.hidden_size, out_channels=1, has_bias=False,
                              compute_dtype=config.compute_dtype, param_init_type=config.param_init_type,
                              weight_init=Normal(sigma=1.0 / (config.hidden_size + 1) ** 0.5))
