@@ -36,6 +36,9 @@ def get_args(argv=None):
     parser.add_argument("--layout", default="padded", choices=["padded", "compact"],
                         help="padded: the tutorial's fixed-length rows; compact: unpadded rows (files shrink by the "
                              "padding share), padded per batch by RewardModelDataset")
+    parser.add_argument("--batch_size", type=int, default=8,
+                        help="pairs per device per step in training: the suggested bucket_boundaries fit batches "
+                             "of this size")
     parser.add_argument("--skip_invalid", action="store_true",
                         help="skip malformed rows and report them, instead of stopping at the first one")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dst_file")
@@ -53,12 +56,21 @@ def main(argv=None):
     tokenizer = load_tokenizer(args.model, num_threads=args.num_threads)
     result = convert_file(args.src_file, tokenizer, args.dst_file, args.seq_length, args.pad_token_id,
                           overwrite=args.overwrite, skip_invalid=args.skip_invalid, layout=args.layout,
-                          template=resolve_template(args.template, tokenizer), overlong=args.overlong)
+                          template=resolve_template(args.template, tokenizer), overlong=args.overlong,
+                          batch_pairs=args.batch_size)
     print(json.dumps(result["stats"], ensure_ascii=False))
     skipped = result["skipped"]
     print(f"skipped: {skipped['total']}")
     for reason, detail in skipped["by_reason"].items():
         print(f"  {detail['count']} x {reason} (first lines: {detail['first_lines']})")
+    buckets = result["buckets"]
+    if buckets and buckets["bucket_boundaries"]:
+        print(f"suggested train_dataset.bucket_boundaries for {buckets['batch_pairs']} pairs a batch: "
+              f"{buckets['bucket_boundaries']} ({buckets['tokens_vs_fixed']:.0%} of the tokens of padding every pair "
+              f"to {args.seq_length}, {buckets['tokens_vs_longest']:.2f}x those of padding each batch to its longest)")
+    elif buckets:
+        print(f"bucket_boundaries: [] fits: for {buckets['batch_pairs']} pairs a batch, buckets would still pad to "
+              f"{buckets['tokens_vs_fixed']:.0%} of the tokens of padding every pair to {args.seq_length}")
     print(f"Transformation finished! Output file refer: {args.dst_file} ({result['rows']} pairs)")
 
 

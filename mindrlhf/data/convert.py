@@ -14,6 +14,7 @@ from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 
+from mindrlhf.data.buckets import suggest_buckets
 from mindrlhf.data.pairs import PreferencePair, SkipReport, read_pairs
 from mindrlhf.data.prompt import COMPACT_SCHEMA, LAYOUTS, MARGIN_COLUMN, MARGIN_SCHEMA, RECORD_SCHEMA
 from mindrlhf.data.templates import TUTORIAL, Template
@@ -266,8 +267,11 @@ def convert_pairs(pairs: Iterable[PreferencePair], tokenizer, dst_file: str, seq
                   pad_token_id: Optional[int] = None, overwrite: bool = False, chunk_size: int = 2048,
                   report: Optional[SkipReport] = None, progress: bool = True, layout: str = "padded",
                   template: Optional[Template] = None, overlong: str = "truncate", source: str = "input",
-                  skip_invalid: bool = False) -> dict:
-    """Write the MindRecord and return {'stats', 'skipped', 'rows', 'dst_file', 'template', ...}.
+                  skip_invalid: bool = False, batch_pairs: int = 8) -> dict:
+    """Write the MindRecord and return {'stats', 'skipped', 'rows', 'dst_file', 'template', 'buckets', ...}.
+
+    'buckets': train_dataset.bucket_boundaries that fit these lengths for batches of `batch_pairs` pairs
+    (mindrlhf.data.buckets.suggest_buckets), None for fewer pairs than a batch.
 
     Streams in chunks; the next chunk is tokenized on a worker thread while this one is written, so the
     whole run approaches the MindRecord writer's own speed. pad_token_id None: the tokenizer's default (2 for
@@ -296,6 +300,7 @@ def convert_pairs(pairs: Iterable[PreferencePair], tokenizer, dst_file: str, seq
     report = report if report is not None else SkipReport()
     stats = LengthStats(seq_length, overlong_policy=overlong)
     position_id = np.arange(seq_length, dtype=np.int32)
+    pair_ends = []
     pairs = iter(pairs)
     with AtomicMindRecordWriter(dst_file, COMPACT_SCHEMA if compact else RECORD_SCHEMA, overwrite) as writer, \
             ThreadPoolExecutor(max_workers=1) as pool, \
@@ -323,6 +328,7 @@ def convert_pairs(pairs: Iterable[PreferencePair], tokenizer, dst_file: str, seq
                 report.add(reason, line)
             for length in lengths:
                 stats.add(*length)
+            pair_ends.extend(int(row["end_ind"]) for row in rows)
             stats.truncated += truncated
             stats.overlong += overlong_pairs
             stats.max_token_id = max(stats.max_token_id, max_id)
@@ -335,16 +341,17 @@ def convert_pairs(pairs: Iterable[PreferencePair], tokenizer, dst_file: str, seq
     result = {"dst_file": dst_file, "rows": stats.count, "seq_length": seq_length, "pad_token_id": pad_token_id,
               "max_token_id": stats.max_token_id, "tokenizer": getattr(tokenizer, "path", None), "layout": layout,
               "margin": options.margin, "template": template.record(), "stats": stats.as_dict(),
-              "skipped": report.as_dict()}
+              "skipped": report.as_dict(), "buckets": suggest_buckets(pair_ends, seq_length, batch_pairs)}
     write_json(os.path.abspath(dst_file) + ".stats.json", result)
     return result
 
 
 def convert_file(src_file: str, tokenizer, dst_file: str, seq_length: int, pad_token_id: Optional[int] = None,
                  overwrite: bool = False, skip_invalid: bool = False, progress: bool = True,
-                 layout: str = "padded", template: Optional[Template] = None, overlong: str = "truncate") -> dict:
+                 layout: str = "padded", template: Optional[Template] = None, overlong: str = "truncate",
+                 batch_pairs: int = 8) -> dict:
     report = SkipReport()
     pairs = read_pairs(src_file, skip_invalid=skip_invalid, report=report)
     return convert_pairs(pairs, tokenizer, dst_file, seq_length, pad_token_id, overwrite=overwrite,
                          report=report, progress=progress, layout=layout, template=template, overlong=overlong,
-                         source=src_file, skip_invalid=skip_invalid)
+                         source=src_file, skip_invalid=skip_invalid, batch_pairs=batch_pairs)

@@ -14,6 +14,7 @@ import numpy as np
 from mindformers.dataset.base_dataset import BaseDataset
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
+from mindrlhf.data.buckets import bucket_length
 from mindrlhf.data.prompt import MARGIN_COLUMN, MODEL_COLUMNS, RECORD_COLUMNS
 from mindrlhf.errors import ConfigError
 
@@ -41,14 +42,6 @@ def resolve_mindrecord_files(source) -> List[str]:
     if not os.path.isfile(source + ".db"):
         raise ConfigError(f"{source}: MindRecord index {source}.db is missing (incomplete or not a MindRecord)")
     return [source]
-
-
-def bucket_length(length: int, boundaries: Sequence[int], seq_length: int) -> int:
-    """The smallest boundary >= length (seq_length when none fits)."""
-    for boundary in sorted(boundaries):
-        if length <= boundary <= seq_length:
-            return boundary
-    return seq_length
 
 
 def make_batch_map(boundaries: Optional[Sequence[int]] = None):

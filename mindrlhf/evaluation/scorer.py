@@ -12,6 +12,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from mindrlhf.data.buckets import bucket_length
 from mindrlhf.data.templates import TUTORIAL, read_run_template
 from mindrlhf.errors import ConfigError
 from mindrlhf.models.weights import checkpoint_step, load_whole
@@ -121,10 +122,7 @@ class RewardScorer:
         return self
 
     def bucket(self, length: int) -> int:
-        for boundary in self.buckets:
-            if length <= boundary:
-                return boundary
-        return self.seq_length
+        return bucket_length(length, self.buckets, self.seq_length)
 
     def score_batch(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         """One forward pass over these sequences, padded to the smallest bucket that holds the longest."""
