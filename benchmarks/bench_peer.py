@@ -9,9 +9,11 @@ TRL needs a newer transformers than the one MindFormers pins in .venv, so the pe
 (--peer_python, default .venv-peer/bin/python; `make peer-venv` creates it). Without it this prints how to
 create it and exits 0.
 
-Differences that stay (reported, not hidden): TRL pads each batch to its longest pair, ours pads every pair to
-seq_length unless the YAML's bucket_boundaries are set; ours trains the tutorial's span loss (CompareLoss),
-TRL the last-token Bradley-Terry loss.
+Shapes (--shapes): tiny (the tiny CPU YAML, seq 256), medium (hidden 256, 4 layers, 8 heads, seq 512), long
+(the tiny model at seq 1024). Both sides train the last-token Bradley-Terry loss unless --loss_type span (the
+tutorial's CompareLoss, ours only). A difference that stays (reported, not hidden): TRL pads each batch to its
+longest pair, ours pads each batch to the bucket boundary that conversion suggests for this data ([] at
+seq 256: every pair to 256, as most batches reach it), so ours compiles one graph per bucket.
 """
 import argparse
 import json
@@ -65,30 +67,72 @@ def ffn_size(hidden, multiple_of, multiplier=None):
     return multiple_of * ((size + multiple_of - 1) // multiple_of)
 
 
+# The issue's shapes: the tiny CPU YAML as it is (seq 256), a wider and deeper model at seq 512, and the tiny
+# model at seq 1024. Ours uses the bucket_boundaries that conversion suggests for the train split at this
+# batch size (at seq 256 that is [], as most batches reach 256); TRL pads each batch to its longest pair.
+SHAPES = {
+    "tiny": {},
+    "medium": {"hidden_size": 256, "num_layers": 4, "num_heads": 8, "seq_length": 512},
+    "long": {"seq_length": 1024},
+}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peer_python", default=str(ROOT / ".venv-peer" / "bin" / "python"))
     parser.add_argument("--config", default=str(TINY_CONFIG))
+    parser.add_argument("--shapes", default="tiny,medium,long", help=f"comma-separated, of {sorted(SHAPES)}")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--stop_step", type=int, default=None, help="ours: stop early (quick checks only)")
+    parser.add_argument("--loss_type", default="last_token", choices=["last_token", "span"],
+                        help="ours: last_token (default) is TRL's loss, Bradley-Terry on each sequence's last real "
+                             "token; span is the tutorial's CompareLoss over the answers' differing tokens")
+    parser.add_argument("--stop_step", type=int, default=None,
+                        help="both sides train this many steps instead of one epoch (quick checks only)")
     args = parser.parse_args()
     require_inputs()
     if not os.path.isfile(args.peer_python) or not os.access(args.peer_python, os.X_OK):
         print(f"bench_peer: skipped: no peer interpreter at {args.peer_python}. Create it with:\n  {PEER_SETUP}")
         return 0
+    shapes = [name.strip() for name in args.shapes.split(",") if name.strip()]
+    unknown = sorted(set(shapes) - set(SHAPES))
+    if unknown:
+        parser.error(f"unknown shapes {unknown}; choose from {sorted(SHAPES)}")
+    results = {"threads": args.threads, "loss_type": args.loss_type, "shapes": {}}
+    for name in shapes:
+        print(f"== {name}", flush=True)
+        results["shapes"][name] = compare(name, args)
+        save("peer", results)  # after each shape, so a long run leaves what it has measured
+    print()
+    print(f"{'shape':7s} {'model':32s} {'ours s/step':>11s} {'TRL s/step':>10s} {'tokens/s ours/TRL':>17s} "
+          f"{'wall ours/TRL':>13s} {'accuracy ours':>13s} {'TRL':>6s}")
+    for name, r in results["shapes"].items():
+        ours, trl = r["runs"]["ours"], r["runs"]["trl"]
+        print(f"{name:7s} {r['model']:32s} {ours['steady_s_per_step']:11.4f} {trl['steady_s_per_step']:10.4f} "
+              f"{r['ratio_real_tokens_per_s_ours_over_trl']:16.2f}x {r['ratio_wall_ours_over_trl']:12.2f}x "
+              f"{ours['accuracy']:13.4f} {trl['accuracy']:6.4f}")
+    return 0
 
+
+def compare(shape, args):
+    """One shape: ours (the tutorial's CLIs on a YAML with the shape's overrides), then TRL, same ids."""
     raw = yaml.safe_load(open(args.config, encoding="utf-8"))
+    raw["model"]["model_config"].update(SHAPES[shape], loss_type=args.loss_type)
     mc = raw["model"]["model_config"]
     seq = int(mc["seq_length"])
     batch = int(raw["runner_config"]["batch_size"])
-    work = tempfile.mkdtemp(prefix="bench_peer_")
+    work = tempfile.mkdtemp(prefix=f"bench_peer_{shape}_")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(args.threads),
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     data = {}
     for split, src in (("train", TRAIN_JSONL), ("test", TEST_JSONL)):
         data[split] = os.path.join(work, f"{split}_{seq}.mindrecord")
         run([sys.executable, str(EXAMPLES / "cvalues_comparison.py"), "--model", str(TOKENIZER), "--src_file",
-             str(src), "--dst_file", data[split], "--seq_length", str(seq)], env)
+             str(src), "--dst_file", data[split], "--seq_length", str(seq), "--batch_size", str(batch)], env)
+    suggestion = json.load(open(data["train"] + ".stats.json", encoding="utf-8"))["buckets"]
+    raw["train_dataset"]["bucket_boundaries"] = suggestion["bucket_boundaries"]
+    config = os.path.join(work, f"{shape}.yaml")
+    with open(config, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(raw, fh, allow_unicode=True, sort_keys=False)
     train_ids, test_ids = read_ids(data["train"]), read_ids(data["test"])
     steps = len(train_ids) // batch  # drop_remainder on both sides
     if args.stop_step:
@@ -114,14 +158,14 @@ def main():
     with open(spec_path, "w", encoding="utf-8") as fh:
         json.dump(spec, fh)
 
-    results = {"config": os.path.relpath(args.config, ROOT), "seq_length": seq, "pairs_per_step": batch,
-               "steps": steps, "train_pairs": len(train_ids), "test_pairs": len(test_ids),
-               "mean_real_tokens_per_pair": round(float(lengths.mean()), 1), "threads": args.threads,
-               "load_average_before": os.getloadavg(), "runs": {}}
+    results = {"model": f"hidden {mc['hidden_size']}, {mc['num_layers']} layers, seq {seq}",
+               "seq_length": seq, "pairs_per_step": batch, "steps": steps, "train_pairs": len(train_ids),
+               "test_pairs": len(test_ids), "mean_real_tokens_per_pair": round(float(lengths.mean()), 1),
+               "threads": args.threads, "load_average_before": os.getloadavg(), "runs": {}}
 
     # ours: the tutorial's command line
     out = os.path.join(work, "ours")
-    cmd = [sys.executable, str(EXAMPLES / "reward_train.py"), "--config", args.config, "--train_dataset",
+    cmd = [sys.executable, str(EXAMPLES / "reward_train.py"), "--config", config, "--train_dataset",
            data["train"], "--output_dir", out]
     if args.stop_step:
         cmd += ["--stop_step", str(args.stop_step)]
@@ -133,16 +177,17 @@ def main():
     stamps = [datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f").timestamp() for t, _, _ in lines]
     steady = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
     eval_json = os.path.join(work, "ours_eval.json")
-    run([sys.executable, str(EXAMPLES / "reward_eval.py"), "--config", args.config, "--distributed_ckpt_path",
+    run([sys.executable, str(EXAMPLES / "reward_eval.py"), "--config", config, "--distributed_ckpt_path",
          os.path.join(out, "checkpoint"), "--eval_dataset", str(TEST_JSONL), "--tokenizer", str(TOKENIZER),
          "--output_file", eval_json], env)
     accuracy = json.load(open(eval_json, encoding="utf-8"))["checkpoints"][-1]["accuracy"]
+    buckets = raw["train_dataset"].get("bucket_boundaries")
     results["runs"]["ours"] = {
         "framework": "mindrlhf / MindSpore graph mode", "steps": len(lines), "process_seconds": round(wall, 1),
         "steady_s_per_step": round(steady, 4),
         "mean_per_step_time_s": round(float(np.mean([int(ms) for _, _, ms in lines[1:]])) / 1000.0, 4),
         "real_tokens_per_s": round(tokens_per_step / steady, 1), "accuracy": accuracy,
-        "padding": f"every pair to {seq} (bucket_boundaries {raw['train_dataset'].get('bucket_boundaries')})",
+        "padding": f"each batch to its bucket {buckets}" if buckets else f"every pair to {seq}",
         "loss": mc.get("loss_type") or "span"}
 
     peer_json = os.path.join(work, "peer_result.json")
@@ -172,11 +217,11 @@ def main():
         print(f"warning: {results['warning']}")
     for name, r in results["runs"].items():
         print(f"{name:5s} {r['steady_s_per_step']:.4f} s/step  {r['real_tokens_per_s']:9.1f} real tokens/s  "
-              f"wall {r['process_seconds']:6.1f} s  accuracy {r['accuracy']:.4f}")
+              f"wall {r['process_seconds']:6.1f} s  accuracy {r['accuracy']:.4f}", flush=True)
     print(f"ours/trl: s/step {results['ratio_s_per_step_ours_over_trl']}x, real tokens/s "
-          f"{results['ratio_real_tokens_per_s_ours_over_trl']}x, wall {results['ratio_wall_ours_over_trl']}x")
-    save("peer", results)
-    return 0
+          f"{results['ratio_real_tokens_per_s_ours_over_trl']}x, wall {results['ratio_wall_ours_over_trl']}x",
+          flush=True)
+    return results
 
 
 if __name__ == "__main__":

@@ -28,4 +28,5 @@ for name in ("convert", "convert_tokenizers", "infer", "train", "server"):
     print(f"{name:18s} {data[key]}x")
 if PEER_PYTHON.exists() and (HERE / "results" / "peer.json").exists():
     peer = json.loads((HERE / "results" / "peer.json").read_text())
-    print(f"{'peer (ours/trl s/step)':18s} {peer['ratio_s_per_step_ours_over_trl']}x")
+    for shape, r in peer["shapes"].items():
+        print(f"{'peer ' + shape + ' (tokens/s ours/trl)':18s} {r['ratio_real_tokens_per_s_ours_over_trl']}x")
