@@ -101,7 +101,7 @@ def main():
     for name in shapes:
         print(f"== {name}", flush=True)
         results["shapes"][name] = compare(name, args)
-        save("peer", results)  # after each shape, so a long run leaves what it has measured
+        save("peer" if args.loss_type == "last_token" else f"peer_{args.loss_type}", results)  # after each shape
     print()
     print(f"{'shape':7s} {'model':32s} {'ours s/step':>11s} {'TRL s/step':>10s} {'tokens/s ours/TRL':>17s} "
           f"{'wall ours/TRL':>13s} {'accuracy ours':>13s} {'TRL':>6s}")
