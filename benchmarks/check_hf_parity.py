@@ -65,7 +65,7 @@ def main():
               "and transformers); nothing was compared")
         return 0
 
-    import mindrlhf  # noqa: F401
+    import mindrlhf.registry  # noqa: F401
     from mindrlhf.data.tokenizer import load_tokenizer
     from mindrlhf.evaluation.run import run_template
 

@@ -20,7 +20,7 @@ def graph_mode():
 
 
 def build(monkeypatch, stock):
-    import mindrlhf  # noqa: F401  (registers the model)
+    import mindrlhf.registry  # noqa: F401  (registers the model)
     from mindformers import LlamaConfig
 
     from mindrlhf.models.llama_reward import LlamaRewardModel

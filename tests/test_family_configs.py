@@ -2,7 +2,7 @@
 7B shapes are Qwen2.5-7B's (published config.json) as the converter checks them and as the model builds them."""
 import pytest
 
-import mindrlhf  # noqa: F401
+import mindrlhf.registry  # noqa: F401
 from mindrlhf.models.weights import expected_shapes, hf_model_config
 from mindrlhf.training.config import check_sections, load_config
 

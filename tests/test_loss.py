@@ -4,7 +4,7 @@ import pytest
 
 import mindspore as ms
 
-import mindrlhf  # noqa: F401
+import mindrlhf.registry  # noqa: F401
 from mindrlhf.models.loss import CompareLoss
 
 

@@ -1,4 +1,5 @@
-"""Importing mindrlhf registers every YAML type; the 7B Ascend YAML resolves and its model builds on CPU."""
+"""Importing mindrlhf.registry registers every YAML type (plain `import mindrlhf` and the tools that need no model
+stay free of MindFormers); the 7B Ascend YAML resolves and its model builds on CPU."""
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ from conftest import CONFIG_7B, TINY_CONFIG, cli_env
 
 
 def test_import_registers_everything():
-    code = ("import mindrlhf\n"
+    code = ("import mindrlhf.registry\n"
             "from mindformers.tools.register import MindFormerRegister as R, MindFormerModuleType as T\n"
             "for t, n in [(T.MODELS, 'LlamaRewardModel'), (T.DATASET, 'RewardModelDataset'),\n"
             "             (T.WRAPPER, 'RewardTrainOneStepCell'), (T.LOSS, 'CompareLoss'),\n"
@@ -19,6 +20,20 @@ def test_import_registers_everything():
     proc = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "registered"
+
+
+def test_light_tools_do_not_import_mindformers():
+    code = ("import sys\n"
+            "import mindrlhf\n"
+            "import mindrlhf.data.convert, mindrlhf.data.tokenizer, mindrlhf.data.buckets, mindrlhf.tools.loss_plot\n"
+            "import mindrlhf.tools.hccl_tools, mindrlhf.cli\n"
+            "heavy = sorted(m for m in ('mindformers', 'mindrlhf.registry') if m in sys.modules)\n"
+            "print(heavy)\n"
+            "mindrlhf.LlamaRewardModel  # first use registers\n"
+            "print('mindformers' in sys.modules, 'mindrlhf.registry' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["[]", "True", "True"]
 
 
 TYPE_SECTIONS = {
@@ -44,7 +59,7 @@ def _types(config_path):
 
 
 def test_every_yaml_type_resolves():
-    import mindrlhf  # noqa: F401
+    import mindrlhf.registry  # noqa: F401
     from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
     for config in (CONFIG_7B, TINY_CONFIG):
@@ -77,7 +92,7 @@ def test_7b_model_builds_on_cpu_with_one_layer():
     """
     code = f"""
 import mindspore as ms
-import mindrlhf
+import mindrlhf.registry
 from mindformers import LlamaConfig
 from mindrlhf.training.config import load_config
 from mindrlhf.models.llama_reward import LlamaRewardModel

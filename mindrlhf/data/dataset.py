@@ -11,6 +11,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+import mindrlhf._mindformers  # noqa: F401  (quiet import first)
 from mindformers.dataset.base_dataset import BaseDataset
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 

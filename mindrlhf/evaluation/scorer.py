@@ -77,6 +77,7 @@ class RewardScorer:
 
     def __init__(self, config, checkpoint: Optional[str] = None, batch_size: int = 16,
                  buckets: Sequence[int] = DEFAULT_BUCKETS, src_strategy: Optional[str] = None, log=print):
+        import mindrlhf._mindformers  # noqa: F401  (quiet import first)
         from mindformers import LlamaConfig
 
         from mindrlhf.models.llama_reward import LlamaRewardModel

@@ -11,6 +11,7 @@ GQA, theta 500000, intermediate_size; 3.1+ extend_method LLAMA3); Qwen2/Qwen2.5 
 import mindspore.common.dtype as mstype
 from mindspore import ops
 from mindspore.common.initializer import Normal
+import mindrlhf._mindformers  # noqa: F401  (quiet import first)
 from mindformers.models.llama import LlamaConfig
 from mindformers.models.llama.llama import LlamaModel, LlamaPreTrainedModel
 from mindformers.modules.layers import Linear

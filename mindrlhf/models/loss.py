@@ -18,6 +18,7 @@ sees the same global batch order (full_batch: True, which mindrlhf.training.conf
 """
 import mindspore.common.dtype as mstype
 from mindspore import nn, ops
+import mindrlhf._mindformers  # noqa: F401  (quiet import first)
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from mindrlhf.errors import ConfigError

@@ -7,6 +7,7 @@ subnormal, so v is exactly 0 and the update explodes to m / eps.
 import mindspore.common.dtype as mstype
 from mindspore import Parameter, ParameterTuple, nn
 from mindspore.common.initializer import initializer
+import mindrlhf._mindformers  # noqa: F401  (quiet import first)
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 

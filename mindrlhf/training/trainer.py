@@ -142,6 +142,7 @@ def prepare_config(config_path: str, train_dataset: Optional[str] = None, output
 
 def train(config_path: str, train_dataset: Optional[str] = None, task: str = "text_generation", **overrides) -> dict:
     """Train and return a summary dict (also written as <output_dir>/train_summary.json by rank 0)."""
+    import mindrlhf._mindformers  # noqa: F401  (quiet import first)
     from mindformers.core.context import build_context
     from mindformers.trainer import Trainer
     from mindformers.utils.file_utils import set_output_path

@@ -11,6 +11,7 @@ column of ones instead (under 1 ms each):
 """
 import mindspore.common.dtype as mstype
 from mindspore import Tensor, context, ops
+import mindrlhf._mindformers  # noqa: F401  (quiet import first)
 from mindformers.core.clip_grad import ClipGradNorm
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 from mindformers.wrapper.wrapper import MFTrainOneStepCell
