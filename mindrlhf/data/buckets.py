@@ -60,14 +60,14 @@ def suggest_buckets(pair_lengths: Sequence[int], seq_length: int, batch_pairs: i
                 if cost < best[t][j]:
                     best[t][j], back[t][j] = cost, i
     last = n - 1
-    t = min(range(1, max_buckets + 1), key=lambda k: (best[k][last], k))
+    t = min(range(1, max_buckets + 1), key=lambda k: (best[k][last], k))  # fewest widths among the cheapest
+    tokens = float(best[t][last])
     boundaries: List[int] = []
     j = last
     while t >= 1 and j >= 0:
         boundaries.append(candidates[j])
         j, t = back[t][j], t - 1
     boundaries = sorted(boundaries)
-    tokens = float(best[min(range(1, max_buckets + 1), key=lambda k: (best[k][last], k))][last])
     vs_fixed = tokens / (seq_length * maxima.size)
     useful = len(boundaries) > 1 and 1.0 - vs_fixed >= min_saving
     return {"batch_pairs": batch_pairs, "bucket_boundaries": boundaries if useful else [],

@@ -30,9 +30,8 @@ def matmul_sum(x):
 
 
 def matmul_square_sum(x):
-    """The sum of squares of all elements of x, as matmul_sum."""
-    rows, width = _rows(x)
-    return ops.matmul(ops.square(rows), ops.ones((width, 1), mstype.float32)).sum()
+    """The sum of squares of all elements of x (squared in float32), as matmul_sum."""
+    return matmul_sum(ops.square(ops.cast(x, mstype.float32)))
 
 
 class CpuClipGradNorm(ClipGradNorm):
