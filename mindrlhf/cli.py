@@ -18,6 +18,16 @@ def str2bool(value) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got '{value}'")
 
 
+def add_run_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The trained run that reward_infer.py, reward_server.py and export_hf.py read: YAML, checkpoint, tokenizer."""
+    parser.add_argument("--config", required=True, help="the run YAML used for training")
+    parser.add_argument("--distributed_ckpt_path", required=True,
+                        help="checkpoint root holding rank_N/, a rank_N directory, or one .ckpt (newest is used)")
+    parser.add_argument("--tokenizer", required=True,
+                        help="local tokenizer.model, tokenizer.json, or a directory holding one")
+    return parser
+
+
 def add_scoring_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The checkpoint-reading flags reward_eval.py and reward_infer.py share."""
     parser.add_argument("--src_strategy", default=None,

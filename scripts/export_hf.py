@@ -12,16 +12,13 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from mindrlhf.cli import main_guard  # noqa: E402
+from mindrlhf.cli import add_run_args, main_guard  # noqa: E402
 
 
 @main_guard
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="the run YAML used for training")
-    parser.add_argument("--distributed_ckpt_path", required=True,
-                        help="checkpoint root holding rank_N/, a rank_N directory, or one .ckpt (newest is used)")
-    parser.add_argument("--tokenizer", required=True, help="local tokenizer.model, tokenizer.json, or a folder")
+    add_run_args(parser)
     parser.add_argument("--output_dir", required=True, help="the Hugging Face folder to write")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="default: as stored in the checkpoint")

@@ -10,17 +10,13 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
-from mindrlhf.cli import add_scoring_args, main_guard  # noqa: E402
+from mindrlhf.cli import add_run_args, add_scoring_args, main_guard  # noqa: E402
 
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="the run YAML used for training")
+    add_run_args(parser)
     parser.add_argument("--data_file", required=True, help=".json or .jsonl rows to score")
-    parser.add_argument("--tokenizer", required=True,
-                        help="local tokenizer.model, tokenizer.json, or a directory holding one")
-    parser.add_argument("--distributed_ckpt_path", required=True,
-                        help="checkpoint root holding rank_N/, a rank_N directory, or one .ckpt (newest is used)")
     parser.add_argument("--batch_size", type=int, default=16, help="sequences per forward pass")
     parser.add_argument("--output_file", default=None,
                         help="jsonl of {prompt, response, score} (default: <output_dir>/reward_infer_scores.jsonl)")

@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
-from mindrlhf.cli import main_guard  # noqa: E402
+from mindrlhf.cli import add_run_args, main_guard  # noqa: E402
 from mindrlhf.serving.app import Limits  # noqa: E402
 
 LIMITS = {"max_body_bytes": "largest request body in bytes (413 beyond)",
@@ -25,10 +25,7 @@ LIMITS = {"max_body_bytes": "largest request body in bytes (413 beyond)",
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="the run YAML used for training")
-    parser.add_argument("--distributed_ckpt_path", required=True,
-                        help="checkpoint root holding rank_N/, a rank_N directory, or one .ckpt (newest is used)")
-    parser.add_argument("--tokenizer", required=True, help="local tokenizer.model, tokenizer.json, or a folder")
+    add_run_args(parser)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default loopback only; beyond it, set an API key)")
     parser.add_argument("--port", type=int, default=5000)
