@@ -64,6 +64,7 @@ def main():
         print(f"check_hf_parity: skipped, {err.name} is not installed (pip install -e '.[interop]' brings torch "
               "and transformers); nothing was compared")
         return 0
+    from torch_batches import padded
 
     import mindrlhf.registry  # noqa: F401
     from mindrlhf.data.tokenizer import load_tokenizer
@@ -100,12 +101,7 @@ def main():
     with torch.no_grad():
         for start in range(0, len(texts), args.batch_size):
             batch = hf_ids[start:start + args.batch_size]
-            width = max(len(x) for x in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, x in enumerate(batch):
-                ids[row, :len(x)] = torch.tensor(x)
-                mask[row, :len(x)] = 1
+            ids, mask = padded(batch, pad)
             theirs[start:start + len(batch)] = model(input_ids=ids, attention_mask=mask).logits[:, 0].double().numpy()
     diff = np.abs(theirs - ours)
     result = {"rows": len(lines), "texts": len(texts), "checkpoint": ckpt, "hf_dir": hf_dir,

@@ -29,6 +29,8 @@ def main():
     from tokenizers import Tokenizer, models
     from trl import RewardConfig, RewardTrainer
 
+    from torch_batches import padded
+
     torch.set_num_threads(threads)
     torch.manual_seed(spec["seed"])
     shape = spec["model"]
@@ -84,13 +86,7 @@ def main():
     with torch.no_grad():
         for i in range(0, len(spec["test"]), 16):
             batch = spec["test"][i:i + 16]
-            rows = [p[0] for p in batch] + [p[1] for p in batch]
-            width = max(len(r) for r in rows)
-            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for j, row in enumerate(rows):
-                ids[j, :len(row)] = torch.tensor(row)
-                mask[j, :len(row)] = 1
+            ids, mask = padded([p[0] for p in batch] + [p[1] for p in batch], pad_id)
             rewards = model(input_ids=ids, attention_mask=mask).logits[:, 0]
             n = len(batch)
             correct += int((rewards[:n] > rewards[n:]).sum())
