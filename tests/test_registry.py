@@ -8,6 +8,14 @@ import yaml
 from conftest import CONFIG_7B, TINY_CONFIG, cli_env
 
 
+def run_python(code, timeout=300):
+    """A fresh interpreter (nothing imported yet) running `code`; it must exit 0."""
+    proc = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def test_import_registers_everything():
     code = ("import mindrlhf.registry\n"
             "from mindformers.tools.register import MindFormerRegister as R, MindFormerModuleType as T\n"
@@ -17,8 +25,7 @@ def test_import_registers_everything():
             "    cls = R.get_cls(t, n)\n"
             "    assert cls.__module__.startswith('mindrlhf.'), (n, cls)\n"
             "print('registered')\n")
-    proc = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_python(code)
     assert proc.stdout.strip() == "registered"
 
 
@@ -31,8 +38,7 @@ def test_light_tools_do_not_import_mindformers():
             "print(heavy)\n"
             "mindrlhf.LlamaRewardModel  # first use registers\n"
             "print('mindformers' in sys.modules, 'mindrlhf.registry' in sys.modules)\n")
-    proc = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_python(code)
     assert proc.stdout.split() == ["[]", "True", "True"]
 
 
@@ -108,6 +114,5 @@ assert shapes['v_head.weight'] == (1, 4096)
 assert not any(n.startswith('lm_head') for n in shapes)
 print(sum(p.size for p in model.get_parameters()))
 """
-    proc = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_python(code, timeout=900)
     assert int(proc.stdout.strip().splitlines()[-1]) == 32000 * 4096 + 4 * 4096 * 4096 + 3 * 4096 * 11008 + 3 * 4096 + 4096
