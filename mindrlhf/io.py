@@ -1,6 +1,7 @@
 """Writing results safely: never over an existing output unless asked, and never half a file."""
 import json
 import os
+from contextlib import contextmanager
 
 from mindrlhf.errors import OutputExistsError
 
@@ -12,21 +13,32 @@ def check_new_output(path: str, overwrite: bool = False, flag: str = "--overwrit
     return path
 
 
-def write_json(path: str, obj) -> str:
-    """Write via a temporary name and rename, so a reader never sees half a file."""
+@contextmanager
+def replaced_whole(path: str, suffix: str = ""):
+    """Yield a temporary name beside `path` (its folder created) and rename it onto `path` when the block
+    succeeds, so a reader never sees half a file; on an error the temporary file is removed. `suffix` keeps
+    the extension for writers that choose the format by name (matplotlib)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, ensure_ascii=False, indent=2)
+    tmp = f"{path}.tmp-{os.getpid()}{suffix}"
+    try:
+        yield tmp
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
+
+
+def write_json(path: str, obj, indent: int = 2) -> str:
+    """Write whole or not at all (replaced_whole)."""
+    with replaced_whole(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, ensure_ascii=False, indent=indent)
     return path
 
 
 def write_jsonl(path: str, rows) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
+    """One JSON object a line, written whole or not at all (replaced_whole)."""
+    with replaced_whole(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
     return path

@@ -15,6 +15,8 @@ import subprocess
 import sys
 from typing import Dict, List, Optional, Sequence
 
+from mindrlhf.io import write_json
+
 RANGE = re.compile(r"^\s*\[\s*(\d+)\s*,\s*(\d+)\s*[\])]\s*$")
 HCCN_CONF = "/etc/hccn.conf"
 
@@ -144,14 +146,6 @@ def table_name(devices: Sequence[int], server_ip: str) -> str:
     return f"hccl_{len(devices)}p_{''.join(str(d) for d in devices)}_{server_ip}.json"
 
 
-def write_json(table: dict, path: str) -> str:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(table, fh, indent=4)
-    os.replace(tmp, path)
-    return path
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -164,7 +158,7 @@ def main(argv=None) -> int:
             for path in args.tables:
                 with open(path, encoding="utf-8") as fh:
                     tables.append(json.load(fh))
-            print(write_json(merge_tables(tables), args.output))
+            print(write_json(args.output, merge_tables(tables), indent=4))
             return 0
         parser = argparse.ArgumentParser(prog="hccl_tools.py", description=__doc__,
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -186,7 +180,7 @@ def main(argv=None) -> int:
         table = build_table(devices, device_ips(devices, args.device_ips, args.hccn_conf), server_ip)
         validate_table(table)
         os.makedirs(args.output_dir, exist_ok=True)
-        print(write_json(table, os.path.join(args.output_dir, table_name(devices, server_ip))))
+        print(write_json(os.path.join(args.output_dir, table_name(devices, server_ip)), table, indent=4))
         return 0
     except (RankTableError, OSError, json.JSONDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)

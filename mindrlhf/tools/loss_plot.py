@@ -10,6 +10,7 @@ from typing import Callable, Iterable, List, Optional
 import numpy as np
 
 from mindrlhf.errors import InputError
+from mindrlhf.io import replaced_whole
 from mindrlhf.tools.loss_log import LossPoint, parse_line
 
 
@@ -91,10 +92,9 @@ def save_png(points: List[LossPoint], path: str, title: str = "reward model trai
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp)
+    with replaced_whole(path, suffix=".png") as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
