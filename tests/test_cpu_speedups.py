@@ -23,7 +23,7 @@ def graph_mode():
     ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
-def build(monkeypatch, stock, compiled=True):
+def build(monkeypatch, stock, compiled=True, kv_heads=None):
     import mindrlhf.registry  # noqa: F401  (registers the model)
     from mindformers import LlamaConfig
 
@@ -33,6 +33,8 @@ def build(monkeypatch, stock, compiled=True):
     cfg = dict(load_config(str(TINY_CONFIG)).model.model_config)
     cfg.pop("type")
     cfg.update(seq_length=SEQ, batch_size=PAIRS)
+    if kv_heads:
+        cfg.update(n_kv_heads=kv_heads)
     if stock:
         monkeypatch.setenv("MINDRLHF_STOCK_KERNELS", "1")
     else:
@@ -65,22 +67,25 @@ def loss_and_grads(net):
     return float(loss.asnumpy()), {w.name: g.asnumpy() for w, g in zip(weights, grads)}
 
 
-@pytest.mark.parametrize("compiled", [True, False], ids=["compiled-kernel", "matmul-softmax"])
-def test_cpu_attention_gives_the_stock_loss_and_gradients(monkeypatch, compiled):
-    stock = build(monkeypatch, stock=True)
-    fast = build(monkeypatch, stock=False, compiled=compiled)
+@pytest.mark.parametrize("compiled,kv_heads", [(True, None), (True, 2), (False, None)],
+                         ids=["compiled-kernels", "compiled-kernels-shared-kv-heads", "matmul-softmax"])
+def test_cpu_layers_give_the_stock_loss_and_gradients(monkeypatch, compiled, kv_heads):
+    stock = build(monkeypatch, stock=True, kv_heads=kv_heads)
+    fast = build(monkeypatch, stock=False, compiled=compiled, kv_heads=kv_heads)
 
     def kinds(net):
         return sorted({type(cell).__name__ for _, cell in net.cells_and_names()
-                       if any(part in type(cell).__name__ for part in ("Attention", "RMSNorm", "Mask", "Softmax"))})
+                       if any(part in type(cell).__name__
+                              for part in ("Attention", "RMSNorm", "Mask", "Softmax", "FeedForward", "SwiGLU"))})
 
     if compiled:
-        assert kinds(fast) == ["CpuLLamaAttention", "CpuLlamaRMSNorm", "FusedAttention", "KeyMask",
-                               "MatMulRMSNorm"], kinds(fast)
+        assert kinds(fast) == ["CpuLLamaAttention", "CpuLlamaFeedForward", "CpuLlamaRMSNorm", "FusedRMSNorm",
+                               "FusedSwiGLU", "KeyMask", "RopeAttention"], kinds(fast)
     else:
-        assert kinds(fast) == ["CpuLLamaAttention", "CpuLlamaRMSNorm", "LowerTriangularMaskWithDynamic",
-                               "MatMulRMSNorm", "MatMulSumSoftmax"], kinds(fast)
-    assert kinds(stock) == ["LLamaAttention", "LlamaRMSNorm", "LowerTriangularMaskWithDynamic"], kinds(stock)
+        assert kinds(fast) == ["CpuLLamaAttention", "CpuLlamaRMSNorm", "LlamaFeedForward",
+                               "LowerTriangularMaskWithDynamic", "MatMulRMSNorm", "MatMulSumSoftmax"], kinds(fast)
+    assert kinds(stock) == ["LLamaAttention", "LlamaFeedForward", "LlamaRMSNorm",
+                            "LowerTriangularMaskWithDynamic"], kinds(stock)
     ms.load_param_into_net(fast, {p.name: Parameter(p.data.copy(), p.name) for p in stock.get_parameters()})
 
     stock_loss, stock_grads = loss_and_grads(stock)
@@ -90,45 +95,85 @@ def test_cpu_attention_gives_the_stock_loss_and_gradients(monkeypatch, compiled)
     for name, grad in stock_grads.items():
         scale = float(np.abs(grad).max()) or 1.0
         np.testing.assert_allclose(fast_grads[name], grad, rtol=0, atol=2e-5 * scale, err_msg=name)
-    exercised = [g for n, g in stock_grads.items() if ".attention.w" in n or "norm" in n]
-    assert len(exercised) >= 13 and all(np.abs(g).max() > 0 for g in exercised)  # both paths carry gradients
+    exercised = [g for n, g in stock_grads.items() if ".attention.w" in n or "norm" in n or "feed_forward" in n]
+    assert len(exercised) >= 19 and all(np.abs(g).max() > 0 for g in exercised)  # both paths carry gradients
 
 
-def reference_attention(q, k, v, mask):
-    """float64 softmax(q kᵀ + mask) v with heads merged, and its gradients for the upstream gradient g."""
-    q, k, v, mask = (x.astype(np.float64) for x in (q, k, v, mask))
+def rope(x, cos, sin):
+    """MindFormers' rotate-half rotary embedding on the last axis, and its transpose for gradients."""
+    half = x.shape[-1] // 2
+    return x * cos + np.concatenate([-x[..., half:], x[..., :half]], -1) * sin
+
+
+def rope_transposed(g, cos, sin):
+    half = g.shape[-1] // 2
+    z = g * sin
+    return g * cos + np.concatenate([z[..., half:], -z[..., :half]], -1)
+
+
+def reference_attention(q, k, v, cos, sin, mask, heads, groups):
+    """float64 attention layer between its projections, as the stock layer computes it: heads split, rotary
+    embedding, q kᵀ / sqrt(d) + mask (rounded as float32 adds it), softmax, v, heads merged; and its gradients."""
+    batch, seq, _ = q.shape
+    size = cos.shape[-1]
+    cos, sin = (t.reshape(seq, size).astype(np.float64) for t in (cos, sin))
+    split = lambda x, n: x.astype(np.float64).reshape(batch, seq, n, size).transpose(0, 2, 1, 3)
+    merge = lambda x: x.transpose(0, 2, 1, 3).reshape(batch, seq, -1)
+    rep = heads // groups
+    qh, kh, vh = split(q, heads), np.repeat(split(k, groups), rep, 1), np.repeat(split(v, groups), rep, 1)
+    qr, kr = rope(qh, cos, sin) / np.sqrt(size), rope(kh, cos, sin)
     if mask.shape[2] == 1:  # per-key form: the causal part as the legacy mask builds it
-        seq = q.shape[2]
         mask = np.where(np.tril(np.ones((seq, seq)))[None, None] > 0, mask, -10000.0)
     # The float32 sum with the mask, as every float32 kernel rounds it (-10000 + x keeps 1e-3 of x)
-    scores = ((q @ k.swapaxes(-1, -2)).astype(np.float32) + mask.astype(np.float32)).astype(np.float64)
+    scores = ((qr @ kr.swapaxes(-1, -2)).astype(np.float32) + mask.astype(np.float32)).astype(np.float64)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
-    out = probs @ v
-    batch, heads, seq, size = out.shape
+    out = merge(probs @ vh)
 
     def grads(g):
-        g = g.reshape(batch, seq, heads, size).transpose(0, 2, 1, 3)
+        g = split(g, heads)
         dv = probs.swapaxes(-1, -2) @ g
-        dp = g @ v.swapaxes(-1, -2)
+        dp = g @ vh.swapaxes(-1, -2)
         ds = probs * (dp - (dp * probs).sum(-1, keepdims=True))
-        return ds @ k, ds.swapaxes(-1, -2) @ q, dv
+        dq = rope_transposed(ds @ kr, cos, sin) / np.sqrt(size)
+        dk = rope_transposed(ds.swapaxes(-1, -2) @ qr, cos, sin)
+        fold = lambda x: x.reshape(batch, groups, rep, seq, size).sum(2)  # heads sharing a key head add up
+        return merge(dq), merge(fold(dk)), merge(fold(dv))
 
-    return out.transpose(0, 2, 1, 3).reshape(batch, seq, heads * size), grads
+    return out, grads
 
 
-@pytest.mark.parametrize("seq,size,per_key", [(37, 16, False), (37, 16, True), (70, 32, True), (19, 64, False)])
-def test_compiled_attention_kernel_matches_float64(seq, size, per_key):
-    """Odd lengths (blocks of rows and of 16 keys with tails), several head sizes, both mask forms, a padded
-    row, a hidden key in the middle and a row that sees nothing."""
+def grads_of(net, inputs, sens, outputs=1):
+    """Gradients of net's first output for the upstream gradient sens."""
+    class First(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def construct(self, *x):
+            out = self.net(*x)
+            return out[0] if outputs > 1 else out
+
+    return ops.GradOperation(get_all=True, sens_param=True)(First())(*(Tensor(x) for x in inputs), Tensor(sens))
+
+
+@pytest.mark.parametrize("seq,size,heads,groups,per_key", [(37, 16, 2, 2, False), (37, 16, 4, 2, True),
+                                                          (70, 32, 2, 1, True), (19, 64, 2, 2, False)])
+def test_compiled_attention_matches_float64(seq, size, heads, groups, per_key):
+    """Odd lengths (blocks of rows and of 16 keys with tails), several head sizes, shared key heads, both mask
+    forms, a padded row, a hidden key in the middle and a row that sees nothing."""
     from mindrlhf.models import native
-    from mindrlhf.models.cpu_speedups import FusedAttention
+    from mindrlhf.models.cpu_speedups import RopeAttention
 
-    path = native.library("attention")
-    assert path, "g++ is part of the documented setup; without it the kernel falls back (tested below)"
-    rng = np.random.default_rng(seq + size)
-    batch, heads = 3, 2
-    q, k, v = (rng.normal(size=(batch, heads, seq, size)).astype(np.float32) for _ in range(3))
+    library = native.library("cpu_kernels")
+    assert library, "g++ is part of the documented setup; without it the model falls back (tested below)"
+    rng = np.random.default_rng(seq + size + heads)
+    batch = 3
+    q = rng.normal(size=(batch, seq, heads * size)).astype(np.float32)
+    k, v = (rng.normal(size=(batch, seq, groups * size)).astype(np.float32) for _ in range(2))
+    angles = np.arange(seq)[:, None] * 10000.0 ** (-np.arange(0, size, 2) / size)[None]
+    angles = np.concatenate([angles, angles], -1)
+    cos, sin = (f(angles).reshape(1, 1, seq, size).astype(np.float32) for f in (np.cos, np.sin))
     visible = np.ones((batch, seq), np.float32)
     visible[1, seq // 2:] = 0  # padding
     visible[2, 3] = 0  # a hidden key inside
@@ -138,34 +183,64 @@ def test_compiled_attention_kernel_matches_float64(seq, size, per_key):
     else:
         mask = ((1 - visible[:, None, :] * np.tril(np.ones((seq, seq)))) * -10000.0)[:, None]
     mask = mask.astype(np.float32)
-    g = rng.normal(size=(batch, seq, heads * size)).astype(np.float32)
-    expected, grads = reference_attention(q, k, v, mask)
+    g = rng.normal(size=q.shape).astype(np.float32)
+    expected, grads = reference_attention(q, k, v, cos, sin, mask, heads, groups)
 
-    net = FusedAttention(path)
-    out, _ = net(*(Tensor(x) for x in (q, k, v, mask)))
+    net = RopeAttention(library)
+    inputs = [q, k, v, cos, sin, mask]
+    out, stats = net(*(Tensor(x) for x in inputs))
+    assert stats.shape == (batch, heads, seq, 2)
     np.testing.assert_allclose(out.asnumpy(), expected, rtol=0, atol=2e-5 * np.abs(expected).max())
-
-    class First(nn.Cell):
-        def __init__(self):
-            super().__init__()
-            self.net = net
-
-        def construct(self, *x):
-            return self.net(*x)[0]
-
-    got = ops.GradOperation(get_all=True, sens_param=True)(First())(*(Tensor(x) for x in (q, k, v, mask)), Tensor(g))
+    got = grads_of(net, inputs, g, outputs=2)
     for name, want, have in zip("qkv", grads(g.astype(np.float64)), got[:3]):
         np.testing.assert_allclose(have.asnumpy(), want, rtol=0, atol=5e-5 * np.abs(want).max(), err_msg=name)
-    assert not np.any(got[3].asnumpy())
+    assert not any(np.any(x.asnumpy()) for x in got[3:])
 
-    q[0, 1, 4, 2] = np.nan  # NaN still reaches the output (no -ffast-math), so overflow checks see it
-    out, _ = net(*(Tensor(x) for x in (q, k, v, mask)))
+    q[0, 4, 2] = np.nan  # NaN still reaches the output (no -ffast-math), so overflow checks see it
+    out, _ = net(*(Tensor(x) for x in [q, k, v, cos, sin, mask]))
     assert np.isnan(out.asnumpy()[0, 4]).any() and np.isfinite(out.asnumpy()[0, :4]).all()
+
+
+def test_compiled_norm_and_swiglu_match_float64():
+    """Row counts that leave a partial block, an odd width; NaN propagates."""
+    from mindrlhf.models import native
+    from mindrlhf.models.cpu_speedups import FusedRMSNorm, FusedSwiGLU
+
+    library = native.library("cpu_kernels")
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(3, 47, 37)).astype(np.float32)
+    w = rng.normal(size=(37,)).astype(np.float32)
+    g = rng.normal(size=x.shape).astype(np.float32)
+    x64, w64, g64 = (a.astype(np.float64) for a in (x, w, g))
+    rstd = 1 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-5)
+    normed = x64 * rstd
+    norm = FusedRMSNorm(library, 1e-5)
+    np.testing.assert_allclose(norm(Tensor(x), Tensor(w)).asnumpy(), normed * w64, rtol=2e-6, atol=2e-6)
+    dx, dw = grads_of(norm, [x, w], g)
+    gw = g64 * w64
+    want_dx = rstd * (gw - normed * (gw * normed).mean(-1, keepdims=True))
+    np.testing.assert_allclose(dx.asnumpy(), want_dx, rtol=0, atol=1e-5 * np.abs(want_dx).max())
+    want_dw = (g64 * normed).reshape(-1, 37).sum(0)
+    np.testing.assert_allclose(dw.asnumpy(), want_dw, rtol=0, atol=1e-5 * np.abs(want_dw).max())
+
+    gate, up = (rng.normal(scale=4.0, size=(5, 3001)).astype(np.float32) for _ in range(2))
+    gate[0, :3] = [-100.0, 100.0, 0.0]
+    sig = 1 / (1 + np.exp(-gate.astype(np.float64)))
+    swiglu = FusedSwiGLU(library)
+    np.testing.assert_allclose(swiglu(Tensor(gate), Tensor(up)).asnumpy(), gate * sig * up, rtol=2e-6, atol=1e-6)
+    dy = rng.normal(size=gate.shape).astype(np.float32)
+    dgate, dup = grads_of(swiglu, [gate, up], dy)
+    np.testing.assert_allclose(dup.asnumpy(), dy * gate * sig, rtol=2e-6, atol=1e-5)
+    np.testing.assert_allclose(dgate.asnumpy(), dy * up * sig * (1 + gate * (1 - sig)), rtol=2e-6, atol=1e-5)
+
+    x[1, 2, 3] = np.nan
+    y = norm(Tensor(x), Tensor(w)).asnumpy()
+    assert np.isnan(y[1, 2]).all() and np.isfinite(y[1, 3]).all()
 
 
 def test_kernel_build_is_cached_and_missing_compiler_falls_back(tmp_path):
     """Built once into MINDRLHF_CACHE and reused; with no compiler the model keeps MindSpore's kernels."""
-    probe = ("import os; from mindrlhf.models import native; path = native.library('attention'); "
+    probe = ("import os; from mindrlhf.models import native; path = native.library('cpu_kernels'); "
              "print(path, os.path.getmtime(path) if path else '')")
     env = dict(os.environ, MINDRLHF_CACHE=str(tmp_path), MINDRLHF_COMPILED_KERNELS="1")
     first = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
@@ -181,10 +256,10 @@ def test_kernel_build_is_cached_and_missing_compiler_falls_back(tmp_path):
                 f"load_config; cfg = dict(load_config({str(TINY_CONFIG)!r}).model.model_config); cfg.pop('type');"
                 "net = LlamaRewardModel(LlamaConfig(**cfg));"
                 "print(sorted({type(c).__name__ for _, c in net.cells_and_names() if 'Softmax' in type(c).__name__"
-                " or 'Fused' in type(c).__name__}))")
+                " or 'Fused' in type(c).__name__ or 'Rope' in type(c).__name__ or 'MatMul' in type(c).__name__}))")
     done = subprocess.run([sys.executable, "-c", fallback], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == "['MatMulSumSoftmax']"
+    assert done.stdout.strip().splitlines()[-1] == "['MatMulRMSNorm', 'MatMulSumSoftmax']"
     assert "building" in done.stderr and "no-such-compiler" in done.stderr
 
 

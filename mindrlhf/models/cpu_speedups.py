@@ -1,28 +1,25 @@
 """CPU-only replacements for MindSpore kernels that are slow on CPU, swapped into a built model.
 
-The legacy attention core is q·kᵀ, times 1/√d, plus the (B, 1, S, S) mask, softmax, times v. On CPU the
-(B, heads, S, S) score tensor dominates the step, and three of its ops take MindSpore's slow paths:
-- the mask add broadcasts over heads (2.2 ms for (16, 4, 256, 256); a Tile then a same-shape Add: 0.9 ms);
-- the softmax backward dx = y * (dy - sum(y * dy, -1)) is expanded into a ReduceSum over the last axis
-  (12 ms; as a MatMul against a column of ones: 2 ms) and a Sub that broadcasts that sum back (3.5 ms;
-  tiled first: under 1 ms);
-- the 1/√d scale runs on the scores, forward and backward; on the query it touches S/d times fewer values.
-The legacy RMSNorm (float32) has the same two slow paths, a mean over the last axis and a per-row factor
-broadcast back, forward and backward (28 ms for a (16, 512, 256) input; with MatMul means and tiling: 12 ms).
-Same formulas, so gradients agree with the stock path to float32 rounding (sums are added in another order and
-the scale lands before the product).
-In float32, where a C++ compiler is at hand, the whole attention core is instead one compiled kernel each way
-(FusedAttention, kernels/attention.cc): no S x S tensor is stored, keys a row cannot see are skipped, and the
-backward recomputes the probabilities from each row's max and sum, as FlashAttention does. At the tiny shape
-that is 5 ms for a layer's forward and backward instead of 12.
-MINDRLHF_STOCK_KERNELS=1 (or the older MINDRLHF_STOCK_SOFTMAX=1) in the environment keeps the stock layers;
-MINDRLHF_COMPILED_KERNELS=0 keeps only the compiled kernel out.
+Two tiers, both computing the stock formulas in float32 (gradients agree to float32 rounding):
+1. Compiled kernels (kernels/cpu_kernels.cc, built on first use by native.py) where a C++ compiler is at hand:
+   - the attention layer from its three projections to the merged heads in one kernel each way (RopeAttention):
+     rotary embedding, scale, scores, mask, softmax and values, with no S x S tensor stored, keys a row cannot
+     see skipped, and the backward recomputing the probabilities from each row's max and sum (FlashAttention's
+     trick). Its causal part is implied, so the model's (B, 1, S, S) mask becomes one adder per key (KeyMask);
+   - RMSNorm and SwiGLU, one pass each way (FusedRMSNorm, FusedSwiGLU).
+   At the tiny shape these took a step from 62 to 40 ms: the stock chain was ~500 small launches.
+2. Without a compiler (or MINDRLHF_COMPILED_KERNELS=0), MindSpore ops arranged around its slow CPU paths:
+   - attention: the mask tiled over heads before its add (a broadcasting Add took 2.2 ms for (16, 4, 256, 256),
+     Tile then Add 0.9 ms), the softmax backward's row sums as a MatMul against ones and tiled back (ReduceSum
+     12 ms, MatMul 2 ms; the broadcasting Sub 3.5 ms, tiled under 1 ms), the 1/sqrt(d) scale on the query;
+   - RMSNorm: row means as MatMuls and per-row factors tiled, forward and backward (28 -> 12 ms at (16, 512, 256)).
+MINDRLHF_STOCK_KERNELS=1 (or the older MINDRLHF_STOCK_SOFTMAX=1) keeps the stock layers.
 """
 import ctypes
 import os
 
 import mindspore.common.dtype as mstype
-from mindspore import nn, ops
+from mindspore import Tensor, nn, ops
 from mindspore.ops import operations as P
 
 from mindrlhf.models import native
@@ -59,35 +56,45 @@ def _cpu_attn(self, query, key, value, mask):
     return self._merge_heads(weighted_values)
 
 
-class FusedAttention(nn.Cell):
-    """softmax(q kᵀ + mask) v by the compiled kernel: q, k, v (B, H, S, D) float32, the mask adder (B, 1, S, S),
-    or (B, 1, 1, S) per key with the causal part implied (KeyMask) -> (out (B, S, H·D) with heads merged, each
-    row's max score and 1/sum (B, H, S, 2)). The backward recomputes the probabilities from those instead of
-    storing them; the mask gets no gradient (it is built from the token ids)."""
+def _kernel(library, name, out_shape, out_dtype):
+    return ops.Custom(f"{library}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
+
+
+class RopeAttention(nn.Cell):
+    """The attention layer between its projections, by the compiled kernel: q (B, S, H·D), k and v (B, S, G·D)
+    (G key heads, shared by H/G query heads each), the rotary tables cos and sin (1, 1, S, D) and the mask adder
+    (B, 1, 1, S) per key (KeyMask) or (B, 1, S, S) -> (out (B, S, H·D), each row's max score and 1/sum
+    (B, H, S, 2)). Works on (B·S, ·) inputs too (the 2-D layout); the mask gives B and S."""
 
     HEAD_SIZES = (16, 32, 64, 128)
 
-    def __init__(self, path):
+    def __init__(self, library):
         super().__init__()
-        ctypes.CDLL(path).FusedAttentionSetThreads(native.local_threads())
-        self.forward_op = ops.Custom(f"{path}:FusedAttentionForward", out_shape=_forward_shapes,
-                                     out_dtype=lambda q, k, v, m: (q, q), func_type="aot")
-        self.backward_op = ops.Custom(f"{path}:FusedAttentionBackward",
-                                      out_shape=lambda q, k, v, m, o, lse, g: (q, k, v),
-                                      out_dtype=lambda q, k, v, m, o, lse, g: (q, k, v), func_type="aot")
+        self.forward_op = _kernel(library, "RopeAttentionForward", _attention_shapes,
+                                  lambda q, k, v, cos, sin, m: (q, q))
+        self.backward_op = _kernel(library, "RopeAttentionBackward",
+                                   lambda q, k, v, cos, sin, m, o, st, g: (q, k, v),
+                                   lambda q, k, v, cos, sin, m, o, st, g: (q, k, v))
 
-    def construct(self, query, key, value, mask):
-        return self.forward_op(query, key, value, mask)
+    def construct(self, query, key, value, cos, sin, mask):
+        return self.forward_op(query, key, value, cos, sin, mask)
 
-    def bprop(self, query, key, value, mask, out, dout):
-        dq, dk, dv = self.backward_op(query, key, value, mask, out[0], out[1], dout[0])
-        return dq, dk, dv, ops.zeros_like(mask)
+    def bprop(self, query, key, value, cos, sin, mask, out, dout):
+        dq, dk, dv = self.backward_op(query, key, value, cos, sin, mask, out[0], out[1], dout[0])
+        return dq, dk, dv, ops.zeros_like(cos), ops.zeros_like(sin), ops.zeros_like(mask)
+
+
+def _attention_shapes(q, k, v, cos, sin, mask):
+    seq, size = mask[-1], cos[-1]
+    heads = q[-1] // size
+    batch = mask[0] if mask[0] > 1 else (q[0] * q[1] // seq if len(q) == 3 else q[0] // seq)
+    return q, (batch, heads, seq, 2)
 
 
 class KeyMask(nn.Cell):
-    """The legacy causal mask's replacement when every attention layer is fused: (1 - (token != pad)) * -10000
-    per key, (B, 1, 1, S), instead of the (B, 1, S, S) product with the lower triangle, which the kernel applies
-    itself. The stock one cost 2 ms a step at the tiny shape, half of it slicing a constant."""
+    """The legacy causal mask's replacement when every attention layer is RopeAttention: (1 - (token != pad))
+    * -10000 per key, (B, 1, 1, S), instead of the (B, 1, S, S) product with the lower triangle, which the kernel
+    applies itself. The stock one cost 2 ms a step at the tiny shape, half of it slicing a constant."""
 
     def __init__(self, pad_token_id, dtype):
         super().__init__()
@@ -99,17 +106,61 @@ class KeyMask(nn.Cell):
         return ops.stop_gradient(((1.0 - visible) * -10000.0).reshape((tokens.shape[0], 1, 1, tokens.shape[1])))
 
 
-def _forward_shapes(q, k, v, mask):
-    batch, heads, seq, size = q
-    return (batch, seq, heads * size), (batch, heads, seq, 2)
+def _rope_attention_construct(self, x, freqs_cis, mask=None, batch_valid_length=None, block_tables=None,
+                              slot_mapping=None, prefix_keys_values=None, q_seq_lens=None, kv_mask=None,
+                              seq_chunk=None, actual_seq_len=None):
+    """LLamaAttention.construct for training and scoring without a KV cache (see _rope_fusable): projections,
+    RopeAttention, output projection."""
+    ori_dtype = x.dtype
+    query = self.cast(self.wq(x), self.dtype)
+    key = self.cast(self.wk(x), self.dtype)
+    value = self.cast(self.wv(x), self.dtype)
+    freqs_cos, freqs_sin, _ = freqs_cis
+    context, _ = self.rope_attention(query, key, value, ops.stop_gradient(freqs_cos), ops.stop_gradient(freqs_sin),
+                                     ops.stop_gradient(mask))
+    return self.cast(self.wo(context), ori_dtype)
 
 
-def _fused_attn(self, query, key, value, mask):
-    """LLamaAttention._attn by FusedAttention (scale applied to the query, heads merged by the kernel)."""
-    out, _ = self.fused_attention(self.mul(query, self.inv_norm_factor), key, value, ops.stop_gradient(mask))
-    if self.rmsnorm_compute_2d:
-        out = self.reshape(out, (-1, out.shape[-1]))
-    return out
+class FusedRMSNorm(nn.Cell):
+    """x * rsqrt(mean(x², -1) + eps) * weight by the compiled kernel, forward and backward."""
+
+    def __init__(self, library, eps):
+        super().__init__()
+        self.eps = Tensor([eps], mstype.float32)
+        self.forward_op = _kernel(library, "RmsNormForward", lambda x, w, e: x, lambda x, w, e: x)
+        self.backward_op = _kernel(library, "RmsNormBackward", lambda x, w, e, g: (x, w), lambda x, w, e, g: (x, w))
+
+    def construct(self, x, weight):
+        return self.forward_op(x, weight, self.eps)
+
+    def bprop(self, x, weight, out, dout):
+        return self.backward_op(x, weight, self.eps, dout)
+
+
+class FusedSwiGLU(nn.Cell):
+    """silu(gate) * up by the compiled kernel, forward and backward."""
+
+    def __init__(self, library):
+        super().__init__()
+        self.forward_op = _kernel(library, "SwigluForward", lambda g, u: g, lambda g, u: g)
+        self.backward_op = _kernel(library, "SwigluBackward", lambda g, u, d: (g, u), lambda g, u, d: (g, u))
+
+    def construct(self, gate, up):
+        return self.forward_op(gate, up)
+
+    def bprop(self, gate, up, out, dout):
+        return self.backward_op(gate, up, dout)
+
+
+def _swiglu_construct(self, x):
+    """LlamaFeedForward.construct with w1's SiLU and the product in one kernel (w1's own activation is off)."""
+    x = self.cast(x, self.dtype)
+    return self.w2(self.swiglu_kernel(self.w1(x), self.w3(x)))
+
+
+def _fused_norm_construct(self, x):
+    """LlamaRMSNorm.construct by FusedRMSNorm."""
+    return self.fused_norm(x, self.weight)
 
 
 _CPU_CLASSES = {}
@@ -143,40 +194,69 @@ def cpu_speedups_apply(config) -> bool:
                                            or getattr(recompute, "select_recompute", False)))
 
 
-def _fusable(cell) -> bool:
-    """The compiled kernel computes in float32 and is built for these head sizes."""
-    return (getattr(cell, "dtype", None) == mstype.float32 and getattr(cell, "softmax_dtype", None) == mstype.float32
-            and getattr(cell, "head_dim", None) in FusedAttention.HEAD_SIZES)
+def _float32(value) -> bool:
+    return value == mstype.float32 or str(value).lower().endswith("float32")
+
+
+def _rope_fusable(cell) -> bool:
+    """RopeAttention covers the plain path of LLamaAttention.construct: float32, separate q/k/v projections,
+    no KV cache, no context parallel, the 1/sqrt(d) scale and a head size it is built for."""
+    rope = getattr(cell, "apply_rotary_emb", None)
+    size = getattr(cell, "head_dim", None)
+    return (_float32(getattr(cell, "dtype", None)) and _float32(getattr(cell, "softmax_dtype", None))
+            and _float32(getattr(rope, "dtype", None)) and size in RopeAttention.HEAD_SIZES
+            and not getattr(cell, "qkv_concat", True) and not getattr(cell, "use_past", True)
+            and getattr(cell, "context_parallel", 1) <= 1 and getattr(cell, "input_layout", "BNSD") != "TND"
+            and not getattr(cell, "seq_pipe", False)
+            and abs(float(cell.inv_norm_factor.asnumpy()) - size ** -0.5) < 1e-7)
+
+
+def _swiglu_fusable(cell) -> bool:
+    w1 = getattr(cell, "w1", None)
+    return (w1 is not None and not getattr(cell, "ffn_concat", True) and not getattr(cell, "use_fused_swiglu", True)
+            and getattr(cell, "expert_num", 1) == 1 and _float32(getattr(cell, "dtype", None))
+            and getattr(w1, "activation_flag", False) and type(getattr(w1, "activation", None)).__name__ == "LlamaSiLU")
 
 
 def use_cpu_kernels(backbone, config) -> dict:
-    """Swap the CPU attention core (compiled where it can be) and RMSNorm into a legacy LlamaModel where
-    cpu_speedups_apply(config). Returns how many attention layers and norms were swapped, and how."""
-    swapped = {"attention": 0, "fused_attention": 0, "norm": 0}
+    """Swap the compiled kernels (where they build) or the MindSpore rearrangements into a legacy LlamaModel
+    where cpu_speedups_apply(config). Returns how many layers got which."""
+    swapped = {"rope_attention": 0, "attention": 0, "fused_norm": 0, "norm": 0, "swiglu": 0, "key_mask": 0}
     if not cpu_speedups_apply(config):
         return swapped
-    float32 = str(getattr(config, "compute_dtype", "float32")).lower().endswith("float32")
+    float32 = _float32(getattr(config, "compute_dtype", "float32"))
+    library = native.library("cpu_kernels")
+    if library:
+        ctypes.CDLL(library).MindrlhfSetThreads(native.local_threads())
     for _, cell in list(backbone.cells_and_names()):
         if (isinstance(getattr(cell, "softmax", None), P.Softmax) and hasattr(cell, "inv_norm_factor")
                 and hasattr(cell, "_merge_heads") and hasattr(cell, "_attn")):
-            kernel = native.library("attention") if _fusable(cell) else None
-            if kernel:
-                cell.__class__ = _cpu_class(type(cell), "_attn", _fused_attn)
-                cell.fused_attention = FusedAttention(kernel)
-                swapped["fused_attention"] += 1
-                continue
-            cell.__class__ = _cpu_class(type(cell), "_attn", _cpu_attn)
-            cell.softmax = MatMulSumSoftmax()
-            cell.tile_mask = P.Tile()
-            swapped["attention"] += 1
+            if library and _rope_fusable(cell):
+                cell.__class__ = _cpu_class(type(cell), "construct", _rope_attention_construct)
+                cell.rope_attention = RopeAttention(library)
+                swapped["rope_attention"] += 1
+            else:
+                cell.__class__ = _cpu_class(type(cell), "_attn", _cpu_attn)
+                cell.softmax = MatMulSumSoftmax()
+                cell.tile_mask = P.Tile()
+                swapped["attention"] += 1
         elif (float32 and getattr(cell, "self_define", False) and hasattr(cell, "_self_norm")
-              and str(getattr(cell, "compute_type", "")).lower().endswith("float32")
-              and getattr(cell, "rms_norm", None) is not None):
-            cell.__class__ = _cpu_class(type(cell), "construct", _cpu_norm)
-            cell.matmul_norm = MatMulRMSNorm(cell.eps)
-            swapped["norm"] += 1
+              and _float32(getattr(cell, "compute_type", "")) and getattr(cell, "rms_norm", None) is not None):
+            if library:
+                cell.__class__ = _cpu_class(type(cell), "construct", _fused_norm_construct)
+                cell.fused_norm = FusedRMSNorm(library, cell.eps)
+                swapped["fused_norm"] += 1
+            else:
+                cell.__class__ = _cpu_class(type(cell), "construct", _cpu_norm)
+                cell.matmul_norm = MatMulRMSNorm(cell.eps)
+                swapped["norm"] += 1
+        elif library and _swiglu_fusable(cell):
+            cell.__class__ = _cpu_class(type(cell), "construct", _swiglu_construct)
+            cell.w1.activation_flag = False
+            cell.swiglu_kernel = FusedSwiGLU(library)
+            swapped["swiglu"] += 1
     stock_mask = getattr(backbone, "casual_mask", None)
-    if (swapped["fused_attention"] and not swapped["attention"] and hasattr(stock_mask, "pad_token_id")
+    if (swapped["rope_attention"] and not swapped["attention"] and hasattr(stock_mask, "pad_token_id")
             and not getattr(backbone, "seq_pipe", False) and not getattr(backbone, "use_ring_attention", False)
             and not getattr(backbone, "use_eod_attn_mask_compression", False)):
         backbone.casual_mask = KeyMask(stock_mask.pad_token_id, stock_mask.dtype)

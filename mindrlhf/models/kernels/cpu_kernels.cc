@@ -1,0 +1,513 @@
+// Compiled kernels for MindSpore's CPU backend (Custom ops of func_type "aot", built by mindrlhf/models/native.py).
+// Each replaces a chain of small MindSpore kernels whose launches and memory passes dominate a CPU step:
+// - attention with its rotary embedding: softmax(rope(q) rope(k)^T / sqrt(d) + mask) v, forward and backward, for
+//   one (batch, head) pair and one block of query rows at a time, so that the S x S scores never leave the cache
+//   and each key or value row loaded serves the whole block; keys a row cannot see are skipped (visible_ends);
+// - RMSNorm and SwiGLU, forward and backward, one pass over the rows each.
+// Plain loops the compiler vectorises; no -ffast-math, so NaN and inf still propagate. Work is split into fixed
+// items, so results do not depend on the thread count.
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <atomic>
+#include <thread>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kLane = 16;  // key columns per register block
+constexpr float kHidden = -1e30f;
+
+// exp(x), Cephes' expf polynomial (about 1 ulp), branch-free so that loops over it vectorise; 0 below -87.
+inline float exp_ps(float x) {
+  const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float shifted = xc * 1.44269504088896341f + 12582912.0f;  // + 1.5 * 2^23 rounds to an integer
+  const float n = shifted - 12582912.0f;
+  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (__builtin_bit_cast(int32_t, shifted) - 0x4B400000 + 127) << 23;
+  return x < -87.0f ? 0.0f : p * __builtin_bit_cast(float, bits);
+}
+
+// The mask adder of one batch row in either form the Python side passes: a full (S, S) adder, or one adder per
+// key (1, S) with the causal part implied, as the legacy mask builds it: (1 - visible) * -10000.
+struct MaskView {
+  const float* data;
+  int64_t S;
+  bool per_key;
+  float at(int64_t i, int64_t j) const { return per_key ? (j <= i ? data[j] : -10000.0f) : data[i * S + j]; }
+};
+
+// The last key each row can see: the last j whose adder is above -1000 (the legacy mask adds 0 or -10000).
+// Later keys would get exp(score - 10000 - max) = 0 in float32, so skipping them is exact. A row that sees no
+// key keeps them all, as the stock softmax of equally shifted scores does.
+void visible_ends(const MaskView& m, int64_t* ends) {
+  for (int64_t i = 0; i < m.S; ++i) {
+    int64_t j = m.per_key ? i : m.S - 1;
+    while (j >= 0 && m.at(i, j) <= -1000.0f) --j;
+    ends[i] = j >= 0 ? j : m.S - 1;
+  }
+}
+
+// Scores of rows [i0, i0 + R) against keys [0, np): s[r * SP + j] = q_r . k_j + mask, kHidden past a row's end.
+template <int64_t D, int64_t R>
+inline void block_scores(int64_t SP, int64_t np, const float* q, const float* kt, const MaskView& mask,
+                         const int64_t* ends, int64_t i0, float* s) {
+  for (int64_t jb = 0; jb < np; jb += kLane) {
+    float acc[R][kLane] = {};
+    for (int64_t d = 0; d < D; ++d) {
+      const float* kd = kt + d * SP + jb;
+      for (int64_t r = 0; r < R; ++r) {
+        const float qd = q[(i0 + r) * D + d];
+#pragma omp simd
+        for (int64_t jj = 0; jj < kLane; ++jj) acc[r][jj] += qd * kd[jj];
+      }
+    }
+    // The mask is added last, as the stock layer does: scores near -10000 keep only 1e-3 of precision.
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t jj = 0; jj < kLane; ++jj)
+        s[r * SP + jb + jj] = jb + jj <= ends[i0 + r] ? acc[r][jj] + mask.at(i0 + r, jb + jj) : kHidden;
+  }
+}
+
+// Same for dO_r . v_j (no mask).
+template <int64_t D, int64_t R>
+inline void block_dots(int64_t SP, int64_t np, const float* g, int64_t g_stride, const float* vt, float* dp) {
+  for (int64_t jb = 0; jb < np; jb += kLane) {
+    float acc[R][kLane] = {};
+    for (int64_t d = 0; d < D; ++d) {
+      const float* vd = vt + d * SP + jb;
+      for (int64_t r = 0; r < R; ++r) {
+        const float gd = g[r * g_stride + d];
+#pragma omp simd
+        for (int64_t jj = 0; jj < kLane; ++jj) acc[r][jj] += gd * vd[jj];
+      }
+    }
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t jj = 0; jj < kLane; ++jj) dp[r * SP + jb + jj] = acc[r][jj];
+  }
+}
+
+
+// Rotary embedding of one head row at position j, as MindFormers' RotaryEmbedding (rotate-half form):
+// y = x * cos + [-x2, x1] * sin, times `scale`.
+template <int64_t D>
+inline void rope_row(const float* x, const float* cos, const float* sin, float scale, float* y) {
+  constexpr int64_t half = D / 2;
+  for (int64_t d = 0; d < half; ++d) {
+    y[d] = (x[d] * cos[d] - x[d + half] * sin[d]) * scale;
+    y[d + half] = (x[d + half] * cos[d + half] + x[d] * sin[d + half]) * scale;
+  }
+}
+
+// The gradient through rope_row: dx = dy * cos + the rotation's transpose of dy * sin, times `scale`.
+template <int64_t D>
+inline void rope_row_backward(const float* dy, const float* cos, const float* sin, float scale, float* dx) {
+  constexpr int64_t half = D / 2;
+  for (int64_t d = 0; d < half; ++d) {
+    dx[d] = (dy[d] * cos[d] + dy[d + half] * sin[d + half]) * scale;
+    dx[d + half] = (dy[d + half] * cos[d + half] - dy[d] * sin[d]) * scale;
+  }
+}
+
+// One (batch, head) pair's inputs, rotated into contiguous buffers: q (S x D, scaled), k (S x D) and k^T
+// (D x SP, zero-padded to whole 16-key blocks); v^T when the backward needs it.
+struct Tables {
+  const float* cos;  // (S, D)
+  const float* sin;
+  float scale;
+};
+
+template <int64_t D>
+void rotated_head(int64_t S, int64_t SP, int64_t stride, const float* x, const Tables& t, float scale, float* rows,
+                  float* columns) {
+  for (int64_t j = 0; j < S; ++j) {
+    float* y = rows + j * D;
+    rope_row<D>(x + j * stride, t.cos + j * D, t.sin + j * D, scale, y);
+    if (columns)
+      for (int64_t d = 0; d < D; ++d) columns[d * SP + j] = y[d];
+  }
+  if (columns)
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t j = S; j < SP; ++j) columns[d * SP + j] = 0.0f;
+}
+
+inline void transposed_head(int64_t S, int64_t SP, int64_t D, int64_t stride, const float* x, float* columns) {
+  for (int64_t d = 0; d < D; ++d) {
+    for (int64_t j = 0; j < S; ++j) columns[d * SP + j] = x[j * stride + d];
+    for (int64_t j = S; j < SP; ++j) columns[d * SP + j] = 0.0f;
+  }
+}
+
+// Rows [i0, i0 + R) of one head: q is the rotated, scaled head (S x D), kt its keys transposed, v the values with
+// row stride vs; out rows have stride os. Writes each row's max score and 1 / sum to stats.
+template <int64_t D, int64_t R>
+void forward_rows(int64_t SP, const float* q, const float* kt, const float* v, int64_t vs, const MaskView& mask,
+                  const int64_t* ends, int64_t i0, float* out, int64_t os, float* stats, float* s) {
+  int64_t n = 0;
+  for (int64_t r = 0; r < R; ++r) n = std::max(n, ends[i0 + r] + 1);
+  const int64_t np = (n + kLane - 1) / kLane * kLane;
+  block_scores<D, R>(SP, np, q, kt, mask, ends, i0, s);
+  float inv[R];
+  for (int64_t r = 0; r < R; ++r) {
+    float* sr = s + r * SP;
+    float mx = -FLT_MAX;
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = 0; j < np; ++j) mx = std::max(mx, sr[j]);
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < np; ++j) {
+      sr[j] = exp_ps(sr[j] - mx);
+      sum += sr[j];
+    }
+    inv[r] = 1.0f / sum;
+    stats[2 * (i0 + r)] = mx;  // not a log-sum-exp: next to -10000 its rounding would shift every probability
+    stats[2 * (i0 + r) + 1] = inv[r];
+  }
+  float acc[R][D] = {};
+  for (int64_t j = 0; j < n; ++j) {
+    const float* vj = v + j * vs;
+    for (int64_t r = 0; r < R; ++r) {
+      const float p = s[r * SP + j];
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) acc[r][d] += p * vj[d];
+    }
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t d = 0; d < D; ++d) out[(i0 + r) * os + d] = acc[r][d] * inv[r];
+}
+
+// The backward of forward_rows: accumulates into dq (S x D, rotated), dk (S x D, rotated) and dv (S x D); out
+// and dout rows have stride os.
+template <int64_t D, int64_t R>
+void backward_rows(int64_t SP, const float* q, const float* k, const float* kt, const float* vt, const MaskView& mask,
+                   const int64_t* ends, const float* out, const float* dout, int64_t os, const float* stats, int64_t i0,
+                   float* dq, float* dk, float* dv, float* s, float* ds) {
+  int64_t n = 0;
+  for (int64_t r = 0; r < R; ++r) n = std::max(n, ends[i0 + r] + 1);
+  const int64_t np = (n + kLane - 1) / kLane * kLane;
+  const float* g = dout + i0 * os;
+  block_scores<D, R>(SP, np, q, kt, mask, ends, i0, s);
+  block_dots<D, R>(SP, np, g, os, vt, ds);
+  for (int64_t r = 0; r < R; ++r) {
+    const float* o = out + (i0 + r) * os;
+    float delta = 0.0f;
+    for (int64_t d = 0; d < D; ++d) delta += g[r * os + d] * o[d];
+    const float mx = stats[2 * (i0 + r)], inv = stats[2 * (i0 + r) + 1];
+    float* sr = s + r * SP;
+    float* dsr = ds + r * SP;
+#pragma omp simd
+    for (int64_t j = 0; j < np; ++j) {
+      const float p = exp_ps(sr[j] - mx) * inv;
+      sr[j] = p;
+      dsr[j] = p * (dsr[j] - delta);
+    }
+  }
+  float acc[R][D] = {};
+  for (int64_t j = 0; j < n; ++j) {
+    const float* kj = k + j * D;
+    float dkj[D], dvj[D];
+    for (int64_t d = 0; d < D; ++d) {
+      dkj[d] = dk[j * D + d];
+      dvj[d] = dv[j * D + d];
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      const float gs = ds[r * SP + j], p = s[r * SP + j];
+      const float* qr = q + (i0 + r) * D;
+      const float* gr = g + r * os;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) {
+        acc[r][d] += gs * kj[d];
+        dkj[d] += gs * qr[d];
+        dvj[d] += p * gr[d];
+      }
+    }
+    for (int64_t d = 0; d < D; ++d) {
+      dk[j * D + d] = dkj[d];
+      dv[j * D + d] = dvj[d];
+    }
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t d = 0; d < D; ++d) dq[(i0 + r) * D + d] = acc[r][d];
+}
+
+int threads = 1;
+
+// Runs body(item) for items [0, count) on `threads` threads (this one included), items handed out one at a
+// time. Plain threads, started per call: OpenMP's idle workers spin-wait after a parallel region and took the
+// cores from the MindSpore kernels that run next (a 2-core step went from 62 to 85 ms).
+template <typename Body>
+void parallel_items(int64_t count, const Body& body) {
+  std::atomic<int64_t> next{0};
+  auto worker = [&]() {
+    for (int64_t item = next++; item < count; item = next++) body(item);
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < std::min<int64_t>(threads, count); ++t) pool.emplace_back(worker);
+  worker();
+  for (auto& thread : pool) thread.join();
+}
+
+// Query rows per block: as many as keep the block's accumulators in registers (measured at head sizes 16, 32).
+template <int64_t D>
+constexpr int64_t rows_for() { return D <= 16 ? 16 : (D <= 32 ? 8 : 4); }
+
+// q (B, S, H * D), k and v (B, S, G * D) as the projections give them (G key heads, each shared by H / G query
+// heads); the mask (B or 1, 1, S or 1, S).
+struct Shapes {
+  int64_t B, S, H, G, D, mask_batch, mask_rows;
+  MaskView mask(const float* data, int64_t b) const {
+    return {data + (mask_batch == 1 ? 0 : b) * mask_rows * S, S, mask_rows == 1};
+  }
+};
+
+template <int64_t D>
+int forward_all(const Shapes& x, const Tables& t, const float* q, const float* k, const float* v, const float* mask,
+                float* out, float* stats) {
+  constexpr int64_t kRows = rows_for<D>();
+  const int64_t S = x.S, H = x.H, G = x.G, SP = (S + kLane - 1) / kLane * kLane;
+  std::vector<int64_t> ends(x.mask_batch * S);
+  for (int64_t b = 0; b < x.mask_batch; ++b) visible_ends(x.mask(mask, b), ends.data() + b * S);
+  parallel_items(x.B * H, [&](int64_t bh) {
+    thread_local std::vector<float> qr, kr, kt, s;
+    qr.resize(S * D);
+    kr.resize(S * D);
+    kt.resize(D * SP);
+    s.resize(kRows * SP);
+    const int64_t b = bh / H, h = bh % H, g = h / (H / G);
+    const MaskView m = x.mask(mask, b);
+    const int64_t* e = ends.data() + (x.mask_batch == 1 ? 0 : b) * S;
+    rotated_head<D>(S, SP, H * D, q + b * S * H * D + h * D, t, t.scale, qr.data(), nullptr);
+    rotated_head<D>(S, SP, G * D, k + b * S * G * D + g * D, t, 1.0f, kr.data(), kt.data());
+    const float* vh = v + b * S * G * D + g * D;
+    float* oh = out + b * S * H * D + h * D;
+    float* st = stats + 2 * bh * S;
+    int64_t i0 = 0;
+    for (; i0 + kRows <= S; i0 += kRows)
+      forward_rows<D, kRows>(SP, qr.data(), kt.data(), vh, G * D, m, e, i0, oh, H * D, st, s.data());
+    for (; i0 < S; ++i0) forward_rows<D, 1>(SP, qr.data(), kt.data(), vh, G * D, m, e, i0, oh, H * D, st, s.data());
+  });
+  return 0;
+}
+
+// One item per (batch, key head), so that the query heads sharing a key head add into its dk and dv in turn.
+template <int64_t D>
+int backward_all(const Shapes& x, const Tables& t, const float* q, const float* k, const float* v, const float* mask,
+                 const float* out, const float* stats, const float* dout, float* dq, float* dk, float* dv) {
+  constexpr int64_t kRows = rows_for<D>();
+  const int64_t S = x.S, H = x.H, G = x.G, SP = (S + kLane - 1) / kLane * kLane;
+  std::vector<int64_t> ends(x.mask_batch * S);
+  for (int64_t b = 0; b < x.mask_batch; ++b) visible_ends(x.mask(mask, b), ends.data() + b * S);
+  parallel_items(x.B * G, [&](int64_t bg) {
+    thread_local std::vector<float> qr, kr, kt, vt, s, ds, dqr, dkr, dvh;
+    for (auto* buffer : {&qr, &kr, &dqr, &dkr, &dvh}) buffer->resize(S * D);
+    kt.resize(D * SP);
+    vt.resize(D * SP);
+    s.resize(kRows * SP);
+    ds.resize(kRows * SP);
+    const int64_t b = bg / G, g = bg % G;
+    const MaskView m = x.mask(mask, b);
+    const int64_t* e = ends.data() + (x.mask_batch == 1 ? 0 : b) * S;
+    rotated_head<D>(S, SP, G * D, k + b * S * G * D + g * D, t, 1.0f, kr.data(), kt.data());
+    transposed_head(S, SP, D, G * D, v + b * S * G * D + g * D, vt.data());
+    std::fill(dkr.begin(), dkr.end(), 0.0f);
+    std::fill(dvh.begin(), dvh.end(), 0.0f);
+    for (int64_t h = g * (H / G); h < (g + 1) * (H / G); ++h) {
+      rotated_head<D>(S, SP, H * D, q + b * S * H * D + h * D, t, t.scale, qr.data(), nullptr);
+      const float* oh = out + b * S * H * D + h * D;
+      const float* gh = dout + b * S * H * D + h * D;
+      const float* st = stats + 2 * (b * H + h) * S;
+      int64_t i0 = 0;
+      for (; i0 + kRows <= S; i0 += kRows)
+        backward_rows<D, kRows>(SP, qr.data(), kr.data(), kt.data(), vt.data(), m, e, oh, gh, H * D, st, i0,
+                                dqr.data(), dkr.data(), dvh.data(), s.data(), ds.data());
+      for (; i0 < S; ++i0)
+        backward_rows<D, 1>(SP, qr.data(), kr.data(), kt.data(), vt.data(), m, e, oh, gh, H * D, st, i0, dqr.data(),
+                            dkr.data(), dvh.data(), s.data(), ds.data());
+      for (int64_t i = 0; i < S; ++i)  // dq: through the scale and the rotation
+        rope_row_backward<D>(dqr.data() + i * D, t.cos + i * D, t.sin + i * D, t.scale,
+                             dq + (b * S + i) * H * D + h * D);
+    }
+    for (int64_t j = 0; j < S; ++j) {
+      float* dkj = dk + (b * S + j) * G * D + g * D;
+      rope_row_backward<D>(dkr.data() + j * D, t.cos + j * D, t.sin + j * D, 1.0f, dkj);
+      std::copy(dvh.data() + j * D, dvh.data() + (j + 1) * D, dv + (b * S + j) * G * D + g * D);
+    }
+  });
+  return 0;
+}
+
+bool all_float32(int nparam, const char** dtypes) {
+  for (int i = 0; i < nparam; ++i)
+    if (std::strcmp(dtypes[i], "float32") != 0 && std::strcmp(dtypes[i], "float") != 0) return false;
+  return true;
+}
+
+int64_t count(const int* ndims, int64_t** shapes, int i) {
+  int64_t n = 1;
+  for (int d = 0; d < ndims[i]; ++d) n *= shapes[i][d];
+  return n;
+}
+
+// Inputs q, k, v, cos, sin, mask; checks that they are float32 and fit together (see Shapes): cos and sin hold
+// S rows of D, the mask's last axis is S and its batch is B or 1.
+bool attention_shapes(int nparam, int expected, const int* ndims, int64_t** shapes, const char** dtypes,
+                      Shapes* x) {
+  if (nparam != expected || !all_float32(nparam, dtypes) || ndims[5] != 4) return false;
+  const int64_t* mask = shapes[5];
+  const int64_t B = mask[0] == 1 ? 0 : mask[0], S = mask[3], D = shapes[3][ndims[3] - 1];
+  if (S <= 0 || D <= 0 || D % 2 || count(ndims, shapes, 3) != S * D || count(ndims, shapes, 4) != S * D) return false;
+  const int64_t qn = count(ndims, shapes, 0), kn = count(ndims, shapes, 1);
+  const int64_t batch = B ? B : qn / (S * shapes[0][ndims[0] - 1]);
+  if (shapes[0][ndims[0] - 1] % D || shapes[1][ndims[1] - 1] % D || kn != count(ndims, shapes, 2)) return false;
+  *x = {batch, S, shapes[0][ndims[0] - 1] / D, shapes[1][ndims[1] - 1] / D, D, mask[0], mask[2]};
+  return x->G > 0 && x->H % x->G == 0 && qn == batch * S * x->H * D && kn == batch * S * x->G * D &&
+         mask[1] == 1 && (x->mask_rows == 1 || x->mask_rows == S);
+}
+
+// ---- RMSNorm: y = x * rsqrt(mean(x^2) + eps) * w over the last axis ----
+
+constexpr int64_t kNormRows = 64;  // rows per work item
+
+float row_rstd(const float* x, int64_t W, float eps) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t d = 0; d < W; ++d) sum += x[d] * x[d];
+  return 1.0f / std::sqrt(sum / static_cast<float>(W) + eps);
+}
+
+}  // namespace
+
+extern "C" {
+
+// Threads for every kernel here; Python sets it once after loading (ranks on one host share its cores).
+void MindrlhfSetThreads(int count) { threads = std::max(count, 1); }
+
+// Inputs q (B, S, H * D) and k, v (B, S, G * D) straight from the projections, the rotary tables cos and sin
+// (S rows of D, as FreqsMgr gives them) and the mask adder (B or 1, 1, S or 1, S); outputs the attention
+// (B, S, H * D), heads merged as the output projection wants them, and each row's max score and 1 / sum
+// (B, H, S, 2) for the backward. The query is scaled by 1 / sqrt(D) after its rotation, as the stock layer does.
+int RopeAttentionForward(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void*, void*) {
+  Shapes x;
+  if (!attention_shapes(nparam, 8, ndims, shapes, dtypes, &x)) return 1;
+  auto p = reinterpret_cast<float**>(params);
+  const Tables t{p[3], p[4], 1.0f / std::sqrt(static_cast<float>(x.D))};
+  switch (x.D) {
+    case 16: return forward_all<16>(x, t, p[0], p[1], p[2], p[5], p[6], p[7]);
+    case 32: return forward_all<32>(x, t, p[0], p[1], p[2], p[5], p[6], p[7]);
+    case 64: return forward_all<64>(x, t, p[0], p[1], p[2], p[5], p[6], p[7]);
+    case 128: return forward_all<128>(x, t, p[0], p[1], p[2], p[5], p[6], p[7]);
+    default: return 3;
+  }
+}
+
+// Inputs q, k, v, cos, sin, mask, out, stats and dout (B, S, H * D); outputs dq, dk, dv shaped as q, k, v.
+int RopeAttentionBackward(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void*, void*) {
+  Shapes x;
+  if (!attention_shapes(nparam, 12, ndims, shapes, dtypes, &x)) return 1;
+  auto p = reinterpret_cast<float**>(params);
+  const Tables t{p[3], p[4], 1.0f / std::sqrt(static_cast<float>(x.D))};
+  switch (x.D) {
+    case 16: return backward_all<16>(x, t, p[0], p[1], p[2], p[5], p[6], p[7], p[8], p[9], p[10], p[11]);
+    case 32: return backward_all<32>(x, t, p[0], p[1], p[2], p[5], p[6], p[7], p[8], p[9], p[10], p[11]);
+    case 64: return backward_all<64>(x, t, p[0], p[1], p[2], p[5], p[6], p[7], p[8], p[9], p[10], p[11]);
+    case 128: return backward_all<128>(x, t, p[0], p[1], p[2], p[5], p[6], p[7], p[8], p[9], p[10], p[11]);
+    default: return 3;
+  }
+}
+
+// Inputs x (..., W), weight (W), eps (1); output y shaped as x.
+int RmsNormForward(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void*, void*) {
+  if (nparam != 4 || !all_float32(nparam, dtypes)) return 1;
+  auto p = reinterpret_cast<float**>(params);
+  const int64_t W = shapes[0][ndims[0] - 1], N = count(ndims, shapes, 0) / W;
+  const float eps = p[2][0];
+  parallel_items((N + kNormRows - 1) / kNormRows, [&](int64_t item) {
+    for (int64_t n = item * kNormRows; n < std::min(N, (item + 1) * kNormRows); ++n) {
+      const float* x = p[0] + n * W;
+      float* y = p[3] + n * W;
+      const float rstd = row_rstd(x, W, eps);
+#pragma omp simd
+      for (int64_t d = 0; d < W; ++d) y[d] = x[d] * rstd * p[1][d];
+    }
+  });
+  return 0;
+}
+
+// Inputs x, weight, eps, dy; outputs dx and dweight. dweight sums fixed blocks of rows, then the blocks in order.
+int RmsNormBackward(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void*, void*) {
+  if (nparam != 6 || !all_float32(nparam, dtypes)) return 1;
+  auto p = reinterpret_cast<float**>(params);
+  const int64_t W = shapes[0][ndims[0] - 1], N = count(ndims, shapes, 0) / W;
+  const int64_t items = (N + kNormRows - 1) / kNormRows;
+  const float eps = p[2][0];
+  const float* w = p[1];
+  std::vector<float> partial(items * W, 0.0f);
+  parallel_items(items, [&](int64_t item) {
+    float* dw = partial.data() + item * W;
+    for (int64_t n = item * kNormRows; n < std::min(N, (item + 1) * kNormRows); ++n) {
+      const float* x = p[0] + n * W;
+      const float* dy = p[3] + n * W;
+      float* dx = p[4] + n * W;
+      const float rstd = row_rstd(x, W, eps);
+      float dot = 0.0f;  // mean(dy * w * xhat)
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < W; ++d) {
+        dot += dy[d] * w[d] * x[d] * rstd;
+        dw[d] += dy[d] * x[d] * rstd;
+      }
+      dot /= static_cast<float>(W);
+#pragma omp simd
+      for (int64_t d = 0; d < W; ++d) dx[d] = rstd * (dy[d] * w[d] - x[d] * rstd * dot);
+    }
+  });
+  float* dw = p[5];
+  std::fill(dw, dw + W, 0.0f);
+  for (int64_t item = 0; item < items; ++item)
+    for (int64_t d = 0; d < W; ++d) dw[d] += partial[item * W + d];
+  return 0;
+}
+
+// Inputs gate, up (same shape); output silu(gate) * up.
+int SwigluForward(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void*, void*) {
+  if (nparam != 3 || !all_float32(nparam, dtypes) || count(ndims, shapes, 0) != count(ndims, shapes, 1)) return 1;
+  auto p = reinterpret_cast<float**>(params);
+  const int64_t n = count(ndims, shapes, 0), chunk = 1 << 14;
+  parallel_items((n + chunk - 1) / chunk, [&](int64_t item) {
+    const int64_t lo = item * chunk, hi = std::min(n, lo + chunk);
+#pragma omp simd
+    for (int64_t i = lo; i < hi; ++i) {
+      const float g = p[0][i];
+      p[2][i] = g / (1.0f + exp_ps(-g)) * p[1][i];
+    }
+  });
+  return 0;
+}
+
+// Inputs gate, up, dout; outputs dgate, dup.
+int SwigluBackward(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void*, void*) {
+  if (nparam != 5 || !all_float32(nparam, dtypes) || count(ndims, shapes, 0) != count(ndims, shapes, 1)) return 1;
+  auto p = reinterpret_cast<float**>(params);
+  const int64_t n = count(ndims, shapes, 0), chunk = 1 << 14;
+  parallel_items((n + chunk - 1) / chunk, [&](int64_t item) {
+    const int64_t lo = item * chunk, hi = std::min(n, lo + chunk);
+#pragma omp simd
+    for (int64_t i = lo; i < hi; ++i) {
+      const float g = p[0][i], u = p[1][i], dy = p[2][i];
+      const float sig = 1.0f / (1.0f + exp_ps(-g));
+      p[3][i] = dy * u * sig * (1.0f + g * (1.0f - sig));
+      p[4][i] = dy * g * sig;
+    }
+  });
+  return 0;
+}
+
+}  // extern "C"
