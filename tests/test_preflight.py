@@ -4,7 +4,7 @@ import pytest
 import yaml
 from mindspore.mindrecord import FileWriter
 
-from mindrlhf.data.prompt import RECORD_SCHEMA
+from mindrlhf.data.records import RECORD_SCHEMA
 
 from conftest import EXAMPLES, TEST_JSONL, TINY_CONFIG, TOKENIZER, run_cli
 

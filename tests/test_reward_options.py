@@ -12,7 +12,7 @@ from mindspore.mindrecord import FileReader
 import mindrlhf.registry  # noqa: F401
 from mindrlhf.data.convert import SKIP_OVERLONG, convert_file
 from mindrlhf.data.dataset import create_reward_dataset
-from mindrlhf.data.prompt import RECORD_COLUMNS
+from mindrlhf.data.records import RECORD_COLUMNS
 from mindrlhf.data.tokenizer import load_tokenizer
 from mindrlhf.errors import ConfigError, InputError
 from mindrlhf.tools.loss_log import parse_log

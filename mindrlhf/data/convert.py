@@ -16,7 +16,7 @@ import numpy as np
 
 from mindrlhf.data.buckets import suggest_buckets
 from mindrlhf.data.pairs import PreferencePair, SkipReport, read_pairs
-from mindrlhf.data.prompt import COMPACT_SCHEMA, LAYOUTS, MARGIN_COLUMN, MARGIN_SCHEMA, RECORD_SCHEMA
+from mindrlhf.data.records import COMPACT_SCHEMA, LAYOUTS, MARGIN_COLUMN, MARGIN_SCHEMA, RECORD_SCHEMA
 from mindrlhf.data.templates import TUTORIAL, Template
 from mindrlhf.errors import ConfigError, InputError, OutputExistsError
 from mindrlhf.io import write_json

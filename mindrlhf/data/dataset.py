@@ -16,7 +16,7 @@ from mindformers.dataset.base_dataset import BaseDataset
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from mindrlhf.data.buckets import bucket_length
-from mindrlhf.data.prompt import MARGIN_COLUMN, MODEL_COLUMNS, RECORD_COLUMNS
+from mindrlhf.data.records import MARGIN_COLUMN, MODEL_COLUMNS, RECORD_COLUMNS
 from mindrlhf.errors import ConfigError
 
 _MINDRECORD = re.compile(r"\.mindrecord\d*$")
@@ -151,7 +151,7 @@ def create_reward_dataset(files, batch_size: int, shuffle: bool = False, drop_re
                           pad_token_id: int = 2):
     """The dataset pipeline without the registry: what both training and evaluation use.
 
-    Padded files are batched then trimmed; compact files (see mindrlhf.data.prompt.COMPACT_SCHEMA) are padded
+    Padded files are batched then trimmed; compact files (see mindrlhf.data.records.COMPACT_SCHEMA) are padded
     per batch. Both give the same batches.
     """
     import mindspore.dataset as ds

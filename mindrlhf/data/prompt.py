@@ -1,42 +1,10 @@
-"""The one prompt template and the column names of the 7-field MindRecord.
+"""The one prompt template (the MindRecord's columns are in mindrlhf.data.records).
 
 Conversion, evaluation and inference all format text here, so training and scoring never drift apart
 (the upstream inference script used '根据一下' while training used '根据以下').
 """
 
 PROMPT_TEMPLATE = "根据以下问题，写一个合适的回答。\n\n### 问题：\n{instruction}\n\n### 回答：\n{response}"
-
-RECORD_COLUMNS = (
-    "chosen_input_ids",
-    "chosen_attention_mask",
-    "rejected_input_ids",
-    "rejected_attention_mask",
-    "position_id",
-    "loss_mask",
-    "end_ind",
-)
-
-MODEL_COLUMNS = ("input_ids", "position_id", "attention_mask", "loss_mask", "end_ind")
-
-RECORD_SCHEMA = {
-    "chosen_input_ids": {"type": "int32", "shape": [-1]},
-    "chosen_attention_mask": {"type": "int32", "shape": [-1]},
-    "rejected_input_ids": {"type": "int32", "shape": [-1]},
-    "rejected_attention_mask": {"type": "int32", "shape": [-1]},
-    "position_id": {"type": "int32", "shape": [-1]},
-    "loss_mask": {"type": "int32", "shape": [-1]},
-    "end_ind": {"type": "int64"},
-}
-
-# The compact layout stores every array unpadded (own length) plus the target length; RewardModelDataset pads
-# per batch. Files shrink by the padding share (about 20x for CValues at 4096) with identical batches.
-COMPACT_SCHEMA = dict(RECORD_SCHEMA, seq_length={"type": "int64"})
-LAYOUTS = ("padded", "compact")
-
-# Per-pair margin (TRL/OpenRLHF): an eighth column, written only when the source rows carry a `margin`, so
-# files without margins keep the tutorial's 7 fields; RewardModelDataset then yields it as a sixth model input.
-MARGIN_COLUMN = "margin"
-MARGIN_SCHEMA = {MARGIN_COLUMN: {"type": "float32"}}
 
 
 def format_prompt(instruction: str, response: str) -> str:

@@ -147,7 +147,7 @@ def data_template_and_margin(config, files):
     """The data's one template (from the sidecars; None when unknown) and whether it carries margins; with
     margins the network gets them as a sixth input (construct_args_key), which the loss then applies."""
     from mindrlhf.data.dataset import record_columns
-    from mindrlhf.data.prompt import MARGIN_COLUMN, MODEL_COLUMNS
+    from mindrlhf.data.records import MARGIN_COLUMN, MODEL_COLUMNS
     from mindrlhf.data.templates import data_template
 
     template = data_template(files)
