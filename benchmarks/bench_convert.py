@@ -137,6 +137,29 @@ def compare(a, b, limit=2000):
     return checked
 
 
+def race(src, work, seq_length, pairs, tutorial, ours, times):
+    """Both conversions of src, timed in turn (tutorial.mindrecord, ours.mindrecord in work) and compared row by
+    row; the result fields every conversion benchmark reports. tutorial, ours: (src, dst, seq, times) -> rows."""
+    start = time.perf_counter()
+    base_rows = tutorial(src, os.path.join(work, "tutorial.mindrecord"), seq_length, times)
+    baseline = time.perf_counter() - start
+    start = time.perf_counter()
+    our_rows = ours(src, os.path.join(work, "ours.mindrecord"), seq_length, times)
+    elapsed = time.perf_counter() - start
+    checked = compare(os.path.join(work, "tutorial.mindrecord"), os.path.join(work, "ours.mindrecord"))
+    assert base_rows == our_rows, (base_rows, our_rows)
+    return {
+        "pairs": pairs, "seq_length": seq_length, "rows_written": our_rows, "rows_compared": checked,
+        "baseline_seconds": round(baseline, 2), "ours_seconds": round(elapsed, 2),
+        "baseline_pairs_per_s": round(pairs / baseline, 1), "ours_pairs_per_s": round(pairs / elapsed, 1),
+        "speedup": round(baseline / elapsed, 2),
+        "ours_tokenize_seconds": round(times.get("ours_tokenize", 0), 2),
+        "ours_write_seconds": round(times.get("ours_write", 0), 2),
+        "ours_write_share": round(times.get("ours_write", 0) / elapsed, 3),
+        "baseline_breakdown_seconds": {k: round(v, 2) for k, v in times.items() if k.startswith("baseline")},
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--copies", type=int, default=10, help="copies of the 4,049-pair train set (10 -> 40,490)")
@@ -150,33 +173,19 @@ def main():
         src = os.path.join(work, "pairs.jsonl")
         pairs = make_input(src, args.copies)
         times = {}
-        start = time.perf_counter()
-        base_rows = tutorial_convert(src, os.path.join(work, "tutorial.mindrecord"), args.seq_length, times)
-        baseline = time.perf_counter() - start
-        start = time.perf_counter()
-        our_rows = ours_convert(src, os.path.join(work, "ours.mindrecord"), args.seq_length, times)
-        ours = time.perf_counter() - start
+        result = race(src, work, args.seq_length, pairs, tutorial_convert, ours_convert, times)
         compact_times = {}
         start = time.perf_counter()
         ours_convert(src, os.path.join(work, "compact.mindrecord"), args.seq_length, compact_times, "compact")
         compact = time.perf_counter() - start
-        checked = compare(os.path.join(work, "tutorial.mindrecord"), os.path.join(work, "ours.mindrecord"))
         sizes = {name: os.path.getsize(os.path.join(work, f"{name}.mindrecord"))
                  for name in ("tutorial", "ours", "compact")}
-        assert base_rows == our_rows, (base_rows, our_rows)
-        result = {
-            "pairs": pairs, "seq_length": args.seq_length, "rows_written": our_rows, "rows_compared": checked,
-            "baseline_seconds": round(baseline, 2), "ours_seconds": round(ours, 2),
-            "baseline_pairs_per_s": round(pairs / baseline, 1), "ours_pairs_per_s": round(pairs / ours, 1),
-            "speedup": round(baseline / ours, 2),
-            "ours_tokenize_seconds": round(times.get("ours_tokenize", 0), 2),
-            "ours_write_seconds": round(times.get("ours_write", 0), 2),
-            "ours_write_share": round(times.get("ours_write", 0) / ours, 3),
-            "baseline_breakdown_seconds": {k: round(v, 2) for k, v in times.items() if k.startswith("baseline")},
+        baseline = result["baseline_seconds"]
+        result.update({
             "compact_seconds": round(compact, 2), "compact_speedup": round(baseline / compact, 2),
             "file_mb": {k: round(v / 2 ** 20, 1) for k, v in sizes.items()},
             "compact_size_ratio": round(sizes["ours"] / sizes["compact"], 1),
-        }
+        })
         print(f"conversion speedup {result['speedup']}x ({result['ours_pairs_per_s']} vs "
               f"{result['baseline_pairs_per_s']} pairs/s); our writer share {result['ours_write_share']:.0%}; "
               f"compact layout {result['compact_speedup']}x, {result['compact_size_ratio']}x smaller")

@@ -14,12 +14,11 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 import bench_convert as sentencepiece_bench
-from bench_convert import SCHEMA, compare, make_input, tutorial_sample
+from bench_convert import SCHEMA, make_input, tutorial_sample
 from common import TRAIN_JSONL, require_inputs, save, timed
 
 
@@ -80,26 +79,10 @@ def main():
         folder = train_hf_tokenizer(corpus(str(TRAIN_JSONL)), os.path.join(work, "tokenizer"), "qwen2")
         src = os.path.join(work, "pairs.jsonl")
         pairs = make_input(src, args.copies)
-        times = {}
-        start = time.perf_counter()
-        base_rows = tutorial_convert(src, os.path.join(work, "tutorial.mindrecord"), args.seq_length, times, folder)
-        baseline = time.perf_counter() - start
-        start = time.perf_counter()
-        our_rows = ours_convert(src, os.path.join(work, "ours.mindrecord"), args.seq_length, times, folder)
-        ours = time.perf_counter() - start
-        checked = compare(os.path.join(work, "tutorial.mindrecord"), os.path.join(work, "ours.mindrecord"))
-        assert base_rows == our_rows, (base_rows, our_rows)
-        result = {
-            "tokenizer": "Qwen2.5-style byte-level BPE folder (tokenizer.json), chat template", "pairs": pairs,
-            "seq_length": args.seq_length, "rows_written": our_rows, "rows_compared": checked,
-            "baseline_seconds": round(baseline, 2), "ours_seconds": round(ours, 2),
-            "baseline_pairs_per_s": round(pairs / baseline, 1), "ours_pairs_per_s": round(pairs / ours, 1),
-            "speedup": round(baseline / ours, 2),
-            "ours_tokenize_seconds": round(times.get("ours_tokenize", 0), 2),
-            "ours_write_seconds": round(times.get("ours_write", 0), 2),
-            "ours_write_share": round(times.get("ours_write", 0) / ours, 3),
-            "baseline_breakdown_seconds": {k: round(v, 2) for k, v in times.items() if k.startswith("baseline")},
-        }
+        result = {"tokenizer": "Qwen2.5-style byte-level BPE folder (tokenizer.json), chat template"}
+        result.update(sentencepiece_bench.race(
+            src, work, args.seq_length, pairs, lambda *a: tutorial_convert(*a, folder),
+            lambda *a: ours_convert(*a, folder), {}))
         print(f"tokenizers-path conversion speedup {result['speedup']}x ({result['ours_pairs_per_s']} vs "
               f"{result['baseline_pairs_per_s']} pairs/s); our writer share {result['ours_write_share']:.0%}")
         save("convert_tokenizers", result)
