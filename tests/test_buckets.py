@@ -4,9 +4,11 @@ import itertools
 import json
 
 import numpy as np
+import pytest
 
 from conftest import EXAMPLES, TEST_JSONL, TOKENIZER, run_cli
-from mindrlhf.data.buckets import batch_maxima, bucket_length, suggest_buckets
+from mindrlhf.data.buckets import batch_maxima, boundaries_for, bucket_length, suggest_buckets
+from mindrlhf.errors import ConfigError
 
 
 def test_bucket_length_is_the_smallest_boundary_that_holds_the_batch():
@@ -55,3 +57,34 @@ def test_conversion_prints_and_records_a_suggestion(tmp_path):
     boundaries = recorded["bucket_boundaries"]
     assert boundaries and boundaries[-1] == 1024 and recorded["tokens_vs_fixed"] < 0.6
     assert f"suggested train_dataset.bucket_boundaries for 4 pairs a batch: {boundaries}" in proc.stdout
+
+    # bucket_boundaries: auto (the tiny CPU YAMLs) trains on exactly that suggestion
+    import mindrlhf.registry  # noqa: F401
+    from mindrlhf.data.dataset import create_reward_dataset
+
+    said = []
+    assert boundaries_for("auto", [str(dst)], 4, log=said.append) == boundaries
+    assert said == [f"bucket_boundaries: auto -> {boundaries}, as conversion suggested for {dst.name}"]
+    widths = set()
+    for batch in create_reward_dataset(str(dst), 4, bucket_boundaries="auto").create_dict_iterator(output_numpy=True):
+        width = batch["input_ids"].shape[1]
+        assert width == bucket_length(int(batch["end_ind"].max()), boundaries, 1024)
+        widths.add(width)
+    assert widths <= set(boundaries) and len(widths) > 1
+
+
+def test_auto_boundaries_without_a_usable_suggestion(tmp_path):
+    said = []
+    assert boundaries_for([256, 128], [], 8) == [128, 256] and boundaries_for(None, [], 8) == []
+    missing = str(tmp_path / "old.mindrecord")
+    assert boundaries_for("auto", [missing], 8, log=said.append) == []
+    assert "old.mindrecord.stats.json holds no suggestion" in said[-1]
+    for name, buckets in (("a", [128, 512]), ("b", [256, 512])):
+        (tmp_path / f"{name}.mindrecord.stats.json").write_text(
+            json.dumps({"buckets": {"batch_pairs": 8, "bucket_boundaries": buckets}}))
+    files = [str(tmp_path / "a.mindrecord"), str(tmp_path / "b.mindrecord")]
+    assert boundaries_for("AUTO", files, 8, log=said.append) == [] and "suggestions differ" in said[-1]
+    assert boundaries_for("auto", files[:1], 4, log=said.append) == [128, 512]
+    assert "computed for 8 pairs a batch, this run takes 4" in said[-1]
+    with pytest.raises(ConfigError, match="expected a list of lengths"):
+        boundaries_for("fixed", files, 8)

@@ -4,9 +4,15 @@ Each distinct width is one graph compile (seconds for the tiny CPU model, minute
 boundaries placed where the batches' longest pairs fall beat many evenly spaced ones. Pure numpy: conversion
 uses it without MindSpore's dataset engine or MindFormers.
 """
-from typing import Dict, List, Optional, Sequence
+import json
+import os
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
+
+from mindrlhf.errors import ConfigError
+
+AUTO = "auto"
 
 
 def bucket_length(length: int, boundaries: Sequence[int], seq_length: int) -> int:
@@ -72,3 +78,33 @@ def suggest_buckets(pair_lengths: Sequence[int], seq_length: int, batch_pairs: i
     useful = len(boundaries) > 1 and 1.0 - vs_fixed >= min_saving
     return {"batch_pairs": batch_pairs, "bucket_boundaries": boundaries if useful else [],
             "tokens_vs_fixed": round(vs_fixed, 3), "tokens_vs_longest": round(tokens / float(maxima.sum()), 3)}
+
+
+def boundaries_for(setting, files: Sequence[str], batch_pairs: int, log: Callable[[str], None] = print) -> List[int]:
+    """A YAML bucket_boundaries value -> the boundaries to use. A list is used as it is; "auto" takes the ones
+    conversion suggested for these files (recorded in each file's .stats.json), and none when a file has no
+    suggestion (converted before suggestions existed) or the files disagree."""
+    if setting is None or isinstance(setting, (list, tuple)):
+        return sorted(int(b) for b in setting or [])
+    if str(setting).strip().lower() != AUTO:
+        raise ConfigError(f"bucket_boundaries: {setting!r}: expected a list of lengths, [] or {AUTO}")
+    found = set()
+    for path in files:
+        stats = path + ".stats.json"
+        try:
+            with open(stats, encoding="utf-8") as fh:
+                suggestion = json.load(fh)["buckets"]
+        except (OSError, ValueError, KeyError, TypeError):
+            log(f"bucket_boundaries: {AUTO}: {stats} holds no suggestion (convert again to get one); every batch "
+                "is padded to seq_length")
+            return []
+        found.add((tuple(suggestion["bucket_boundaries"]), int(suggestion["batch_pairs"])))
+    if len(found) != 1:
+        log(f"bucket_boundaries: {AUTO}: the {len(files)} files' suggestions differ; every batch is padded to "
+            "seq_length")
+        return []
+    boundaries, pairs = found.pop()
+    note = "" if pairs == batch_pairs else f" (computed for {pairs} pairs a batch, this run takes {batch_pairs})"
+    log(f"bucket_boundaries: {AUTO} -> {list(boundaries)}, as conversion suggested for "
+        f"{os.path.basename(files[0])}{note}")
+    return list(boundaries)

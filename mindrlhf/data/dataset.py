@@ -15,8 +15,9 @@ import mindrlhf._mindformers  # noqa: F401  (quiet import first)
 from mindformers.dataset.base_dataset import BaseDataset
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from mindrlhf.data.buckets import bucket_length
+from mindrlhf.data.buckets import boundaries_for, bucket_length
 from mindrlhf.data.records import MARGIN_COLUMN, MODEL_COLUMNS, RECORD_COLUMNS
+from mindrlhf.distributed import is_writer
 from mindrlhf.errors import ConfigError
 
 _MINDRECORD = re.compile(r"\.mindrecord\d*$")
@@ -145,6 +146,12 @@ def shard_info():
     return shard_id, num_shards
 
 
+def _log_once(message: str):
+    """Rank 0 says it (every rank resolves the same files the same way)."""
+    if is_writer():
+        print(f"[mindrlhf] {message}", flush=True)
+
+
 def create_reward_dataset(files, batch_size: int, shuffle: bool = False, drop_remainder: bool = True,
                           repeat: int = 1, num_samples: Optional[int] = None, bucket_boundaries=None,
                           num_parallel_workers: int = 1, shard_id=None, num_shards=None, seed: Optional[int] = None,
@@ -157,6 +164,7 @@ def create_reward_dataset(files, batch_size: int, shuffle: bool = False, drop_re
     import mindspore.dataset as ds
 
     files = resolve_mindrecord_files(files)
+    bucket_boundaries = boundaries_for(bucket_boundaries, files, batch_size, log=_log_once) or None
     if seed is not None:
         ds.config.set_seed(seed)
     kwargs = {}
@@ -189,7 +197,8 @@ class RewardModelDataset(BaseDataset):
     """YAML entry point. dataset_config fields (all optional but data_loader.dataset_dir/dataset_files):
 
     data_loader.{dataset_dir|dataset_files, shuffle, num_samples}, batch_size, drop_remainder, repeat,
-    num_parallel_workers, seed, bucket_boundaries (list of lengths; empty = fixed length).
+    num_parallel_workers, seed, bucket_boundaries (list of lengths; empty = fixed length; "auto" = the ones
+    conversion suggested for these files).
     """
 
     def __new__(cls, dataset_config: Optional[dict] = None, data_loader=None, batch_size: int = 8,
@@ -205,7 +214,7 @@ class RewardModelDataset(BaseDataset):
             drop_remainder=bool(dataset_config.get("drop_remainder", True)),
             repeat=int(dataset_config.get("repeat", 1) or 1),
             num_samples=loader.get("num_samples"),
-            bucket_boundaries=dataset_config.get("bucket_boundaries") or None,
+            bucket_boundaries=dataset_config.get("bucket_boundaries"),
             num_parallel_workers=int(dataset_config.get("num_parallel_workers", 1) or 1),
             shard_id=shard_id, num_shards=num_shards, seed=dataset_config.get("seed", seed),
             pad_token_id=int(dataset_config.get("pad_token_id", pad_token_id)))

@@ -40,7 +40,8 @@ class LlamaRewardModel(LlamaPreTrainedModel):
         self.model = LlamaModel(config=config)
         # Let every batch be shorter than seq_length (length bucketing): slice the causal mask like pynative does.
         self.model.casual_mask.is_dynamic = True
-        # On CPU the stock attention-softmax backward is slow (an expanded ReduceSum): same formula, faster sum.
+        # On CPU: compiled kernels for attention, RMSNorm and SwiGLU, or MindSpore ops arranged around its slow
+        # CPU paths without a compiler (same formulas; see mindrlhf.models.cpu_speedups).
         use_cpu_kernels(self.model, config)
         self.v_head = Linear(in_channels=config.hidden_size, out_channels=1, has_bias=False,
                              compute_dtype=config.compute_dtype, param_init_type=config.param_init_type,
