@@ -162,10 +162,12 @@ def server(run):
 
 @pytest.fixture(scope="module")
 def guarded(run):
-    """A keyed server with small limits, one text per forward pass, every shape compiled at start."""
+    """A keyed server with small limits, one text per forward pass, every shape compiled at start. The 0.3 s
+    request_timeout must stay well under the time of 512 one-text passes (about 1 s here with the compiled
+    kernels; 1 s was enough before them), or the scoring-timeout check below cannot fail a request."""
     proc = ServerProcess(run["work"] / "guarded.log", run["root"], "--max_batch", 1, "--warmup",
                          "--max_body_bytes", 524288, "--max_texts", 128, "--max_chars", 4000, "--max_in_flight", 4,
-                         "--request_timeout", 1, env={"MINDRLHF_API_KEY": KEY})
+                         "--request_timeout", 0.3, env={"MINDRLHF_API_KEY": KEY})
     yield proc
     proc.stop()
 
@@ -316,8 +318,8 @@ def test_each_limit_answers_and_the_next_request_is_served(guarded, run):
     ok()
     assert slow_body(guarded.port) == 408  # request_timeout while the body does not come
     ok()
-    # request_timeout while scoring: 4 requests of 128 long texts, one forward pass per text (512 passes of at
-    # least 4 ms), 1 s to answer each
+    # request_timeout while scoring: 4 requests of 128 long texts, one forward pass per text (512 passes of
+    # about 2 ms), 0.3 s to answer each
     answers = in_parallel(lambda: guarded.post("/get_reward", {"query": [long_text] * 128}, key=KEY),
                           [()] * 4)
     timed_out = [a for a in answers if a[0] == 503]
