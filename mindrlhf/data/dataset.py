@@ -146,8 +146,8 @@ def shard_info():
     return shard_id, num_shards
 
 
-def _log_once(message: str):
-    """Rank 0 says it (every rank resolves the same files the same way)."""
+def _say_on_rank_0(message: str):
+    """Only rank 0 prints: every rank resolves the same files the same way."""
     if is_writer():
         print(f"[mindrlhf] {message}", flush=True)
 
@@ -164,7 +164,7 @@ def create_reward_dataset(files, batch_size: int, shuffle: bool = False, drop_re
     import mindspore.dataset as ds
 
     files = resolve_mindrecord_files(files)
-    bucket_boundaries = boundaries_for(bucket_boundaries, files, batch_size, log=_log_once) or None
+    bucket_boundaries = boundaries_for(bucket_boundaries, files, batch_size, log=_say_on_rank_0) or None
     if seed is not None:
         ds.config.set_seed(seed)
     kwargs = {}

@@ -103,7 +103,7 @@ class KeyMask(nn.Cell):
 
     def construct(self, tokens=None, masks=None, seq_chunk=None):
         visible = ops.cast(ops.not_equal(tokens, self.pad_token_id), self.dtype)
-        return ops.stop_gradient(((1.0 - visible) * -10000.0).reshape((tokens.shape[0], 1, 1, tokens.shape[1])))
+        return ((1.0 - visible) * -10000.0).reshape((tokens.shape[0], 1, 1, tokens.shape[1]))
 
 
 def _rope_attention_construct(self, x, freqs_cis, mask=None, batch_valid_length=None, block_tables=None,

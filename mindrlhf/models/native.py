@@ -1,7 +1,7 @@
 """C++ kernels for MindSpore's CPU backend, compiled on first use and cached.
 
 MindSpore runs a user kernel on CPU as `ops.Custom(func="lib.so:Function", func_type="aot")`. The sources live
-in mindrlhf/models/kernels/; each is compiled once per machine with the system g++ (-O3 -march=native, OpenMP)
+in mindrlhf/models/kernels/; each is compiled once per machine with the system g++ (-O3 -march=native)
 into $MINDRLHF_CACHE (default ~/.cache/mindrlhf), under a name hashed from the source, the compiler, the flags
 and the CPU, so an edited source, another compiler or another CPU builds its own copy. The build writes a
 temporary file and renames it, so ranks that start together never load half a library. Without a compiler (or
@@ -80,8 +80,8 @@ def library(name: str) -> Optional[str]:
 
 def local_threads() -> int:
     """Threads for a compiled kernel: OMP_NUM_THREADS if set, else this process's cores divided among the
-    launcher's ranks (on CPU, msrun's ranks share one host's cores; OpenMP threads that outnumber the cores
-    spin-wait for each other)."""
+    launcher's ranks (on CPU, msrun's ranks share one host's cores, and threads that outnumber them only wait
+    for each other)."""
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return max(int(os.environ["OMP_NUM_THREADS"]), 1)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -57,45 +57,47 @@ void visible_ends(const MaskView& m, int64_t* ends) {
   }
 }
 
+// Keys are handled in blocks of kLane: n rounded up to whole blocks.
+inline int64_t whole_blocks(int64_t n) { return (n + kLane - 1) / kLane * kLane; }
+
+// How many keys rows [i0, i0 + R) need: up to the furthest one's last visible key.
+template <int64_t R>
+inline int64_t block_keys(const int64_t* ends, int64_t i0) {
+  int64_t n = 0;
+  for (int64_t r = 0; r < R; ++r) n = std::max(n, ends[i0 + r] + 1);
+  return n;
+}
+
+// Dot products of R rows (row r at a + r * stride, D long) with keys [0, np) given transposed (D x SP):
+// out[r * SP + j].
+template <int64_t D, int64_t R>
+inline void block_dots(int64_t SP, int64_t np, const float* a, int64_t stride, const float* columns, float* out) {
+  for (int64_t jb = 0; jb < np; jb += kLane) {
+    float acc[R][kLane] = {};
+    for (int64_t d = 0; d < D; ++d) {
+      const float* cd = columns + d * SP + jb;
+      for (int64_t r = 0; r < R; ++r) {
+        const float ad = a[r * stride + d];
+#pragma omp simd
+        for (int64_t jj = 0; jj < kLane; ++jj) acc[r][jj] += ad * cd[jj];
+      }
+    }
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t jj = 0; jj < kLane; ++jj) out[r * SP + jb + jj] = acc[r][jj];
+  }
+}
+
 // Scores of rows [i0, i0 + R) against keys [0, np): s[r * SP + j] = q_r . k_j + mask, kHidden past a row's end.
 template <int64_t D, int64_t R>
 inline void block_scores(int64_t SP, int64_t np, const float* q, const float* kt, const MaskView& mask,
                          const int64_t* ends, int64_t i0, float* s) {
-  for (int64_t jb = 0; jb < np; jb += kLane) {
-    float acc[R][kLane] = {};
-    for (int64_t d = 0; d < D; ++d) {
-      const float* kd = kt + d * SP + jb;
-      for (int64_t r = 0; r < R; ++r) {
-        const float qd = q[(i0 + r) * D + d];
-#pragma omp simd
-        for (int64_t jj = 0; jj < kLane; ++jj) acc[r][jj] += qd * kd[jj];
-      }
-    }
-    // The mask is added last, as the stock layer does: scores near -10000 keep only 1e-3 of precision.
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t jj = 0; jj < kLane; ++jj)
-        s[r * SP + jb + jj] = jb + jj <= ends[i0 + r] ? acc[r][jj] + mask.at(i0 + r, jb + jj) : kHidden;
+  block_dots<D, R>(SP, np, q + i0 * D, D, kt, s);
+  // The mask is added last, as the stock layer does: scores near -10000 keep only 1e-3 of precision.
+  for (int64_t r = 0; r < R; ++r) {
+    float* sr = s + r * SP;
+    for (int64_t j = 0; j < np; ++j) sr[j] = j <= ends[i0 + r] ? sr[j] + mask.at(i0 + r, j) : kHidden;
   }
 }
-
-// Same for dO_r . v_j (no mask).
-template <int64_t D, int64_t R>
-inline void block_dots(int64_t SP, int64_t np, const float* g, int64_t g_stride, const float* vt, float* dp) {
-  for (int64_t jb = 0; jb < np; jb += kLane) {
-    float acc[R][kLane] = {};
-    for (int64_t d = 0; d < D; ++d) {
-      const float* vd = vt + d * SP + jb;
-      for (int64_t r = 0; r < R; ++r) {
-        const float gd = g[r * g_stride + d];
-#pragma omp simd
-        for (int64_t jj = 0; jj < kLane; ++jj) acc[r][jj] += gd * vd[jj];
-      }
-    }
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t jj = 0; jj < kLane; ++jj) dp[r * SP + jb + jj] = acc[r][jj];
-  }
-}
-
 
 // Rotary embedding of one head row at position j, as MindFormers' RotaryEmbedding (rotate-half form):
 // y = x * cos + [-x2, x1] * sin, times `scale`.
@@ -118,20 +120,22 @@ inline void rope_row_backward(const float* dy, const float* cos, const float* si
   }
 }
 
-// One (batch, head) pair's inputs, rotated into contiguous buffers: q (S x D, scaled), k (S x D) and k^T
-// (D x SP, zero-padded to whole 16-key blocks); v^T when the backward needs it.
+// The rotary tables (S rows of D) and the query's scale, 1 / sqrt(D).
 struct Tables {
-  const float* cos;  // (S, D)
+  const float* cos;
   const float* sin;
   float scale;
 };
 
+// One head (rows of `stride` apart in x), rotated and scaled into contiguous rows (S x D) and/or columns
+// (D x SP, zero-padded to whole key blocks); either may be null.
 template <int64_t D>
 void rotated_head(int64_t S, int64_t SP, int64_t stride, const float* x, const Tables& t, float scale, float* rows,
                   float* columns) {
   for (int64_t j = 0; j < S; ++j) {
-    float* y = rows + j * D;
+    float y[D];
     rope_row<D>(x + j * stride, t.cos + j * D, t.sin + j * D, scale, y);
+    if (rows) std::copy(y, y + D, rows + j * D);
     if (columns)
       for (int64_t d = 0; d < D; ++d) columns[d * SP + j] = y[d];
   }
@@ -152,9 +156,7 @@ inline void transposed_head(int64_t S, int64_t SP, int64_t D, int64_t stride, co
 template <int64_t D, int64_t R>
 void forward_rows(int64_t SP, const float* q, const float* kt, const float* v, int64_t vs, const MaskView& mask,
                   const int64_t* ends, int64_t i0, float* out, int64_t os, float* stats, float* s) {
-  int64_t n = 0;
-  for (int64_t r = 0; r < R; ++r) n = std::max(n, ends[i0 + r] + 1);
-  const int64_t np = (n + kLane - 1) / kLane * kLane;
+  const int64_t n = block_keys<R>(ends, i0), np = whole_blocks(n);
   block_scores<D, R>(SP, np, q, kt, mask, ends, i0, s);
   float inv[R];
   for (int64_t r = 0; r < R; ++r) {
@@ -191,9 +193,7 @@ template <int64_t D, int64_t R>
 void backward_rows(int64_t SP, const float* q, const float* k, const float* kt, const float* vt, const MaskView& mask,
                    const int64_t* ends, const float* out, const float* dout, int64_t os, const float* stats, int64_t i0,
                    float* dq, float* dk, float* dv, float* s, float* ds) {
-  int64_t n = 0;
-  for (int64_t r = 0; r < R; ++r) n = std::max(n, ends[i0 + r] + 1);
-  const int64_t np = (n + kLane - 1) / kLane * kLane;
+  const int64_t n = block_keys<R>(ends, i0), np = whole_blocks(n);
   const float* g = dout + i0 * os;
   block_scores<D, R>(SP, np, q, kt, mask, ends, i0, s);
   block_dots<D, R>(SP, np, g, os, vt, ds);
@@ -256,6 +256,13 @@ void parallel_items(int64_t count, const Body& body) {
   for (auto& thread : pool) thread.join();
 }
 
+// parallel_items over [0, total) cut into fixed chunks: body(item, lo, hi).
+template <typename Body>
+void parallel_chunks(int64_t total, int64_t chunk, const Body& body) {
+  parallel_items((total + chunk - 1) / chunk,
+                 [&](int64_t item) { body(item, item * chunk, std::min(total, (item + 1) * chunk)); });
+}
+
 // Query rows per block: as many as keep the block's accumulators in registers (measured at head sizes 16, 32).
 template <int64_t D>
 constexpr int64_t rows_for() { return D <= 16 ? 16 : (D <= 32 ? 8 : 4); }
@@ -264,29 +271,35 @@ constexpr int64_t rows_for() { return D <= 16 ? 16 : (D <= 32 ? 8 : 4); }
 // heads); the mask (B or 1, 1, S or 1, S).
 struct Shapes {
   int64_t B, S, H, G, D, mask_batch, mask_rows;
+  int64_t mask_index(int64_t b) const { return mask_batch == 1 ? 0 : b; }
   MaskView mask(const float* data, int64_t b) const {
-    return {data + (mask_batch == 1 ? 0 : b) * mask_rows * S, S, mask_rows == 1};
+    return {data + mask_index(b) * mask_rows * S, S, mask_rows == 1};
   }
 };
+
+// visible_ends for every row of every mask, S per mask (row b's at mask_index(b) * S).
+std::vector<int64_t> all_visible_ends(const Shapes& x, const float* mask) {
+  std::vector<int64_t> ends(x.mask_batch * x.S);
+  for (int64_t b = 0; b < x.mask_batch; ++b) visible_ends(x.mask(mask, b), ends.data() + b * x.S);
+  return ends;
+}
 
 template <int64_t D>
 int forward_all(const Shapes& x, const Tables& t, const float* q, const float* k, const float* v, const float* mask,
                 float* out, float* stats) {
   constexpr int64_t kRows = rows_for<D>();
-  const int64_t S = x.S, H = x.H, G = x.G, SP = (S + kLane - 1) / kLane * kLane;
-  std::vector<int64_t> ends(x.mask_batch * S);
-  for (int64_t b = 0; b < x.mask_batch; ++b) visible_ends(x.mask(mask, b), ends.data() + b * S);
+  const int64_t S = x.S, H = x.H, G = x.G, SP = whole_blocks(S);
+  const std::vector<int64_t> ends = all_visible_ends(x, mask);
   parallel_items(x.B * H, [&](int64_t bh) {
-    thread_local std::vector<float> qr, kr, kt, s;
+    thread_local std::vector<float> qr, kt, s;
     qr.resize(S * D);
-    kr.resize(S * D);
     kt.resize(D * SP);
     s.resize(kRows * SP);
     const int64_t b = bh / H, h = bh % H, g = h / (H / G);
     const MaskView m = x.mask(mask, b);
-    const int64_t* e = ends.data() + (x.mask_batch == 1 ? 0 : b) * S;
+    const int64_t* e = ends.data() + x.mask_index(b) * S;
     rotated_head<D>(S, SP, H * D, q + b * S * H * D + h * D, t, t.scale, qr.data(), nullptr);
-    rotated_head<D>(S, SP, G * D, k + b * S * G * D + g * D, t, 1.0f, kr.data(), kt.data());
+    rotated_head<D>(S, SP, G * D, k + b * S * G * D + g * D, t, 1.0f, nullptr, kt.data());
     const float* vh = v + b * S * G * D + g * D;
     float* oh = out + b * S * H * D + h * D;
     float* st = stats + 2 * bh * S;
@@ -303,9 +316,8 @@ template <int64_t D>
 int backward_all(const Shapes& x, const Tables& t, const float* q, const float* k, const float* v, const float* mask,
                  const float* out, const float* stats, const float* dout, float* dq, float* dk, float* dv) {
   constexpr int64_t kRows = rows_for<D>();
-  const int64_t S = x.S, H = x.H, G = x.G, SP = (S + kLane - 1) / kLane * kLane;
-  std::vector<int64_t> ends(x.mask_batch * S);
-  for (int64_t b = 0; b < x.mask_batch; ++b) visible_ends(x.mask(mask, b), ends.data() + b * S);
+  const int64_t S = x.S, H = x.H, G = x.G, SP = whole_blocks(S);
+  const std::vector<int64_t> ends = all_visible_ends(x, mask);
   parallel_items(x.B * G, [&](int64_t bg) {
     thread_local std::vector<float> qr, kr, kt, vt, s, ds, dqr, dkr, dvh;
     for (auto* buffer : {&qr, &kr, &dqr, &dkr, &dvh}) buffer->resize(S * D);
@@ -315,7 +327,7 @@ int backward_all(const Shapes& x, const Tables& t, const float* q, const float* 
     ds.resize(kRows * SP);
     const int64_t b = bg / G, g = bg % G;
     const MaskView m = x.mask(mask, b);
-    const int64_t* e = ends.data() + (x.mask_batch == 1 ? 0 : b) * S;
+    const int64_t* e = ends.data() + x.mask_index(b) * S;
     rotated_head<D>(S, SP, G * D, k + b * S * G * D + g * D, t, 1.0f, kr.data(), kt.data());
     transposed_head(S, SP, D, G * D, v + b * S * G * D + g * D, vt.data());
     std::fill(dkr.begin(), dkr.end(), 0.0f);
@@ -375,7 +387,8 @@ bool attention_shapes(int nparam, int expected, const int* ndims, int64_t** shap
 
 // ---- RMSNorm: y = x * rsqrt(mean(x^2) + eps) * w over the last axis ----
 
-constexpr int64_t kNormRows = 64;  // rows per work item
+constexpr int64_t kNormRows = 64;       // rows per work item
+constexpr int64_t kElements = 1 << 14;  // SwiGLU elements per work item
 
 float row_rstd(const float* x, int64_t W, float eps) {
   float sum = 0.0f;
@@ -430,8 +443,8 @@ int RmsNormForward(int nparam, void** params, int* ndims, int64_t** shapes, cons
   auto p = reinterpret_cast<float**>(params);
   const int64_t W = shapes[0][ndims[0] - 1], N = count(ndims, shapes, 0) / W;
   const float eps = p[2][0];
-  parallel_items((N + kNormRows - 1) / kNormRows, [&](int64_t item) {
-    for (int64_t n = item * kNormRows; n < std::min(N, (item + 1) * kNormRows); ++n) {
+  parallel_chunks(N, kNormRows, [&](int64_t, int64_t lo, int64_t hi) {
+    for (int64_t n = lo; n < hi; ++n) {
       const float* x = p[0] + n * W;
       float* y = p[3] + n * W;
       const float rstd = row_rstd(x, W, eps);
@@ -451,9 +464,9 @@ int RmsNormBackward(int nparam, void** params, int* ndims, int64_t** shapes, con
   const float eps = p[2][0];
   const float* w = p[1];
   std::vector<float> partial(items * W, 0.0f);
-  parallel_items(items, [&](int64_t item) {
+  parallel_chunks(N, kNormRows, [&](int64_t item, int64_t lo, int64_t hi) {
     float* dw = partial.data() + item * W;
-    for (int64_t n = item * kNormRows; n < std::min(N, (item + 1) * kNormRows); ++n) {
+    for (int64_t n = lo; n < hi; ++n) {
       const float* x = p[0] + n * W;
       const float* dy = p[3] + n * W;
       float* dx = p[4] + n * W;
@@ -480,9 +493,7 @@ int RmsNormBackward(int nparam, void** params, int* ndims, int64_t** shapes, con
 int SwigluForward(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void*, void*) {
   if (nparam != 3 || !all_float32(nparam, dtypes) || count(ndims, shapes, 0) != count(ndims, shapes, 1)) return 1;
   auto p = reinterpret_cast<float**>(params);
-  const int64_t n = count(ndims, shapes, 0), chunk = 1 << 14;
-  parallel_items((n + chunk - 1) / chunk, [&](int64_t item) {
-    const int64_t lo = item * chunk, hi = std::min(n, lo + chunk);
+  parallel_chunks(count(ndims, shapes, 0), kElements, [&](int64_t, int64_t lo, int64_t hi) {
 #pragma omp simd
     for (int64_t i = lo; i < hi; ++i) {
       const float g = p[0][i];
@@ -496,9 +507,7 @@ int SwigluForward(int nparam, void** params, int* ndims, int64_t** shapes, const
 int SwigluBackward(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void*, void*) {
   if (nparam != 5 || !all_float32(nparam, dtypes) || count(ndims, shapes, 0) != count(ndims, shapes, 1)) return 1;
   auto p = reinterpret_cast<float**>(params);
-  const int64_t n = count(ndims, shapes, 0), chunk = 1 << 14;
-  parallel_items((n + chunk - 1) / chunk, [&](int64_t item) {
-    const int64_t lo = item * chunk, hi = std::min(n, lo + chunk);
+  parallel_chunks(count(ndims, shapes, 0), kElements, [&](int64_t, int64_t lo, int64_t hi) {
 #pragma omp simd
     for (int64_t i = lo; i < hi; ++i) {
       const float g = p[0][i], u = p[1][i], dy = p[2][i];
