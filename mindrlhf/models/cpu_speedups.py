@@ -14,6 +14,10 @@ Two tiers, both computing the stock formulas in float32 (gradients agree to floa
      12 ms, MatMul 2 ms; the broadcasting Sub 3.5 ms, tiled under 1 ms), the 1/sqrt(d) scale on the query;
    - RMSNorm: row means as MatMuls and per-row factors tiled, forward and backward (28 -> 12 ms at (16, 512, 256)).
 MINDRLHF_STOCK_KERNELS=1 (or the older MINDRLHF_STOCK_SOFTMAX=1) keeps the stock layers.
+
+The swaps rely on private names of MindFormers' layers, listed once in MINDFORMERS_CONTRACT: a layer lacking one
+keeps its stock class, and the model's one log line (`mindrlhf CPU kernels (...): swapped ...; ... kept stock:
+why`) says which layers were swapped and which were not, and why.
 """
 import ctypes
 import os
@@ -109,7 +113,7 @@ class KeyMask(nn.Cell):
 def _rope_attention_construct(self, x, freqs_cis, mask=None, batch_valid_length=None, block_tables=None,
                               slot_mapping=None, prefix_keys_values=None, q_seq_lens=None, kv_mask=None,
                               seq_chunk=None, actual_seq_len=None):
-    """LLamaAttention.construct for training and scoring without a KV cache (see _rope_fusable): projections,
+    """LLamaAttention.construct for training and scoring without a KV cache (see _rope_unfusable): projections,
     RopeAttention, output projection."""
     ori_dtype = x.dtype
     query = self.cast(self.wq(x), self.dtype)
@@ -198,51 +202,145 @@ def _float32(value) -> bool:
     return value == mstype.float32 or str(value).lower().endswith("float32")
 
 
-def _rope_fusable(cell) -> bool:
-    """RopeAttention covers the plain path of LLamaAttention.construct: float32, separate q/k/v projections,
-    no KV cache, no context parallel, the 1/sqrt(d) scale and a head size it is built for."""
-    rope = getattr(cell, "apply_rotary_emb", None)
-    size = getattr(cell, "head_dim", None)
-    return (_float32(getattr(cell, "dtype", None)) and _float32(getattr(cell, "softmax_dtype", None))
-            and _float32(getattr(rope, "dtype", None)) and size in RopeAttention.HEAD_SIZES
-            and not getattr(cell, "qkv_concat", True) and not getattr(cell, "use_past", True)
-            and getattr(cell, "context_parallel", 1) <= 1 and getattr(cell, "input_layout", "BNSD") != "TND"
-            and not getattr(cell, "seq_pipe", False)
-            and abs(float(cell.inv_norm_factor.asnumpy()) - size ** -0.5) < 1e-7)
+# The contract with MindFormers (pinned 1.9.0): the swaps read and replace private parts of its legacy Llama
+# layers. Each swap names the layer class it applies to and every attribute or method of it that it relies on;
+# a layer lacking one keeps its stock class (one log line says which name is missing), and
+# tests/test_mindformers_contract.py fails on the pinned version, so an upgrade that renames one fails a named
+# test instead of quietly slowing users down. Replaced methods must keep the stock signature
+# (CONTRACT_SIGNATURES), since MindFormers' callers pass their arguments by position.
+MINDFORMERS_CONTRACT = {
+    "RopeAttention": ("LLamaAttention", (
+        "construct", "wq", "wk", "wv", "wo", "cast", "dtype", "softmax_dtype", "apply_rotary_emb", "head_dim",
+        "inv_norm_factor", "qkv_concat", "use_past", "context_parallel", "input_layout", "seq_pipe")),
+    "MatMulSumSoftmax": ("LLamaAttention", (
+        "_attn", "_merge_heads", "softmax", "inv_norm_factor", "mul", "add", "cast", "cast_attn", "batch_matmul",
+        "batch_matmul_q_k", "dtype", "softmax_dtype")),
+    "FusedRMSNorm": ("LlamaRMSNorm", ("construct", "self_define", "_self_norm", "rms_norm", "compute_type", "eps",
+                                      "weight")),
+    "MatMulRMSNorm": ("LlamaRMSNorm", ("construct", "self_define", "_self_norm", "rms_norm", "compute_type", "eps",
+                                       "weight")),
+    "FusedSwiGLU": ("LlamaFeedForward", ("construct", "w1", "w2", "w3", "cast", "dtype", "ffn_concat",
+                                         "use_fused_swiglu", "expert_num")),
+    "KeyMask": ("LlamaModel", ("casual_mask", "seq_pipe", "use_ring_attention", "use_eod_attn_mask_compression")),
+}
+# Behaviour relied on beyond names: w1 of LlamaFeedForward is a Linear whose SiLU runs inside it
+# (`activation_flag`, `activation` a LlamaSiLU: FusedSwiGLU turns it off and applies SiLU itself), the model's
+# casual_mask carries `pad_token_id` and `dtype` (KeyMask rebuilds it from them), and apply_rotary_emb has a
+# `dtype`; freqs_cis is (cos, sin, swap).
+CONTRACT_SIGNATURES = {
+    ("LLamaAttention", "construct"): ("self", "x", "freqs_cis", "mask", "batch_valid_length", "block_tables",
+                                      "slot_mapping", "prefix_keys_values", "q_seq_lens", "kv_mask", "seq_chunk",
+                                      "actual_seq_len"),
+    ("LlamaRMSNorm", "construct"): ("self", "x"),
+    ("LlamaFeedForward", "construct"): ("self", "x"),
+}
 
 
-def _swiglu_fusable(cell) -> bool:
-    w1 = getattr(cell, "w1", None)
-    return (w1 is not None and not getattr(cell, "ffn_concat", True) and not getattr(cell, "use_fused_swiglu", True)
-            and getattr(cell, "expert_num", 1) == 1 and _float32(getattr(cell, "dtype", None))
-            and getattr(w1, "activation_flag", False) and type(getattr(w1, "activation", None)).__name__ == "LlamaSiLU")
+def contract_gaps(cell, swap: str) -> list:
+    """The names `swap` relies on that this layer lacks (empty when the contract holds)."""
+    return [name for name in MINDFORMERS_CONTRACT[swap][1] if not hasattr(cell, name)]
 
 
-def use_cpu_kernels(backbone, config) -> dict:
+def _layer_class(cell):
+    """Which of the contract's MindFormers classes this cell is (by class name along its bases), or None."""
+    classes = {cls for cls, _ in MINDFORMERS_CONTRACT.values()}
+    return next((cls.__name__ for cls in type(cell).__mro__ if cls.__name__ in classes), None)
+
+
+def _first_failing(checks):
+    return next((reason for ok, reason in checks if not ok), None)
+
+
+def _rope_unfusable(cell):
+    """Why RopeAttention cannot take this LLamaAttention (None if it can): it covers the plain path of
+    LLamaAttention.construct: float32, separate q/k/v projections, no KV cache, no context parallel, the 1/sqrt(d)
+    scale and a head size it is built for."""
+    size = cell.head_dim
+    return _first_failing([
+        (_float32(cell.dtype) and _float32(cell.softmax_dtype)
+         and _float32(getattr(cell.apply_rotary_emb, "dtype", None)), "compute or softmax dtype is not float32"),
+        (size in RopeAttention.HEAD_SIZES, f"head size {size} is not one of {RopeAttention.HEAD_SIZES}"),
+        (not cell.qkv_concat, "qkv_concat: one fused q/k/v projection"),
+        (not cell.use_past, "use_past: KV cache"),
+        (cell.context_parallel <= 1, "context parallel"),
+        (cell.input_layout != "TND", "TND input layout"),
+        (not cell.seq_pipe, "seq_pipe"),
+        (abs(float(cell.inv_norm_factor.asnumpy()) - size ** -0.5) < 1e-7, "a scale other than 1/sqrt(head size)"),
+    ])
+
+
+def _swiglu_unfusable(cell):
+    w1 = cell.w1
+    return _first_failing([
+        (not cell.ffn_concat, "ffn_concat: one fused w1/w3 projection"),
+        (not cell.use_fused_swiglu, "use_fused_swiglu: MindFormers' own fused kernel"),
+        (getattr(cell, "expert_num", 1) == 1, "mixture of experts"),
+        (_float32(cell.dtype), "compute dtype is not float32"),
+        (getattr(w1, "activation_flag", False) and type(getattr(w1, "activation", None)).__name__ == "LlamaSiLU",
+         "w1 does not apply LlamaSiLU itself"),
+    ])
+
+
+def _norm_unswappable(cell, float32_model):
+    return _first_failing([
+        (float32_model and _float32(cell.compute_type), "not float32"),
+        (cell.self_define and cell.rms_norm is not None, "MindFormers' fused RmsNorm kernel in use"),
+    ])
+
+
+def _summary(library, swapped, fell_back) -> str:
+    """One greppable line: `mindrlhf CPU kernels (...): swapped N kind, ...[; N kind kept stock: why]`."""
+    source = "compiled" if library else "MindSpore ops: compiled kernels not built or switched off"
+    done = ", ".join(f"{count} {kind}" for kind, count in swapped.items() if count) or "nothing"
+    kept = "".join(f"; {count} {kind} kept stock: {why}" for (kind, why), count in sorted(fell_back.items()))
+    return f"mindrlhf CPU kernels ({source}): swapped {done}{kept}"
+
+
+def use_cpu_kernels(backbone, config, log=None) -> dict:
     """Swap the compiled kernels (where they build) or the MindSpore rearrangements into a legacy LlamaModel
-    where cpu_speedups_apply(config). Returns how many layers got which."""
+    where cpu_speedups_apply(config). Returns how many layers got which; `log` gets one line saying which layers
+    were swapped and which kept their stock class, and why."""
     swapped = {"rope_attention": 0, "attention": 0, "fused_norm": 0, "norm": 0, "swiglu": 0, "key_mask": 0}
     if not cpu_speedups_apply(config):
         return swapped
+    fell_back = {}
+
+    def keep(kind, why):
+        fell_back[(kind, why)] = fell_back.get((kind, why), 0) + 1
+
     float32 = _float32(getattr(config, "compute_dtype", "float32"))
     library = native.library("cpu_kernels")
     if library:
         ctypes.CDLL(library).MindrlhfSetThreads(native.local_threads())
+    attention_layers = 0
     for _, cell in list(backbone.cells_and_names()):
-        if (isinstance(getattr(cell, "softmax", None), P.Softmax) and hasattr(cell, "inv_norm_factor")
-                and hasattr(cell, "_merge_heads") and hasattr(cell, "_attn")):
-            if library and _rope_fusable(cell):
-                cell.__class__ = _cpu_class(type(cell), "construct", _rope_attention_construct)
-                cell.rope_attention = RopeAttention(library)
-                swapped["rope_attention"] += 1
-            else:
-                cell.__class__ = _cpu_class(type(cell), "_attn", _cpu_attn)
-                cell.softmax = MatMulSumSoftmax()
-                cell.tile_mask = P.Tile()
-                swapped["attention"] += 1
-        elif (float32 and getattr(cell, "self_define", False) and hasattr(cell, "_self_norm")
-              and _float32(getattr(cell, "compute_type", "")) and getattr(cell, "rms_norm", None) is not None):
+        layer = _layer_class(cell)
+        if layer == "LLamaAttention":
+            attention_layers += 1
             if library:
+                gaps = contract_gaps(cell, "RopeAttention")
+                why = f"lacks {gaps}" if gaps else _rope_unfusable(cell)
+                if not why:
+                    cell.__class__ = _cpu_class(type(cell), "construct", _rope_attention_construct)
+                    cell.rope_attention = RopeAttention(library)
+                    swapped["rope_attention"] += 1
+                    continue
+                keep("attention layers (RopeAttention)", why)
+            gaps = contract_gaps(cell, "MatMulSumSoftmax")
+            if gaps or not isinstance(cell.softmax, P.Softmax):
+                keep("attention layers (MatMulSumSoftmax)", f"lacks {gaps}" if gaps else "softmax is not P.Softmax")
+                continue
+            cell.__class__ = _cpu_class(type(cell), "_attn", _cpu_attn)
+            cell.softmax = MatMulSumSoftmax()
+            cell.tile_mask = P.Tile()
+            swapped["attention"] += 1
+        elif layer == "LlamaRMSNorm":
+            kind = "FusedRMSNorm" if library else "MatMulRMSNorm"
+            gaps = contract_gaps(cell, kind)
+            why = f"lacks {gaps}" if gaps else _norm_unswappable(cell, float32)
+            if why:
+                keep(f"RMSNorms ({kind})", why)
+            elif library:
                 cell.__class__ = _cpu_class(type(cell), "construct", _fused_norm_construct)
                 cell.fused_norm = FusedRMSNorm(library, cell.eps)
                 swapped["fused_norm"] += 1
@@ -250,17 +348,35 @@ def use_cpu_kernels(backbone, config) -> dict:
                 cell.__class__ = _cpu_class(type(cell), "construct", _cpu_norm)
                 cell.matmul_norm = MatMulRMSNorm(cell.eps)
                 swapped["norm"] += 1
-        elif library and _swiglu_fusable(cell):
+        elif layer == "LlamaFeedForward" and library:
+            gaps = contract_gaps(cell, "FusedSwiGLU")
+            why = f"lacks {gaps}" if gaps else _swiglu_unfusable(cell)
+            if why:
+                keep("feed-forwards (FusedSwiGLU)", why)
+                continue
             cell.__class__ = _cpu_class(type(cell), "construct", _swiglu_construct)
             cell.w1.activation_flag = False
             cell.swiglu_kernel = FusedSwiGLU(library)
             swapped["swiglu"] += 1
     stock_mask = getattr(backbone, "casual_mask", None)
-    if (swapped["rope_attention"] and not swapped["attention"] and hasattr(stock_mask, "pad_token_id")
-            and not getattr(backbone, "seq_pipe", False) and not getattr(backbone, "use_ring_attention", False)
-            and not getattr(backbone, "use_eod_attn_mask_compression", False)):
-        backbone.casual_mask = KeyMask(stock_mask.pad_token_id, stock_mask.dtype)
-        swapped["key_mask"] = 1
+    if swapped["rope_attention"]:
+        gaps = contract_gaps(backbone, "KeyMask")
+        why = _first_failing([
+            (not gaps, f"lacks {gaps}"),
+            (swapped["rope_attention"] == attention_layers, "some attention layers are not RopeAttention"),
+            (hasattr(stock_mask, "pad_token_id") and hasattr(stock_mask, "dtype"),
+             "casual_mask has no pad_token_id/dtype"),
+            (not gaps and not (backbone.seq_pipe or backbone.use_ring_attention
+                               or backbone.use_eod_attn_mask_compression),
+             "seq_pipe, ring attention or EOD mask compression"),
+        ])
+        if why:
+            keep("causal mask (KeyMask)", why)
+        else:
+            backbone.casual_mask = KeyMask(stock_mask.pad_token_id, stock_mask.dtype)
+            swapped["key_mask"] = 1
+    if log:
+        log(_summary(library, swapped, fell_back))
     return swapped
 
 

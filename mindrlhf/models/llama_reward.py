@@ -42,7 +42,7 @@ class LlamaRewardModel(LlamaPreTrainedModel):
         self.model.casual_mask.is_dynamic = True
         # On CPU: compiled kernels for attention, RMSNorm and SwiGLU, or MindSpore ops arranged around its slow
         # CPU paths without a compiler (same formulas; see mindrlhf.models.cpu_speedups).
-        use_cpu_kernels(self.model, config)
+        use_cpu_kernels(self.model, config, log=logger.info)
         self.v_head = Linear(in_channels=config.hidden_size, out_channels=1, has_bias=False,
                              compute_dtype=config.compute_dtype, param_init_type=config.param_init_type,
                              weight_init=Normal(sigma=1.0 / (config.hidden_size + 1) ** 0.5))
