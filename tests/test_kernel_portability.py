@@ -137,13 +137,13 @@ def close(have, want, tol, name):
     np.testing.assert_allclose(have, want, rtol=0, atol=tol * max(float(np.abs(want).max()), 1e-30), err_msg=name)
 
 
-def run_selfcheck(tmp_path, compiler, arch, prefix):
-    """Build the library as native.py does (its build(), this architecture's baseline flags) and the driver, run
-    every kernel through the driver and compare with float64."""
+def run_selfcheck(tmp_path, compiler, arch, prefix, lib=None):
+    """Build the library as native.py does (its build(), this architecture's baseline flags) unless given, and
+    the driver; run every kernel through the driver and compare with float64."""
     from test_cpu_speedups import reference_attention
 
-    lib = native.build(str(SOURCE), compiler, native.flags(arch, baseline=True), f"selfcheck {arch}",
-                       str(tmp_path / "cache"))
+    lib = lib or native.build(str(SOURCE), compiler, native.flags(arch, baseline=True), f"selfcheck {arch}",
+                              str(tmp_path / "cache"))
     driver = tmp_path / "selfcheck"
     done = subprocess.run([compiler, "-std=c++17", "-O1", "-o", str(driver), str(HERE / "native" / "selfcheck.cc"),
                            "-ldl"], capture_output=True, text=True, timeout=300)
@@ -211,11 +211,24 @@ def test_aarch64_build_passes_the_self_check_under_qemu(tmp_path):
     run_selfcheck(tmp_path, compiler, "aarch64", [qemu, "-L", SYSROOT])
 
 
-def test_x86_baseline_build_passes_the_self_check(tmp_path):
-    """The x86-64 fallback flags (no -march=native: what an older compiler or an unknown CPU gets)."""
+def test_compiler_refusing_native_gets_the_baseline_build_which_passes_the_self_check(tmp_path, monkeypatch,
+                                                                                         caplog):
+    """A g++ that refuses -march/-mcpu=native (as a cross compiler does, or an older one that does not know the
+    CPU): library() retries at the architecture's baseline and says so, and that build computes right."""
     if native.machine() != "x86_64" or not shutil.which("g++"):
         pytest.skip(f"needs g++ on an x86-64 host (this is {native.machine()})")
-    run_selfcheck(tmp_path, shutil.which("g++"), "x86_64", [])
+    wrapper = tmp_path / "old-g++"
+    wrapper.write_text('#!/bin/sh\nfor a in "$@"; do case "$a" in -march=native|-mcpu=native)\n'
+                       '  echo "cc1plus: error: unknown value \'native\' for \'-march\'" >&2; exit 1;; esac; done\n'
+                       f'exec {shutil.which("g++")} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CXX", str(wrapper))
+    monkeypatch.setenv("MINDRLHF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MINDRLHF_COMPILED_KERNELS", "1")
+    monkeypatch.setattr(native, "_LOADED", {})
+    lib = native.library("cpu_kernels")
+    assert lib and "built at the x86_64 baseline" in caplog.text and "unknown value 'native'" in caplog.text
+    run_selfcheck(tmp_path, shutil.which("g++"), "x86_64", [], lib=lib)
 
 
 # ---- a cache that ranks and hosts share ----

@@ -164,9 +164,12 @@ def library(name: str) -> Optional[str]:
         try:
             target = build(source, compiler, flags(baseline=baseline), cpu_signature(), cache_dir())
             ctypes.CDLL(target)  # fails here, not inside a graph compile, if the library cannot load
-        except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        except RuntimeError as err:  # the compiler refused: the tuned flags may be what it does not know
             errors.append(f"{' '.join(flags(baseline=baseline))}: {err}")
             continue
+        except (OSError, subprocess.SubprocessError) as err:  # no compiler, a timeout, a library that won't load
+            errors.append(str(err))
+            break
         if baseline:
             logger.warning("mindrlhf: %s built at the %s baseline (the tuned flags failed: %s)", name, machine(),
                            errors[0])
