@@ -104,7 +104,7 @@ def _build_lock(folder: str):
         yield
         return
     try:
-        deadline = time.monotonic() + LOCK_WAIT
+        deadline, waiting = time.monotonic() + LOCK_WAIT, False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -113,6 +113,9 @@ def _build_lock(folder: str):
                 if err.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
                     logger.warning("mindrlhf: no build lock in %s (%s); building without it", folder, err)
                     break
+                if not waiting:
+                    logger.info("mindrlhf: waiting for another process's kernel build in %s", folder)
+                    waiting = True
                 time.sleep(0.05)
         yield
     finally:
