@@ -5,6 +5,7 @@ talks across ranks. Collectives use AllGather only: it is the one collective Min
 Ascend (HCCL); CPU AllReduce supports SUM only and CPU has no Barrier op at all.
 Imports MindSpore lazily, so rank lookups cost nothing for tools that never communicate.
 """
+import json
 import os
 from typing import Callable, Iterable, List, Optional, Sequence
 
@@ -16,6 +17,31 @@ def rank_and_size():
     rank = os.environ.get("RANK_ID") or os.environ.get("MS_NODE_ID") or "0"
     size = os.environ.get("RANK_SIZE") or os.environ.get("MS_WORKER_NUM") or "1"
     return int(rank), max(int(size), 1)
+
+
+def local_rank_count() -> int:
+    """How many ranks of the job run on this host (they share its cores).
+
+    LOCAL_RANK_SIZE, MindSpore's own name for it (get_local_rank_size() reads it before init()), which both our
+    launchers export (run_distribute_reward.sh: its device range; msrun_launcher.sh: LOCAL_WORKER_NUM; msrun
+    itself exports only the global MS_WORKER_NUM / RANK_SIZE); else, with an HCCL rank table, the devices listed
+    for the server that holds this RANK_ID; else the world size (never more threads than cores)."""
+    value = os.environ.get("LOCAL_RANK_SIZE", "")
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    rank, size = rank_and_size()
+    table = os.environ.get("RANK_TABLE_FILE")
+    if table and size > 1:
+        try:
+            with open(table, encoding="utf-8") as fh:
+                servers = json.load(fh).get("server_list") or []
+            for server in servers:
+                devices = server.get("device") or []
+                if any(str(device.get("rank_id")) == str(rank) for device in devices):
+                    return len(devices)
+        except (OSError, ValueError, AttributeError):
+            pass
+    return size
 
 
 def is_writer() -> bool:

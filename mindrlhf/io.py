@@ -1,6 +1,8 @@
 """Writing results safely: never over an existing output unless asked, and never half a file."""
 import json
 import os
+import secrets
+import socket
 from contextlib import contextmanager
 
 from mindrlhf.errors import OutputExistsError
@@ -13,13 +15,19 @@ def check_new_output(path: str, overwrite: bool = False, flag: str = "--overwrit
     return path
 
 
+def temporary_name(path: str, suffix: str = "") -> str:
+    """A name beside `path` no other writer picks: host, pid and a random token, since processes on two hosts
+    sharing a folder over NFS can have the same pid."""
+    return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+
+
 @contextmanager
 def replaced_whole(path: str, suffix: str = ""):
     """Yield a temporary name beside `path` (its folder created) and rename it onto `path` when the block
     succeeds, so a reader never sees half a file; on an error the temporary file is removed. `suffix` keeps
     the extension for writers that choose the format by name (matplotlib)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}{suffix}"
+    tmp = temporary_name(path, suffix)
     try:
         yield tmp
     except BaseException:

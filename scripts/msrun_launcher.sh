@@ -69,6 +69,8 @@ export PYTHONPATH="$PROJECT${PYTHONPATH:+:$PYTHONPATH}"
 command -v msrun >/dev/null || { echo "error: msrun not found (it ships with mindspore)" >&2; exit 2; }
 
 echo "msrun: node $NODE_RANK of $NODES, $LOCAL_WORKER_NUM of $WORKER_NUM workers here, master $MASTER_ADDR:$MASTER_PORT, logs $LOG_DIR" >&2
+# msrun exports only the job's MS_WORKER_NUM; the ranks on this host share its cores (mindrlhf.distributed)
+export LOCAL_RANK_SIZE=$LOCAL_WORKER_NUM
 # shellcheck disable=SC2086  # EXECUTE_ORDER is a script path followed by its arguments
 exec msrun --worker_num="$WORKER_NUM" --local_worker_num="$LOCAL_WORKER_NUM" --master_addr="$MASTER_ADDR" \
   --master_port="$MASTER_PORT" --node_rank="$NODE_RANK" --log_dir="$LOG_DIR" --join="$JOIN" \

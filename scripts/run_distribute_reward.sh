@@ -5,7 +5,8 @@
 #   bash scripts/run_distribute_reward.sh "python reward_train.py --config run_llama_2_7b_rm.yaml \
 #        --train_dataset train.mindrecord" hccl_8p_01234567_127.0.0.1.json [0,8] 8
 #
-# Each rank runs EXECUTE_ORDER with RANK_TABLE_FILE, DEVICE_ID, RANK_ID and RANK_SIZE set, writing its output
+# Each rank runs EXECUTE_ORDER with RANK_TABLE_FILE, DEVICE_ID, RANK_ID and RANK_SIZE set (and LOCAL_RANK_SIZE,
+# the ranks on this host, which share its cores), writing its output
 # to $OUTPUT_DIR/log/rank_N/mindformer.log (OUTPUT_DIR defaults to ./output). DEVICE_RANGE [a,b] or [a,b) means
 # devices a..b-1. RANK_START (default 0) offsets rank ids on the second and later node of a multi-node run.
 # Unlike the upstream script it waits for every rank: when one fails (or on Ctrl-C) it stops the others and
@@ -13,7 +14,7 @@
 set -u
 
 usage() {
-  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -56,7 +57,8 @@ for ((device = START; device < END; device++)); do
   mkdir -p "$log_dir"
   log="$log_dir/mindformer.log"
   (
-    export RANK_TABLE_FILE="$RANK_TABLE" DEVICE_ID=$device RANK_ID=$rank RANK_SIZE=$RANK_SIZE_ARG
+    export RANK_TABLE_FILE="$RANK_TABLE" DEVICE_ID=$device RANK_ID=$rank RANK_SIZE=$RANK_SIZE_ARG \
+      LOCAL_RANK_SIZE=$COUNT
     exec setsid bash -c "$EXECUTE_ORDER" > "$log" 2>&1
   ) &
   PIDS+=($!)

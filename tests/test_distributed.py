@@ -95,6 +95,19 @@ def test_launcher_sets_rank_environment_and_logs(tmp_path, table):
         assert log.read_text().split() == [str(table), str(4 + rank), str(rank), "4"]
 
 
+def test_launcher_tells_ranks_how_many_share_this_host(tmp_path, table):
+    """Ranks 4-7 of an 8-rank job on this host: kernel threads divide the cores by 4 (the ranks here), not 8."""
+    order = (f'{sys.executable} -c "import os; from mindrlhf import distributed; '
+             'print(os.environ[\'LOCAL_RANK_SIZE\'], distributed.local_rank_count(), distributed.rank_and_size()[1])"')
+    proc = subprocess.run(["bash", str(LAUNCH), order, str(table), "[0,4)", "8"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env=dict(cli_env(), OUTPUT_DIR=str(tmp_path / "output"),
+                                                           RANK_START="4"))
+    assert proc.returncode == 0, proc.stderr
+    for rank in range(4, 8):
+        log = tmp_path / "output" / "log" / f"rank_{rank}" / "mindformer.log"
+        assert log.read_text().split() == ["4", "4", "8"]
+
+
 def test_launcher_stops_the_others_and_names_the_failed_rank(tmp_path, table):
     order = (f'{sys.executable} -c "import os, sys, time; r = int(os.environ[\'RANK_ID\']); '
              'print(\'rank\', r, flush=True); time.sleep(1 if r == 2 else 120); sys.exit(7 if r == 2 else 0)"')

@@ -20,6 +20,16 @@ namespace {
 constexpr int64_t kLane = 16;  // key columns per register block
 constexpr float kHidden = -1e30f;
 
+// The bits of a float as an int32 and back: memcpy is the portable C++17 bit cast (std::bit_cast is C++20,
+// the compiler builtin needs GCC 11); compilers turn it into a register move, so loops still vectorise.
+template <typename To, typename From>
+inline To bit_cast(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast between types of one size");
+  To to;
+  std::memcpy(&to, &from, sizeof(To));
+  return to;
+}
+
 // exp(x), Cephes' expf polynomial (about 1 ulp), branch-free so that loops over it vectorise; 0 below -87.
 inline float exp_ps(float x) {
   const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
@@ -33,8 +43,8 @@ inline float exp_ps(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (__builtin_bit_cast(int32_t, shifted) - 0x4B400000 + 127) << 23;
-  return x < -87.0f ? 0.0f : p * __builtin_bit_cast(float, bits);
+  const int32_t bits = (bit_cast<int32_t>(shifted) - 0x4B400000 + 127) << 23;
+  return x < -87.0f ? 0.0f : p * bit_cast<float>(bits);
 }
 
 // The mask adder of one batch row in either form the Python side passes: a full (S, S) adder, or one adder per
