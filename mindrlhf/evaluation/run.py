@@ -140,23 +140,24 @@ def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_data
     rank, part, parts = start_ranks(config, log)
     output_file = output_file or os.path.join(os.path.abspath(config.get("output_dir") or "./output"),
                                               "eval_results.json")
-    with distributed.same_verdict(parts > 1):
+    with distributed.same_verdict(parts > 1):  # everything before the first AllGather, agreed by every rank
         if rank == 0:
             check_new_output(output_file, overwrite)
             check_new_output(scores_file, overwrite)
             if save_stats:
                 normalize.check_stats_output(checkpoint_root(ckpt_path), overwrite)
-    source = eval_dataset or dataset_source(config, "eval")
-    if not source:
-        raise ConfigError("no eval dataset: pass --eval_dataset or set eval_dataset.data_loader.dataset_dir")
-    tok = load_tokenizer(tokenizer) if tokenizer else None
-    chosen_template = run_template(ckpt_path, template, tok, source)
-    data = load_eval_pairs(source, int(config.model.model_config.seq_length), tok, skip_invalid, chosen_template)
-    checkpoints = list_checkpoints(ckpt_path)
-    if not load_all:
-        checkpoints = checkpoints[-1:]
-    pairs_per_batch = int(batch_size or config.eval_dataset.get("batch_size") or 8)
-    scorer = RewardScorer(config, batch_size=2 * pairs_per_batch, log=log)
+        source = eval_dataset or dataset_source(config, "eval")
+        if not source:
+            raise ConfigError("no eval dataset: pass --eval_dataset or set eval_dataset.data_loader.dataset_dir")
+        tok = load_tokenizer(tokenizer) if tokenizer else None
+        chosen_template = run_template(ckpt_path, template, tok, source)
+        data = load_eval_pairs(source, int(config.model.model_config.seq_length), tok, skip_invalid,
+                               chosen_template)
+        checkpoints = list_checkpoints(ckpt_path)
+        if not load_all:
+            checkpoints = checkpoints[-1:]
+        pairs_per_batch = int(batch_size or config.eval_dataset.get("batch_size") or 8)
+        scorer = RewardScorer(config, batch_size=2 * pairs_per_batch, log=log)
     results = []
     for ckpt in checkpoints:
         failed = None
@@ -243,18 +244,18 @@ def infer(config_path: str, data_file: str, tokenizer: str, ckpt_path: str, outp
     rank, part, parts = start_ranks(config, log)
     output_file = output_file or os.path.join(os.path.abspath(config.get("output_dir") or "./output"),
                                               "reward_infer_scores.jsonl")
-    with distributed.same_verdict(parts > 1):
+    with distributed.same_verdict(parts > 1):  # everything before the first AllGather, agreed by every rank
         if rank == 0:
             check_new_output(output_file, overwrite)
-    tok = load_tokenizer(tokenizer)
-    chosen_template = run_template(ckpt_path, template, tok)
-    report = SkipReport()
-    items = read_infer_rows(data_file, skip_invalid, report)
-    if not items:
-        raise ConfigError(f"{data_file}: nothing to score")
-    checkpoint = list_checkpoints(ckpt_path)[-1]
-    stats = load_stats(checkpoint_root(checkpoint), checkpoint) if normalize else None
-    scorer = RewardScorer(config, checkpoint, batch_size=batch_size, src_strategy=src_strategy, log=log)
+        tok = load_tokenizer(tokenizer)
+        chosen_template = run_template(ckpt_path, template, tok)
+        report = SkipReport()
+        items = read_infer_rows(data_file, skip_invalid, report)
+        if not items:
+            raise ConfigError(f"{data_file}: nothing to score")
+        checkpoint = list_checkpoints(ckpt_path)[-1]
+        stats = load_stats(checkpoint_root(checkpoint), checkpoint) if normalize else None
+        scorer = RewardScorer(config, checkpoint, batch_size=batch_size, src_strategy=src_strategy, log=log)
     texts = [chosen_template.render(it["prompt"], it["response"]) for it in items]
     scores = scorer.score_ids(tok.encode(texts, special_tokens=chosen_template.special_tokens), part, parts)
     mine = np.flatnonzero(~np.isnan(scores))
