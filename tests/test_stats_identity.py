@@ -80,10 +80,15 @@ def test_stats_without_the_weights_identity_must_be_regenerated(run):
         load_stats(str(root), str(ckpt))
 
 
-def test_inference_and_export_refuse_stale_stats(run, tmp_path):
+def test_inference_server_and_export_refuse_stale_stats(run, tmp_path):
     """The consumers as users run them: nothing is written, the error says what to rerun."""
+    from mindrlhf.serving.app import Limits
+    from mindrlhf.serving.server import build_service
+
     root, ckpt = run
     write_ckpt(ckpt, 10, seed=1)
+    with pytest.raises(ConfigError, match="computed for other weights"):  # refused before any weight is loaded
+        build_service(str(TINY_CONFIG), str(root), str(TOKENIZER), Limits(), normalize=True)
     rows = tmp_path / "rows.jsonl"
     rows.write_text(TEST_JSONL.read_text(encoding="utf-8").splitlines()[0] + "\n", encoding="utf-8")
     out = tmp_path / "scores.jsonl"
