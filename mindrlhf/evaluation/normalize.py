@@ -76,8 +76,8 @@ def load_stats(root: str, checkpoint: str) -> dict:
                           f"tied to weights): regenerate it, {_rerun(root)}")
     actual = weights_identity(checkpoint)
     if not same_weights(recorded, actual):
-        raise ConfigError(f"{path} was computed for other weights (step {recorded.get('step')}, value head "
-                          f"{str(recorded.get('value_head_sha256'))[:12]}, then {made_for}) than {checkpoint} holds "
+        raise ConfigError(f"{path} was computed for other weights ({made_for} then held step {recorded.get('step')}, "
+                          f"value head {str(recorded.get('value_head_sha256'))[:12]}) than {checkpoint} holds "
                           f"(step {actual['step']}, value head {actual['value_head_sha256'][:12]}): the checkpoint "
                           f"changed since (trained again or copied in); rerun {_rerun(root)}")
     if not np.isfinite(mean) or not np.isfinite(std) or std <= 0:
