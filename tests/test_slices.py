@@ -141,15 +141,14 @@ def test_missing_or_wrong_strategy_is_a_clear_error(sliced, tmp_path):
     assert proc.returncode == 2 and "is not the one of this run" in proc.stdout + proc.stderr
 
 
-def fresh_weights(step, seed):
-    """A tiny reward model's parameters as training saves them (fresh weights, numbered by seed) at `step`."""
+def fresh_weights(step):
+    """A tiny reward model's parameters (freshly initialised) as training saves them at `step`."""
     from mindformers import LlamaConfig
 
     from mindrlhf.models.llama_reward import LlamaRewardModel
     from mindrlhf.training.config import load_config
 
     ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
-    ms.set_seed(seed)
     cfg = dict(load_config(str(TINY_CONFIG)).model.model_config)
     cfg.pop("type")
     cfg["checkpoint_name_or_path"] = ""
@@ -163,8 +162,8 @@ def test_slices_of_different_steps_are_refused_by_name(tmp_path):
     name would mix weights of two steps. The merge script, evaluation and inference refuse, naming the files."""
     run = tmp_path / "run"
     name = "llama_2_tiny_rm_rank_{rank}-1_4.ckpt"
-    write_slices(run, fresh_weights(8, seed=1), name, ranks=[0])
-    write_slices(run, fresh_weights(4, seed=2), name, ranks=[1])
+    write_slices(run, fresh_weights(8), name, ranks=[0])
+    write_slices(run, fresh_weights(4), name, ranks=[1])
     files = [run / "checkpoint" / f"rank_{r}" / name.format(rank=r) for r in range(MP)]
     out = tmp_path / "whole.ckpt"
     proc = run_cli(SCRIPTS / "merge_checkpoint.py", "--src_checkpoint", run / "checkpoint", "--output_path", out,
@@ -180,6 +179,6 @@ def test_slices_of_different_steps_are_refused_by_name(tmp_path):
                    check=False)
     assert proc.returncode == 2 and f"{files[1]}: step 4" in proc.stderr, proc.stderr[-3000:]
 
-    write_slices(run, fresh_weights(8, seed=1), name, ranks=[1])  # the slices of one step merge
+    write_slices(run, fresh_weights(8), name, ranks=[1])  # the slices of one step merge
     run_cli(SCRIPTS / "merge_checkpoint.py", "--src_checkpoint", run / "checkpoint", "--output_path", out)
     assert int(ms.load_checkpoint(str(out))["global_step"].asnumpy()[0]) == 8
