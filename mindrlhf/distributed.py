@@ -7,6 +7,7 @@ Imports MindSpore lazily, so rank lookups cost nothing for tools that never comm
 """
 import json
 import os
+from contextlib import contextmanager
 from typing import Callable, Iterable, List, Optional, Sequence
 
 import numpy as np
@@ -45,7 +46,7 @@ def local_rank_count() -> int:
 
 
 def is_writer() -> bool:
-    """Only rank 0 checks and writes shared outputs (results, summaries)."""
+    """Only rank 0 checks and writes shared outputs (results, summaries); its checks go through same_verdict."""
     return rank_and_size()[0] == 0
 
 
@@ -132,3 +133,59 @@ def agree_on_step(readable_steps: Iterable[int], log: Callable[[str], None] = pr
     if agreed != newest:
         log(f"WARNING: not every rank can read step {newest}; all ranks resume from step {agreed}")
     return agreed
+
+
+def _encode_error(err: Optional[BaseException]) -> np.ndarray:
+    if err is None:
+        return np.zeros(0, np.int32)
+    from mindrlhf.errors import MindRLHFError
+
+    text = str(err) if isinstance(err, MindRLHFError) else f"{type(err).__name__}: {err}"
+    return np.frombuffer(f"{type(err).__name__}\n{text}".encode("utf-8"), np.uint8).astype(np.int32)
+
+
+def first_error(err: Optional[BaseException]) -> Optional[BaseException]:
+    """Every rank passes its own error (or None); every rank gets the lowest failing rank's, or None.
+
+    Two AllGathers: the lengths of the encoded messages (0: no error), then the messages padded to the longest.
+    The failing rank keeps its own exception; the others get a MindRLHFError with the same message.
+    """
+    from mindrlhf import errors
+
+    mine = _encode_error(err)
+    lengths = all_gather(np.array([len(mine)], np.int64))
+    failing = [r for r, n in enumerate(lengths) if n > 0]
+    if not failing:
+        return None
+    row = np.zeros((1, int(lengths.max())), np.int32)
+    row[0, :len(mine)] = mine
+    messages = all_gather(row)  # every rank takes part, the failing one too
+    first = failing[0]
+    if first == rank_and_size()[0] and err is not None:
+        return err
+    kind, _, text = bytes(messages[first, :int(lengths[first])].astype(np.uint8)).decode("utf-8").partition("\n")
+    cls = getattr(errors, kind, None)
+    if not (isinstance(cls, type) and issubclass(cls, errors.MindRLHFError)) or cls is errors.InputError:
+        cls = errors.ConfigError  # InputError's message is already whole; a crash elsewhere is named by its type
+    return cls(text)
+
+
+@contextmanager
+def same_verdict(collective: bool):
+    """Checks made before the work (often on rank 0 only: outputs exist, the run's template): when any rank's
+    check fails, every rank raises the first failing rank's error, so none is left waiting in a later AllGather
+    (on one node the launcher would kill it, across nodes it would wait for the cluster timeout). Every rank
+    must enter the block; without a collective backend it is a plain block."""
+    try:
+        yield
+    except Exception as err:  # pylint: disable=broad-except  (any failure must reach the other ranks)
+        if not collective:
+            raise
+        agreed = first_error(err)
+        if agreed is err:
+            raise
+        raise agreed from None
+    if collective:
+        agreed = first_error(None)
+        if agreed is not None:
+            raise agreed

@@ -52,22 +52,27 @@ def write_strategy(path, whole, dims):
     path.write_bytes(layout_map.SerializeToString())
 
 
+def write_slices(run, whole, name, ranks=range(MP)):
+    """<run>/checkpoint/rank_N/<name with N> holding rank N's slices of `whole`, and the run's strategy files."""
+    for rank in ranks:
+        tensors = []
+        for tensor, array in whole.items():
+            dim = split_dim(tensor)
+            part = np.split(array, MP, axis=dim)[rank] if dim is not None else array
+            tensors.append({"name": tensor, "data": ms.Tensor(np.ascontiguousarray(part))})
+        folder = run / "checkpoint" / f"rank_{rank}"
+        folder.mkdir(parents=True, exist_ok=True)
+        ms.save_checkpoint(tensors, str(folder / name.format(rank=rank)))
+        write_strategy(run / "strategy" / f"ckpt_strategy_rank_{rank}.ckpt", whole, split_dim)
+
+
 @pytest.fixture(scope="module")
 def sliced(trained_run, tmp_path_factory):
     whole_file = sorted((trained_run["checkpoint_root"] / "rank_0").glob("*.ckpt"),
                         key=lambda p: p.stat().st_mtime)[-1]
     whole = {k: v.asnumpy() for k, v in ms.load_checkpoint(str(whole_file)).items()}
     run = tmp_path_factory.mktemp("mp_run")  # laid out as a model-parallel run's output_dir
-    for rank in range(MP):
-        tensors = []
-        for name, array in whole.items():
-            dim = split_dim(name)
-            part = np.split(array, MP, axis=dim)[rank] if dim is not None else array
-            tensors.append({"name": name, "data": ms.Tensor(np.ascontiguousarray(part))})
-        folder = run / "checkpoint" / f"rank_{rank}"
-        folder.mkdir(parents=True)
-        ms.save_checkpoint(tensors, str(folder / f"llama_2_tiny_rm_rank_{rank}-1_506.ckpt"))
-        write_strategy(run / "strategy" / f"ckpt_strategy_rank_{rank}.ckpt", whole, split_dim)
+    write_slices(run, whole, "llama_2_tiny_rm_rank_{rank}-1_506.ckpt")
     assert ms.load_checkpoint(str(run / "checkpoint" / "rank_1" / "llama_2_tiny_rm_rank_1-1_506.ckpt"))[
         "model.layers.0.attention.wo.weight"].shape == (64, 32)  # really a slice
     return {"run": run, "whole_file": whole_file, "whole": whole}
@@ -134,3 +139,46 @@ def test_missing_or_wrong_strategy_is_a_clear_error(sliced, tmp_path):
     write_strategy(wrong, sliced["whole"], lambda n: 0 if split_dim(n) is not None else None)
     proc = evaluate(tmp_path, "wrong", bare / "checkpoint", "--src_strategy", wrong, check=False)
     assert proc.returncode == 2 and "is not the one of this run" in proc.stdout + proc.stderr
+
+
+def fresh_weights(step):
+    """A tiny reward model's parameters (freshly initialised) as training saves them at `step`."""
+    from mindformers import LlamaConfig
+
+    from mindrlhf.models.llama_reward import LlamaRewardModel
+    from mindrlhf.training.config import load_config
+
+    ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
+    cfg = dict(load_config(str(TINY_CONFIG)).model.model_config)
+    cfg.pop("type")
+    cfg["checkpoint_name_or_path"] = ""
+    whole = {p.name: p.asnumpy() for p in LlamaRewardModel(LlamaConfig(**cfg)).get_parameters()}
+    whole["global_step"] = np.array([step], np.int32)
+    return whole
+
+
+def test_slices_of_different_steps_are_refused_by_name(tmp_path):
+    """A resumed run re-saved rank 0's file under an old name while rank 1's kept an earlier step: merging by
+    name would mix weights of two steps. The merge script, evaluation and inference refuse, naming the files."""
+    run = tmp_path / "run"
+    name = "llama_2_tiny_rm_rank_{rank}-1_4.ckpt"
+    write_slices(run, fresh_weights(8), name, ranks=[0])
+    write_slices(run, fresh_weights(4), name, ranks=[1])
+    files = [run / "checkpoint" / f"rank_{r}" / name.format(rank=r) for r in range(MP)]
+    out = tmp_path / "whole.ckpt"
+    proc = run_cli(SCRIPTS / "merge_checkpoint.py", "--src_checkpoint", run / "checkpoint", "--output_path", out,
+                   check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "come from different steps" in proc.stderr
+    assert f"{files[0]}: step 8" in proc.stderr and f"{files[1]}: step 4" in proc.stderr
+    assert not out.exists()
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(TEST_JSONL.read_text(encoding="utf-8").splitlines()[0] + "\n", encoding="utf-8")
+    proc = run_cli(EXAMPLES / "reward_infer.py", "--config", TINY_CONFIG, "--data_file", rows, "--tokenizer",
+                   TOKENIZER, "--distributed_ckpt_path", run / "checkpoint", "--output_file", tmp_path / "s.jsonl",
+                   check=False)
+    assert proc.returncode == 2 and f"{files[1]}: step 4" in proc.stderr, proc.stderr[-3000:]
+
+    write_slices(run, fresh_weights(8), name, ranks=[1])  # the slices of one step merge
+    run_cli(SCRIPTS / "merge_checkpoint.py", "--src_checkpoint", run / "checkpoint", "--output_path", out)
+    assert int(ms.load_checkpoint(str(out))["global_step"].asnumpy()[0]) == 8

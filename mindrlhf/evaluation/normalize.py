@@ -3,8 +3,10 @@
 `reward_eval.py --save_stats` writes `<checkpoint root>/reward_stats.json` (chosen and rejected rewards together,
 population std); `reward_infer.py --normalize`, the reward server's `--normalize` and the Hugging Face export
 read it, so all of them apply (r - mean) / std with the same two numbers, as OpenRLHF's `normalize_reward` does.
-The file names the checkpoint it was computed for: applying it to another checkpoint is an error, not a
-silently shifted reward.
+The file records the weights it was computed for (models/identity.py: the step and a digest of the value head,
+read from the checkpoint), not only its name: applying it to other weights (the file under that name trained
+again, or copied in from another run) is an error saying what to rerun, not a silently shifted reward. A copy
+or rename of the same weights keeps its stats. Every consumer goes through load_stats.
 """
 import json
 import os
@@ -14,6 +16,7 @@ import numpy as np
 
 from mindrlhf.errors import ConfigError
 from mindrlhf.io import check_new_output, write_json
+from mindrlhf.models.identity import same_weights, weights_identity
 
 STATS_FILE = "reward_stats.json"
 
@@ -46,12 +49,17 @@ def save_stats(root: str, checkpoint: str, step: Optional[int], chosen, rejected
     if stats["std"] <= 0:
         raise ConfigError(f"{checkpoint}: every reward on {eval_dataset} is the same ({stats['mean']}); "
                           "a std of 0 cannot normalise")
-    stats.update(checkpoint=_checkpoint_key(root, checkpoint), step=step, eval_dataset=str(eval_dataset))
+    stats.update(checkpoint=_checkpoint_key(root, checkpoint), step=step, eval_dataset=str(eval_dataset),
+                 weights=weights_identity(checkpoint))
     return write_json(check_new_output(stats_path(root), overwrite), stats)
 
 
+def _rerun(root: str) -> str:
+    return f"reward_eval.py --save_stats --overwrite --distributed_ckpt_path {root}"
+
+
 def load_stats(root: str, checkpoint: str) -> dict:
-    """The stats for this checkpoint, or a ConfigError saying how to make them."""
+    """The stats for the weights this checkpoint holds, or a ConfigError saying how to make them."""
     path = stats_path(root)
     if not os.path.isfile(path):
         raise ConfigError(f"no {STATS_FILE} beside {checkpoint} (looked for {path}): run reward_eval.py with "
@@ -62,9 +70,16 @@ def load_stats(root: str, checkpoint: str) -> dict:
         mean, std, made_for = float(stats["mean"]), float(stats["std"]), stats["checkpoint"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ConfigError(f"{path}: not a reward statistics file ({err})") from None
-    if made_for != _checkpoint_key(root, checkpoint):
-        raise ConfigError(f"{path} was computed for {made_for}, not {_checkpoint_key(root, checkpoint)}: run "
-                          "reward_eval.py --save_stats --overwrite on the checkpoint you use")
+    recorded = stats.get("weights")
+    if not isinstance(recorded, dict):
+        raise ConfigError(f"{path} does not record which weights it was computed for (written before stats were "
+                          f"tied to weights): regenerate it, {_rerun(root)}")
+    actual = weights_identity(checkpoint)
+    if not same_weights(recorded, actual):
+        raise ConfigError(f"{path} was computed for other weights ({made_for} then held step {recorded.get('step')}, "
+                          f"value head {str(recorded.get('value_head_sha256'))[:12]}) than {checkpoint} holds "
+                          f"(step {actual['step']}, value head {actual['value_head_sha256'][:12]}): the checkpoint "
+                          f"changed since (trained again or copied in); rerun {_rerun(root)}")
     if not np.isfinite(mean) or not np.isfinite(std) or std <= 0:
         raise ConfigError(f"{path}: mean {mean} / std {std} cannot normalise")
     return dict(stats, mean=mean, std=std, path=path)

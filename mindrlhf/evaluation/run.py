@@ -3,7 +3,8 @@
 Evaluation covers every pair of the test file (no drop_remainder, no sample cap), checkpoint by checkpoint.
 Under a launcher with a collective backend (msrun, or HCCL on Ascend) each rank scores every N-th batch of the
 same length-sorted batches and the scores are gathered, so N ranks take about 1/N of the time and give the
-scores of one process bit for bit; rank 0 alone checks and writes the outputs.
+scores of one process bit for bit; rank 0 alone checks and writes the outputs, and every rank leaves with its
+verdict (distributed.same_verdict), so no rank waits in an AllGather for one that has stopped.
 """
 import os
 from typing import Callable, List, Optional
@@ -139,29 +140,36 @@ def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_data
     rank, part, parts = start_ranks(config, log)
     output_file = output_file or os.path.join(os.path.abspath(config.get("output_dir") or "./output"),
                                               "eval_results.json")
-    if rank == 0:
-        check_new_output(output_file, overwrite)
-        check_new_output(scores_file, overwrite)
-        if save_stats:
-            normalize.check_stats_output(checkpoint_root(ckpt_path), overwrite)
-    source = eval_dataset or dataset_source(config, "eval")
-    if not source:
-        raise ConfigError("no eval dataset: pass --eval_dataset or set eval_dataset.data_loader.dataset_dir")
-    tok = load_tokenizer(tokenizer) if tokenizer else None
-    chosen_template = run_template(ckpt_path, template, tok, source)
-    data = load_eval_pairs(source, int(config.model.model_config.seq_length), tok, skip_invalid, chosen_template)
-    checkpoints = list_checkpoints(ckpt_path)
-    if not load_all:
-        checkpoints = checkpoints[-1:]
-    pairs_per_batch = int(batch_size or config.eval_dataset.get("batch_size") or 8)
-    scorer = RewardScorer(config, batch_size=2 * pairs_per_batch, log=log)
+    with distributed.same_verdict(parts > 1):  # everything before the first AllGather, agreed by every rank
+        if rank == 0:
+            check_new_output(output_file, overwrite)
+            check_new_output(scores_file, overwrite)
+            if save_stats:
+                normalize.check_stats_output(checkpoint_root(ckpt_path), overwrite)
+        source = eval_dataset or dataset_source(config, "eval")
+        if not source:
+            raise ConfigError("no eval dataset: pass --eval_dataset or set eval_dataset.data_loader.dataset_dir")
+        tok = load_tokenizer(tokenizer) if tokenizer else None
+        chosen_template = run_template(ckpt_path, template, tok, source)
+        data = load_eval_pairs(source, int(config.model.model_config.seq_length), tok, skip_invalid,
+                               chosen_template)
+        checkpoints = list_checkpoints(ckpt_path)
+        if not load_all:
+            checkpoints = checkpoints[-1:]
+        pairs_per_batch = int(batch_size or config.eval_dataset.get("batch_size") or 8)
+        scorer = RewardScorer(config, batch_size=2 * pairs_per_batch, log=log)
     results = []
     for ckpt in checkpoints:
+        failed = None
         try:
             scorer.load_weights(ckpt, src_strategy)
         except ConfigError as err:
-            log(f"WARNING: skipping {err}")
-            results.append({"checkpoint": ckpt, "error": str(err)})
+            failed = err
+        if parts > 1:  # a file one rank cannot read is skipped by all, or they would gather different batches
+            failed = distributed.first_error(failed)
+        if failed is not None:
+            log(f"WARNING: skipping {failed}")
+            results.append({"checkpoint": ckpt, "error": str(failed)})
             continue
         chosen, rejected = score_pairs(scorer, data, pairs_per_batch, log, progress, part, parts)
         metrics = pairwise_metrics(chosen, rejected, data["pos_type"], data["neg_type"])
@@ -169,8 +177,6 @@ def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_data
         results.append(metrics)
         log(f"{ckpt} acc: [{metrics['accuracy']:.6f}]")
         newest_scores = (ckpt, scorer.step, chosen, rejected)
-        if scores_file and rank == 0:
-            _write_scores(scores_file, chosen, rejected)
     good = [r for r in results if "error" not in r]
     if not good:
         raise ConfigError(f"{ckpt_path}: no checkpoint could be evaluated; {results[-1]['error']}")
@@ -180,11 +186,15 @@ def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_data
                "best": max(good, key=lambda r: r["accuracy"])["checkpoint"]}
     if len(results) > 1:
         log(format_table(results))
-    if save_stats and rank == 0:
-        summary["stats_file"] = normalize.save_stats(checkpoint_root(ckpt_path), *newest_scores, source, overwrite)
-        log(f"reward statistics of {newest_scores[0]}: {summary['stats_file']}")
-    if rank == 0:
-        write_json(output_file, summary)
+    with distributed.same_verdict(parts > 1):  # a failed write (a std of 0, a full disk) stops every rank alike
+        if scores_file and rank == 0:
+            _write_scores(scores_file, *newest_scores[2:])
+        if save_stats and rank == 0:
+            summary["stats_file"] = normalize.save_stats(checkpoint_root(ckpt_path), *newest_scores, source,
+                                                         overwrite)
+            log(f"reward statistics of {newest_scores[0]}: {summary['stats_file']}")
+        if rank == 0:
+            write_json(output_file, summary)
     summary["output_file"] = output_file
     return summary
 
@@ -234,17 +244,18 @@ def infer(config_path: str, data_file: str, tokenizer: str, ckpt_path: str, outp
     rank, part, parts = start_ranks(config, log)
     output_file = output_file or os.path.join(os.path.abspath(config.get("output_dir") or "./output"),
                                               "reward_infer_scores.jsonl")
-    if rank == 0:
-        check_new_output(output_file, overwrite)
-    tok = load_tokenizer(tokenizer)
-    chosen_template = run_template(ckpt_path, template, tok)
-    report = SkipReport()
-    items = read_infer_rows(data_file, skip_invalid, report)
-    if not items:
-        raise ConfigError(f"{data_file}: nothing to score")
-    checkpoint = list_checkpoints(ckpt_path)[-1]
-    stats = load_stats(checkpoint_root(checkpoint), checkpoint) if normalize else None
-    scorer = RewardScorer(config, checkpoint, batch_size=batch_size, src_strategy=src_strategy, log=log)
+    with distributed.same_verdict(parts > 1):  # everything before the first AllGather, agreed by every rank
+        if rank == 0:
+            check_new_output(output_file, overwrite)
+        tok = load_tokenizer(tokenizer)
+        chosen_template = run_template(ckpt_path, template, tok)
+        report = SkipReport()
+        items = read_infer_rows(data_file, skip_invalid, report)
+        if not items:
+            raise ConfigError(f"{data_file}: nothing to score")
+        checkpoint = list_checkpoints(ckpt_path)[-1]
+        stats = load_stats(checkpoint_root(checkpoint), checkpoint) if normalize else None
+        scorer = RewardScorer(config, checkpoint, batch_size=batch_size, src_strategy=src_strategy, log=log)
     texts = [chosen_template.render(it["prompt"], it["response"]) for it in items]
     scores = scorer.score_ids(tok.encode(texts, special_tokens=chosen_template.special_tokens), part, parts)
     mine = np.flatnonzero(~np.isnan(scores))

@@ -391,6 +391,7 @@ def merge_slices(checkpoint: str, strategy: str, output_path: str) -> str:
     """<root>/rank_0/<file>.ckpt and its sibling slices (same file name with rank_N) -> one whole checkpoint.
 
     Every tensor the strategy lays out is reassembled; the others (global_step, loss scale) come from rank 0.
+    Slices are picked by name, so their global_step must agree: a mix of steps is refused, naming the files.
     Written to a temporary name and renamed when complete.
     """
     import tempfile
@@ -406,15 +407,23 @@ def merge_slices(checkpoint: str, strategy: str, output_path: str) -> str:
             ranks = ms.rank_list_for_transform(0, layout, None)
         except Exception as err:  # pylint: disable=broad-except  (protobuf and MindSpore raise several types)
             raise ConfigError(f"{strategy}: not a MindSpore strategy file ({str(err).splitlines()[0]})") from None
-        files = {}
+        files, steps = {}, {}
         for rank in ranks:
             path = os.path.join(root, f"rank_{rank}", re.sub(r"_rank_\d+", f"_rank_{rank}", name))
             if not os.path.isfile(path):
                 raise ConfigError(f"{path}: slice of rank {rank} is missing (the strategy {strategy} spreads "
                                   f"the model over ranks {sorted(ranks)})")
-            # a truncated slice fails here, by name (the whole file is parsed, one small tensor materialised)
-            load_checkpoint_dict(path, choice_func=lambda n: n.startswith(VALUE_HEAD))
+            # a truncated slice fails here, by name (the whole file is parsed, two small tensors materialised)
+            steps[path] = checkpoint_step(load_checkpoint_dict(
+                path, choice_func=lambda n: n.startswith(VALUE_HEAD) or n == "global_step"))
             files[rank] = path
+        if os.path.abspath(checkpoint) not in map(os.path.abspath, steps):
+            steps[checkpoint] = checkpoint_step(load_checkpoint_dict(checkpoint, lambda n: n == "global_step"))
+        if len(set(steps.values())) > 1:  # names repeat across resumed runs: a stale rank's file matches the pattern
+            shown = "; ".join(f"{path}: step {step}" for path, step in steps.items())
+            raise ConfigError(f"{checkpoint}: the model-parallel slices of this name come from different steps "
+                              f"({shown}); merging them would mix weights. Keep the slices of one step (move the "
+                              "stale rank_N files away, e.g. left by a resumed or re-trained run) and rerun")
         tmp = os.path.join(work, "merged.ckpt")
         ms.transform_checkpoint_by_rank(0, files, tmp, layout, None)
         os.replace(tmp, output_path)

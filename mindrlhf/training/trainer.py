@@ -159,10 +159,11 @@ def train(config_path: str, train_dataset: Optional[str] = None, task: str = "te
     collective = bool(config.use_parallel) and rank_size > 1
     if collective and config.context.get("device_target") == "CPU":
         use_cpu_barrier()
-    info = cfg.check_data_against_model(config, files, "train", rank_size if config.use_parallel else 1)
-    if template is not None and rank_id == 0:
-        record_run_template(os.path.join(config.output_dir, "checkpoint"), template,
-                            config.load_checkpoint if config.resume_training else None)
+    with distributed.same_verdict(collective):  # a failed check (a template mismatch on rank 0) stops every rank
+        info = cfg.check_data_against_model(config, files, "train", rank_size if config.use_parallel else 1)
+        if template is not None and rank_id == 0:
+            record_run_template(os.path.join(config.output_dir, "checkpoint"), template,
+                                config.load_checkpoint if config.resume_training else None)
     if config.resume_training:
         config.resume_training = resume_file(config.load_checkpoint, rank_id, collective, warn=_warn)
     stop_step = config.runner_config.pop("stop_step", None)

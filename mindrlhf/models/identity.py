@@ -1,0 +1,83 @@
+"""Which weights a .ckpt holds, read cheaply: the optimizer's global_step plus a digest of the value head.
+
+Files derived from a checkpoint (reward_stats.json) record this identity, so a file name that now holds other
+weights (rank_N/ deleted and the run trained again, checkpoints copied in from another run) is caught. A .ckpt is
+a run of protobuf `Checkpoint` messages, one per tensor (or per 1 GiB slice of one): each message is skipped by
+its length and only `global_step` and the (1, hidden) value head are read, a few seeks even for a 7B file with its
+Adam moments. Training moves the value head every step, so the step and the value head name the weights; a copy
+or a rename keeps both.
+"""
+import hashlib
+import os
+from typing import BinaryIO, Optional
+
+import numpy as np
+
+from mindrlhf.errors import ConfigError
+
+VALUE_HEAD = "v_head."
+STEP = "global_step"
+_CRC_TRAILER = b"crc_num"  # save_checkpoint(crc_check=True) appends it after the last message
+_STEP_TYPES = {"Int32": np.int32, "Int64": np.int64, "Float32": np.float32, "Float16": np.float16}
+
+
+def _varint(fh: BinaryIO, path: str) -> int:
+    value, shift = 0, 0
+    while True:
+        byte = fh.read(1)
+        if not byte:
+            raise ConfigError(f"{path}: checkpoint is truncated (ends inside a tensor header)")
+        value |= (byte[0] & 0x7F) << shift
+        if not byte[0] & 0x80:
+            return value
+        shift += 7
+
+
+def weights_identity(path: str) -> dict:
+    """{"step": global_step or None, "value_head_sha256": hex digest of every v_head.* tensor (name, type, dims,
+    bytes)} of a MindSpore .ckpt; a ConfigError for a file that is not one, is truncated or has no value head."""
+    from mindspore.train.checkpoint_pb2 import Checkpoint
+
+    digest, step, heads = hashlib.sha256(), None, 0
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        while fh.tell() < size:
+            start = fh.tell()
+            key = fh.read(1)
+            if key != b"\x0a":  # field 1 (value), length-delimited
+                fh.seek(start)
+                if fh.read(len(_CRC_TRAILER)) == _CRC_TRAILER:
+                    break
+                raise ConfigError(f"{path}: not a plain MindSpore checkpoint at byte {start} (encrypted?)")
+            length = _varint(fh, path)
+            body = fh.tell()
+            if body + length > size:
+                raise ConfigError(f"{path}: checkpoint is truncated")
+            name = _tag(fh, length, path)
+            if name.startswith(VALUE_HEAD) or name == STEP:
+                fh.seek(start)
+                value = Checkpoint.FromString(fh.read(body + length - start)).value[0]
+                tensor = value.tensor
+                if name == STEP:
+                    kind = _STEP_TYPES.get(tensor.tensor_type)
+                    step = int(np.frombuffer(tensor.tensor_content, kind)[0]) if kind else None
+                else:
+                    heads += 1
+                    digest.update(f"{name}|{tensor.tensor_type}|{list(tensor.dims)}|".encode())
+                    digest.update(tensor.tensor_content)
+            fh.seek(body + length)
+    if not heads:
+        raise ConfigError(f"{path}: has no value head ({VALUE_HEAD}*): not a reward-model checkpoint")
+    return {"step": step, "value_head_sha256": digest.hexdigest()}
+
+
+def _tag(fh: BinaryIO, length: int, path: str) -> str:
+    """The tensor name at the start of a Value message (protobuf writes field 1, the tag, first)."""
+    if length == 0 or fh.read(1) != b"\x0a":
+        return ""
+    size = _varint(fh, path)
+    return fh.read(min(size, length)).decode("utf-8", "replace")
+
+
+def same_weights(recorded: Optional[dict], actual: dict) -> bool:
+    return bool(recorded) and all(recorded.get(k) == actual[k] for k in ("step", "value_head_sha256"))
