@@ -54,12 +54,18 @@ def legacy_folder(tmp_path, name):
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
 def imported(request, tmp_path_factory):
-    """A fixture converted by convert_weight.py with its run YAML (shapes, theta and scaling checked)."""
+    """A fixture converted as convert_weight.py does (its CLI runs in the next test) with its run YAML: shapes,
+    theta and scaling checked."""
+    from mindrlhf.models.weights import convert_hf_to_ms
+    from mindrlhf.training.config import load_config
+
     name = request.param
     work = tmp_path_factory.mktemp(name)
     config = write_yaml(work / "run.yaml", name)
     ckpt = work / "checkpoint" / f"{name}.ckpt"
-    run_cli(CONVERT, "--input_path", HF_MODELS / name, "--output_path", ckpt, "--config", config)
+    result = convert_hf_to_ms(str(HF_MODELS / name), str(ckpt), load_config(str(config)).model.model_config,
+                              log=lambda *_: None)
+    assert result["tied_embeddings"] == (name == "qwen2_5") and result["dropped"] == []
     return {"name": name, "work": work, "config": config, "ckpt": ckpt}
 
 
@@ -89,9 +95,7 @@ def test_transformers_5_folders_convert_with_their_rope_and_are_refused_with_ano
     from mindrlhf.models.weights import convert_hf_to_ms
     from mindrlhf.training.config import load_config
 
-    good, bad = write_yaml(tmp_path / "qwen.yaml", "qwen2_5"), write_yaml(tmp_path / "bad.yaml", "qwen2_5",
-                                                                          theta=10000.0)
-    run_cli(CONVERT, "--input_path", HF_MODELS / "qwen2_5", "--output_path", tmp_path / "q.ckpt", "--config", good)
+    bad = write_yaml(tmp_path / "bad.yaml", "qwen2_5", theta=10000.0)
     proc = run_cli(CONVERT, "--input_path", HF_MODELS / "qwen2_5", "--output_path", tmp_path / "bad.ckpt",
                    "--config", bad, check=False)
     assert proc.returncode == 2 and not (tmp_path / "bad.ckpt").exists()
@@ -126,6 +130,7 @@ def test_imported_models_score_as_transformers(imported):
         assert sum(hasattr(cell, "rope_attention") for _, cell in scorer.network.cells_and_names()) == 2
     ours = scorer.score_ids(RECORD["rows"])
     theirs = np.array(RECORD["scores"][imported["name"]])
+    print(f"{imported['name']}: max |ours - transformers| = {np.abs(ours - theirs).max():.2e}")
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
     assert np.abs(theirs).max() > 0.5  # scores large enough for the tolerance to mean something
     # the check can tell a wrong GQA mapping: the two kv heads of layer 0 swapped
@@ -139,11 +144,12 @@ def test_imported_models_score_as_transformers(imported):
 def test_export_gives_back_what_transformers_wrote(imported):
     from safetensors.numpy import load_file
 
+    from mindrlhf.serving.share import export_run
+
     name = imported["name"]
-    out = imported["work"] / "hf"
-    proc = run_cli(EXPORT, "--config", imported["config"], "--distributed_ckpt_path", imported["ckpt"],
-                   "--tokenizer", TOKENIZER, "--output_dir", out)
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["tensors"] == (27 if name == "qwen2_5" else 21)
+    out = imported["work"] / "hf"  # as export_hf.py does (its CLI runs in the --overwrite test)
+    result = export_run(str(imported["config"]), str(imported["ckpt"]), str(TOKENIZER), str(out), log=lambda *_: None)
+    assert result["tensors"] == (27 if name == "qwen2_5" else 21)
     ours, theirs = load_file(str(out / "model.safetensors")), load_file(str(HF_MODELS / name / "model.safetensors"))
     assert sorted(ours) == sorted(theirs)
     for tensor, value in theirs.items():
@@ -177,39 +183,49 @@ def test_extend_methods_without_a_hugging_face_equivalent_are_refused():
 
 # -- item 3: --overwrite deletes only an earlier export --------------------------------------------------------
 def test_overwrite_replaces_an_earlier_export_and_nothing_else(tmp_path):
+    """export_hf.py --overwrite on a folder of the user's: exit 2, nothing touched (before: deleted). An earlier
+    export (our marker, only the files it lists) is replaced; one with a file of the user's added is not."""
+    from mindrlhf.errors import OutputExistsError
+    from mindrlhf.models.weights import convert_hf_to_ms
+    from mindrlhf.serving.share import export_run
     from mindrlhf.tools.tiny_hf import tiny_hf_tensors, write_hf
+    from mindrlhf.training.config import load_config
 
     config = TINY_CONFIG  # the Llama 2 tutorial's tiny model, from the random Llama of mindrlhf.tools.tiny_hf
     ckpt = tmp_path / "checkpoint" / "llama2.ckpt"
     tensors = dict(tiny_hf_tensors(), **{"score.weight": np.full((1, 64), 0.01, np.float32)})  # a reward model
-    run_cli(CONVERT, "--input_path", write_hf(tmp_path / "tiny-hf", tensors), "--output_path", ckpt,
-            "--config", config)
+    convert_hf_to_ms(str(write_hf(tmp_path / "tiny-hf", tensors)), str(ckpt),
+                     load_config(str(config)).model.model_config, log=lambda *_: None)
 
-    def export(out, *extra):
-        return run_cli(EXPORT, "--config", config, "--distributed_ckpt_path", ckpt, "--tokenizer", TOKENIZER,
-                       "--output_dir", out, *extra, check=False)
+    def export_here(out, overwrite=True):
+        return export_run(str(config), str(ckpt), str(TOKENIZER), str(out), overwrite=overwrite, log=lambda *_: None)
 
     user = tmp_path / "my_models"  # a folder of the user's, with a file in it
     user.mkdir()
     (user / "notes.txt").write_text("mine")
-    proc = export(user, "--overwrite")
-    assert proc.returncode == 2 and "mindrlhf_export.json" in proc.stderr and str(user) in proc.stderr, proc.stderr
+    proc = run_cli(EXPORT, "--config", config, "--distributed_ckpt_path", ckpt, "--tokenizer", TOKENIZER,
+                   "--output_dir", user, "--overwrite", check=False)
+    assert proc.returncode == 2 and f"error: {user} has no mindrlhf_export.json of an earlier mindrlhf export: " \
+        "refusing to delete it even with --overwrite" in proc.stderr, proc.stderr[-2000:]
     assert sorted(p.name for p in user.iterdir()) == ["notes.txt"] and (user / "notes.txt").read_text() == "mine"
     lone_file = tmp_path / "rm-hf"
     lone_file.write_text("mine")
-    assert export(lone_file, "--overwrite").returncode == 2 and lone_file.read_text() == "mine"
+    with pytest.raises(OutputExistsError, match="is not a folder an export wrote"):
+        export_here(lone_file)
+    assert lone_file.read_text() == "mine"
 
     out = tmp_path / "export"
-    assert export(out).returncode == 0
+    export_here(out, overwrite=False)
     marker = json.loads((out / "mindrlhf_export.json").read_text())
-    assert marker["written_by"] == "mindrlhf" and marker["checkpoint"] == str(ckpt)
+    assert marker["written_by"] == "mindrlhf" and marker["checkpoint"] == str(ckpt) and marker["mindrlhf_version"]
     assert sorted(marker["files"]) == sorted(p.name for p in out.iterdir() if p.name != "mindrlhf_export.json")
-    first = (out / "model.safetensors").stat().st_mtime_ns
-    assert export(out).returncode == 2  # an earlier export too needs --overwrite
-    assert export(out, "--overwrite").returncode == 0  # and is replaced with it
-    assert (out / "model.safetensors").stat().st_mtime_ns != first
+    (out / "model.safetensors").write_bytes(b"stale")
+    with pytest.raises(OutputExistsError, match="pass --overwrite"):  # an earlier export too needs --overwrite
+        export_here(out, overwrite=False)
+    export_here(out)  # and is replaced with it
+    assert (out / "model.safetensors").stat().st_size > 1000
     (out / "eval_notes.md").write_text("mine")  # a file of the user's added to an export: kept
-    proc = export(out, "--overwrite")
-    assert proc.returncode == 2 and "eval_notes.md" in proc.stderr, proc.stderr
-    assert (out / "eval_notes.md").read_text() == "mine" and (out / "model.safetensors").is_file()
+    with pytest.raises(OutputExistsError, match=r"holds \['eval_notes.md'\], which the earlier export"):
+        export_here(out)
+    assert (out / "eval_notes.md").read_text() == "mine" and (out / "model.safetensors").stat().st_size > 1000
     assert not list(tmp_path.glob(".*.tmp-*"))
