@@ -207,6 +207,8 @@ def test_overwrite_replaces_an_earlier_export_and_nothing_else(tmp_path):
                    "--output_dir", user, "--overwrite", check=False)
     assert proc.returncode == 2 and f"error: {user} has no mindrlhf_export.json of an earlier mindrlhf export: " \
         "refusing to delete it even with --overwrite" in proc.stderr, proc.stderr[-2000:]
+    with pytest.raises(OutputExistsError, match="has no mindrlhf_export.json"):  # never suggests --overwrite for it
+        export_here(user, overwrite=False)
     assert sorted(p.name for p in user.iterdir()) == ["notes.txt"] and (user / "notes.txt").read_text() == "mine"
     lone_file = tmp_path / "rm-hf"
     lone_file.write_text("mine")

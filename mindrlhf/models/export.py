@@ -199,8 +199,6 @@ def check_output_dir(output_dir: str, overwrite: bool):
     entries = sorted(os.listdir(output_dir))
     if not entries:
         return
-    if not overwrite:
-        raise OutputExistsError(f"{output_dir} already exists; pass --overwrite to replace it or choose another path")
     marker = os.path.join(output_dir, EXPORT_MARKER)
     try:
         with open(marker, encoding="utf-8") as fh:
@@ -216,6 +214,9 @@ def check_output_dir(output_dir: str, overwrite: bool):
         raise OutputExistsError(f"{output_dir} holds {foreign[:5]}, which the earlier export ({marker}) did not "
                                 "write: refusing to delete them even with --overwrite; move them away or choose "
                                 "another --output_dir")
+    if not overwrite:
+        raise OutputExistsError(f"{output_dir} already holds an export (of {record.get('checkpoint')}); pass "
+                                "--overwrite to replace it or choose another path")
 
 
 def export_checkpoint(checkpoint: str, model_config, output_dir: str, tokenizer: str,

@@ -171,7 +171,8 @@ def check_hf_config(hf: dict, model_config, where: str):
             raise ConfigError(f"{where}: rope_scaling is Llama 3.1's ({wanted}); set model_config.extend_method: "
                               f"\"LLAMA3\" and scaling_factor: {wanted} (the YAML has {method}, {factors})")
     elif kind is not None:
-        raise ConfigError(f"{where}: rope_scaling type {kind!r} is not supported by this converter's checks")
+        raise ConfigError(f"{where}: RoPE scaling {scaling} is not supported (of the scalings only Llama 3.1's "
+                          "rope_type llama3 is)")
     elif method != "None":
         raise ConfigError(f"{where}: has no rope_scaling but model_config.extend_method is {method}")
 

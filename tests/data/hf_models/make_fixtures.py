@@ -7,7 +7,7 @@ scores all come from transformers, not from our code.
     .venv/bin/python tests/data/hf_models/make_fixtures.py --legacy       # transformers 4.x config classes
         -> legacy/<name>.json (the same models' config.json in the 4.x layout: rope_theta, rope_scaling)
 
-The peer venv (python3 -m venv .venv-peer; pip install torch 'transformers>=5,<6' safetensors) is only needed to
+The peer venv (`make peer-venv`, or python3 -m venv .venv-peer + pip install torch transformers) is only needed to
 write them again; `make test` reads the committed files and needs neither torch nor transformers 5.
 Every tensor is drawn again after transformers' own init (norms around 1, biases non-zero, weights large enough
 for peaked attention): with norms at 1 and biases at 0 a swapped norm or a dropped bias would change nothing.
