@@ -70,7 +70,7 @@ def imported(request, tmp_path_factory):
 
 
 # -- item 5: both config layouts -------------------------------------------------------------------------------
-def test_rope_settings_are_read_from_both_layouts(tmp_path):
+def test_rope_settings_are_read_from_both_layouts():
     from mindrlhf.models.weights import hf_model_config, hf_rope
 
     expected = {"llama3_1": (500000.0, dict(SCALING, rope_type="llama3")), "qwen2_5": (1000000.0, None)}
@@ -79,14 +79,19 @@ def test_rope_settings_are_read_from_both_layouts(tmp_path):
         assert "rope_theta" not in new and "rope_parameters" in new and "rope_parameters" not in old
         assert hf_rope(new, name) == hf_rope(old, name) == (theta, scaling)
         assert hf_model_config(new)["theta"] == theta
+        assert hf_model_config(new).get("scaling_factor") == (SCALING if scaling else None)
     # Llama 3.1 with original_max_position_embeddings at the top level (as some configs carry it)
     top = dict(hf_config("llama3_1"), original_max_position_embeddings=16)
-    top["rope_parameters"] = {k: v for k, v in top["rope_parameters"].items() if k != "original_max_position_embeddings"}
+    top["rope_parameters"] = {k: v for k, v in top["rope_parameters"].items()
+                              if k != "original_max_position_embeddings"}
     assert hf_rope(top, "x")[1] == dict(SCALING, rope_type="llama3")
     both = dict(hf_config("qwen2_5"), rope_theta=10000.0)  # the two layouts disagree: never guess
     with pytest.raises(ConfigError, match=r"cfg.json: rope_theta 10000.0 and rope_parameters.rope_theta 1000000.0 "
                                           r"disagree"):
         hf_rope(both, "cfg.json")
+    with pytest.raises(ConfigError, match=r"cfg.json: rope_scaling None and rope_parameters \{.*'rope_type': "
+                                          r"'llama3'\} disagree"):
+        hf_rope(dict(hf_config("llama3_1"), rope_scaling=None), "cfg.json")
 
 
 def test_transformers_5_folders_convert_with_their_rope_and_are_refused_with_another(tmp_path):
