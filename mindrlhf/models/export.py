@@ -1,11 +1,14 @@
-"""A reward checkpoint -> a Hugging Face folder that transformers loads as LlamaForSequenceClassification.
+"""A reward checkpoint -> a Hugging Face folder that transformers loads as LlamaForSequenceClassification (Llama
+2/3/3.1) or Qwen2ForSequenceClassification (q/k/v biases: Qwen2/2.5).
 
-`config.json`: num_labels 1, the pad id, every Llama field from the run YAML's model_config, and (when the
-checkpoint has reward statistics) OpenRLHF's `normalize_reward`, `mean`, `std`. `model.safetensors`: written
-tensor by tensor (header first, then each tensor's bytes; no second copy of the model), the value head as
-`score.weight` (transformers' head, and OpenRLHF's value_head_prefix "score"). The tokenizer files are copied.
-Tensor names are the exact inverse of weights.HF_TO_MS, so HF -> convert_hf_to_ms -> export gives back
-identical tensors.
+`config.json`: num_labels 1, the pad id, every field of the run YAML's model_config with the keys transformers
+writes for that architecture (RoPE in both layouts: transformers 5's rope_parameters and 4's rope_theta and
+rope_scaling; Llama 3.1's extend_method LLAMA3 as rope_type llama3), and (when the checkpoint has reward
+statistics) OpenRLHF's `normalize_reward`, `mean`, `std`. `model.safetensors`: written tensor by tensor (header
+first, then each tensor's bytes; no second copy of the model), the value head as `score.weight` (transformers'
+head, and OpenRLHF's value_head_prefix "score"). The tokenizer files are copied. `mindrlhf_export.json` marks the
+folder as ours (--overwrite replaces nothing else). Tensor names are the exact inverse of weights.HF_TO_MS;
+tests/test_hf_interop.py checks both directions against folders and scores written by transformers itself.
 
 transformers reads the reward at the last token that is not pad_token_id. Our rows carry no EOS and never the
 pad id (2, also Llama 2's EOS) inside the text, so that is the same last real token we read.
@@ -18,8 +21,9 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from mindrlhf import __version__
 from mindrlhf.errors import ConfigError, OutputExistsError
-from mindrlhf.models.weights import HF_TO_MS, expected_shapes, ffn_hidden_size, load_whole
+from mindrlhf.models.weights import HF_TO_MS, LLAMA3_SCALING, expected_shapes, ffn_hidden_size, load_whole
 
 VALUE_HEAD = ("v_head.weight", "score.weight")
 _DTYPES = {"float32": (np.float32, "F32"), "float16": (np.float16, "F16"), "bfloat16": (np.uint16, "BF16")}
@@ -51,34 +55,62 @@ def _get(model_config):
     return model_config.get if hasattr(model_config, "get") else lambda k, d=None: getattr(model_config, k, d)
 
 
-def hf_config(model_config, dtype: str = "float32", stats: Optional[dict] = None) -> dict:
-    """config.json for LlamaForSequenceClassification from the YAML's model_config."""
+def hf_rope(model_config) -> Tuple[float, Optional[dict]]:
+    """(theta, rope_scaling) of the YAML: plain RoPE, or Llama 3.1's scaling (MindFormers' extend_method LLAMA3,
+    whose scaling_factor holds Hugging Face's llama3 fields). Other extensions have no exact counterpart here."""
     get = _get(model_config)
-    if get("qkv_has_bias"):
-        raise ConfigError("export writes Llama (LlamaForSequenceClassification); this model_config has q/k/v biases "
-                          "(Qwen2 style), which Llama's config cannot express")
-    if str(get("extend_method", "None")) not in ("None", "", "none"):
-        raise ConfigError(f"model_config.extend_method {get('extend_method')!r}: RoPE extensions are not "
-                          "translated to Hugging Face's rope_scaling by the export")
-    hidden, heads = int(get("hidden_size")), int(get("num_heads"))
-    pad = int(get("pad_token_id"))
+    theta = float(get("theta", 10000.0) or 10000.0)
+    method = str(get("extend_method", "None") or "None")
+    if method in ("None", "none"):
+        return theta, None
+    factors = get("scaling_factor")
+    if method == "LLAMA3" and hasattr(factors, "get"):
+        missing = [k for k in LLAMA3_SCALING if factors.get(k) is None]
+        if missing:
+            raise ConfigError(f"model_config.scaling_factor lacks {missing} for extend_method LLAMA3")
+        scaling = {"rope_type": "llama3", **{k: float(factors.get(k)) for k in LLAMA3_SCALING[:3]},
+                   LLAMA3_SCALING[3]: int(factors.get(LLAMA3_SCALING[3]))}
+        return theta, scaling
+    raise ConfigError(f"model_config.extend_method {method!r}: only Llama 3.1's RoPE scaling (LLAMA3, with "
+                      "scaling_factor holding factor, low_freq_factor, high_freq_factor and "
+                      "original_max_position_embeddings) is exported; this one has no exact Hugging Face counterpart "
+                      "here")
+
+
+def hf_config(model_config, dtype: str = "float32", stats: Optional[dict] = None) -> dict:
+    """config.json from the YAML's model_config: Qwen2ForSequenceClassification for q/k/v biases (Qwen2/2.5),
+    else LlamaForSequenceClassification, with the keys the transformers version writes: RoPE both as transformers 5
+    reads it (rope_parameters) and as transformers 4 reads it (rope_theta, rope_scaling), which 5 also accepts;
+    the dtype as dtype and torch_dtype likewise."""
+    get = _get(model_config)
+    hidden, heads, layers = int(get("hidden_size")), int(get("num_heads")), int(get("num_layers"))
+    theta, scaling = hf_rope(model_config)
+    qwen = bool(get("qkv_has_bias"))
     config = {
-        "architectures": ["LlamaForSequenceClassification"], "model_type": "llama",
+        "architectures": ["Qwen2ForSequenceClassification" if qwen else "LlamaForSequenceClassification"],
+        "model_type": "qwen2" if qwen else "llama",
         "num_labels": 1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
         "problem_type": "regression",
         "vocab_size": int(get("vocab_size")), "hidden_size": hidden,
         "intermediate_size": ffn_hidden_size(hidden, int(get("multiple_of", 256) or 256),
                                              get("ffn_dim_multiplier"), get("intermediate_size")),
-        "num_hidden_layers": int(get("num_layers")), "num_attention_heads": heads,
-        "num_key_value_heads": int(get("n_kv_heads") or heads), "head_dim": hidden // heads,
+        "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": int(get("n_kv_heads") or heads),
         "hidden_act": "silu", "rms_norm_eps": float(get("rms_norm_eps", 1e-5)),
-        "rope_theta": float(get("theta", 10000.0) or 10000.0), "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": theta} if scaling is None
+        else dict(scaling, rope_theta=theta),
+        "rope_theta": theta, "rope_scaling": scaling,
         "max_position_embeddings": int(get("max_position_embedding") or get("seq_length")),
-        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "pretraining_tp": 1,
-        "tie_word_embeddings": False, "use_cache": False, "initializer_range": 0.02,
+        "attention_dropout": 0.0, "tie_word_embeddings": bool(get("tie_word_embeddings", False)),
+        "use_cache": False, "initializer_range": 0.02,
         "bos_token_id": int(get("bos_token_id", 1)), "eos_token_id": int(get("eos_token_id", 2)),
-        "pad_token_id": pad, "torch_dtype": dtype,
+        "pad_token_id": int(get("pad_token_id")), "dtype": dtype, "torch_dtype": dtype,
     }
+    if qwen:  # Qwen2's own keys; its q/k/v always carry biases, o_proj and the MLP none (as ours)
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=layers,
+                      layer_types=["full_attention"] * layers)
+    else:
+        config.update(head_dim=hidden // heads, attention_bias=False, mlp_bias=False, pretraining_tp=1)
     if stats is not None:  # OpenRLHF's get_llm_for_sequence_regression reads these
         config.update(normalize_reward=True, mean=float(stats["mean"]), std=float(stats["std"]))
     return config
@@ -152,14 +184,50 @@ def tokenizer_files(tokenizer_path: str, seq_length: int, pad_id: int) -> Dict[s
     return {"tokenizer.model": path, "tokenizer_config.json": config}
 
 
+EXPORT_MARKER = "mindrlhf_export.json"
+
+
+def check_output_dir(output_dir: str, overwrite: bool):
+    """An export goes to a new or empty folder, or (with overwrite) replaces an earlier export: a folder holding
+    our EXPORT_MARKER and no file the marker does not list. Anything else is refused, touching nothing: --overwrite
+    never deletes what the export did not write."""
+    if not os.path.lexists(output_dir):
+        return
+    if os.path.islink(output_dir) or not os.path.isdir(output_dir):
+        raise OutputExistsError(f"{output_dir} exists and is not a folder an export wrote; choose another "
+                                "--output_dir (--overwrite replaces only an earlier export)")
+    entries = sorted(os.listdir(output_dir))
+    if not entries:
+        return
+    marker = os.path.join(output_dir, EXPORT_MARKER)
+    try:
+        with open(marker, encoding="utf-8") as fh:
+            record = json.load(fh)
+        ours = record.get("written_by") == "mindrlhf" and isinstance(record.get("files"), list)
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise OutputExistsError(f"{output_dir} has no {EXPORT_MARKER} of an earlier mindrlhf export: refusing to "
+                                "delete it even with --overwrite; choose another --output_dir (or empty it yourself)")
+    foreign = [e for e in entries if e != EXPORT_MARKER and e not in record["files"]]
+    if foreign:
+        raise OutputExistsError(f"{output_dir} holds {foreign[:5]}, which the earlier export ({marker}) did not "
+                                "write: refusing to delete them even with --overwrite; move them away or choose "
+                                "another --output_dir")
+    if not overwrite:
+        raise OutputExistsError(f"{output_dir} already holds an export (of {record.get('checkpoint')}); pass "
+                                "--overwrite to replace it or choose another path")
+
+
 def export_checkpoint(checkpoint: str, model_config, output_dir: str, tokenizer: str,
                       stats: Optional[dict] = None, dtype: Optional[str] = None, src_strategy: Optional[str] = None,
-                      overwrite: bool = False, log=print) -> dict:
+                      overwrite: bool = False, log=print, extra_files: Optional[Dict[str, str]] = None) -> dict:
     """One reward checkpoint (whole, or model-parallel slices merged with the run's strategy) -> output_dir.
 
-    Written into a temporary folder beside output_dir and renamed when complete."""
-    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)) and not overwrite:
-        raise OutputExistsError(f"{output_dir} already exists; pass --overwrite to replace it or choose another path")
+    Written into a temporary folder beside output_dir and renamed when complete; extra_files ({name: source})
+    are copied in too. EXPORT_MARKER names mindrlhf, its version, the checkpoint and every file written, so that
+    --overwrite can tell an earlier export from a folder of the user's (check_output_dir)."""
+    check_output_dir(output_dir, overwrite)
     if dtype is not None and dtype not in _DTYPES:
         raise ConfigError(f"--dtype {dtype}: choose one of {sorted(_DTYPES)}")
     config = hf_config(model_config, dtype or "float32", stats)
@@ -178,7 +246,7 @@ def export_checkpoint(checkpoint: str, model_config, output_dir: str, tokenizer:
     types = {name: _target(params[name], dtype) for name in names}
     entries = [(ms_to_hf_name(n), tuple(shapes[n]), _DTYPES[types[n]][1],
                 int(np.prod(shapes[n])) * np.dtype(_DTYPES[types[n]][0]).itemsize) for n in names]
-    config["torch_dtype"] = types[names[0]]
+    config["torch_dtype"] = config["dtype"] = types[names[0]]
 
     parent = os.path.dirname(os.path.abspath(output_dir))
     os.makedirs(parent, exist_ok=True)
@@ -200,10 +268,15 @@ def export_checkpoint(checkpoint: str, model_config, output_dir: str, tokenizer:
             else:
                 shutil.copyfile(source, target)
             copied.append(file_name)
+        for file_name, source in (extra_files or {}).items():
+            shutil.copyfile(source, os.path.join(tmp, file_name))
+        written = sorted(os.listdir(tmp))
+        with open(os.path.join(tmp, EXPORT_MARKER), "w", encoding="utf-8") as fh:
+            json.dump({"written_by": "mindrlhf", "mindrlhf_version": __version__,
+                       "checkpoint": os.path.abspath(checkpoint), "files": written}, fh, indent=2)
+        check_output_dir(output_dir, overwrite)  # again: the folder may have changed while we wrote
         if os.path.isdir(output_dir):
             shutil.rmtree(output_dir)
-        elif os.path.exists(output_dir):
-            os.remove(output_dir)
         os.replace(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -81,45 +81,98 @@ def expected_shapes(model_config) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
-def hf_model_config(hf: dict) -> dict:
-    """A Hugging Face config.json (Llama 2/3, Qwen2) as the LlamaConfig fields the shapes and RoPE depend on.
+LLAMA3_SCALING = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def hf_rope(hf: dict, where: str = "config.json") -> Tuple[float, Optional[dict]]:
+    """(theta, scaling) of a config.json in either layout: transformers 5 writes `rope_parameters: {rope_type,
+    rope_theta, ...}` and no top-level keys, transformers 4 `rope_theta` and `rope_scaling` (type or rope_type).
+    scaling is None for plain RoPE, else its fields with rope_type (Llama 3.1: llama3, factor, low/high_freq_factor,
+    original_max_position_embeddings, also taken from the top level). Both layouts present must agree: transformers
+    5 lets the old keys win, transformers 4 reads only them, so a disagreement has no one meaning."""
+    params = hf.get("rope_parameters") or {}
+    if params and all(isinstance(v, dict) for v in params.values()):  # one entry per layer type (Gemma 3 style)
+        kinds = list(params.values())
+        if any(k != kinds[0] for k in kinds):
+            raise ConfigError(f"{where}: rope_parameters differ between layer types {sorted(params)}; a "
+                              "Llama-architecture model has one RoPE")
+        params = kinds[0]
+    new_theta = params.get("rope_theta")
+    old_theta = hf.get("rope_theta")
+    if new_theta is not None and old_theta is not None and float(new_theta) != float(old_theta):
+        raise ConfigError(f"{where}: rope_theta {float(old_theta)} and rope_parameters.rope_theta {float(new_theta)} "
+                          "disagree; fix config.json so both say the theta the model was trained with")
+    theta = float(old_theta if old_theta is not None else new_theta if new_theta is not None else 10000.0)
+
+    def scaling_of(fields):
+        fields = dict(fields or {})
+        kind = fields.pop("rope_type", None) or fields.pop("type", None)
+        fields.pop("type", None)
+        fields.pop("rope_theta", None)
+        if kind in (None, "default") and not fields:
+            return None
+        fields["rope_type"] = kind
+        if kind == "llama3" and fields.get("original_max_position_embeddings") is None \
+                and hf.get("original_max_position_embeddings") is not None:
+            fields["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
+        return fields
+
+    new, old = scaling_of(params), scaling_of(hf.get("rope_scaling"))
+    if params and "rope_scaling" in hf and new != old:
+        raise ConfigError(f"{where}: rope_scaling {old} and rope_parameters {new} disagree; fix config.json so both "
+                          "say the RoPE scaling the model was trained with")
+    scaling = new if params else old
+    if scaling and scaling["rope_type"] == "llama3":
+        absent = [k for k in LLAMA3_SCALING if scaling.get(k) is None]
+        if absent:
+            raise ConfigError(f"{where}: Llama 3.1 RoPE scaling (rope_type llama3) without {absent}")
+    return theta, scaling
+
+
+def hf_model_config(hf: dict, where: str = "config.json") -> dict:
+    """A Hugging Face config.json (Llama 2/3, Qwen2; transformers 4 or 5 layout) as the LlamaConfig fields the
+    shapes and RoPE depend on.
 
     Qwen2's config has no attention_bias: its q/k/v always carry one. Qwen2 ties lm_head to embed_tokens when
     tie_word_embeddings is set (checkpoints may then hold no lm_head.weight)."""
     qwen = hf.get("model_type") == "qwen2"
-    return {"hidden_size": hf["hidden_size"], "num_layers": hf["num_hidden_layers"],
-            "num_heads": hf["num_attention_heads"], "n_kv_heads": hf.get("num_key_value_heads"),
-            "vocab_size": hf["vocab_size"], "intermediate_size": hf.get("intermediate_size"),
-            "qkv_has_bias": bool(hf.get("attention_bias", qwen)), "theta": hf.get("rope_theta", 10000.0),
-            "rms_norm_eps": hf.get("rms_norm_eps"), "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False))}
-
-
-LLAMA3_SCALING = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    theta, scaling = hf_rope(hf, where)
+    config = {"hidden_size": hf["hidden_size"], "num_layers": hf["num_hidden_layers"],
+              "num_heads": hf["num_attention_heads"], "n_kv_heads": hf.get("num_key_value_heads"),
+              "vocab_size": hf["vocab_size"], "intermediate_size": hf.get("intermediate_size"),
+              "qkv_has_bias": bool(hf.get("attention_bias", qwen)), "theta": theta,
+              "rms_norm_eps": hf.get("rms_norm_eps"), "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False))}
+    if scaling and scaling["rope_type"] == "llama3":
+        config.update(extend_method="LLAMA3", scaling_factor={k: float(scaling[k]) if k != LLAMA3_SCALING[3]
+                                                              else int(scaling[k]) for k in LLAMA3_SCALING})
+    return config
 
 
 def check_hf_config(hf: dict, model_config, where: str):
-    """What shapes cannot show: RoPE theta, RoPE scaling (Llama 3.1+) and the norm epsilon of config.json must be
-    the YAML's, or the converted weights would run with another RoPE/normalisation than they were trained with."""
+    """What shapes cannot show: RoPE theta, RoPE scaling (Llama 3.1+) and the norm epsilon of config.json (either
+    layout, see hf_rope) must be the YAML's, or the converted weights would run with another RoPE/normalisation
+    than they were trained with."""
     get = model_config.get if hasattr(model_config, "get") else lambda k, d=None: getattr(model_config, k, d)
-    ours = hf_model_config(hf)
+    ours = hf_model_config(hf, where)
     for key, default in (("theta", 10000.0), ("rms_norm_eps", None)):
         mine = get(key, default)
         if ours[key] is not None and mine is not None and abs(float(ours[key]) - float(mine)) > 1e-12 * abs(ours[key]):
             raise ConfigError(f"{where}: {'rope_theta' if key == 'theta' else key} is {ours[key]} but the target "
                               f"config's model_config.{key} is {mine}; the converted weights would be used with "
                               "another RoPE/normalisation than they were trained with")
-    scaling = hf.get("rope_scaling") or {}
-    kind = scaling.get("rope_type", scaling.get("type")) if scaling else None
+    _, scaling = hf_rope(hf, where)
+    kind = scaling["rope_type"] if scaling else None
     method, factors = str(get("extend_method", "None") or "None"), get("scaling_factor", None)
     if kind == "llama3":
-        wanted = {k: scaling.get(k) for k in LLAMA3_SCALING}
+        wanted = ours["scaling_factor"]
         same = method == "LLAMA3" and hasattr(factors, "get") and all(
             factors.get(k) is not None and float(factors.get(k)) == float(v) for k, v in wanted.items())
         if not same:
             raise ConfigError(f"{where}: rope_scaling is Llama 3.1's ({wanted}); set model_config.extend_method: "
                               f"\"LLAMA3\" and scaling_factor: {wanted} (the YAML has {method}, {factors})")
-    elif kind not in (None, "default"):
-        raise ConfigError(f"{where}: rope_scaling type {kind!r} is not supported by this converter's checks")
+    elif kind is not None:
+        raise ConfigError(f"{where}: RoPE scaling {scaling} is not supported (of the scalings only Llama 3.1's "
+                          "rope_type llama3 is)")
     elif method != "None":
         raise ConfigError(f"{where}: has no rope_scaling but model_config.extend_method is {method}")
 
@@ -231,7 +284,7 @@ def convert_hf_to_ms(input_path: str, output_path: str, model_config=None, dtype
     if model_config is None:
         if hf is None:
             raise ConfigError(f"{input_path}: pass --config (a run YAML) or keep config.json beside the weights")
-        model_config = hf_model_config(hf)
+        model_config = hf_model_config(hf, hf_config)
     elif hf is not None:
         check_hf_config(hf, model_config, hf_config)
     get = model_config.get if hasattr(model_config, "get") else lambda k, d=None: getattr(model_config, k, d)

@@ -5,7 +5,6 @@ reward statistics (reward_eval.py --save_stats) into config.json when they are t
 is copied as mindrlhf_template.json: whoever scores with the folder must render texts with it.
 """
 import os
-import shutil
 from typing import Optional
 
 TEMPLATE_COPY = "mindrlhf_template.json"
@@ -24,10 +23,10 @@ def export_run(config_path: str, ckpt_path: str, tokenizer: str, output_dir: str
     checkpoint = list_checkpoints(ckpt_path)[-1]
     root = checkpoint_root(checkpoint)
     stats = load_stats(root, checkpoint) if with_stats and os.path.isfile(stats_path(root)) else None
-    result = export_checkpoint(checkpoint, config.model.model_config, output_dir, tokenizer, stats, dtype,
-                               src_strategy, overwrite, log)
     template = run_template_path(root)
-    if os.path.isfile(template):
-        shutil.copyfile(template, os.path.join(output_dir, TEMPLATE_COPY))
+    extra = {TEMPLATE_COPY: template} if os.path.isfile(template) else {}
+    result = export_checkpoint(checkpoint, config.model.model_config, output_dir, tokenizer, stats, dtype,
+                               src_strategy, overwrite, log, extra_files=extra)
+    if extra:
         result["template_record"] = TEMPLATE_COPY
     return result
