@@ -4,45 +4,19 @@ that renames one fails here, by name; and a layer that lacks one keeps its stock
 the stock loss, and the one log line says which name was missing."""
 import inspect
 
-import numpy as np
-import pytest
-
 import mindspore as ms
-from mindspore import Parameter, Tensor
+import pytest
+from mindspore import Parameter
 
-from conftest import TINY_CONFIG
-
-SEQ, PAIRS = 32, 2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def graph_mode():
-    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
-    yield
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-
-
-def tiny_config():
-    import mindrlhf.registry  # noqa: F401  (registers the model)
-    from mindformers import LlamaConfig
-
-    from mindrlhf.training.config import load_config
-
-    cfg = dict(load_config(str(TINY_CONFIG)).model.model_config)
-    cfg.pop("type")
-    cfg.update(seq_length=SEQ, batch_size=PAIRS)
-    return LlamaConfig(**cfg)
+# graph_mode: that module's autouse fixture, active here too
+from test_cpu_speedups import batch, build, compiled_library, graph_mode  # noqa: F401
 
 
 def stock_model(monkeypatch):
-    """The reward model with every MindFormers layer as MindFormers builds it (no swap made)."""
-    from mindrlhf.models.llama_reward import LlamaRewardModel
-
-    monkeypatch.setenv("MINDRLHF_STOCK_KERNELS", "1")
-    ms.set_seed(0)
-    net = LlamaRewardModel(tiny_config())
+    """The reward model with every MindFormers layer as MindFormers builds it (no swap made); the environment
+    then allows the swaps, for use_cpu_kernels called by the test."""
+    net = build(monkeypatch, stock=True)
     monkeypatch.delenv("MINDRLHF_STOCK_KERNELS")
-    monkeypatch.delenv("MINDRLHF_STOCK_SOFTMAX", raising=False)
     monkeypatch.setenv("MINDRLHF_COMPILED_KERNELS", "1")
     return net
 
@@ -72,27 +46,18 @@ def test_the_pinned_mindformers_layers_carry_every_name_the_swaps_rely_on(monkey
         assert hasattr(attention.apply_rotary_emb, "dtype")
 
 
-def loss(net, batch):
-    return float(net(*batch).asnumpy())
-
-
-def tiny_batch():
-    rng = np.random.default_rng(0)
-    ids = rng.integers(3, 32000, size=(2 * PAIRS, SEQ)).astype(np.int32)
-    ends = np.array([SEQ, 20, 11, 27], np.int32)
-    mask = (np.arange(SEQ)[None, :] < ends[:, None]).astype(np.float32)
-    ids[mask == 0] = 2
-    positions = np.tile(np.arange(SEQ, dtype=np.int32), (2 * PAIRS, 1))
-    return [Tensor(ids), Tensor(positions), Tensor(mask), Tensor(np.maximum(mask[:PAIRS], mask[PAIRS:])),
-            Tensor(ends)]
+def loss(net):
+    return float(net(*batch()).asnumpy())
 
 
 def test_a_layer_missing_a_name_stays_stock_and_the_log_says_which(monkeypatch):
     from mindrlhf.models.cpu_speedups import use_cpu_kernels
 
+    if compiled_library() is None:
+        pytest.skip("no C++ compiler here: nothing is swapped to RopeAttention (the fallback is tested in "
+                    "test_cpu_speedups.py)")
     reference = stock_model(monkeypatch)
-    reference.set_train(True)
-    stock_loss = loss(reference, tiny_batch())
+    stock_loss = loss(reference)
 
     # Every layer carries its names: everything is swapped, and the one line says so.
     lines = []
@@ -120,5 +85,4 @@ def test_a_layer_missing_a_name_stays_stock_and_the_log_says_which(monkeypatch):
     # The stock layer's own _attn reads inv_norm_factor: give it back under its name so that the model runs.
     first.inv_norm_factor = first.renamed_norm_factor
     ms.load_param_into_net(net, {p.name: Parameter(p.data.copy(), p.name) for p in reference.get_parameters()})
-    net.set_train(True)
-    assert loss(net, tiny_batch()) == pytest.approx(stock_loss, rel=1e-5)
+    assert loss(net) == pytest.approx(stock_loss, rel=1e-5)
