@@ -172,6 +172,26 @@ def grads_of(net, inputs, sens, outputs=1):
     return ops.GradOperation(get_all=True, sens_param=True)(First())(*(Tensor(x) for x in inputs), Tensor(sens))
 
 
+def attention_inputs(rng, batch, seq, size, heads, groups, per_key):
+    """q, k, v, the rotary tables and a mask (per key, or the full (B, 1, S, S) one) with a padded row, a hidden
+    key inside row 0 and, from 3 rows on, a row that sees no key."""
+    q = rng.normal(size=(batch, seq, heads * size)).astype(np.float32)
+    k, v = (rng.normal(size=(batch, seq, groups * size)).astype(np.float32) for _ in range(2))
+    angles = np.arange(seq)[:, None] * 10000.0 ** (-np.arange(0, size, 2) / size)[None]
+    angles = np.concatenate([angles, angles], -1)
+    cos, sin = (f(angles).reshape(1, 1, seq, size).astype(np.float32) for f in (np.cos, np.sin))
+    visible = np.ones((batch, seq), np.float32)
+    visible[1, seq // 2:] = 0  # padding
+    visible[0, 3] = 0  # a hidden key inside
+    if batch > 2:
+        visible[2, 0] = 0  # row 0 of batch 2 sees no key
+    if per_key:
+        mask = ((1 - visible) * -10000.0).reshape(batch, 1, 1, seq)
+    else:
+        mask = ((1 - visible[:, None, :] * np.tril(np.ones((seq, seq)))) * -10000.0)[:, None]
+    return [q, k, v, cos, sin, mask.astype(np.float32)]
+
+
 @pytest.mark.parametrize("seq,size,heads,groups,per_key", [(37, 16, 2, 2, False), (37, 16, 4, 2, True),
                                                           (70, 32, 2, 1, True), (19, 64, 2, 2, False)])
 def test_compiled_attention_matches_float64(seq, size, heads, groups, per_key):
@@ -185,20 +205,7 @@ def test_compiled_attention_matches_float64(seq, size, heads, groups, per_key):
                     "test_cpu_layers_give_the_stock_loss_and_gradients")
     rng = np.random.default_rng(seq + size + heads)
     batch = 3
-    q = rng.normal(size=(batch, seq, heads * size)).astype(np.float32)
-    k, v = (rng.normal(size=(batch, seq, groups * size)).astype(np.float32) for _ in range(2))
-    angles = np.arange(seq)[:, None] * 10000.0 ** (-np.arange(0, size, 2) / size)[None]
-    angles = np.concatenate([angles, angles], -1)
-    cos, sin = (f(angles).reshape(1, 1, seq, size).astype(np.float32) for f in (np.cos, np.sin))
-    visible = np.ones((batch, seq), np.float32)
-    visible[1, seq // 2:] = 0  # padding
-    visible[2, 3] = 0  # a hidden key inside
-    visible[2, 0] = 0  # row 0 of batch 2 sees no key
-    if per_key:
-        mask = ((1 - visible) * -10000.0).reshape(batch, 1, 1, seq)
-    else:
-        mask = ((1 - visible[:, None, :] * np.tril(np.ones((seq, seq)))) * -10000.0)[:, None]
-    mask = mask.astype(np.float32)
+    q, k, v, cos, sin, mask = attention_inputs(rng, batch, seq, size, heads, groups, per_key)
     g = rng.normal(size=q.shape).astype(np.float32)
     expected, grads = reference_attention(q, k, v, cos, sin, mask, heads, groups)
 

@@ -81,22 +81,6 @@ def test_cache_key_tells_cpus_apart_on_both_architectures():
 
 # ---- the numeric self-check, run natively at the x86-64 baseline and under qemu-aarch64 ----
 
-def attention_case(rng, batch, seq, size, heads, groups, per_key):
-    q = rng.normal(size=(batch, seq, heads * size)).astype(np.float32)
-    k, v = (rng.normal(size=(batch, seq, groups * size)).astype(np.float32) for _ in range(2))
-    angles = np.arange(seq)[:, None] * 10000.0 ** (-np.arange(0, size, 2) / size)[None]
-    angles = np.concatenate([angles, angles], -1)
-    cos, sin = (f(angles).reshape(1, 1, seq, size).astype(np.float32) for f in (np.cos, np.sin))
-    visible = np.ones((batch, seq), np.float32)
-    visible[1, seq // 2:] = 0  # padding
-    visible[0, 3] = 0  # a hidden key inside
-    if per_key:
-        mask = ((1 - visible) * -10000.0).reshape(batch, 1, 1, seq)
-    else:
-        mask = ((1 - visible[:, None, :] * np.tril(np.ones((seq, seq)))) * -10000.0)[:, None]
-    return [q, k, v, cos, sin, mask.astype(np.float32)]
-
-
 class Manifest:
     """Writes the self-check's inputs and its manifest; reads its outputs back."""
 
@@ -142,7 +126,7 @@ def close(have, want, tol, name):
 def run_selfcheck(tmp_path, compiler, arch, prefix, lib=None):
     """Build the library as native.py does (its build(), this architecture's baseline flags) unless given, and
     the driver; run every kernel through the driver and compare with float64."""
-    from test_cpu_speedups import reference_attention
+    from test_cpu_speedups import attention_inputs, reference_attention
 
     lib = lib or native.build(str(SOURCE), compiler, native.flags(arch, baseline=True), f"selfcheck {arch}",
                               str(tmp_path / "cache"))
@@ -158,7 +142,7 @@ def run_selfcheck(tmp_path, compiler, arch, prefix, lib=None):
     cases = [(2, 37, 16, 4, 2, True), (2, 19, 64, 2, 2, False)]  # odd lengths: row blocks and key blocks with tails
     expected = []
     for batch, seq, size, heads, groups, per_key in cases:
-        inputs = attention_case(rng, batch, seq, size, heads, groups, per_key)
+        inputs = attention_inputs(rng, batch, seq, size, heads, groups, per_key)
         out, stats = m.call("RopeAttentionForward", inputs,
                             [(batch, seq, heads * size), (batch, heads, seq, 2)])
         dout = rng.normal(size=(batch, seq, heads * size)).astype(np.float32)
