@@ -19,6 +19,9 @@ def test_demo_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["pairs"] == 300 and summary["accuracy"] >= 0.9
+    # Training does not overfit: the checkpoint the summary reports (the last) is as good as the best one.
+    accuracies = [accuracy for _step, accuracy in summary["checkpoints_evaluated"]]
+    assert len(accuracies) >= 2 and accuracies[-1] >= max(accuracies) - 0.005, summary["checkpoints_evaluated"]
     assert len(summary["per_type_accuracy"]) == 3
     assert summary["last_loss"] < summary["first_loss"]
     for key in ("train_log", "loss_png", "eval_results", "infer_scores"):

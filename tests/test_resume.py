@@ -76,7 +76,7 @@ def test_resume_after_a_clean_stop_is_bit_exact(dynamic_scale_config, test_mindr
 HALT_AT_STOP_STEP = """import pathlib, runpy, sys, threading
 from mindspore.train.callback import Callback
 from mindrlhf.training import trainer
-mark = pathlib.Path(sys.argv.pop(1))
+mark, sys.argv = pathlib.Path(sys.argv[1]), sys.argv[2:]  # python -c CODE MARK reward_train.py ARGS...
 
 def halt_at(step):
     class HaltAtStep(Callback):
@@ -88,8 +88,6 @@ def halt_at(step):
     return HaltAtStep()
 
 trainer.stop_at = halt_at
-sys.argv[0] = sys.argv[1]
-del sys.argv[1]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
