@@ -28,6 +28,7 @@ def test_demo_end_to_end(tmp_path):
         assert os.path.exists(summary["outputs"][key]), key
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(summary["outputs"]["tensorboard"]))
     assert "pairwise accuracy on 300 test pairs" in proc.stdout
+    assert "every checkpoint (step: accuracy; the last one is reported above): 100: " in proc.stdout
     # a second run never overwrites the first one's results
     again = subprocess.run([sys.executable, "-m", "mindrlhf.demo", "--workdir", str(tmp_path / "demo"),
                             "--train_pairs", "200", "--test_pairs", "50"], cwd=ROOT, env=env,
