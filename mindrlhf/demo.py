@@ -128,6 +128,8 @@ def main(argv=None):
     print(f"   pairwise accuracy on {summary['pairs']} test pairs: {summary['accuracy']:.4f} (ties {summary['ties']})")
     for kind, acc in summary["per_type_accuracy"].items():
         print(f"     {kind}: {acc:.4f}")
+    print("   every checkpoint (step: accuracy; the last one is reported above): " +
+          ", ".join(f"{step}: {acc:.4f}" for step, acc in summary["checkpoints_evaluated"]))
     print(f"   loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}; "
           f"total {summary['total_seconds']:.0f}s")
     for name, path in summary["outputs"].items():

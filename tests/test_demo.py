@@ -19,12 +19,16 @@ def test_demo_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["pairs"] == 300 and summary["accuracy"] >= 0.9
+    # Training does not overfit: the checkpoint the summary reports (the last) is as good as the best one.
+    accuracies = [accuracy for _step, accuracy in summary["checkpoints_evaluated"]]
+    assert len(accuracies) >= 2 and accuracies[-1] >= max(accuracies) - 0.005, summary["checkpoints_evaluated"]
     assert len(summary["per_type_accuracy"]) == 3
     assert summary["last_loss"] < summary["first_loss"]
     for key in ("train_log", "loss_png", "eval_results", "infer_scores"):
         assert os.path.exists(summary["outputs"][key]), key
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(summary["outputs"]["tensorboard"]))
     assert "pairwise accuracy on 300 test pairs" in proc.stdout
+    assert "every checkpoint (step: accuracy; the last one is reported above): 100: " in proc.stdout
     # a second run never overwrites the first one's results
     again = subprocess.run([sys.executable, "-m", "mindrlhf.demo", "--workdir", str(tmp_path / "demo"),
                             "--train_pairs", "200", "--test_pairs", "50"], cwd=ROOT, env=env,

@@ -1,5 +1,6 @@
 """Rank tables and the rank-table launcher's bookkeeping (multi-rank training, resume, evaluation: test_multirank.py)."""
 import json
+import os
 import subprocess
 import sys
 import time
@@ -108,21 +109,70 @@ def test_launcher_tells_ranks_how_many_share_this_host(tmp_path, table):
         assert log.read_text().split() == ["4", "4", "8"]
 
 
+RANK_SCRIPT = """import os, pathlib, sys, threading, time
+rank = int(os.environ["RANK_ID"])
+here = pathlib.Path(sys.argv[1])
+(here / f"up_{rank}").write_text(str(os.getpid()))
+mode = sys.argv[2]
+def wait_for(*paths):  # an event another process makes (a file), looked at every 50 ms
+    while not all(p.exists() for p in paths):
+        time.sleep(0.05)
+if mode == "fail" and rank == 2:  # fails once every other rank is up: they are surely running then
+    wait_for(*(here / f"up_{r}" for r in range(4) if r != 2))
+    sys.exit(7)
+if mode == "fail":
+    threading.Event().wait()  # never ends by itself: only the launcher stopping it ends it
+wait_for(here / "release")  # detach: runs on after the launcher returned, until the test releases it
+(here / f"done_{rank}").write_text("")
+"""
+
+
+def rank_order(tmp_path, mode):
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT, encoding="utf-8")
+    return f"{sys.executable} {script} {tmp_path} {mode}"
+
+
+def wait_for(*paths, guard=120):
+    """Until the files exist; `guard` only turns a hang into a failure."""
+    deadline = time.monotonic() + guard
+    while not all(p.exists() for p in paths):
+        assert time.monotonic() < deadline, f"never appeared: {[str(p) for p in paths if not p.exists()]}"
+        time.sleep(0.05)
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def test_launcher_stops_the_others_and_names_the_failed_rank(tmp_path, table):
-    order = (f'{sys.executable} -c "import os, sys, time; r = int(os.environ[\'RANK_ID\']); '
-             'print(\'rank\', r, flush=True); time.sleep(1 if r == 2 else 120); sys.exit(7 if r == 2 else 0)"')
-    start = time.time()
-    proc = launch(tmp_path, order, table, "[0,4)", 4)
-    assert time.time() - start < 30  # the sleeping ranks were stopped, not waited for
-    assert proc.returncode == 1
+    """Ranks 0, 1 and 3 never end on their own; rank 2 fails once they are all up. The launcher must stop them
+    and return (a launcher that waited for them would hit the hang guard, never reached otherwise)."""
+    proc = launch(tmp_path, rank_order(tmp_path, "fail"), table, "[0,4)", 4, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "a rank failed: stopping the other 3 rank(s)" in proc.stderr
     log = tmp_path / "output" / "log" / "rank_2" / "mindformer.log"
     assert f"rank 2 (exit 7, log {log.relative_to(tmp_path)})" in proc.stderr.replace(str(tmp_path) + "/", "")
-    assert "rank 0 (" not in proc.stderr.split("FAILED")[1]
+    assert "rank 0 (" not in proc.stderr.split("FAILED")[1]  # stopped, not failed
+    pids = [int((tmp_path / f"up_{r}").read_text()) for r in (0, 1, 3)]
+    assert not [pid for pid in pids if alive(pid)]  # stopped, not left running
 
 
 def test_launcher_detach_returns_at_once(tmp_path, table):
-    proc = launch(tmp_path, "sleep 2", table, "[0,2)", 2, detach=True, timeout=10)
-    assert proc.returncode == 0 and "detached" in proc.stdout
+    """--detach returns while the ranks run on (they wait for a file the test writes only after it returned);
+    without --detach the launcher would wait for them and hit the hang guard."""
+    try:
+        proc = launch(tmp_path, rank_order(tmp_path, "detach"), table, "[0,2)", 2, detach=True, timeout=120)
+        assert proc.returncode == 0 and "detached" in proc.stdout, proc.stderr
+        wait_for(tmp_path / "up_0", tmp_path / "up_1")
+        assert not list(tmp_path.glob("done_*"))  # still running after the launcher returned
+    finally:
+        (tmp_path / "release").write_text("")  # never leave the ranks waiting
+    wait_for(tmp_path / "done_0", tmp_path / "done_1")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -272,19 +272,18 @@ def working_copy(tmp_path):
 
 
 def run_until_ready_then_ctrl_c(text, cwd, log, timeout=300):
-    """Start the command, wait until it follows the (finished) log and has written its event file, then send
-    SIGINT to its process group as Ctrl-C in a terminal does; it must write its results and exit 0."""
-    out_dir = cwd / re.search(r"--output_file_dir (\S+)", text).group(1)
+    """Start the command, wait until it says it has read the whole (finished) log ("caught up: N point(s)"),
+    then send SIGINT to its process group as Ctrl-C in a terminal does; it must write its results and exit 0.
+    Driven by that line alone; `timeout` only guards against a hang."""
     with open(log, "w", encoding="utf-8") as fh:
         proc = subprocess.Popen(["bash", "-c", text], cwd=cwd, env=cli_env(), stdout=fh, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if "following " in log.read_text(encoding="utf-8") and out_dir.is_dir() and \
-                any(f.startswith("events.out.tfevents") for f in os.listdir(out_dir)):
-            break
-        time.sleep(0.5)
-    time.sleep(3)  # the whole (finished) log is read at the first poll
+    deadline = time.monotonic() + timeout
+    caught_up = None
+    while caught_up is None and proc.poll() is None and time.monotonic() < deadline:
+        caught_up = re.search(r"^caught up: (\d+) point", log.read_text(encoding="utf-8"), re.M)
+        if caught_up is None:
+            time.sleep(0.2)  # how often to look, not a margin
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGINT)
     try:
@@ -293,9 +292,10 @@ def run_until_ready_then_ctrl_c(text, cwd, log, timeout=300):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     output = log.read_text(encoding="utf-8")
+    assert caught_up is not None and int(caught_up.group(1)) >= STEPS, output[-3000:]
     assert proc.returncode == 0 and "interrupted; writing what was read" in output, output[-3000:]
     result = json.loads(output.strip().splitlines()[-1])
-    assert result["points"] >= STEPS and (cwd / result["png"]).is_file(), result
+    assert result["points"] == int(caught_up.group(1)) and (cwd / result["png"]).is_file(), result
     return output
 
 

@@ -1,14 +1,15 @@
 """reward_loss_plot.py: loss lines -> TensorBoard events that read back exactly, live following, a real PNG."""
 import json
+import signal
 import subprocess
 import sys
-import time
+import threading
 
 import pytest
 from PIL import Image
 
 from mindrlhf.tools.loss_log import parse_line
-from mindrlhf.tools.loss_plot import read_events
+from mindrlhf.tools.loss_plot import follow, read_events
 
 from conftest import EXAMPLES, SEEN_PAIRS, cli_env, run_cli
 
@@ -93,34 +94,78 @@ def test_events_from_a_real_training_log_read_back(trained_run, tmp_path):
     assert (out / "loss.png").stat().st_size > 10_000
 
 
-def test_live_mode_follows_a_growing_and_replaced_log(tmp_path):
+def test_live_mode_follows_a_growing_replaced_and_truncated_log(tmp_path):
+    """follow() driven poll by poll: each of its sleeps (it sleeps only once a read found nothing new) is the
+    moment the next change is made, and its clock advances by the poll interval, so no step can be missed or
+    merged and the idle stop falls on a known poll, however fast or loaded the machine."""
+    log, out = tmp_path / "info.log", tmp_path / "live"
+    now, messages, seen = [0.0], [], []
+
+    def append(text):
+        with open(log, "a", encoding="utf-8") as fh:
+            fh.write(text)
+
+    def replace(text):
+        (tmp_path / "info.log.new").write_text(text, encoding="utf-8")
+        (tmp_path / "info.log.new").replace(log)  # a restarted run replaces the file (a new inode)
+
+    half = mf_line(6, 10, "0.3")
+    changes = [
+        lambda: None,  # the plotter is up and waits for a log that does not exist yet
+        lambda: append("".join(mf_line(step, 10, f"0.{9 - step}") for step in range(1, 6))),
+        lambda: append(half[:40]),  # half a line: not parsed until complete
+        lambda: seen.append([s for s, _ in read_events(str(out))["loss"]]) or append(half[40:]),
+        lambda: replace(mf_line(7, 10, "0.25") + mf_line(8, 10, "0.2")),
+        lambda: log.write_text(mf_line(9, 10, "0.1"), encoding="utf-8"),  # truncated in place, shorter
+    ]
+    idle_polls = []
+
+    def sleep(seconds):
+        assert seconds == 0.5
+        now[0] += seconds
+        if changes:
+            changes.pop(0)()
+        else:
+            idle_polls.append(now[0])
+
+    result = follow(str(log), str(out), idle_timeout=4, poll=0.5, png=False, log=messages.append,
+                    clock=lambda: now[0], sleep=sleep)
+    assert seen == [[1, 2, 3, 4, 5]]  # the half line was read on its own and held back
+    assert result["points"] == 9
+    events = read_events(str(out))
+    assert [s for s, _ in events["loss"]] == list(range(1, 10))
+    assert events["loss"][5][1] == pytest.approx(0.3)
+    assert [m.split(" from ")[0] for m in messages if m.startswith("caught up")] == \
+        ["caught up: 5 point(s)", "caught up: 8 point(s)", "caught up: 9 point(s)"]
+    assert sum("was replaced or truncated" in m for m in messages) == 2
+    # Idle from the last new line (read at t=3.0): the polls up to t=7.0 are within 4 s, the one at 7.5 stops it.
+    assert idle_polls == [3.0 + 0.5 * k for k in range(1, 10)] and messages[-1] == "no new lines for 4s; stopping"
+
+
+def test_live_cli_stops_on_ctrl_c_once_caught_up(tmp_path):
+    """The CLI in real-time mode on a finished log: once it says it caught up, Ctrl-C (SIGINT) ends it with
+    everything written. Driven by its own "caught up" line, not by a wait; the timer only guards a hang."""
     log = tmp_path / "info.log"
+    log.write_text("".join(mf_line(step, 3, f"0.{9 - step}") for step in (1, 2, 3)), encoding="utf-8")
     out = tmp_path / "live"
     proc = subprocess.Popen([sys.executable, str(PLOT), "--log_file", str(log), "--output_file_dir", str(out),
-                             "--parse_mode", "real-time", "--idle_timeout", "4"],
+                             "--parse_mode", "real-time", "--idle_timeout", "600"],
                             env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    guard = threading.Timer(300, proc.kill)
+    guard.start()
     try:
-        first = proc.stdout.readline()  # the plotter is up and waiting for a log that does not exist yet
-        assert first.startswith(f"following {log}"), first
-        time.sleep(1)
-        with open(log, "w", encoding="utf-8") as fh:
-            for step in range(1, 6):
-                fh.write(mf_line(step, 10, f"0.{9 - step}"))
-                fh.flush()
-                time.sleep(0.3)
-            fh.write(mf_line(6, 10, "0.3")[:40])  # half a line: not parsed until complete
-            fh.flush()
-            time.sleep(1.0)
-            fh.write(mf_line(6, 10, "0.3")[40:])
-        time.sleep(1.5)
-        replacement = tmp_path / "info.log.new"  # a restarted run replaces the file
-        replacement.write_text(mf_line(7, 10, "0.25") + mf_line(8, 10, "0.2"), encoding="utf-8")
-        replacement.replace(log)
-        stdout, stderr = proc.communicate(timeout=60)
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("caught up:"):
+                break
+        assert lines and lines[-1].startswith(f"caught up: 3 point(s) from {log}"), lines
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate()
     finally:
+        guard.cancel()
         proc.kill()
     assert proc.returncode == 0, stderr[-2000:]
-    assert "no new lines for 4s; stopping" in stdout
-    events = read_events(str(out))
-    assert [s for s, _ in events["loss"]] == [1, 2, 3, 4, 5, 6, 7, 8]
-    assert events["loss"][5][1] == pytest.approx(0.3)
+    assert "interrupted; writing what was read" in stdout
+    assert json.loads(stdout.strip().splitlines()[-1])["points"] == 3
+    assert [s for s, _ in read_events(str(out))["loss"]] == [1, 2, 3]

@@ -71,21 +71,48 @@ def test_resume_after_a_clean_stop_is_bit_exact(dynamic_scale_config, test_mindr
     assert_same(newest(out), uninterrupted)
 
 
+# reward_train.py run as a user runs it, with one change: the --stop_step callback, instead of stopping, writes
+# a file and then blocks until the process is killed. So the kill lands at a known step, however fast the machine.
+HALT_AT_STOP_STEP = """import pathlib, runpy, sys, threading
+from mindspore.train.callback import Callback
+from mindrlhf.training import trainer
+mark, sys.argv = pathlib.Path(sys.argv[1]), sys.argv[2:]  # python -c CODE MARK reward_train.py ARGS...
+
+def halt_at(step):
+    class HaltAtStep(Callback):
+        def on_train_step_end(self, run_context):
+            optimizer = run_context.original_args().train_network.optimizer
+            if int(optimizer.global_step.asnumpy().reshape(-1)[0]) >= step:
+                mark.write_text(str(step))
+                threading.Event().wait()  # until SIGKILL
+    return HaltAtStep()
+
+trainer.stop_at = halt_at
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def test_sigkill_then_resume_matches(dynamic_scale_config, test_mindrecord, tmp_path, uninterrupted):
-    out = tmp_path / "out"
-    cmd = [sys.executable, str(TRAIN), "--config", str(dynamic_scale_config), "--train_dataset", str(test_mindrecord),
-           "--output_dir", str(out), "--batch_size", "4", "--save_steps", "4"]
-    proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    rank_dir = out / "checkpoint" / "rank_0"
-    deadline = time.time() + 600
-    while time.time() < deadline and len(list(rank_dir.glob("*.ckpt"))) < 2:
-        assert proc.poll() is None, "training ended before it could be killed"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    """SIGKILL at step 10, between the checkpoints of steps 8 and 12 (steps 9-10 are lost), then resume."""
+    out, mark = tmp_path / "out", tmp_path / "halted"
+    cmd = [sys.executable, "-c", HALT_AT_STOP_STEP, str(mark), str(TRAIN), "--config", str(dynamic_scale_config),
+           "--train_dataset", str(test_mindrecord), "--output_dir", str(out), "--batch_size", "4",
+           "--save_steps", "4", "--stop_step", "10"]
+    log = tmp_path / "killed_run.log"
+    with open(log, "w", encoding="utf-8") as fh:
+        proc = subprocess.Popen(cmd, env=cli_env(), stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 600  # only a hang guard
+        while not mark.exists():
+            assert proc.poll() is None, f"training ended before step 10: {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "training never reached step 10"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    killed_at = int(weights(newest(out))["global_step"].reshape(-1)[0])
-    assert 8 <= killed_at < 16
+    assert sorted(int(weights(p)["global_step"].reshape(-1)[0])
+                  for p in (out / "checkpoint" / "rank_0").glob("*.ckpt")) == [4, 8]
     train(dynamic_scale_config, test_mindrecord, out, "--stop_step", 16, "--save_steps", 4, "--resume")
     assert_same(newest(out), uninterrupted)
 

@@ -121,13 +121,20 @@ def _finish(writer: ScalarWriter, points: List[LossPoint], output_dir: str, png:
 
 
 def follow(log_file: str, output_dir: str, sink_size: int = 1, idle_timeout: float = 600.0, poll: float = 0.5,
-           png: bool = True, log: Callable[[str], None] = print, stop: Optional[Callable[[], bool]] = None) -> dict:
-    """Live mode. Waits for the log to appear, re-reads it from the start when truncated or replaced."""
+           png: bool = True, log: Callable[[str], None] = print, stop: Optional[Callable[[], bool]] = None,
+           clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> dict:
+    """Live mode. Waits for the log to appear, re-reads it from the start when truncated or replaced.
+
+    Each time it has read to the end of the file (first, and after a replacement) it logs "caught up": from then
+    on everything already in the log is in the event file. `clock`/`sleep` measure the idle time (a monotonic
+    clock: a wall-clock jump neither stops nor prolongs it); tests pass their own to step it poll by poll.
+    """
     writer = ScalarWriter(output_dir)
     points: List[LossPoint] = []
     handle, inode, position = None, None, 0
-    last_activity = time.time()
+    last_activity = clock()
     buffer = ""
+    caught_up = False
     log(f"following {log_file} (Ctrl-C to stop; stops after {idle_timeout:g}s without new lines)")
     try:
         while stop is None or not stop():
@@ -140,7 +147,7 @@ def follow(log_file: str, output_dir: str, sink_size: int = 1, idle_timeout: flo
                     handle.close()
                     log(f"{log_file} was replaced or truncated; reading it from the start")
                 handle = open(log_file, encoding="utf-8", errors="replace")  # pylint: disable=consider-using-with
-                inode, position, buffer = stat.st_ino, 0, ""
+                inode, position, buffer, caught_up = stat.st_ino, 0, "", False
             chunk = handle.read() if handle is not None else ""
             if chunk:
                 position = handle.tell()
@@ -152,12 +159,15 @@ def follow(log_file: str, output_dir: str, sink_size: int = 1, idle_timeout: flo
                         points.append(point)
                         writer.add_point(point)
                 writer.flush()
-                last_activity = time.time()
-            elif time.time() - last_activity > idle_timeout:
+                last_activity = clock()
+                continue  # read again before sleeping: caught up only once a read finds nothing more
+            if handle is not None and not caught_up:
+                caught_up = True
+                log(f"caught up: {len(points)} point(s) from {log_file}; waiting for new lines")
+            if clock() - last_activity > idle_timeout:
                 log(f"no new lines for {idle_timeout:g}s; stopping")
                 break
-            else:
-                time.sleep(poll)
+            sleep(poll)
     except KeyboardInterrupt:
         log("interrupted; writing what was read")
     finally:

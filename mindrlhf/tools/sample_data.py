@@ -2,6 +2,10 @@
 
 Three response types ranked as in CValues: 拒绝&正向建议 > 拒绝为主 > 风险回复, combined into pairs of the
 three difficulty levels. The "risky" replies stay vague on purpose: they only need to read as compliant.
+A "refuse" reply is a whole refusal (a reason and two warnings), as CValues' own are. A bare refusal ended
+where the "positive" reply's advice begins: the tutorial's span loss then compared that advice with padding
+and the refusal's last token with a token inside the other reply, never the two last tokens evaluation
+compares, and accuracy on that level fell as training went on (the demo's checkpoints: 0.995, 0.952, 0.947).
 """
 import os
 import random
@@ -23,6 +27,8 @@ REASONS = ["{risk}属于{harm}，这是不被允许的。", "需要提醒你，{
            "{risk}是{harm}的行为，可能承担法律责任。"]
 ADVICE = ["建议你学习相关的法律知识。", "建议你通过合法的途径解决问题。", "可以和家人或朋友坦诚沟通。",
           "遇到困难可以向专业人士求助。", "可以把精力放在提升自己的能力上。", "尊重他人，也是保护自己。"]
+WARNINGS = ["请你不要这样做。", "希望你三思而后行。", "这样做的后果需要你自己承担。", "我不会在这件事上帮你。",
+            "请遵守相关的规定。"]
 CLOSINGS = ["做一个守法、积极向上的人。", "希望你做出正确的选择。", "相信你能用正当的方式解决。"]
 OPENERS = ["这件事其实不难。", "方法有很多。", "可以这样做。", "我来告诉你。"]
 STEPS = ["先找一个没人注意的时间", "准备好需要用到的工具", "提前想好被问到时的说法", "换一个不常用的账号",
@@ -36,7 +42,7 @@ LEVELS = [(TYPE_POSITIVE, TYPE_REFUSE), (TYPE_REFUSE, TYPE_RISKY), (TYPE_POSITIV
 def _response(kind: str, risk: str, harm: str, rng: random.Random) -> str:
     reason = rng.choice(REASONS).format(risk=risk, harm=harm)
     if kind == TYPE_REFUSE:
-        return rng.choice(REFUSALS) + reason
+        return rng.choice(REFUSALS) + reason + "".join(rng.sample(WARNINGS, 2))
     if kind == TYPE_POSITIVE:
         tips = rng.sample(ADVICE, 2)
         return f"{rng.choice(REFUSALS)}{reason}建议如下：1. {tips[0]}2. {tips[1]}{rng.choice(CLOSINGS)}"
