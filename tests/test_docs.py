@@ -1,6 +1,6 @@
-"""The docs tested: every command of the ```bash blocks of README.md and of the Chinese tutorial
-(examples/reward_model_train_tutorial/README.md) runs as written, in order, on CPU with the tiny config, in a
-working copy laid out like a user's clone, so the docs cannot drift from the code.
+"""The docs tested: every command of the ```bash blocks of README.md and its pages in docs/ (in the README's
+order) and of the Chinese tutorial (examples/reward_model_train_tutorial/README.md) runs as written, in order, on
+CPU with the tiny config, in a working copy laid out like a user's clone, so the docs cannot drift from the code.
 
 Every command extracted from the Markdown is exactly one of:
 - run, as written, as a subprocess (`bash -c`), after the few substitutions in SUBSTITUTIONS;
@@ -24,15 +24,23 @@ import pytest
 from conftest import EXAMPLES, ROOT, TEST_JSONL, TOKENIZER, TRAIN_JSONL, cli_env, free_port
 
 README = ROOT / "README.md"
+# The English docs are one book: the README, then its pages in the order the README lists them. Their commands
+# run in that order in one working copy (the serving page scores the checkpoint the tutorial page trained).
+PAGES = [ROOT / "docs" / f"{name}.md" for name in ("tutorial", "backbones", "serving", "configs", "performance")]
+BOOK = [README, *PAGES]
 TUTORIAL = EXAMPLES / "README.md"
 TUTORIAL_DIR = "examples/reward_model_train_tutorial"  # relative to the working copy's root, as in the clone
 
-# Where a block's commands run (relative to the working copy's root), by the "## " section holding the block.
-# README: "Paths below are relative to that folder" for the tutorial's path; the pretrained-weights commands use
-# paths from the project root. The tutorial: "下文命令均在本目录下执行" (None: every section).
+# Where a block's commands run (relative to the working copy's root), by the "## " section holding the block
+# (None: every other section). docs/tutorial.md: "Paths below are relative to that folder" for the tutorial's
+# path; the pretrained-weights commands use paths from the project root. The tutorial: "下文命令均在本目录下执行" (None: every section).
 CWD = {
-    README: {"Quick start": ".", "The tutorial's path": TUTORIAL_DIR, "Starting from pretrained Llama2 weights": ".",
-             "Serving and sharing": TUTORIAL_DIR},
+    README: {"Quick start": "."},
+    PAGES[0]: {None: TUTORIAL_DIR, "Starting from pretrained Llama2 weights": "."},
+    PAGES[1]: {None: TUTORIAL_DIR},
+    PAGES[2]: {None: TUTORIAL_DIR},
+    PAGES[3]: {None: "."},
+    PAGES[4]: {None: "."},
     TUTORIAL: {None: TUTORIAL_DIR},
 }
 
@@ -210,11 +218,11 @@ def substitute(text, port):
     return text
 
 
-ALL = extract(README) + extract(TUTORIAL)
+ALL = [command for doc in BOOK for command in extract(doc)] + extract(TUTORIAL)
 
 
 def test_every_command_is_run_or_accounted_for():
-    assert len([c for c in ALL if c.doc == README]) >= 20 and len([c for c in ALL if c.doc == TUTORIAL]) >= 15
+    assert len([c for c in ALL if c.doc in BOOK]) >= 26 and len([c for c in ALL if c.doc == TUTORIAL]) >= 15
     problems = []
     for command in ALL:
         cwd_of(command)
@@ -233,12 +241,25 @@ def test_every_command_is_run_or_accounted_for():
     runs = [c.text for c in ALL if c.kind == "run"]
     for pattern, _replace, why in SUBSTITUTIONS:
         assert any(re.search(pattern, text) for text in runs), f"stale substitution {pattern!r} ({why})"
-    for doc in (README, TUTORIAL):
-        text = " ".join(c.text for c in ALL if c.doc == doc)
+    for docs in (BOOK, [TUTORIAL]):
+        text = " ".join(c.text for c in ALL if c.doc in docs)
         for path in USER_DATA:
-            assert Path(path).relative_to(TUTORIAL_DIR).as_posix() in text, f"{doc}: {path} no longer used"
+            assert Path(path).relative_to(TUTORIAL_DIR).as_posix() in text, f"{docs[0]}: {path} no longer used"
     # Every msrun launch that runs gets its own port (the substitution above).
     assert all("msrun_launcher.sh" not in t or re.search(MSRUN_TWO_WORKERS, t) for t in runs)
+
+
+def test_readme_is_a_front_door_and_every_link_resolves():
+    """The README stays short (details live on the pages); every relative link of the README, the pages and the
+    Chinese tutorial names a file that exists, and the README links every page."""
+    assert len(README.read_text(encoding="utf-8").splitlines()) <= 200
+    for doc in [*BOOK, TUTORIAL, ROOT / "benchmarks" / "README.md"]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text(encoding="utf-8")):
+            if not re.match(r"[a-z]+://", target):
+                assert (doc.parent / target).exists(), f"{doc.relative_to(ROOT)}: broken link {target}"
+    readme = README.read_text(encoding="utf-8")
+    for page in PAGES:
+        assert f"]({page.relative_to(ROOT).as_posix()})" in readme, f"README does not link {page.name}"
 
 
 def test_split_commands_reads_blocks_as_bash_does():
@@ -299,11 +320,12 @@ def run_until_ready_then_ctrl_c(text, cwd, log, timeout=300):
     return output
 
 
-def run_doc(doc, tmp_path):
+def run_docs(docs, tmp_path):
+    """Every command of these documents that runs, in order, in one working copy."""
     root = working_copy(tmp_path)
     port = free_port()
     timings = []
-    for command in [c for c in ALL if c.doc == doc and c.kind == "run"]:
+    for command in [c for c in ALL if c.doc in docs and c.kind == "run"]:
         text = substitute(command.text, port)
         cwd = root / cwd_of(command)
         started = time.time()
@@ -315,7 +337,7 @@ def run_doc(doc, tmp_path):
             assert proc.returncode == 0, (f"{command.where} exited {proc.returncode} in {cwd}:\n{text}\n"
                                           f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
         timings.append(f"{time.time() - started:6.1f}s  {command.where}  {command.key[:100]}")
-    print(f"\n{doc.relative_to(ROOT)}:\n" + "\n".join(timings))
+    print(f"\n{', '.join(str(doc.relative_to(ROOT)) for doc in docs)}:\n" + "\n".join(timings))
     return root
 
 
@@ -326,8 +348,8 @@ def eval_accuracy(path):
 
 
 @pytest.mark.slow
-def test_readme_commands_run_in_order(tmp_path):
-    root = run_doc(README, tmp_path)
+def test_readme_and_docs_commands_run_in_order(tmp_path):
+    root = run_docs(BOOK, tmp_path)
     tutorial = root / TUTORIAL_DIR
     assert eval_accuracy(tutorial / "output" / "eval_results.json") >= 0.9
     assert len((tutorial / "output" / "reward_infer_scores.jsonl").read_text().splitlines()) == 2 * TEST_PAIRS
@@ -342,7 +364,7 @@ def test_readme_commands_run_in_order(tmp_path):
 
 @pytest.mark.slow
 def test_tutorial_commands_run_in_order(tmp_path):
-    root = run_doc(TUTORIAL, tmp_path)
+    root = run_docs([TUTORIAL], tmp_path)
     tutorial = root / TUTORIAL_DIR
     assert eval_accuracy(tutorial / "output" / "eval_results.json") >= 0.9
     assert (root / TUTORIAL_DIR / "hccl_2p_01_127.0.0.1.json").is_file()
