@@ -2,8 +2,10 @@
 import json
 import os
 import secrets
+import shutil
 import socket
 from contextlib import contextmanager
+from typing import Sequence
 
 from mindrlhf.errors import OutputExistsError
 
@@ -15,10 +17,13 @@ def check_new_output(path: str, overwrite: bool = False, flag: str = "--overwrit
     return path
 
 
-def temporary_name(path: str, suffix: str = "") -> str:
+def temporary_name(path: str, suffix: str = "", hidden: bool = False) -> str:
     """A name beside `path` no other writer picks: host, pid and a random token, since processes on two hosts
-    sharing a folder over NFS can have the same pid."""
-    return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+    sharing a folder over NFS can have the same pid. `hidden` starts it with a dot, so that folder walks that
+    skip hidden folders (dataset discovery) never see a half-written output."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f"{'.' if hidden else ''}{name}.tmp-{socket.gethostname()}-{os.getpid()}-"
+                                f"{secrets.token_hex(4)}{suffix}")
 
 
 @contextmanager
@@ -35,6 +40,45 @@ def replaced_whole(path: str, suffix: str = ""):
             os.remove(tmp)
         raise
     os.replace(tmp, path)
+
+
+@contextmanager
+def _staging_folder(path: str):
+    """A new hidden folder beside `path` (its parent created), removed with all it holds when the block fails."""
+    target = os.path.abspath(path)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = temporary_name(target, hidden=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def replaced_folder(path: str):
+    """Yield a new empty folder beside `path` and rename it onto `path` when the block succeeds, so a reader
+    sees the whole folder or none of it; on an error the temporary folder and all it holds are removed.
+
+    An empty folder at `path` is replaced; anything else there makes the rename fail. Whether an existing output
+    may go is the caller's rule (export: only an earlier export, with --overwrite), so the caller removes it at the
+    end of the block."""
+    with _staging_folder(path) as tmp:
+        yield tmp
+        os.replace(tmp, os.path.abspath(path))
+
+
+@contextmanager
+def replaced_together(paths: Sequence[str]):
+    """Files that must appear together (a MindRecord and its .db): yield a hidden staging folder beside the
+    first path, in which the block writes each file under its own base name; when the block succeeds each is
+    renamed onto its path and the folder removed, on an error the folder and all it holds are removed."""
+    with _staging_folder(paths[0]) as tmp:
+        yield tmp
+        for path in paths:
+            os.replace(os.path.join(tmp, os.path.basename(path)), path)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(path: str, obj, indent: int = 2) -> str:

@@ -3,7 +3,7 @@
 import pytest
 
 import mindrlhf.registry  # noqa: F401
-from mindrlhf.models.weights import expected_shapes, hf_model_config
+from mindrlhf.models.hf_import import expected_shapes, hf_model_config
 from mindrlhf.training.config import check_sections, load_config
 
 from conftest import ROOT

@@ -7,7 +7,7 @@ import pytest
 import mindspore as ms
 
 import mindrlhf.registry  # noqa: F401
-from mindrlhf.models.weights import hf_to_ms_name
+from mindrlhf.models.hf_import import hf_to_ms_name
 from mindrlhf.tools.tiny_hf import tiny_hf_tensors, write_hf
 from mindrlhf.training.config import load_config
 

@@ -7,8 +7,6 @@ the over-long policy are recorded in the sidecar; rows with a `margin` add an ei
 """
 import itertools
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional
 
@@ -19,7 +17,7 @@ from mindrlhf.data.pairs import PreferencePair, SkipReport, read_pairs
 from mindrlhf.data.records import COMPACT_SCHEMA, LAYOUTS, MARGIN_COLUMN, MARGIN_SCHEMA, RECORD_SCHEMA
 from mindrlhf.data.templates import TUTORIAL, Template
 from mindrlhf.errors import ConfigError, InputError, OutputExistsError
-from mindrlhf.io import write_json
+from mindrlhf.io import replaced_together, write_json
 
 SKIP_IDENTICAL = "chosen and rejected are identical after truncation"
 SKIP_OVERLONG = "longer than --seq_length with the template (--overlong drop)"
@@ -93,9 +91,9 @@ def build_samples(chosen_ids: List[List[int]], rejected_ids: List[List[int]], se
 
 
 class AtomicMindRecordWriter:
-    """A FileWriter into a private temporary folder beside the destination, moved into place on commit.
-
-    The .mindrecord and its .db appear together or not at all; an existing output is kept unless overwrite.
+    """A FileWriter into a private staging folder beside the destination (mindrlhf.io.replaced_together), used as
+    a context manager: the .mindrecord and its .db are moved into place together when the block ends after
+    commit(), and removed on an error. An existing output is kept unless overwrite.
     The schema may be changed until the first write (conversion learns from the first row whether there are
     margins).
     """
@@ -104,10 +102,8 @@ class AtomicMindRecordWriter:
         self.dst_file = os.path.abspath(dst_file)
         if not overwrite and (os.path.exists(self.dst_file) or os.path.exists(self.dst_file + ".db")):
             raise OutputExistsError(f"{dst_file} already exists; pass --overwrite to replace it")
-        parent = os.path.dirname(self.dst_file)
-        os.makedirs(parent, exist_ok=True)
-        self.tmp_dir = tempfile.mkdtemp(prefix=".partial-", dir=parent)
-        self.tmp_file = os.path.join(self.tmp_dir, os.path.basename(self.dst_file))
+        self._staged = replaced_together([self.dst_file, self.dst_file + ".db"])
+        self.tmp_file = None
         self.schema = schema or RECORD_SCHEMA
         self.writer = None
         self.rows = 0
@@ -126,21 +122,15 @@ class AtomicMindRecordWriter:
             self.rows += len(rows)
 
     def commit(self):
+        """Finish both files; they move into place when the with block ends."""
         self._open().commit()
-        for suffix in ("", ".db"):
-            os.replace(self.tmp_file + suffix, self.dst_file + suffix)
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
-
-    def abort(self):
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     def __enter__(self):
+        self.tmp_file = os.path.join(self._staged.__enter__(), os.path.basename(self.dst_file))
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            self.abort()
-        return False
+        return self._staged.__exit__(exc_type, exc, tb)
 
 
 def _chunks(items: Iterable, size: int):

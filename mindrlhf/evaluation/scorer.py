@@ -15,7 +15,8 @@ import numpy as np
 from mindrlhf.data.buckets import bucket_length
 from mindrlhf.data.templates import TUTORIAL, read_run_template
 from mindrlhf.errors import ConfigError
-from mindrlhf.models.weights import checkpoint_step, load_whole
+from mindrlhf.models.loading import checkpoint_step
+from mindrlhf.models.slices import load_whole
 from mindrlhf.training.config import checkpoint_files
 
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)

@@ -7,7 +7,7 @@ rope_scaling; Llama 3.1's extend_method LLAMA3 as rope_type llama3), and (when t
 statistics) OpenRLHF's `normalize_reward`, `mean`, `std`. `model.safetensors`: written tensor by tensor (header
 first, then each tensor's bytes; no second copy of the model), the value head as `score.weight` (transformers'
 head, and OpenRLHF's value_head_prefix "score"). The tokenizer files are copied. `mindrlhf_export.json` marks the
-folder as ours (--overwrite replaces nothing else). Tensor names are the exact inverse of weights.HF_TO_MS;
+folder as ours (--overwrite replaces nothing else). Tensor names are the exact inverse of hf_import.HF_TO_MS;
 tests/test_hf_interop.py checks both directions against folders and scores written by transformers itself.
 
 transformers reads the reward at the last token that is not pad_token_id. Our rows carry no EOS and never the
@@ -22,15 +22,18 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from mindrlhf import __version__
+from mindrlhf.config_access import config_getter
 from mindrlhf.errors import ConfigError, OutputExistsError
-from mindrlhf.models.weights import HF_TO_MS, LLAMA3_SCALING, expected_shapes, ffn_hidden_size, load_whole
+from mindrlhf.io import replaced_folder
+from mindrlhf.models.hf_import import HF_TO_MS, LLAMA3_SCALING, expected_shapes, ffn_hidden_size
+from mindrlhf.models.slices import load_whole
 
 VALUE_HEAD = ("v_head.weight", "score.weight")
 _DTYPES = {"float32": (np.float32, "F32"), "float16": (np.float16, "F16"), "bfloat16": (np.uint16, "BF16")}
 
 
 def _ms_to_hf_rules() -> List[Tuple[re.Pattern, str]]:
-    """weights.HF_TO_MS turned around: MindSpore-name regex -> Hugging Face name template."""
+    """hf_import.HF_TO_MS turned around: MindSpore-name regex -> Hugging Face name template."""
     rules = []
     for hf_pattern, ms_target in HF_TO_MS:
         hf_template = hf_pattern[1:-1].replace(r"(\d+)", r"\1").replace("\\.", ".")
@@ -51,14 +54,10 @@ def ms_to_hf_name(name: str) -> Optional[str]:
     return None
 
 
-def _get(model_config):
-    return model_config.get if hasattr(model_config, "get") else lambda k, d=None: getattr(model_config, k, d)
-
-
 def hf_rope(model_config) -> Tuple[float, Optional[dict]]:
     """(theta, rope_scaling) of the YAML: plain RoPE, or Llama 3.1's scaling (MindFormers' extend_method LLAMA3,
     whose scaling_factor holds Hugging Face's llama3 fields). Other extensions have no exact counterpart here."""
-    get = _get(model_config)
+    get = config_getter(model_config)
     theta = float(get("theta", 10000.0) or 10000.0)
     method = str(get("extend_method", "None") or "None")
     if method in ("None", "none"):
@@ -82,7 +81,7 @@ def hf_config(model_config, dtype: str = "float32", stats: Optional[dict] = None
     else LlamaForSequenceClassification, with the keys the transformers version writes: RoPE both as transformers 5
     reads it (rope_parameters) and as transformers 4 reads it (rope_theta, rope_scaling), which 5 also accepts;
     the dtype as dtype and torch_dtype likewise."""
-    get = _get(model_config)
+    get = config_getter(model_config)
     hidden, heads, layers = int(get("hidden_size")), int(get("num_heads")), int(get("num_layers"))
     theta, scaling = hf_rope(model_config)
     qwen = bool(get("qkv_has_bias"))
@@ -248,18 +247,13 @@ def export_checkpoint(checkpoint: str, model_config, output_dir: str, tokenizer:
                 int(np.prod(shapes[n])) * np.dtype(_DTYPES[types[n]][0]).itemsize) for n in names]
     config["torch_dtype"] = config["dtype"] = types[names[0]]
 
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(output_dir))}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with replaced_folder(output_dir) as tmp:
         write_safetensors(os.path.join(tmp, "model.safetensors"), entries,
                           (_as_numpy(params[n], types[n]) for n in names), {"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
             json.dump(config, fh, indent=2)
         copied = []
-        for file_name, source in tokenizer_files(tokenizer, int(_get(model_config)("seq_length")),
+        for file_name, source in tokenizer_files(tokenizer, int(config_getter(model_config)("seq_length")),
                                                  config["pad_token_id"]).items():
             target = os.path.join(tmp, file_name)
             if isinstance(source, dict):
@@ -275,12 +269,8 @@ def export_checkpoint(checkpoint: str, model_config, output_dir: str, tokenizer:
             json.dump({"written_by": "mindrlhf", "mindrlhf_version": __version__,
                        "checkpoint": os.path.abspath(checkpoint), "files": written}, fh, indent=2)
         check_output_dir(output_dir, overwrite)  # again: the folder may have changed while we wrote
-        if os.path.isdir(output_dir):
+        if os.path.isdir(output_dir):  # an earlier export (check_output_dir): replaced_folder renames onto its place
             shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"exported {len(entries)} tensors of {checkpoint} to {output_dir}")
     return {"output_dir": output_dir, "checkpoint": checkpoint, "tensors": len(entries),
             "tokenizer_files": copied, "normalize_reward": stats is not None, "dtype": config["torch_dtype"]}

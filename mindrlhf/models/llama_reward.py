@@ -20,7 +20,7 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from mindrlhf.models.loss import CompareLoss
 from mindrlhf.models.cpu_speedups import use_cpu_kernels
-from mindrlhf.models.weights import load_backbone
+from mindrlhf.models.loading import load_backbone
 
 VALUE_HEAD_PREFIX = "v_head."
 
@@ -30,7 +30,7 @@ class LlamaRewardModel(LlamaPreTrainedModel):
     """config: a LlamaConfig. Value head: hidden_size -> 1, no bias, N(0, 1/sqrt(hidden+1)) init.
 
     model_config.checkpoint_name_or_path (a local .ckpt/.safetensors) initialises the backbone; its lm_head is
-    ignored and the value head stays freshly initialised (see mindrlhf.models.weights.load_backbone).
+    ignored and the value head stays freshly initialised (see mindrlhf.models.loading.load_backbone).
     """
 
     def __init__(self, config: LlamaConfig = None):

@@ -21,6 +21,7 @@ from mindspore import nn, ops
 import mindrlhf._mindformers  # noqa: F401  (quiet import first)
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
+from mindrlhf.config_access import config_getter
 from mindrlhf.errors import ConfigError
 
 LOSS_TYPES = ("span", "last_token")
@@ -28,7 +29,7 @@ LOSS_TYPES = ("span", "last_token")
 
 def loss_options(config) -> tuple:
     """(loss_type, center_rewards_coefficient) from a model config (LlamaConfig or the YAML's mapping), checked."""
-    get = config.get if hasattr(config, "get") else lambda k, d=None: getattr(config, k, d)
+    get = config_getter(config)
     loss_type = get("loss_type", None) or "span"
     if loss_type not in LOSS_TYPES:
         raise ConfigError(f"model_config.loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")

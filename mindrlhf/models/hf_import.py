@@ -1,11 +1,10 @@
-"""Checkpoint I/O: Hugging Face safetensors -> MindSpore .ckpt, one checkpoint reader, backbone loading, and
-model-parallel slices merged into whole tensors.
+"""Hugging Face Llama 2/3 or Qwen2 (safetensors + config.json) -> a MindSpore checkpoint of the reward model's
+backbone.
 
-Conversion streams tensor by tensor (memory-mapped, no PyTorch) and checks every shape against the target
-config. Loading takes the backbone (`model.*`), drops the language-model head, initialises the value head,
-and says exactly which parameters came from where; any mismatch is an error naming the tensor. Slices saved
-with integrated_save: False under model parallel are merged with the run's strategy file through MindSpore's
-own transform_checkpoint_by_rank (host-side only: no device, no communication).
+In reading order: the tensor names (HF_TO_MS, which export.py turns around), the shapes a config gives each
+tensor, config.json read in either transformers layout (RoPE theta and scaling, norm epsilon) and checked against
+the run YAML, the safetensors files read memory-mapped (no PyTorch), and the conversion itself: tensor by tensor,
+every shape checked against the target config, streamed into the checkpoint (models.ckpt_stream).
 """
 import json
 import os
@@ -14,7 +13,10 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from mindrlhf.config_access import config_getter
 from mindrlhf.errors import ConfigError
+from mindrlhf.io import replaced_whole
+from mindrlhf.models.ckpt_stream import CheckpointStreamWriter
 
 HF_TO_MS = [
     (r"^model\.embed_tokens\.weight$", "model.tok_embeddings.embedding_weight"),
@@ -60,7 +62,7 @@ def ffn_hidden_size(hidden: int, multiple_of: int = 256, ffn_dim_multiplier=None
 def expected_shapes(model_config) -> Dict[str, Tuple[int, ...]]:
     """Every backbone tensor's shape for a LlamaConfig-like mapping (the YAML's model_config): GQA k/v widths
     from n_kv_heads, q/k/v biases with qkv_has_bias."""
-    get = model_config.get if hasattr(model_config, "get") else lambda k, d=None: getattr(model_config, k, d)
+    get = config_getter(model_config)
     hidden, layers, heads = int(get("hidden_size")), int(get("num_layers")), int(get("num_heads"))
     kv_heads = int(get("n_kv_heads") or heads)
     vocab = int(get("vocab_size"))
@@ -152,7 +154,7 @@ def check_hf_config(hf: dict, model_config, where: str):
     """What shapes cannot show: RoPE theta, RoPE scaling (Llama 3.1+) and the norm epsilon of config.json (either
     layout, see hf_rope) must be the YAML's, or the converted weights would run with another RoPE/normalisation
     than they were trained with."""
-    get = model_config.get if hasattr(model_config, "get") else lambda k, d=None: getattr(model_config, k, d)
+    get = config_getter(model_config)
     ours = hf_model_config(hf, where)
     for key, default in (("theta", 10000.0), ("rms_norm_eps", None)):
         mine = get(key, default)
@@ -232,43 +234,6 @@ def _cast(array: np.ndarray, src_type: str, dtype: Optional[str]) -> Tuple[np.nd
     return np.ascontiguousarray(array, dtype=np_type), ms_type
 
 
-class CheckpointStreamWriter:
-    """Appends one MindSpore Checkpoint protobuf message per tensor slice, as mindspore.save_checkpoint does,
-    so a 7B model never sits in memory whole; written to a temporary name and renamed when complete."""
-
-    SLICE_BYTES = 1 << 30
-
-    def __init__(self, path: str):
-        from mindspore.train.checkpoint_pb2 import Checkpoint
-
-        self.Checkpoint = Checkpoint  # pylint: disable=invalid-name
-        self.path = path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.tmp = f"{path}.tmp-{os.getpid()}"
-        self.fh = open(self.tmp, "wb")  # pylint: disable=consider-using-with
-
-    def write(self, name: str, array: np.ndarray, ms_type: str):
-        slices = max(1, int(np.ceil(array.nbytes / self.SLICE_BYTES)))
-        flat = array.reshape(array.shape[0], -1) if array.ndim else array.reshape(1)
-        for part in np.array_split(flat, slices) if slices > 1 else [array]:
-            message = self.Checkpoint()
-            value = message.value.add()
-            value.tag = name
-            value.tensor.dims.extend(list(array.shape))
-            value.tensor.tensor_type = ms_type
-            value.tensor.tensor_content = np.ascontiguousarray(part).tobytes()
-            self.fh.write(message.SerializeToString())
-
-    def commit(self):
-        self.fh.close()
-        os.replace(self.tmp, self.path)
-
-    def abort(self):
-        self.fh.close()
-        if os.path.exists(self.tmp):
-            os.remove(self.tmp)
-
-
 def convert_hf_to_ms(input_path: str, output_path: str, model_config=None, dtype: Optional[str] = None,
                      keep_lm_head: bool = False, log=print) -> dict:
     """Hugging Face Llama 2/3 or Qwen2 safetensors (one file or sharded with an index) -> a MindSpore checkpoint.
@@ -287,13 +252,12 @@ def convert_hf_to_ms(input_path: str, output_path: str, model_config=None, dtype
         model_config = hf_model_config(hf, hf_config)
     elif hf is not None:
         check_hf_config(hf, model_config, hf_config)
-    get = model_config.get if hasattr(model_config, "get") else lambda k, d=None: getattr(model_config, k, d)
+    get = config_getter(model_config)
     tied = bool(hf.get("tie_word_embeddings", False) if hf is not None else get("tie_word_embeddings", False))
     expected = expected_shapes(model_config)
     seen, unmapped, dropped = set(), [], []
     embed_source = None
-    writer = CheckpointStreamWriter(output_path)
-    try:
+    with replaced_whole(output_path) as tmp, CheckpointStreamWriter(tmp) as writer:
         for shard in safetensors_files(input_path):
             log(f"reading {shard}")
             for hf_name, array, src_type in iter_safetensors(shard):
@@ -336,176 +300,4 @@ def convert_hf_to_ms(input_path: str, output_path: str, model_config=None, dtype
                                    if n == "model.embed_tokens.weight")
             writer.write("lm_head.weight", *_cast(array, src_type, dtype))
             seen.add("lm_head.weight")
-        writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
     return {"output_path": output_path, "tensors": len(seen), "dropped": dropped, "tied_embeddings": tied}
-
-
-def load_checkpoint_dict(path: str, choice_func=None) -> dict:
-    """A checkpoint's parameters, or ConfigError for a truncated/corrupt file (never half-loaded).
-
-    choice_func limits which tensors are materialised; the whole file is still parsed, so it still validates.
-    """
-    import mindspore as ms
-
-    fmt = "safetensors" if path.endswith(".safetensors") else "ckpt"
-    try:
-        return ms.load_checkpoint(path, format=fmt, choice_func=choice_func)
-    except Exception as err:  # pylint: disable=broad-except  (MindSpore raises several types for bad files)
-        raise ConfigError(f"{path}: checkpoint is corrupt or truncated ({str(err).splitlines()[0]})") from None
-
-
-def checkpoint_step(params: dict) -> Optional[int]:
-    """The optimizer's global_step saved in a checkpoint's parameters (None for weights-only files)."""
-    step = params.get("global_step")
-    if step is None:
-        return None
-    return int(np.asarray(step.asnumpy()).reshape(-1)[0])
-
-
-def load_backbone(network, path: str, log=print) -> dict:
-    """Initialise a LlamaRewardModel from a Llama (or reward-model) checkpoint; returns what went where."""
-    import mindspore as ms
-
-    if not os.path.isfile(path):
-        raise ConfigError(f"checkpoint_name_or_path '{path}' is not a local file. mindrlhf never downloads "
-                          "weights: pass a local path to a .ckpt or .safetensors file")
-    params = load_checkpoint_dict(path)
-    own = {p.name: p for p in network.get_parameters()}
-    loaded, fresh = {}, []
-    for name, param in own.items():
-        if name not in params:
-            if name.startswith("v_head."):
-                fresh.append(name)
-                continue
-            raise ConfigError(f"{path}: has no tensor {name} for the backbone")
-        if tuple(params[name].shape) != tuple(param.shape):
-            raise ConfigError(f"{path}: tensor {name} has shape {tuple(params[name].shape)}, "
-                              f"the model expects {tuple(param.shape)}")
-        loaded[name] = params[name]
-    ignored = sorted(n for n in params if n not in own and not n.startswith(("adam_", "accu_grads")))
-    not_loaded, _ = ms.load_param_into_net(network, loaded, strict_load=False)
-    if not_loaded and set(not_loaded) - set(fresh):
-        raise ConfigError(f"{path}: could not load {sorted(set(not_loaded) - set(fresh))[:5]}")
-    report = {"checkpoint": path, "loaded": sorted(loaded), "newly_initialised": fresh, "ignored": ignored}
-    log(f"loaded {len(loaded)} parameters from {path}; newly initialised: {fresh or 'none'}; "
-        f"ignored from the checkpoint: {ignored or 'none'}")
-    return report
-
-
-VALUE_HEAD = "v_head."  # whole (replicated) in every rank's slice
-STRATEGY_HINT = ("pass --src_strategy with the training run's strategy file (MindFormers writes it to "
-                 "<output_dir>/strategy/ckpt_strategy_rank_0.ckpt)")
-
-
-def rank_of_checkpoint(path: str) -> Tuple[str, int]:
-    """(checkpoint root holding rank_N/, N) for <root>/rank_N/<file>.ckpt."""
-    rank_dir = os.path.dirname(os.path.abspath(path))
-    name = os.path.basename(rank_dir)
-    if not re.fullmatch(r"rank_\d+", name):
-        raise ConfigError(f"{path}: model-parallel slices live in <checkpoint root>/rank_N/; this file is not in a "
-                          "rank_N folder")
-    return os.path.dirname(rank_dir), int(name[len("rank_"):])
-
-
-def find_strategy(checkpoint: str, src_strategy: Optional[str] = None) -> Optional[str]:
-    """The strategy file (or folder of them) for a sliced checkpoint: the one given, else the run's own
-    <output_dir>/strategy/ beside <output_dir>/checkpoint/rank_N/; None when there is none."""
-    if src_strategy:
-        if not os.path.exists(src_strategy):
-            raise ConfigError(f"--src_strategy {src_strategy} does not exist")
-        return src_strategy
-    root, _ = rank_of_checkpoint(checkpoint)
-    candidate = os.path.join(os.path.dirname(root), "strategy")
-    return candidate if os.path.isdir(candidate) and os.listdir(candidate) else None
-
-
-def strategy_file(path: str, workdir: str) -> str:
-    """One strategy file: the file itself, the only one in a folder, or (pipeline stages write one file per
-    stage) the folder's files merged by MindSpore's merge_pipeline_strategys."""
-    import mindspore as ms
-
-    if os.path.isfile(path):
-        return path
-    files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".ckpt"))
-    if not files:
-        raise ConfigError(f"{path}: no strategy .ckpt files")
-    stages = {open(f, "rb").read() for f in files}  # pylint: disable=consider-using-with
-    if len(stages) == 1:  # every rank of one stage writes the same layout
-        return files[0]
-    merged = os.path.join(workdir, "merged_strategy.ckpt")
-    ms.merge_pipeline_strategys(path, merged)
-    return merged
-
-
-def merge_slices(checkpoint: str, strategy: str, output_path: str) -> str:
-    """<root>/rank_0/<file>.ckpt and its sibling slices (same file name with rank_N) -> one whole checkpoint.
-
-    Every tensor the strategy lays out is reassembled; the others (global_step, loss scale) come from rank 0.
-    Slices are picked by name, so their global_step must agree: a mix of steps is refused, naming the files.
-    Written to a temporary name and renamed when complete.
-    """
-    import tempfile
-
-    import mindspore as ms
-
-    root, _ = rank_of_checkpoint(checkpoint)
-    name = os.path.basename(checkpoint)
-    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(output_path))) as work:
-        layout = strategy_file(strategy, work)
-        try:
-            ranks = ms.rank_list_for_transform(0, layout, None)
-        except Exception as err:  # pylint: disable=broad-except  (protobuf and MindSpore raise several types)
-            raise ConfigError(f"{strategy}: not a MindSpore strategy file ({str(err).splitlines()[0]})") from None
-        files, steps = {}, {}
-        for rank in ranks:
-            path = os.path.join(root, f"rank_{rank}", re.sub(r"_rank_\d+", f"_rank_{rank}", name))
-            if not os.path.isfile(path):
-                raise ConfigError(f"{path}: slice of rank {rank} is missing (the strategy {strategy} spreads "
-                                  f"the model over ranks {sorted(ranks)})")
-            # a truncated slice fails here, by name (the whole file is parsed, two small tensors materialised)
-            steps[path] = checkpoint_step(load_checkpoint_dict(
-                path, choice_func=lambda n: n.startswith(VALUE_HEAD) or n == "global_step"))
-            files[rank] = path
-        if os.path.abspath(checkpoint) not in map(os.path.abspath, steps):
-            steps[checkpoint] = checkpoint_step(load_checkpoint_dict(checkpoint, lambda n: n == "global_step"))
-        if len(set(steps.values())) > 1:  # names repeat across resumed runs: a stale rank's file matches the pattern
-            shown = "; ".join(f"{path}: step {step}" for path, step in steps.items())
-            raise ConfigError(f"{checkpoint}: the model-parallel slices of this name come from different steps "
-                              f"({shown}); merging them would mix weights. Keep the slices of one step (move the "
-                              "stale rank_N files away, e.g. left by a resumed or re-trained run) and rerun")
-        tmp = os.path.join(work, "merged.ckpt")
-        ms.transform_checkpoint_by_rank(0, files, tmp, layout, None)
-        os.replace(tmp, output_path)
-    return output_path
-
-
-def load_whole(checkpoint: str, expected: Dict[str, Tuple[int, ...]], src_strategy: Optional[str] = None,
-               log=print) -> dict:
-    """A checkpoint's parameters with whole tensors: read as is, or merged from model-parallel slices when
-    its shapes are those of slices. A shape that still differs is an error naming the tensor and what to pass."""
-    import tempfile
-
-    params = load_checkpoint_dict(checkpoint)
-    wrong = [(n, tuple(params[n].shape), shape) for n, shape in expected.items()
-             if n in params and tuple(params[n].shape) != tuple(shape)]
-    if not wrong:
-        return params
-    name, got, want = wrong[0]
-    strategy = find_strategy(checkpoint, src_strategy)
-    if strategy is None:
-        raise ConfigError(f"{checkpoint}: parameter {name} has shape {got}, the model expects {want}: the file "
-                          f"holds model-parallel slices; {STRATEGY_HINT}")
-    with tempfile.TemporaryDirectory() as work:
-        merged = merge_slices(checkpoint, strategy, os.path.join(work, "whole.ckpt"))
-        params = load_checkpoint_dict(merged)
-    log(f"merged the model-parallel slices of {checkpoint} with strategy {strategy}")
-    for name, shape in expected.items():
-        if name in params and tuple(params[name].shape) != tuple(shape):
-            raise ConfigError(f"{checkpoint}: merged with {strategy}, parameter {name} has shape "
-                              f"{tuple(params[name].shape)} but the model expects {tuple(shape)}: the strategy file "
-                              f"is not the one of this run; {STRATEGY_HINT}")
-    return params
