@@ -207,12 +207,16 @@ def _write_scores(path, chosen, rejected):
 
 
 def read_infer_rows(path: str, skip_invalid: bool = False, report: Optional[SkipReport] = None):
-    """(prompt, response) items from rows with prompt+response, or prompt+pos_resp/neg_resp (both scored)."""
+    """(prompt, response) items from rows with prompt+response, or prompt+pos_resp/neg_resp (both scored), or
+    {"query": full text} items as an RL loop sends them to the server (normalised as the server does)."""
     from mindrlhf.data.pairs import iter_json_rows
 
     items = []
     first = next((row for _, row in iter_json_rows(path) if isinstance(row, dict)), {})
-    if "response" in first:
+    if "query" in first:
+        for line, row in read_rows(path, ("query",), (), skip_invalid, report):
+            items.append({"line": line, "query": row["query"]})
+    elif "response" in first:
         for line, row in read_rows(path, ("prompt", "response"), (), skip_invalid, report):
             items.append({"line": line, "prompt": row["prompt"], "response": row["response"]})
     else:
@@ -245,7 +249,11 @@ def infer(config_path: str, data_file: str, tokenizer: str, ckpt_path: str, outp
     checkpoint = list_checkpoints(ckpt_path)[-1]
     stats = load_stats(checkpoint_root(checkpoint), checkpoint) if normalize else None
     scorer = RewardScorer(config, checkpoint, batch_size=batch_size, src_strategy=src_strategy, log=log)
-    texts = [chosen_template.render(it["prompt"], it["response"]) for it in items]
+    from mindrlhf.data.templates import client_texts
+
+    normalise = client_texts(chosen_template, tok)
+    texts = [normalise(it["query"]) if "query" in it else chosen_template.render(it["prompt"], it["response"])
+             for it in items]
     scores = scorer.score_ids(tok.encode(texts, special_tokens=chosen_template.special_tokens), part, parts)
     mine = np.flatnonzero(~np.isnan(scores))
     for i in mine:  # each rank logs what it scored
