@@ -298,13 +298,15 @@ class ClientTexts:
         """What is normalised, for /health and the logs."""
         rules = []
         if self.bos:
-            rules.append(f"leading {self.bos!r}{' (and the space a SentencePiece decode writes after it)' if self.bos_space else ''}"
-                         f" -> {'one, as the template renders it' if self.bos_in_template else 'the BOS the tokenizer adds (if any)'}")
+            after = " (and the space a SentencePiece decode writes after it)" if self.bos_space else ""
+            becomes = ("one, as the template renders it" if self.bos_in_template
+                       else "the BOS the tokenizer adds, if any")
+            rules.append(f"leading {self.bos!r}{after} -> {becomes}")
         if self.end_of_turn:
-            rules.append(f"the template's end of turn {self.end_of_turn!r} is kept; a text ending in "
-                         f"{self.end_of_turn.rstrip()!r} gets {self.end_of_turn[len(self.end_of_turn.rstrip()):]!r} back"
-                         if self.end_of_turn != self.end_of_turn.rstrip() else
-                         f"the template's end of turn {self.end_of_turn!r} is kept")
+            token = self.end_of_turn.rstrip()
+            rules.append(f"the template's end of turn {self.end_of_turn!r} is kept" + (
+                f"; a text ending in {token!r} gets {self.end_of_turn[len(token):]!r} back" if token and
+                token != self.end_of_turn else ""))
         elif self.eos:
             rules.append(f"trailing {self.eos!r} dropped: the template never trained on it")
         return {"bos": self.bos, "eos": self.eos, "end_of_turn": self.end_of_turn, "rules": rules,
