@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 
+import mindspore  # noqa: F401  (before transformers: MindSpore's generated protobuf code needs to load first)
 import numpy as np
 import pytest
 
@@ -634,10 +635,11 @@ def test_scoring_timeout_answers_503_and_the_next_request_is_served(inproc, monk
     text = template_text("超时测试", "等待。")
     ids = service.encode([text])[0]
     release = threading.Event()
-    monkeypatch.setattr(service.limits, "request_timeout", 0.5)
     service.batcher.before_pass = lambda batch: release.wait(60) if ids in batch else None
     try:
-        status, answer, headers = inproc.post("/get_reward", {"query": [text]})
+        with monkeypatch.context() as patch:
+            patch.setattr(service.limits, "request_timeout", 0.5)
+            status, answer, headers = inproc.post("/get_reward", {"query": [text]})
     finally:
         release.set()
         service.batcher.before_pass = None
