@@ -586,10 +586,11 @@ def test_a_failing_pass_fails_only_its_culprit(inproc, run):
     picks = short_picks(run, 17)
     texts = [template_text(rows[i]["prompt"], rows[i]["response"]) for i in picks]
     plug, culprit = service.encode([texts[0]])[0], service.encode([texts[5]])[0]
-    held = threading.Event()
+    entered, held = threading.Event(), threading.Event()
 
     def before_pass(batch):
         if plug in batch:
+            entered.set()
             held.wait(60)  # the batcher is busy until the 16 requests wait in its queue
         if culprit in batch:
             raise RuntimeError("injected: this row breaks the forward pass")
@@ -599,6 +600,7 @@ def test_a_failing_pass_fails_only_its_culprit(inproc, run):
     try:
         plug_thread = threading.Thread(target=inproc.post, args=("/get_reward", {"query": [texts[0]]}))
         plug_thread.start()
+        assert entered.wait(60), "the plug request never reached a forward pass"
         results = {}
 
         def client(k):
