@@ -5,15 +5,15 @@ same texts, same run.
 request to POST /score, back to back, for --requests_per_client requests. Both servers compile every shape at
 start (--warmup), run side by side and get the same warm-up round; the timed rounds alternate between them
 (--rounds each), so a change in machine load hits both. The same texts scored in-process without HTTP give the
-ceiling batching can reach on this machine. Reports requests/s and p50/p99 latency for both,
+ceiling batching can reach on this machine (benchmarks/results/server.json). Reports requests/s and p50/p99 latency for both,
 the ratio, and checks both answered the same scores. Target: >= 5x requests/s at a lower p99.
 
-Then OpenRLHF's bursts (`--openrlhf_rollouts`, default 64 and 256): a server with every default (max_in_flight,
+Then OpenRLHF's bursts (`--openrlhf_rollouts`, default 64, 256 and 512): a server with every default (max_in_flight,
 max_batch, request_timeout) and a client that behaves as OpenRLHF 0.11's SingleTurnAgentExecutor: each rollout
 sends its samples one query per request (`{"query": [decoded text], "prompts", "labels"}`, the text decoded by
 transformers with skip_special_tokens=False, so `<s> ...</s>`), ignores Retry-After, retries any error 5 times 1 s
 apart with a 180 s timeout, then drops the sample; it reads `scores`, else `rewards`. Reports samples scored and
-dropped, tries, 503s and p50/p99 latency (first try to answer), and checks every score against the plain text's.
+dropped, tries, 503s and p50/p99 latency (first try to answer), and checks every score against the plain text's (benchmarks/results/server_openrlhf.json).
 Without --distributed_ckpt_path the tiny config's randomly initialised weights are served.
 """
 import argparse
@@ -250,7 +250,7 @@ def main():
     parser.add_argument("--requests_per_client", type=int, default=8)
     parser.add_argument("--max_batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="alternating timed rounds per mode")
-    parser.add_argument("--openrlhf_rollouts", type=int, nargs="*", default=[64, 256],
+    parser.add_argument("--openrlhf_rollouts", type=int, nargs="*", default=[64, 256, 512],
                         help="concurrent OpenRLHF-like rollouts against a server with default limits")
     parser.add_argument("--samples_per_rollout", type=int, default=8)
     parser.add_argument("--skip_batching", action="store_true", help="only the OpenRLHF bursts")
@@ -261,12 +261,13 @@ def main():
     pairs = [json.loads(line) for line in TEST_JSONL.read_text(encoding="utf-8").splitlines()]
     items = [{"prompt": p["prompt"], "response": p[key]} for p in pairs for key in ("pos_resp", "neg_resp")]
     items = items[:args.clients * args.requests_per_client]
-    result = {"cpu": cpu_name(), "checkpoint": "random weights" if not args.distributed_ckpt_path else ckpt}
+    checkpoint = "random weights" if not args.distributed_ckpt_path else ckpt
     if not args.skip_batching:
-        result.update(batching(args, ckpt, items, work))
+        save("server", dict(batching(args, ckpt, items, work), cpu=cpu_name()))
     if args.openrlhf_rollouts:
-        result["openrlhf"] = openrlhf_bursts(args, ckpt, items, work)
-    save("server", result)
+        save("server_openrlhf", {"cpu": cpu_name(), "checkpoint": checkpoint, "defaults": "every server limit",
+                                 "samples_per_rollout": args.samples_per_rollout,
+                                 "bursts": openrlhf_bursts(args, ckpt, items, work)})
 
 
 def openrlhf_bursts(args, ckpt: str, items: list, work: Path) -> list:

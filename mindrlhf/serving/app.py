@@ -45,7 +45,7 @@ class Limits:
     max_body_bytes: int = 4 << 20
     max_texts: int = 256
     max_chars: int = 32768
-    max_in_flight: int = 64
+    max_in_flight: int = 512  # OpenRLHF retries a 503 only 5 times 1 s apart: requests wait here instead
     request_timeout: float = 120.0
 
     def check(self):
