@@ -477,6 +477,15 @@ def test_openrlhf_verl_llamafactory_clients_score_decoded_llama2_rollouts_as_rew
         1 / (1 + np.exp(-scored[picks[0]]["score"])), abs=1e-6)
     health = server.get("/health")[1]
     assert "<s>" in json.dumps(health["full_texts"]) and "policy's prompt format" in health["full_texts"]["why"]
+    # reward_infer.py normalises {"query"} rows with the same code
+    rows_file = run["work"] / "decoded_queries.jsonl"
+    rows_file.write_text("".join(json.dumps({"query": q}, ensure_ascii=False) + "\n" for q in queries),
+                         encoding="utf-8")
+    out = run["work"] / "decoded_scores.jsonl"
+    run_cli(EXAMPLES / "reward_infer.py", "--config", TINY_CONFIG, "--data_file", rows_file, "--tokenizer",
+            TOKENIZER, "--distributed_ckpt_path", run["root"], "--output_file", out, "--normalize", "--overwrite")
+    assert [json.loads(line)["score"] for line in out.read_text(encoding="utf-8").splitlines()] == pytest.approx(
+        [scored[i]["score"] for i in picks], abs=1e-5)
 
 
 @pytest.fixture(scope="module")

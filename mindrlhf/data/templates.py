@@ -318,9 +318,9 @@ class ClientTexts:
 def client_texts(template: Template, tokenizer) -> ClientTexts:
     """The normaliser of full texts for this template and tokenizer (shared by the server and reward_infer)."""
     rendered = template.render(PROMPT_MARK, RESPONSE_MARK)
-    if PROMPT_MARK not in rendered or RESPONSE_MARK not in rendered:
-        raise ConfigError(f"template '{template.name}' does not render the prompt and the response as given")
-    prefix, end = rendered[:rendered.index(PROMPT_MARK)], rendered[rendered.index(RESPONSE_MARK) + len(RESPONSE_MARK):]
+    prefix = rendered[:rendered.index(PROMPT_MARK)] if PROMPT_MARK in rendered else rendered
+    # a template that changes the response (a filter) has no end of turn we can tell: nothing is appended
+    end = rendered[rendered.index(RESPONSE_MARK) + len(RESPONSE_MARK):] if RESPONSE_MARK in rendered else ""
     bos, eos = _special_text(tokenizer, "bos"), _special_text(tokenizer, "eos")
     return ClientTexts(bos=bos, eos=eos, bos_space=hasattr(tokenizer, "sp") and not prefix.startswith(" "),
                        bos_in_template=bool(bos) and prefix.startswith(bos), end_of_turn=end)

@@ -251,8 +251,8 @@ def infer(config_path: str, data_file: str, tokenizer: str, ckpt_path: str, outp
     scorer = RewardScorer(config, checkpoint, batch_size=batch_size, src_strategy=src_strategy, log=log)
     from mindrlhf.data.templates import client_texts
 
-    normalise = client_texts(chosen_template, tok)
-    texts = [normalise(it["query"]) if "query" in it else chosen_template.render(it["prompt"], it["response"])
+    normalise = client_texts(chosen_template, tok) if "query" in items[0] else None
+    texts = [normalise(it["query"]) if normalise else chosen_template.render(it["prompt"], it["response"])
              for it in items]
     scores = scorer.score_ids(tok.encode(texts, special_tokens=chosen_template.special_tokens), part, parts)
     mine = np.flatnonzero(~np.isnan(scores))
