@@ -350,10 +350,14 @@ def test_api_key_required_and_never_logged(guarded):
     status, answer, headers = guarded.post("/score", good, key="wrong-" + KEY)
     assert status == 401 and answer["limit"] == "api_key" and headers.get("www-authenticate") == "Bearer"
     assert guarded.post("/get_reward", {"query": ["x"]}, key=KEY[:-1])[0] == 401
+    assert guarded.post("/classify", {"input": ["x"]})[0] == 401  # every contract behind the same key
+    assert guarded.post("/v1/score/evaluation", {"model": "m", "messages": ["x"]}, key="wrong")[0] == 401
     assert guarded.post("/score", good, key=KEY)[0] == 200
+    assert guarded.post("/classify", {"input": ["x"]}, key=KEY)[0] == 200
+    assert guarded.post("/v1/score/evaluation", {"model": "m", "messages": ["x"]}, key=KEY)[0] == 200
     assert guarded.get("/health")[0] == 200  # health needs no key
     log = guarded.read_log()
-    assert log.count("401 POST") == 3 and "no Authorization header" in log and "wrong key" in log
+    assert log.count("401 POST") == 5 and "no Authorization header" in log and "wrong key" in log
     assert KEY not in log and KEY[:-1] not in log
     assert KEY not in " ".join(open(f"/proc/{guarded.proc.pid}/cmdline", encoding="utf-8").read().split("\0"))
 
