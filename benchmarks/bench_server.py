@@ -5,15 +5,16 @@ same texts, same run.
 request to POST /score, back to back, for --requests_per_client requests. Both servers compile every shape at
 start (--warmup), run side by side and get the same warm-up round; the timed rounds alternate between them
 (--rounds each), so a change in machine load hits both. The same texts scored in-process without HTTP give the
-ceiling batching can reach on this machine (benchmarks/results/server.json). Reports requests/s and p50/p99 latency for both,
-the ratio, and checks both answered the same scores. Target: >= 5x requests/s at a lower p99.
+ceiling batching can reach on this machine. Reports requests/s and p50/p99 latency for both, the ratio, and
+checks both answered the same scores (benchmarks/results/server.json). Target: >= 5x requests/s at a lower p99.
 
 Then OpenRLHF's bursts (`--openrlhf_rollouts`, default 64, 256 and 512): a server with every default (max_in_flight,
 max_batch, request_timeout) and a client that behaves as OpenRLHF 0.11's SingleTurnAgentExecutor: each rollout
 sends its samples one query per request (`{"query": [decoded text], "prompts", "labels"}`, the text decoded by
 transformers with skip_special_tokens=False, so `<s> ...</s>`), ignores Retry-After, retries any error 5 times 1 s
 apart with a 180 s timeout, then drops the sample; it reads `scores`, else `rewards`. Reports samples scored and
-dropped, tries, 503s and p50/p99 latency (first try to answer), and checks every score against the plain text's (benchmarks/results/server_openrlhf.json).
+dropped, tries, 503s and p50/p99 latency (first try to answer), and checks every score against the plain text's
+(benchmarks/results/server_openrlhf.json).
 Without --distributed_ckpt_path the tiny config's randomly initialised weights are served.
 """
 import argparse

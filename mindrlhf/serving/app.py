@@ -14,9 +14,10 @@ Full texts are normalised first (mindrlhf.data.templates.ClientTexts: BOS/EOS a 
 the run's template gives), so the decoded rollout of a policy whose prompt format is the run's template scores as
 reward_infer.py scores the plain (prompt, response).
 
-Every rejection is a JSON `{"error", "limit"}` with a 4xx/503 and never touches the process: the next request
-is served. Nothing in a request reaches the file system or a shell: the checkpoint, config, tokenizer and
-template are fixed when the service starts, a request only carries texts.
+Every rejection is a JSON `{"error", "limit"}` with a 4xx/5xx and never touches the process: the next request
+is served; a forward pass that fails answers only the request that caused it (500 `scoring`, see batcher.py).
+Nothing in a request reaches the file system or a shell: the checkpoint, config, tokenizer and template are fixed
+when the service starts, a request only carries texts.
 """
 import asyncio
 import hmac
@@ -245,12 +246,11 @@ class RewardService:  # pylint: disable=too-many-instance-attributes
         if self._key is None:
             return
         header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
         if not header:
             reason = "no Authorization header"
-        elif scheme.lower() != "bearer":
+        elif header.partition(" ")[0].lower() != "bearer":
             reason = "Authorization is not a Bearer key"
-        elif not hmac.compare_digest(given.strip().encode("latin-1", "replace"), self._key):
+        elif not self._key_matches(request):
             reason = "wrong key"
         else:
             return
@@ -362,6 +362,10 @@ class RewardService:  # pylint: disable=too-many-instance-attributes
         host = request.client.host if request.client else ""
         if is_loopback(host):
             return True
+        return self._key_matches(request)
+
+    def _key_matches(self, request) -> bool:
+        """A Bearer key equal to the server's, compared in constant time (False when the server has none)."""
         if self._key is None:
             return False
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
