@@ -5,12 +5,22 @@ same texts, same run.
 request to POST /score, back to back, for --requests_per_client requests. Both servers compile every shape at
 start (--warmup), run side by side and get the same warm-up round; the timed rounds alternate between them
 (--rounds each), so a change in machine load hits both. The same texts scored in-process without HTTP give the
-ceiling batching can reach on this machine. Reports requests/s and p50/p99 latency for both,
-the ratio, and checks both answered the same scores. Target: >= 5x requests/s at a lower p99.
+ceiling batching can reach on this machine. Reports requests/s and p50/p99 latency for both, the ratio, and
+checks both answered the same scores (benchmarks/results/server.json). Target: >= 5x requests/s at a lower p99.
+
+Then OpenRLHF's bursts (`--openrlhf_rollouts`, default 64, 256 and 512): a server with every default (max_in_flight,
+max_batch, request_timeout) and a client that behaves as OpenRLHF 0.11's SingleTurnAgentExecutor: each rollout
+sends its samples one query per request (`{"query": [decoded text], "prompts", "labels"}`, the text decoded by
+transformers with skip_special_tokens=False, so `<s> ...</s>`), ignores Retry-After, retries any error 5 times 1 s
+apart with a 180 s timeout, then drops the sample; it reads `scores`, else `rewards`. Reports samples scored and
+dropped, tries, 503s and p50/p99 latency (first try to answer), and checks every score against the plain text's
+(benchmarks/results/server_openrlhf.json).
 Without --distributed_ckpt_path the tiny config's randomly initialised weights are served.
 """
 import argparse
+import asyncio
 import http.client
+import platform
 import json
 import os
 import signal
@@ -98,8 +108,9 @@ class Server:
         env = dict(os.environ, PYTHONPATH=str(ROOT), GLOG_v="3")
         self.proc = subprocess.Popen(  # pylint: disable=consider-using-with
             [sys.executable, str(SERVER), "--config", config, "--distributed_ckpt_path", ckpt, "--tokenizer",
-             str(TOKENIZER), "--port", str(self.port), "--max_batch", str(max_batch), "--warmup",
-             "--log_level", "warning"], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+             str(TOKENIZER), "--port", str(self.port), "--warmup", "--log_level", "warning",
+             *(["--max_batch", str(max_batch)] if max_batch else [])],  # None: the default
+            stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -162,6 +173,76 @@ def load(port: int, items: list, clients: int, per_client: int):
     return wall, np.array(latencies), scores
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), None)
+    except OSError:
+        model = None
+    return f"{model or platform.processor() or 'unknown CPU'}, {os.cpu_count()} logical cores"
+
+
+def decoded_queries(items: list) -> list:
+    """The rendered texts as OpenRLHF sends them: the ids (with BOS and EOS) decoded by transformers' Llama
+    tokenizer with skip_special_tokens=False."""
+    from transformers import LlamaTokenizerFast
+
+    from mindrlhf.data.prompt import format_prompt
+
+    hf = LlamaTokenizerFast(vocab_file=str(TOKENIZER), legacy=True)
+    texts = [format_prompt(i["prompt"], i["response"]) for i in items]
+    ids = hf(texts, add_special_tokens=False)["input_ids"]
+    return [hf.decode([hf.bos_token_id] + x + [hf.eos_token_id], skip_special_tokens=False) for x in ids]
+
+
+def openrlhf_burst(port: int, queries: list, rollouts: int, per_rollout: int) -> dict:
+    """`rollouts` concurrent rollouts, each sending per_rollout samples one after the other with OpenRLHF's
+    request handling (aiohttp, 180 s, 5 tries 1 s apart, Retry-After ignored, then the sample is dropped)."""
+    import aiohttp
+
+    latencies, tries, statuses, scores, dropped = [], [], {}, {}, []
+
+    timeout = aiohttp.ClientTimeout(total=180)
+
+    async def sample(index):
+        query = queries[index % len(queries)]
+        payload = {"query": [query], "prompts": [""], "labels": [None]}
+        began = time.perf_counter()
+        for attempt in range(1, 6):
+            try:  # a new session (and connection) per try, as OpenRLHF's _post_request
+                async with aiohttp.ClientSession(timeout=timeout) as session, \
+                        session.post(f"http://127.0.0.1:{port}/get_reward", json=payload) as response:
+                    statuses[response.status] = statuses.get(response.status, 0) + 1
+                    response.raise_for_status()
+                    info = await response.json()
+                    scores[index % len(queries)] = (info.get("scores") or info.get("rewards"))[0]
+                    latencies.append(time.perf_counter() - began)
+                    tries.append(attempt)
+                    return
+            except Exception:  # pylint: disable=broad-except  (OpenRLHF logs and retries any error)
+                pass
+            await asyncio.sleep(1)
+        dropped.append(index)
+
+    async def rollout(r):
+        for k in range(per_rollout):
+            await sample(r * per_rollout + k)
+
+    async def run_all():
+        began = time.perf_counter()
+        await asyncio.gather(*(rollout(r) for r in range(rollouts)))
+        return time.perf_counter() - began
+
+    wall = asyncio.run(run_all())
+    lat = np.array(latencies) if latencies else np.zeros(1)
+    return {"rollouts": rollouts, "samples": rollouts * per_rollout, "scored": len(latencies),
+            "dropped": len(dropped), "retried": int(sum(t > 1 for t in tries)), "max_tries": max(tries or [0]),
+            "http_statuses": {str(k): v for k, v in sorted(statuses.items())}, "wall_s": round(wall, 2),
+            "samples_per_s": round(len(latencies) / wall, 1),
+            "p50_ms": round(float(np.percentile(lat, 50)) * 1000, 1),
+            "p99_ms": round(float(np.percentile(lat, 99)) * 1000, 1), "scores": scores}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(TINY_CONFIG))
@@ -170,6 +251,10 @@ def main():
     parser.add_argument("--requests_per_client", type=int, default=8)
     parser.add_argument("--max_batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="alternating timed rounds per mode")
+    parser.add_argument("--openrlhf_rollouts", type=int, nargs="*", default=[64, 256, 512],
+                        help="concurrent OpenRLHF-like rollouts against a server with default limits")
+    parser.add_argument("--samples_per_rollout", type=int, default=8)
+    parser.add_argument("--skip_batching", action="store_true", help="only the OpenRLHF bursts")
     args = parser.parse_args()
     require_inputs()
     work = Path(tempfile.mkdtemp(prefix="bench_server_"))
@@ -177,7 +262,45 @@ def main():
     pairs = [json.loads(line) for line in TEST_JSONL.read_text(encoding="utf-8").splitlines()]
     items = [{"prompt": p["prompt"], "response": p[key]} for p in pairs for key in ("pos_resp", "neg_resp")]
     items = items[:args.clients * args.requests_per_client]
+    checkpoint = "random weights" if not args.distributed_ckpt_path else ckpt
+    if not args.skip_batching:
+        save("server", dict(batching(args, ckpt, items, work), cpu=cpu_name()))
+    if args.openrlhf_rollouts:
+        save("server_openrlhf", {"cpu": cpu_name(), "checkpoint": checkpoint, "defaults": "every server limit",
+                                 "samples_per_rollout": args.samples_per_rollout,
+                                 "bursts": openrlhf_bursts(args, ckpt, items, work)})
+
+
+def openrlhf_bursts(args, ckpt: str, items: list, work: Path) -> list:
+    """A server with every default limit, OpenRLHF-like rollouts against it; each score checked against the
+    plain text's (the server normalises the decoded query)."""
+    queries = decoded_queries(items)
+    server = Server(args.config, ckpt, None, work / "openrlhf.log")
+    out = []
+    try:
+        plain = {}
+        for i, item in enumerate(items):  # reference: the plain (prompt, response), one request each
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+            plain[i] = post(conn, item)["rewards"][0]
+            conn.close()
+        for rollouts in args.openrlhf_rollouts:
+            burst = openrlhf_burst(server.port, queries, rollouts, args.samples_per_rollout)
+            scores = burst.pop("scores")
+            burst["max_abs_difference_to_plain"] = max(abs(scores[i] - plain[i]) for i in scores) if scores else None
+            print("openrlhf-like:", burst, flush=True)
+            out.append(burst)
+    finally:
+        server.stop()
+    for burst in out:
+        assert burst["dropped"] == 0, f"{burst['dropped']} samples dropped at {burst['rollouts']} rollouts"
+        assert burst["max_abs_difference_to_plain"] < 1e-4, burst
+    return out
+
+
+def batching(args, ckpt: str, items: list, work: Path) -> dict:
+    """Dynamic batching vs one text per forward pass (the first part of this benchmark)."""
     ceiling = model_ceiling(args.config, ckpt, items, args.clients)
+
     print("model only (no HTTP):", ceiling, flush=True)
     results, scores = {}, {}
     modes = {"batch_1": 1, "dynamic": args.max_batch}
@@ -219,7 +342,7 @@ def main():
     print(f"dynamic batching: {speedup:.2f}x requests/s, p99 {results['dynamic']['p99_ms']} ms vs "
           f"{results['batch_1']['p99_ms']} ms; max |score difference| {diff:.2e}")
     assert diff < 1e-4, diff
-    save("server", result)
+    return result
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     python reward_infer.py --config run_llama_2_7b_rm.yaml --data_file data/jsonl/test.jsonl \
         --tokenizer /path/to/tokenizer.model --distributed_ckpt_path output/checkpoint
-Rows: {"prompt", "response"} (one score) or {"prompt", "pos_resp", "neg_resp"} (both scored).
+Rows: {"prompt", "response"} (one score) or {"prompt", "pos_resp", "neg_resp"} (both scored), or {"query"}: a full
+text as an RL loop sends it to reward_server.py, normalised as the server normalises it (BOS/EOS written as text).
 """
 import argparse
 import os

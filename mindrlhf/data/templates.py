@@ -239,3 +239,88 @@ def choose_template(requested: Optional[str], tokenizer, recorded: Optional[Temp
                               "run's template")
         chosen = chosen or data
     return chosen or TUTORIAL
+
+
+# -- full texts from clients -----------------------------------------------------------------------------------
+PROMPT_MARK, RESPONSE_MARK = "MINDRLHFPROMPTMARK", "MINDRLHFRESPONSEMARK"
+
+
+def _special_text(tokenizer, key: str) -> Optional[str]:
+    """The tokenizer's own spelling of its BOS/EOS (key 'bos' or 'eos'), None when it has none."""
+    sp = getattr(tokenizer, "sp", None)
+    if sp is not None:  # SentencePiece: the piece of bos_id/eos_id ('<s>', '</s>' for Llama 2)
+        index = sp.bos_id() if key == "bos" else sp.eos_id()
+        return sp.id_to_piece(index) if index >= 0 else None
+    content = getattr(tokenizer, "special_tokens", {}).get(f"{key}_token")
+    return content if isinstance(content, str) and content else None
+
+
+@dataclass
+class ClientTexts:
+    """A full text as an RL loop sends it -> the text the run's template renders for it, before tokenizing.
+
+    RL loops (OpenRLHF, verl) decode the policy's token ids with skip_special_tokens=False, so a query carries
+    the BOS and EOS as text; the reward must be read after the same token ids as in training:
+    - leading BOS text: the BOS the template renders or the tokenizer adds anyway, so exactly one remains (a
+      SentencePiece decode also writes a space after it, which is dropped with it);
+    - trailing EOS text the template never renders (the tutorial's): dropped;
+    - a chat template's end of turn (`<|im_end|>\\n`, `<|eot_id|>`) stays as its training rows have it; the
+      whitespace it renders after that token, where generation stops, is restored.
+    Only this tokenizer's own spelling counts: `<s>` sent to a tokenizer.json model is ordinary text.
+    """
+
+    bos: Optional[str]
+    eos: Optional[str]
+    bos_space: bool  # a SentencePiece decode writes ' ' after the BOS text
+    bos_in_template: bool  # the template renders the BOS as text (Llama 3's chat template)
+    end_of_turn: str  # what the template renders after the response ('' for the tutorial)
+
+    def __call__(self, text: str) -> str:
+        stripped = 0
+        if self.bos:
+            while text.startswith(self.bos):
+                text, stripped = text[len(self.bos):], stripped + 1
+            if stripped and self.bos_space and text.startswith(" "):
+                text = text[1:]
+            if self.bos_in_template and stripped:
+                text = self.bos + text
+        end = self.end_of_turn
+        if end:
+            token = end.rstrip()
+            if token and not text.endswith(end) and text.endswith(token):
+                text += end[len(token):]
+        elif self.eos:
+            while text.endswith(self.eos):
+                text = text[:-len(self.eos)]
+        return text
+
+    def describe(self) -> dict:
+        """What is normalised, for /health and the logs."""
+        rules = []
+        if self.bos:
+            after = " (and the space a SentencePiece decode writes after it)" if self.bos_space else ""
+            becomes = ("one, as the template renders it" if self.bos_in_template
+                       else "the BOS the tokenizer adds, if any")
+            rules.append(f"leading {self.bos!r}{after} -> {becomes}")
+        if self.end_of_turn:
+            token = self.end_of_turn.rstrip()
+            rules.append(f"the template's end of turn {self.end_of_turn!r} is kept" + (
+                f"; a text ending in {token!r} gets {self.end_of_turn[len(token):]!r} back" if token and
+                token != self.end_of_turn else ""))
+        elif self.eos:
+            rules.append(f"trailing {self.eos!r} dropped: the template never trained on it")
+        return {"bos": self.bos, "eos": self.eos, "end_of_turn": self.end_of_turn, "rules": rules,
+                "why": "RL loops decode the policy's ids with skip_special_tokens=False; the reward is read after the "
+                       "token ids the template gives in training. The policy's prompt format must be this template: "
+                       "any other format is scored as it is, and the score means nothing."}
+
+
+def client_texts(template: Template, tokenizer) -> ClientTexts:
+    """The normaliser of full texts for this template and tokenizer (shared by the server and reward_infer)."""
+    rendered = template.render(PROMPT_MARK, RESPONSE_MARK)
+    prefix = rendered[:rendered.index(PROMPT_MARK)] if PROMPT_MARK in rendered else rendered
+    # a template that changes the response (a filter) has no end of turn we can tell: nothing is appended
+    end = rendered[rendered.index(RESPONSE_MARK) + len(RESPONSE_MARK):] if RESPONSE_MARK in rendered else ""
+    bos, eos = _special_text(tokenizer, "bos"), _special_text(tokenizer, "eos")
+    return ClientTexts(bos=bos, eos=eos, bos_space=hasattr(tokenizer, "sp") and not prefix.startswith(" "),
+                       bos_in_template=bool(bos) and prefix.startswith(bos), end_of_turn=end)

@@ -13,7 +13,8 @@ import numpy as np
 
 from mindrlhf import distributed
 from mindrlhf.data.pairs import SkipReport, read_pairs, read_rows
-from mindrlhf.data.templates import JINJA, TUTORIAL, choose_template, read_run_template, run_template_path
+from mindrlhf.data.templates import (JINJA, TUTORIAL, choose_template, client_texts, read_run_template,
+                                     run_template_path)
 from mindrlhf.errors import ConfigError
 from mindrlhf.evaluation.metrics import pairwise_metrics
 from mindrlhf.evaluation.scorer import (RewardScorer, checkpoint_root, length_batches, list_checkpoints,
@@ -217,12 +218,16 @@ def _write_scores(path, chosen, rejected):
 
 
 def read_infer_rows(path: str, skip_invalid: bool = False, report: Optional[SkipReport] = None):
-    """(prompt, response) items from rows with prompt+response, or prompt+pos_resp/neg_resp (both scored)."""
+    """(prompt, response) items from rows with prompt+response, or prompt+pos_resp/neg_resp (both scored), or
+    {"query": full text} items as an RL loop sends them to the server (normalised as the server does)."""
     from mindrlhf.data.pairs import iter_json_rows
 
     items = []
     first = next((row for _, row in iter_json_rows(path) if isinstance(row, dict)), {})
-    if "response" in first:
+    if "query" in first:
+        for line, row in read_rows(path, ("query",), (), skip_invalid, report):
+            items.append({"line": line, "query": row["query"]})
+    elif "response" in first:
         for line, row in read_rows(path, ("prompt", "response"), (), skip_invalid, report):
             items.append({"line": line, "prompt": row["prompt"], "response": row["response"]})
     else:
@@ -256,7 +261,9 @@ def infer(config_path: str, data_file: str, tokenizer: str, ckpt_path: str, outp
         checkpoint = list_checkpoints(ckpt_path)[-1]
         stats = load_stats(checkpoint_root(checkpoint), checkpoint) if normalize else None
         scorer = RewardScorer(config, checkpoint, batch_size=batch_size, src_strategy=src_strategy, log=log)
-    texts = [chosen_template.render(it["prompt"], it["response"]) for it in items]
+    normalise = client_texts(chosen_template, tok) if "query" in items[0] else None
+    texts = [normalise(it["query"]) if normalise else chosen_template.render(it["prompt"], it["response"])
+             for it in items]
     scores = scorer.score_ids(tok.encode(texts, special_tokens=chosen_template.special_tokens), part, parts)
     mine = np.flatnonzero(~np.isnan(scores))
     for i in mine:  # each rank logs what it scored

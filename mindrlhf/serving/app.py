@@ -1,19 +1,33 @@
-"""The reward server's HTTP side: OpenRLHF's `POST /get_reward`, `POST /score` with the run's template, and
-`GET /health`; a shared key, size limits, a bound on requests in flight and a per-request timeout.
+"""The reward server's HTTP side: four contracts through one batcher, `GET /health`; a shared key, size limits,
+a bound on requests in flight and a per-request timeout.
 
-Contract (OpenRLHF's openrlhf/cli/serve_rm.py and utils/remote_rm_utils.py): `{"query": [full texts], "prompts":
-[...], "labels": [...]}` -> `{"rewards": [...], "scores": [...]}`; their PPO reads `rewards`. A full text is
-tokenized as reward_infer.py tokenizes the rendered template, so sending `template.render(prompt, response)`
-gives reward_infer.py's score for that row; `/score` renders `{"prompt", "response"}` items itself.
+- OpenRLHF (openrlhf/utils/agent.py, cli/serve_rm.py): `POST /get_reward` `{"query": [full texts], "prompts",
+  "labels"}` -> `{"rewards": [...], "scores": [...]}` (it reads `scores`, else `rewards`).
+- vLLM's pooling API, as verl's reward loop calls a discriminative reward model: `POST /classify` (and
+  `/v1/classify`) `{"model", "input": [texts] or text, "activation", "add_special_tokens"}` -> `{"id", "object":
+  "list", "created", "model", "data": [{"index", "label", "probs": [reward], "num_classes": 1}], "usage"}`; with
+  `activation` true (vLLM's default) probs are sigmoid(reward), verl sends false and reads the reward.
+- LLaMA-Factory's API: `POST /v1/score/evaluation` `{"model", "messages": [full texts], "max_length"}` ->
+  `{"id", "object": "score.evaluation", "model", "scores": [...]}`.
+- `POST /score` `{"prompt", "response"}` or `{"items": [...]}`: rendered with the run's template here.
+Full texts are normalised first (mindrlhf.data.templates.ClientTexts: BOS/EOS a decode wrote as text -> the ids
+the run's template gives), so the decoded rollout of a policy whose prompt format is the run's template scores as
+reward_infer.py scores the plain (prompt, response).
 
-Every rejection is a JSON `{"error", "limit"}` with a 4xx/503 and never touches the process: the next request
-is served. Nothing in a request reaches the file system or a shell: the checkpoint, config, tokenizer and
-template are fixed when the service starts, a request only carries texts.
+Every rejection is a JSON `{"error", "limit"}` with a 4xx/5xx and never touches the process: the next request
+is served; a forward pass that fails answers only the request that caused it (500 `scoring`, see batcher.py).
+Nothing in a request reaches the file system or a shell: the checkpoint, config, tokenizer and template are fixed
+when the service starts, a request only carries texts.
 """
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
+import math
+import os
+import time
+import uuid
 from dataclasses import asdict, dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -22,6 +36,7 @@ from mindrlhf.errors import ConfigError
 LOG = logging.getLogger("mindrlhf.serving")
 DRAIN_CAP = 8 << 20  # a rejected request's body is read (and dropped) up to this size, so the answer arrives
 INLINE_TOKENIZE_CHARS = 16384  # smaller requests are tokenized on the event loop, larger ones in a thread
+PATH_FIELDS = ("checkpoint", "config", "tokenizer")  # what /health shows only by name beyond loopback without the key
 
 
 @dataclass
@@ -31,7 +46,7 @@ class Limits:
     max_body_bytes: int = 4 << 20
     max_texts: int = 256
     max_chars: int = 32768
-    max_in_flight: int = 64
+    max_in_flight: int = 512  # OpenRLHF retries a 503 only 5 times 1 s apart: requests wait here instead
     request_timeout: float = 120.0
 
     def check(self):
@@ -56,11 +71,26 @@ def parse_json(body: bytes):
         raise Rejected(400, "json", f"malformed JSON: {str(err)[:200]}") from None
 
 
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and 'localhost'; a name or any other address is reachable from elsewhere."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
 def _string(value, where: str, limits: Limits) -> str:
     if not isinstance(value, str):
         raise Rejected(400, "field_type", f"{where} must be a string, got {type(value).__name__}")
     if len(value) > limits.max_chars:
         raise Rejected(413, "max_chars", f"{where} has {len(value)} characters, over max_chars={limits.max_chars}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:  # "\ud800" is valid JSON but no text: no tokenizer can encode it
+        raise Rejected(400, "encoding", f"{where} is not valid Unicode: {err.reason} at character {err.start} "
+                                        f"({value[err.start:err.end].encode('utf-8', 'backslashreplace')!r})") from None
     return value
 
 
@@ -80,10 +110,40 @@ def _list(payload, field: str, what: str, limits: Limits) -> list:
     return values
 
 
-def query_texts(payload, limits: Limits) -> List[str]:
-    """OpenRLHF's /get_reward body -> its full texts (prompts and labels, when sent, are not needed)."""
-    values = _list(payload, "query", "full texts: prompt and response in the run's template", limits)
-    return [_string(v, f"query[{i}]", limits) for i, v in enumerate(values)]
+def query_texts(payload, limits: Limits, field: str = "query") -> List[str]:
+    """OpenRLHF's /get_reward body (or LLaMA-Factory's `messages`) -> its full texts (prompts and labels, when
+    sent, are not needed)."""
+    values = _list(payload, field, "full texts: prompt and response in the run's template", limits)
+    return [_string(v, f"{field}[{i}]", limits) for i, v in enumerate(values)]
+
+
+def _optional(payload: dict, field: str, kinds: tuple, what: str):
+    value = payload.get(field)
+    if value is not None and (not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool))):
+        raise Rejected(400, "field_type", f"field '{field}' must be {what}, got {type(value).__name__}")
+    return value
+
+
+def classify_request(payload, limits: Limits) -> Tuple[List[str], dict]:
+    """vLLM's /classify body -> (texts, options): `input` a text or a list of texts; `model`, `activation`,
+    `add_special_tokens` optional (the run's template decides the special tokens: see ClientTexts)."""
+    if isinstance(payload, dict) and isinstance(payload.get("input"), str):
+        payload = dict(payload, input=[payload["input"]])
+    texts = query_texts(payload, limits, "input")
+    options = {"model": _optional(payload, "model", (str,), "a string"),
+               "activation": _optional(payload, "activation", (bool,), "true or false"),
+               "add_special_tokens": _optional(payload, "add_special_tokens", (bool,), "true or false")}
+    return texts, options
+
+
+def evaluation_request(payload, limits: Limits) -> Tuple[List[str], dict]:
+    """LLaMA-Factory's /v1/score/evaluation body -> (texts, options): `messages` full texts, `model`, and
+    `max_length` (tokens kept per text; at most seq_length)."""
+    texts = query_texts(payload, limits, "messages")
+    max_length = _optional(payload, "max_length", (int,), "a positive integer")
+    if max_length is not None and max_length < 1:
+        raise Rejected(400, "field_type", f"field 'max_length' must be a positive integer, got {max_length}")
+    return texts, {"model": _optional(payload, "model", (str,), "a string"), "max_length": max_length}
 
 
 def score_items(payload, limits: Limits) -> List[Tuple[str, str]]:
@@ -112,7 +172,11 @@ class RewardService:  # pylint: disable=too-many-instance-attributes
 
     def __init__(self, scorer, tokenizer, template, batcher, limits: Limits, api_key: Optional[str] = None,
                  stats: Optional[dict] = None, info: Optional[dict] = None):
+        from mindrlhf.data.templates import client_texts
+
         self.scorer, self.tokenizer, self.template, self.batcher = scorer, tokenizer, template, batcher
+        self.client_texts = client_texts(template, tokenizer)
+        self.vocab_size = int(scorer.model_config.vocab_size)
         self.limits = limits.check()
         self._key = api_key.encode("utf-8") if api_key else None
         self.stats = stats
@@ -121,19 +185,37 @@ class RewardService:  # pylint: disable=too-many-instance-attributes
         self.counts = {"answered": 0, "rejected": 0}
 
     # -- scoring ---------------------------------------------------------------------------------------------
-    def encode(self, texts: Sequence[str]) -> List[List[int]]:
-        """Token ids exactly as reward_infer.py makes them for the rendered text (same special-token rule)."""
+    def encode(self, texts: Sequence[str], full_texts: bool = False) -> List[List[int]]:
+        """Token ids exactly as reward_infer.py makes them for the rendered text (same special-token rule); full
+        texts from a client are normalised to the template's rendering first."""
+        if full_texts:
+            texts = [self.client_texts(t) for t in texts]
         return self.tokenizer.encode(list(texts), special_tokens=self.template.special_tokens)
 
-    async def rewards(self, texts: Sequence[str]) -> dict:
-        if sum(len(t) for t in texts) <= INLINE_TOKENIZE_CHARS:  # a thread hand-off costs more than this
-            ids = self.encode(texts)
-        else:
-            ids = await asyncio.get_running_loop().run_in_executor(None, self.encode, texts)
-        empty = [i for i, x in enumerate(ids) if not x]
-        if empty:
-            raise Rejected(400, "empty_text", f"text {empty[0]} has no tokens: nothing to score")
-        seq_length = self.scorer.seq_length
+    def check_ids(self, ids: List[List[int]], field: str):
+        """Every id inside the model's vocabulary before a pass (a tokenizer with more tokens than the model's
+        embedding would otherwise read past it)."""
+        for i, seq in enumerate(ids):
+            if not seq:
+                raise Rejected(400, "empty_text", f"{field}[{i}] has no tokens: nothing to score")
+            low, high = min(seq), max(seq)
+            if low < 0 or high >= self.vocab_size:
+                raise Rejected(422, "vocab", f"{field}[{i}] tokenizes to id {high if high >= self.vocab_size else low}"
+                                             f", outside the model's vocabulary of {self.vocab_size}: the tokenizer "
+                                             "does not belong to this model")
+
+    async def rewards(self, texts: Sequence[str], full_texts: bool = False, field: str = "query",
+                      max_tokens: Optional[int] = None) -> dict:
+        try:
+            if sum(len(t) for t in texts) <= INLINE_TOKENIZE_CHARS:  # a thread hand-off costs more than this
+                ids = self.encode(texts, full_texts)
+            else:
+                ids = await asyncio.get_running_loop().run_in_executor(None, self.encode, texts, full_texts)
+        except Exception as err:  # pylint: disable=broad-except  (the tokenizer's own error, answered as a 400)
+            raise Rejected(400, "encoding", f"field '{field}': the tokenizer cannot encode it: "
+                                            f"{type(err).__name__}: {str(err)[:200]}") from None
+        self.check_ids(ids, field)
+        seq_length = min(self.scorer.seq_length, max_tokens or self.scorer.seq_length)
         lengths = [len(x) for x in ids]
         truncated = [i for i, n in enumerate(lengths) if n > seq_length]
         ids = [x[:seq_length] for x in ids]  # as training and reward_infer.py truncate
@@ -143,6 +225,9 @@ class RewardService:  # pylint: disable=too-many-instance-attributes
         except asyncio.CancelledError:  # request_timeout: the batcher skips what is left of this job
             job.abandoned = True
             raise
+        except Exception as err:  # pylint: disable=broad-except  (this request's pass failed; the others got theirs)
+            raise Rejected(500, "scoring", f"scoring this request failed: {type(err).__name__}: {str(err)[:300]}; "
+                                           "the other requests batched with it were scored without it") from None
         answer = {"rewards": [float(r) for r in raw], "num_tokens": lengths, "truncated": truncated}
         if truncated:
             answer["note"] = (f"{len(truncated)} text(s) longer than seq_length={seq_length} tokens were truncated "
@@ -161,12 +246,11 @@ class RewardService:  # pylint: disable=too-many-instance-attributes
         if self._key is None:
             return
         header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
         if not header:
             reason = "no Authorization header"
-        elif scheme.lower() != "bearer":
+        elif header.partition(" ")[0].lower() != "bearer":
             reason = "Authorization is not a Bearer key"
-        elif not hmac.compare_digest(given.strip().encode("latin-1", "replace"), self._key):
+        elif not self._key_matches(request):
             reason = "wrong key"
         else:
             return
@@ -198,19 +282,50 @@ class RewardService:  # pylint: disable=too-many-instance-attributes
             raise Rejected(408, "request_timeout", f"request body not received within request_timeout="
                                                    f"{self.limits.request_timeout}s") from None
         payload = parse_json(body)
+        options, field, full = {}, "query", True
         if kind == "get_reward":
             texts = query_texts(payload, self.limits)
+        elif kind == "classify":
+            (texts, options), field = classify_request(payload, self.limits), "input"
+        elif kind == "evaluation":
+            (texts, options), field = evaluation_request(payload, self.limits), "messages"
         else:
-            texts = [self.template.render(p, r) for p, r in score_items(payload, self.limits)]
+            texts, field, full = [self.template.render(p, r) for p, r in score_items(payload, self.limits)], "items", \
+                False
         try:
-            answer = await asyncio.wait_for(self.rewards(texts), max(0.0, deadline - loop.time()))
+            answer = await asyncio.wait_for(self.rewards(texts, full, field, options.get("max_length")),
+                                            max(0.0, deadline - loop.time()))
         except asyncio.TimeoutError:
             raise Rejected(503, "request_timeout", f"not scored within request_timeout="
                                                    f"{self.limits.request_timeout}s; the server is busy, retry later",
                            {"Retry-After": "1"}) from None
         if kind == "get_reward":
-            answer["scores"] = answer["rewards"]  # newer OpenRLHF servers send both
+            answer["scores"] = answer["rewards"]  # newer OpenRLHF servers send both; its client reads scores first
+        elif kind == "classify":
+            answer = self.classify_answer(answer, options)
+        elif kind == "evaluation":
+            answer = {"id": f"scoreval-{uuid.uuid4().hex}", "object": "score.evaluation",
+                      "model": options["model"] or self.model_name, "scores": answer["rewards"]}
         return answer
+
+    @property
+    def model_name(self) -> str:
+        return str(self.info.get("model") or "mindrlhf-reward-model")
+
+    def classify_answer(self, answer: dict, options: dict) -> dict:
+        """vLLM's ClassificationResponse: one class, probs = [reward], or [sigmoid(reward)] with activation."""
+        activation = options.get("activation") is not False  # vLLM applies its activation unless told not to
+
+        def prob(r):
+            return 1.0 / (1.0 + math.exp(-r)) if activation else r
+
+        tokens = sum(min(n, self.scorer.seq_length) for n in answer["num_tokens"])
+        return {"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
+                "model": options.get("model") or self.model_name,
+                "data": [{"index": i, "label": "LABEL_0", "probs": [prob(r)], "num_classes": 1}
+                         for i, r in enumerate(answer["rewards"])],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
+                          "prompt_tokens_details": None}}
 
     async def handle(self, request, kind: str):
         from fastapi.responses import JSONResponse
@@ -224,6 +339,11 @@ class RewardService:  # pylint: disable=too-many-instance-attributes
             self.in_flight += 1
             try:
                 answer = await self.answer(request, kind)
+            except Rejected:
+                raise
+            except Exception as err:  # pylint: disable=broad-except  (a JSON answer naming it, never a bare 500)
+                LOG.exception("500 %s %s from %s", request.method, request.url.path, peer)
+                raise Rejected(500, "internal", f"internal error: {type(err).__name__}: {str(err)[:200]}") from None
             finally:
                 self.in_flight -= 1
         except Rejected as err:
@@ -237,11 +357,37 @@ class RewardService:  # pylint: disable=too-many-instance-attributes
         self.counts["answered"] += 1
         return JSONResponse(answer)
 
-    def health(self) -> dict:
-        return dict(self.info, status="ok", in_flight=self.in_flight, counts=dict(self.counts, **self.batcher.counts),
+    def trusted(self, request) -> bool:
+        """Loopback callers, and callers with the key, may see file paths."""
+        host = request.client.host if request.client else ""
+        if is_loopback(host):
+            return True
+        return self._key_matches(request)
+
+    def _key_matches(self, request) -> bool:
+        """A Bearer key equal to the server's, compared in constant time (False when the server has none)."""
+        if self._key is None:
+            return False
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("latin-1", "replace"),
+                                                                   self._key)
+
+    def health(self, trusted: bool = True) -> dict:
+        """What is served. Beyond loopback without the key: names, step and template only, no absolute paths."""
+        info = dict(self.info)
+        stats_file = None if self.stats is None else self.stats["path"]
+        if not trusted:
+            for key in PATH_FIELDS:
+                if isinstance(info.get(key), str):
+                    info[key] = os.path.basename(info[key])
+            template = str(info.get("template", ""))
+            info["template"] = os.path.basename(template) if os.path.isabs(template) else template
+            stats_file = None if stats_file is None else os.path.basename(stats_file)
+        return dict(info, status="ok", in_flight=self.in_flight, counts=dict(self.counts, **self.batcher.counts),
                     normalization=None if self.stats is None else
-                    {"mean": self.stats["mean"], "std": self.stats["std"], "stats_file": self.stats["path"]},
-                    limits=asdict(self.limits), api_key_required=self._key is not None)
+                    {"mean": self.stats["mean"], "std": self.stats["std"], "stats_file": stats_file},
+                    limits=asdict(self.limits), api_key_required=self._key is not None,
+                    full_texts=self.client_texts.describe())
 
 
 async def drain(request):
@@ -280,8 +426,17 @@ def create_app(service: RewardService):
     async def score(request: Request):
         return await service.handle(request, "score")
 
+    @app.post("/classify")
+    @app.post("/v1/classify")
+    async def classify(request: Request):
+        return await service.handle(request, "classify")
+
+    @app.post("/v1/score/evaluation")
+    async def evaluation(request: Request):
+        return await service.handle(request, "evaluation")
+
     @app.get("/health")
-    async def health():
-        return service.health()
+    async def health(request: Request):
+        return service.health(service.trusted(request))
 
     return app

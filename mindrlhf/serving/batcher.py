@@ -7,6 +7,11 @@ with RewardScorer.score_batch. Rows are padded to a few fixed batch sizes (1, 4,
 mode compiles a handful of shapes rather than one per batch size; pad rows are scored and dropped (rows never
 attend to each other). A job whose request gave up (timeout) before its turn is skipped, and a batch whose
 requests all gave up stops between forward passes, so abandoned work never piles up.
+
+A batch whose scoring raises fails only its culprit: its jobs are split in halves and each half scored again
+(recursively), so the requests that did not cause the failure get their scores and the one that did gets the
+error (log2 of the batch's jobs extra passes per culprit). `before_pass(rows)` is called before every forward
+pass with its real rows: tests use it to inject a failure or hold a pass.
 """
 import logging
 import queue
@@ -53,7 +58,9 @@ class DynamicBatcher:
         self.wait = max(0.0, float(wait_ms)) / 1000.0
         self.sizes = padded_sizes(self.max_batch)
         self.jobs: "queue.Queue" = queue.Queue()  # bounded by the server's limit on requests in flight
-        self.counts = {"forward_passes": 0, "sequences": 0, "collected_batches": 0, "skipped_jobs": 0}
+        self.counts = {"forward_passes": 0, "sequences": 0, "collected_batches": 0, "skipped_jobs": 0,
+                       "failed_jobs": 0, "rescored_jobs": 0}
+        self.before_pass = None  # callable(rows) before each forward pass (tests: inject a failure, hold a pass)
         self.thread = threading.Thread(target=self._run, name="reward-batcher", daemon=True)
 
     def start(self) -> "DynamicBatcher":
@@ -93,6 +100,8 @@ class DynamicBatcher:
                     and self.scorer.bucket(len(sequences[order[stop]])) == width:
                 stop += 1
             rows = [sequences[i] for i in order[start:stop]]
+            if self.before_pass is not None:
+                self.before_pass(rows)
             size = next(s for s in self.sizes if s >= len(rows))
             rows += [[self.scorer.pad_token_id]] * (size - len(rows))
             scores[order[start:stop]] = self.scorer.score_batch(rows)[:stop - start]
@@ -133,20 +142,32 @@ class DynamicBatcher:
             if not jobs:
                 continue
             self.counts["collected_batches"] += 1
-            sequences = [seq for job in jobs for seq in job.sequences]
-            try:
-                scores = self.score(sequences, lambda: all(job.abandoned for job in jobs))
-            except Abandoned as err:
-                self.counts["skipped_jobs"] += len(jobs)
-                for job in jobs:
-                    job.future.set_exception(err)
-                continue
-            except Exception as err:  # pylint: disable=broad-except  (answer every waiting request, keep serving)
-                LOG.exception("scoring failed")
-                for job in jobs:
-                    job.future.set_exception(err)
-                continue
-            start = 0
+            self._score_jobs(jobs)
+
+    def _score_jobs(self, jobs: list):
+        """Score these jobs in one go; when that raises, each half again, down to the job that fails alone."""
+        sequences = [seq for job in jobs for seq in job.sequences]
+        try:
+            scores = self.score(sequences, lambda: all(job.abandoned for job in jobs))
+        except Abandoned as err:
+            self.counts["skipped_jobs"] += len(jobs)
             for job in jobs:
-                job.future.set_result(scores[start:start + len(job.sequences)])
-                start += len(job.sequences)
+                job.future.set_exception(err)
+            return
+        except Exception as err:  # pylint: disable=broad-except  (answer every waiting request, keep serving)
+            if len(jobs) > 1:
+                LOG.warning("a pass over %d requests failed (%s: %s); scoring them again in halves to find the "
+                            "culprit", len(jobs), type(err).__name__, err)
+                self.counts["rescored_jobs"] += len(jobs)
+                half = len(jobs) // 2
+                self._score_jobs(jobs[:half])
+                self._score_jobs(jobs[half:])
+                return
+            LOG.exception("scoring failed for one request (%d texts)", len(jobs[0].sequences))
+            self.counts["failed_jobs"] += 1
+            jobs[0].future.set_exception(err)
+            return
+        start = 0
+        for job in jobs:
+            job.future.set_result(scores[start:start + len(job.sequences)])
+            start += len(job.sequences)

@@ -5,7 +5,6 @@ opened here too (an address in use is a one-line error, and /health reports the 
 SIGTERM or Ctrl-C uvicorn stops accepting connections, the requests in flight are answered, the batcher stops,
 and the process exits 0.
 """
-import ipaddress
 import logging
 import os
 import signal
@@ -14,21 +13,11 @@ import sys
 from typing import Optional
 
 from mindrlhf.errors import ConfigError
-from mindrlhf.serving.app import Limits, RewardService, create_app
+from mindrlhf.serving.app import Limits, RewardService, create_app, is_loopback  # noqa: F401
 from mindrlhf.serving.batcher import DynamicBatcher
 
 LOG = logging.getLogger("mindrlhf.serving")
 API_KEY_ENV = "MINDRLHF_API_KEY"
-
-
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and 'localhost'; a name or any other address is reachable from elsewhere."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:
-        return False
 
 
 def bind_warning(host: str, has_key: bool) -> Optional[str]:
@@ -84,7 +73,8 @@ def build_service(config_path: str, ckpt_path: str, tokenizer: str, limits: Limi
     info = {"checkpoint": os.path.abspath(checkpoint), "step": scorer.step, "config": os.path.abspath(config_path),
             "tokenizer": os.path.abspath(getattr(tok, "path", tokenizer)), "template": chosen.name,
             "seq_length": scorer.seq_length, "max_batch": max_batch, "batch_wait_ms": batch_wait_ms,
-            "buckets": scorer.buckets, "batch_sizes": batcher.sizes}
+            "buckets": scorer.buckets, "batch_sizes": batcher.sizes,
+            "model": os.path.basename(checkpoint_root(checkpoint)) or "mindrlhf-reward-model"}
     return RewardService(scorer, tok, chosen, batcher.start(), limits, api_key, stats, info)
 
 
