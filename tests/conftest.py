@@ -51,13 +51,18 @@ def run_main(script, *args, check=True):
     spec = importlib.util.spec_from_file_location(f"_cli_{Path(script).stem}", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    import mindspore as ms
+
     argv = [str(a) for a in args]
     out, err, code = io.StringIO(), io.StringIO(), 0
+    mode = ms.get_context("mode")  # eval/infer set the YAML's mode: the tests after this one keep theirs
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             module.main(argv)
         except SystemExit as exit_:
             code = exit_.code if isinstance(exit_.code, int) else 1
+        finally:
+            ms.set_context(mode=mode)
     proc = subprocess.CompletedProcess([str(script), *argv], code, out.getvalue(), err.getvalue())
     if check and code != 0:
         raise AssertionError(f"{script} {' '.join(argv)} exited {code} (in-process)\nstdout:\n{proc.stdout[-4000:]}\n"
