@@ -40,6 +40,36 @@ def run_cli(script, *args, cwd=None, check=True, timeout=1800):
     return proc
 
 
+def run_main(script, *args, check=True):
+    """The same script's main() called in this process, as its CLI would call it (argv, stdout, stderr, exit code),
+    without a new interpreter importing MindSpore and MindFormers (seconds a run). For the many cases of one exit
+    path: each CLI and exit path keeps at least one real run_cli run in the suite. Returns a CompletedProcess."""
+    import contextlib
+    import importlib.util
+    import io
+
+    spec = importlib.util.spec_from_file_location(f"_cli_{Path(script).stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import mindspore as ms
+
+    argv = [str(a) for a in args]
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    mode = ms.get_context("mode")  # eval/infer set the YAML's mode: the tests after this one keep theirs
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            module.main(argv)
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        finally:
+            ms.set_context(mode=mode)
+    proc = subprocess.CompletedProcess([str(script), *argv], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"{script} {' '.join(argv)} exited {code} (in-process)\nstdout:\n{proc.stdout[-4000:]}\n"
+                             f"stderr:\n{proc.stderr[-4000:]}")
+    return proc
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -168,13 +168,14 @@ def test_inference_and_evaluation_render_with_the_recorded_template(trained, tmp
         assert scored[2 * i]["score"] == pytest.approx(trained["scores"][i]["chosen_score"], abs=1e-4)
         assert scored[2 * i + 1]["score"] == pytest.approx(trained["scores"][i]["rejected_score"], abs=1e-4)
     # asking for another template, or evaluating data converted with one, is an error naming both
+    # (the three rows above: what is refused is the template, not the size of the set)
     proc = run_cli(EXAMPLES / "reward_eval.py", "--config", trained["config"], "--distributed_ckpt_path",
-                   trained["output"] / "checkpoint", "--eval_dataset", TEST_JSONL, "--tokenizer", trained["tokenizer"],
+                   trained["output"] / "checkpoint", "--eval_dataset", data, "--tokenizer", trained["tokenizer"],
                    "--template", "tutorial", "--output_file", tmp_path / "x.json", check=False)
     assert proc.returncode == 2 and "renders differently from the template the checkpoints were trained with ('chat'" \
         in proc.stderr, proc.stderr[-2000:]
     tutorial_data = tmp_path / "test_tutorial.mindrecord"
-    run_cli(EXAMPLES / "cvalues_comparison.py", "--model", trained["tokenizer"], "--src_file", TEST_JSONL,
+    run_cli(EXAMPLES / "cvalues_comparison.py", "--model", trained["tokenizer"], "--src_file", data,
             "--dst_file", tutorial_data, "--seq_length", 128)
     proc = run_cli(EXAMPLES / "reward_eval.py", "--config", trained["config"], "--distributed_ckpt_path",
                    trained["output"] / "checkpoint", "--eval_dataset", tutorial_data,

@@ -1,9 +1,12 @@
-"""Every bad-input kind: a message naming file, line and field, a non-zero exit, and no output left behind."""
+"""Every bad-input kind: a message naming file, line and field, a non-zero exit, and no output left behind.
+
+Each CLI and exit path runs once as a real subprocess (REAL_RUN, run_cli); the other kinds call the same main()
+in this process (run_main): same argv, same messages, same exit code, without a MindSpore start-up each."""
 import json
 
 import pytest
 
-from conftest import EXAMPLES, TOKENIZER, run_cli
+from conftest import EXAMPLES, TOKENIZER, run_cli, run_main
 
 GOOD = {"prompt": "问题", "pos_resp": "好的回答", "neg_resp": "坏的回答", "pos_type": "拒绝为主", "neg_type": "风险回复"}
 
@@ -23,6 +26,13 @@ CASES = {
 }
 
 
+REAL_RUN = "malformed_json"  # the kind run as a real subprocess in each parametrized test
+
+
+def runner(kind):
+    return run_cli if kind == REAL_RUN else run_main
+
+
 def write_source(tmp_path, bad_line):
     src = tmp_path / "src.jsonl"
     src.write_bytes(good_line() + b"\n" + bad_line + b"\n" + good_line(neg_resp="另一个回答") + b"\n")
@@ -34,8 +44,8 @@ def test_conversion_rejects_bad_row(tmp_path, kind):
     bad, where, message = CASES[kind]
     src = write_source(tmp_path, bad)
     dst = tmp_path / "out" / "pairs.mindrecord"
-    proc = run_cli(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", src,
-                   "--dst_file", dst, "--seq_length", 64, check=False)
+    proc = runner(kind)(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", src,
+                        "--dst_file", dst, "--seq_length", 64, check=False)
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr.strip().splitlines()[-1]
     assert f"{src}:2" in err and message in err, err
@@ -49,8 +59,8 @@ def test_skip_invalid_reports_and_writes_the_rest(tmp_path, kind):
     bad, _, message = CASES[kind]
     src = write_source(tmp_path, bad)
     dst = tmp_path / "pairs.mindrecord"
-    proc = run_cli(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", src,
-                   "--dst_file", dst, "--seq_length", 64, "--skip_invalid")
+    proc = runner(kind)(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", src,
+                        "--dst_file", dst, "--seq_length", 64, "--skip_invalid")
     assert "skipped: 1" in proc.stdout and "[2]" in proc.stdout
     stats = json.loads(dst.with_name(dst.name + ".stats.json").read_text())
     assert stats["rows"] == 2
@@ -60,8 +70,8 @@ def test_skip_invalid_reports_and_writes_the_rest(tmp_path, kind):
 
 def test_missing_source_file(tmp_path):
     dst = tmp_path / "pairs.mindrecord"
-    proc = run_cli(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", tmp_path / "nope.jsonl",
-                   "--dst_file", dst, "--seq_length", 64, check=False)
+    proc = run_main(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", tmp_path / "nope.jsonl",
+                    "--dst_file", dst, "--seq_length", 64, check=False)
     assert proc.returncode == 2
     assert f"{tmp_path / 'nope.jsonl'}: file does not exist" in proc.stderr
     assert not dst.exists()
@@ -77,9 +87,9 @@ def test_eval_and_infer_reject_bad_rows(tmp_path, script, kind):
     out = tmp_path / "results" / "out.json"
     data_flag = "--eval_dataset" if script == "reward_eval.py" else "--data_file"
     extra = ["--tokenizer", TOKENIZER]
-    proc = run_cli(EXAMPLES / script, "--config", TINY_CONFIG, data_flag, src, *extra,
-                   "--distributed_ckpt_path", tmp_path / "no_checkpoint_needed_yet", "--output_file", out,
-                   check=False)
+    proc = runner(kind)(EXAMPLES / script, "--config", TINY_CONFIG, data_flag, src, *extra,
+                        "--distributed_ckpt_path", tmp_path / "no_checkpoint_needed_yet", "--output_file", out,
+                        check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     err = proc.stderr.strip().splitlines()[-1]
     assert f"{src}:2" in err and message in err, err
@@ -92,8 +102,8 @@ def test_existing_outputs_are_kept(tmp_path):
     existing = tmp_path / "results.json"
     existing.write_text("keep me")
     for script, flag in (("reward_eval.py", "--eval_dataset"), ("reward_infer.py", "--data_file")):
-        proc = run_cli(EXAMPLES / script, "--config", TINY_CONFIG, flag, TEST_JSONL, "--tokenizer", TOKENIZER,
-                       "--distributed_ckpt_path", tmp_path, "--output_file", existing, check=False)
+        proc = run_main(EXAMPLES / script, "--config", TINY_CONFIG, flag, TEST_JSONL, "--tokenizer", TOKENIZER,
+                        "--distributed_ckpt_path", tmp_path, "--output_file", existing, check=False)
         assert proc.returncode == 2 and "--overwrite" in proc.stderr, proc.stderr[-1000:]
     assert existing.read_text() == "keep me"
 
@@ -112,7 +122,7 @@ def test_existing_outputs_are_kept(tmp_path):
     (run_dir / "checkpoint" / "rank_0").mkdir(parents=True)
     earlier = run_dir / "checkpoint" / "rank_0" / "earlier-1_10.ckpt"
     earlier.write_bytes(b"an earlier run")
-    proc = run_cli(EXAMPLES / "reward_train.py", "--config", TINY_CONFIG, "--train_dataset", tmp_path / "x",
-                   "--output_dir", run_dir, check=False)
+    proc = run_main(EXAMPLES / "reward_train.py", "--config", TINY_CONFIG, "--train_dataset", tmp_path / "x",
+                    "--output_dir", run_dir, check=False)
     assert proc.returncode == 2 and "earlier run" in proc.stderr and "--resume" in proc.stderr
     assert earlier.read_bytes() == b"an earlier run"

@@ -1,4 +1,9 @@
-"""Mismatches between data and model are caught before training starts, with a clear message."""
+"""Mismatches between data and model are caught before training starts, with a clear message.
+
+reward_train.py runs as a real subprocess for one data check (the sequence length) and one config check (the
+missing section): exit code 2, one line, no traceback, no checkpoint. The other cases take the same path in this
+process, without a MindSpore start-up each: config checks through the same main() (they fail in prepare_config,
+before any context is built), data checks through the functions train() calls on that config."""
 
 import pytest
 import yaml
@@ -6,34 +11,53 @@ from mindspore.mindrecord import FileWriter
 
 from mindrlhf.data.records import RECORD_SCHEMA
 
-from conftest import EXAMPLES, TEST_JSONL, TINY_CONFIG, TOKENIZER, run_cli
+from conftest import EXAMPLES, TEST_JSONL, TINY_CONFIG, TOKENIZER, run_cli, run_main
 
 TRAIN = EXAMPLES / "reward_train.py"
 
 
 def convert(tmp_path, name, *args, src=TEST_JSONL):
     dst = tmp_path / f"{name}.mindrecord"
-    run_cli(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", src, "--dst_file", dst, *args)
+    run_main(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", src, "--dst_file", dst, *args)
     return dst
 
 
-def refused(tmp_path, data, config=TINY_CONFIG, *extra):
+def refused(tmp_path, data, config=TINY_CONFIG, *extra, real=False):
     out = tmp_path / "output"
-    proc = run_cli(TRAIN, "--config", config, "--train_dataset", data, "--output_dir", out, *extra, check=False)
+    run = run_cli if real else run_main
+    proc = run(TRAIN, "--config", config, "--train_dataset", data, "--output_dir", out, *extra, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (out / "checkpoint").exists() or not list((out / "checkpoint").rglob("*.ckpt"))
     return proc.stderr.strip().splitlines()[-1]
 
 
+def refused_by_data_check(tmp_path, data, config=TINY_CONFIG):
+    """What train() checks the data with, on the config prepare_config gives it, in this process (train() would
+    build a MindSpore context here first): the message the CLI prints after 'error: '."""
+    from mindrlhf.data.dataset import resolve_mindrecord_files
+    from mindrlhf.errors import ConfigError
+    from mindrlhf.training import config as cfg
+    from mindrlhf.training.trainer import prepare_config
+
+    config = prepare_config(str(config), str(data), output_dir=str(tmp_path / "output"))
+    files = resolve_mindrecord_files(cfg.dataset_source(config, "train"))
+    cfg.data_template_and_margin(config, files)
+    with pytest.raises(ConfigError) as err:
+        cfg.check_data_against_model(config, files, "train", 1)
+    message = f"error: {err.value}"
+    assert "\n" not in message and str(data) in message
+    return message
+
+
 def test_sequence_length_mismatch(tmp_path):
     data = convert(tmp_path, "s128", "--seq_length", 128, "--pad_token_id", 2)
-    assert "--seq_length 128 but the model's seq_length is 256" in refused(tmp_path, data)
+    assert "--seq_length 128 but the model's seq_length is 256" in refused(tmp_path, data, real=True)
 
 
 def test_pad_mismatch(tmp_path):
     data = convert(tmp_path, "pad0", "--seq_length", 256, "--pad_token_id", 0)
-    assert "padded with 0 but the model's pad_token_id is 2" in refused(tmp_path, data)
+    assert "padded with 0 but the model's pad_token_id is 2" in refused_by_data_check(tmp_path, data)
 
 
 def test_token_ids_beyond_vocabulary(tmp_path):
@@ -42,7 +66,7 @@ def test_token_ids_beyond_vocabulary(tmp_path):
     raw["model"]["model_config"]["vocab_size"] = 1000
     config = tmp_path / "small_vocab.yaml"
     config.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
-    assert ">= the model's vocab_size 1000" in refused(tmp_path, data, config)
+    assert ">= the model's vocab_size 1000" in refused_by_data_check(tmp_path, data, config)
 
 
 def test_empty_dataset(tmp_path):
@@ -50,7 +74,7 @@ def test_empty_dataset(tmp_path):
     writer = FileWriter(str(path), shard_num=1)
     writer.add_schema(RECORD_SCHEMA, "empty")
     writer.commit()
-    assert "dataset is empty" in refused(tmp_path, path)
+    assert "dataset is empty" in refused_by_data_check(tmp_path, path)
 
 
 def test_batch_larger_than_data(tmp_path):
@@ -58,7 +82,7 @@ def test_batch_larger_than_data(tmp_path):
     src = tmp_path / "three.jsonl"
     src.write_text("\n".join(rows), encoding="utf-8")
     data = convert(tmp_path, "three", "--seq_length", 256, "--pad_token_id", 2, src=src)
-    assert "a step takes 8 pair(s) but each of 1 reader(s) has 3" in refused(tmp_path, data)
+    assert "a step takes 8 pair(s) but each of 1 reader(s) has 3" in refused_by_data_check(tmp_path, data)
 
 
 def test_missing_sections_are_refused(tmp_path):
@@ -67,7 +91,7 @@ def test_missing_sections_are_refused(tmp_path):
     config = tmp_path / "no_lr.yaml"
     config.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
     data = tmp_path / "unused.mindrecord"
-    message = refused(tmp_path, data, config)
+    message = refused(tmp_path, data, config, real=True)
     assert "missing section(s) lr_schedule" in message
 
 

@@ -10,7 +10,7 @@ import yaml
 
 import mindspore as ms
 
-from conftest import EXAMPLES, TINY_CONFIG, cli_env, run_cli
+from conftest import EXAMPLES, TINY_CONFIG, cli_env, run_cli, run_main
 
 pytestmark = pytest.mark.slow
 TRAIN = EXAMPLES / "reward_train.py"
@@ -132,8 +132,10 @@ def test_corrupt_newest_checkpoint_is_skipped(dynamic_scale_config, test_mindrec
 
 
 def test_resume_from_a_single_file_is_refused(dynamic_scale_config, test_mindrecord, tmp_path, uninterrupted):
-    proc = train(dynamic_scale_config, test_mindrecord, tmp_path / "x", "--resume", "--load_checkpoint",
-                 uninterrupted, check=False)
+    # refused in prepare_config, before any context is built: the same main() in this process (the exit-2 path of
+    # reward_train.py runs for real in test_preflight)
+    proc = run_main(TRAIN, "--config", dynamic_scale_config, "--train_dataset", test_mindrecord, "--output_dir",
+                    tmp_path / "x", "--batch_size", 4, "--resume", "--load_checkpoint", uninterrupted, check=False)
     assert proc.returncode == 2
     assert "not a single .ckpt file" in proc.stderr and "Traceback" not in proc.stderr
 
