@@ -418,22 +418,15 @@ def create_app(service: RewardService):
 
     app = FastAPI(title="mindrlhf reward server", docs_url=None, redoc_url=None, openapi_url=None)
 
-    @app.post("/get_reward")
-    async def get_reward(request: Request):
-        return await service.handle(request, "get_reward")
+    def answer(kind):
+        async def endpoint(request: Request):
+            return await service.handle(request, kind)
+        return endpoint
 
-    @app.post("/score")
-    async def score(request: Request):
-        return await service.handle(request, "score")
-
-    @app.post("/classify")
-    @app.post("/v1/classify")
-    async def classify(request: Request):
-        return await service.handle(request, "classify")
-
-    @app.post("/v1/score/evaluation")
-    async def evaluation(request: Request):
-        return await service.handle(request, "evaluation")
+    # OpenRLHF, the run's own template, vLLM's pooling API (verl), LLaMA-Factory: one batcher, key and limits
+    for path, kind in (("/get_reward", "get_reward"), ("/score", "score"), ("/classify", "classify"),
+                       ("/v1/classify", "classify"), ("/v1/score/evaluation", "evaluation")):
+        app.add_api_route(path, answer(kind), methods=["POST"])
 
     @app.get("/health")
     async def health(request: Request):
