@@ -500,14 +500,35 @@ def hf_folders(tmp_path_factory):
     return {style: train_tokenizer(work / style, style) for style in ("qwen2", "llama3")}
 
 
-def test_only_the_serving_tokenizers_own_spelling_is_normalised(hf_folders):
+def llama2_chat_template(folder):
+    """Llama 2's chat template, reduced to one user and one assistant turn."""
+    path = folder / "llama2_chat.jinja"
+    path.write_text("{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + m['content'] "
+                    "+ ' [/INST]' }}{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}",
+                    encoding="utf-8")
+    return path
+
+
+def test_only_the_serving_tokenizers_own_spelling_is_normalised(hf_folders, tmp_path):
     """`<s>` means BOS only to the Llama 2 tokenizer, `<|im_end|>` only to the Qwen one: in another tokenizer's
     spelling they are ordinary text. Repeated BOS collapse to the template's one."""
     from mindrlhf.data.templates import TUTORIAL, client_texts, resolve_template
     from mindrlhf.data.tokenizer import load_tokenizer
 
-    llama2 = client_texts(TUTORIAL, load_tokenizer(str(TOKENIZER)))
-    assert llama2("<s><s> 你好</s></s>") == "你好"
+    llama2_tok = load_tokenizer(str(TOKENIZER))
+    llama2 = client_texts(TUTORIAL, llama2_tok)
+    assert llama2("<s><s> 你好</s>") == "你好"
+    assert llama2("<s> Use <s>old</s></s>") == "Use <s>old</s>"  # one EOS appended by the loop, HTML's kept
+    # Llama 2's chat template renders ' ' + eos after the answer; a policy stops right after its last word. Chat
+    # templates need a tokenizer.json: the one transformers converts from the same tokenizer.model.
+    hf_llama2_tokenizers()["fast"].save_pretrained(str(tmp_path / "llama2_fast"))
+    fast = load_tokenizer(str(tmp_path / "llama2_fast" / "tokenizer.json"))
+    template = resolve_template(str(llama2_chat_template(tmp_path)), fast)
+    llama2_chat = client_texts(template, fast)
+    decoded = "<s>[INST] Hi [/INST] Hello there</s>"  # as the policy's ids decode: no space before </s>
+    assert llama2_chat(decoded) == template.render("Hi", "Hello there") == "<s>[INST] Hi [/INST] Hello there </s>"
+    assert fast.encode([llama2_chat(decoded)], special_tokens=template.special_tokens) == \
+        fast.encode([template.render("Hi", "Hello there")], special_tokens=template.special_tokens)
     assert llama2("<|begin_of_text|>你好<|im_end|>") == "<|begin_of_text|>你好<|im_end|>"
     qwen_tok = load_tokenizer(str(hf_folders["qwen2"]))
     qwen = client_texts(resolve_template("chat", qwen_tok), qwen_tok)

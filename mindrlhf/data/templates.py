@@ -263,9 +263,11 @@ class ClientTexts:
     the BOS and EOS as text; the reward must be read after the same token ids as in training:
     - leading BOS text: the BOS the template renders or the tokenizer adds anyway, so exactly one remains (a
       SentencePiece decode also writes a space after it, which is dropped with it);
-    - trailing EOS text the template never renders (the tutorial's): dropped;
-    - a chat template's end of turn (`<|im_end|>\\n`, `<|eot_id|>`) stays as its training rows have it; the
-      whitespace it renders after that token, where generation stops, is restored.
+    - one trailing EOS text the template never renders (the tutorial's): dropped; only one, since an RL loop
+      appends at most one and a response may itself end in text spelled like it (HTML's `</s>`);
+    - a chat template's end of turn (`<|im_end|>\\n`, `<|eot_id|>`, Llama 2's ` </s>`) stays as its training rows
+      have it: the whitespace it renders around that token, which generation does not produce (the policy stops
+      at the token; Llama 2's template puts a space before it), is restored.
     Only this tokenizer's own spelling counts: `<s>` sent to a tokenizer.json model is ordinary text.
     """
 
@@ -285,13 +287,15 @@ class ClientTexts:
             if self.bos_in_template and stripped:
                 text = self.bos + text
         end = self.end_of_turn
-        if end:
-            token = end.rstrip()
-            if token and not text.endswith(end) and text.endswith(token):
-                text += end[len(token):]
-        elif self.eos:
-            while text.endswith(self.eos):
-                text = text[:-len(self.eos)]
+        token = end.strip()
+        if token:
+            if not text.endswith(end) and text.endswith(token):
+                text = text[:-len(token)] + end
+            return text
+        if self.eos and text.endswith(self.eos):
+            text = text[:-len(self.eos)]
+        if end and not text.endswith(end):  # a template that renders only whitespace after the response
+            text += end
         return text
 
     def describe(self) -> dict:
@@ -302,13 +306,16 @@ class ClientTexts:
             becomes = ("one, as the template renders it" if self.bos_in_template
                        else "the BOS the tokenizer adds, if any")
             rules.append(f"leading {self.bos!r}{after} -> {becomes}")
-        if self.end_of_turn:
-            token = self.end_of_turn.rstrip()
+        token = self.end_of_turn.strip()
+        if token:
             rules.append(f"the template's end of turn {self.end_of_turn!r} is kept" + (
-                f"; a text ending in {token!r} gets {self.end_of_turn[len(token):]!r} back" if token and
-                token != self.end_of_turn else ""))
-        elif self.eos:
-            rules.append(f"trailing {self.eos!r} dropped: the template never trained on it")
+                f"; a text ending in {token!r} gets it back whole" if token != self.end_of_turn else ""))
+        else:
+            if self.eos:
+                rules.append(f"one trailing {self.eos!r} dropped: the template never trained on it")
+            if self.end_of_turn:
+                rules.append(f"the whitespace {self.end_of_turn!r} the template renders after the response is "
+                             "restored where missing")
         return {"bos": self.bos, "eos": self.eos, "end_of_turn": self.end_of_turn, "rules": rules,
                 "why": "RL loops decode the policy's ids with skip_special_tokens=False; the reward is read after the "
                        "token ids the template gives in training. The policy's prompt format must be this template: "
