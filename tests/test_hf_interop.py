@@ -226,11 +226,18 @@ def test_overwrite_replaces_an_earlier_export_and_nothing_else(tmp_path):
     marker = json.loads((out / "mindrlhf_export.json").read_text())
     assert marker["written_by"] == "mindrlhf" and marker["checkpoint"] == str(ckpt) and marker["mindrlhf_version"]
     assert sorted(marker["files"]) == sorted(p.name for p in out.iterdir() if p.name != "mindrlhf_export.json")
-    (out / "model.safetensors").write_bytes(b"stale")
+    first = (out / "model.safetensors").stat().st_mtime_ns
     with pytest.raises(OutputExistsError, match="pass --overwrite"):  # an earlier export too needs --overwrite
         export_here(out, overwrite=False)
     export_here(out)  # and is replaced with it
-    assert (out / "model.safetensors").stat().st_size > 1000
+    assert (out / "model.safetensors").stat().st_size > 1000 and (out / "model.safetensors").stat().st_mtime_ns != first
+    # the user fine-tunes the export and saves it into the same folder (save_pretrained rewrites our files)
+    (out / "config.json").write_text((out / "config.json").read_text().replace('"num_labels": 1', '"num_labels":1'))
+    with pytest.raises(OutputExistsError, match=r"\['config.json'\] changed since the earlier export wrote them"):
+        export_here(out)
+    assert '"num_labels":1' in (out / "config.json").read_text()
+    export_here(tmp_path / "export2")  # a fresh export to go on with
+    out = tmp_path / "export2"
     (out / "eval_notes.md").write_text("mine")  # a file of the user's added to an export: kept
     with pytest.raises(OutputExistsError, match=r"holds \['eval_notes.md'\], which the earlier export"):
         export_here(out)

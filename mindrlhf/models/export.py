@@ -186,10 +186,17 @@ def tokenizer_files(tokenizer_path: str, seq_length: int, pad_id: int) -> Dict[s
 EXPORT_MARKER = "mindrlhf_export.json"
 
 
+def _stamp(path: str) -> dict:
+    """What tells a file the export wrote from one rewritten since: size and modification time (cheap at 7B)."""
+    info = os.stat(path)
+    return {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
+
+
 def check_output_dir(output_dir: str, overwrite: bool):
     """An export goes to a new or empty folder, or (with overwrite) replaces an earlier export: a folder holding
-    our EXPORT_MARKER and no file the marker does not list. Anything else is refused, touching nothing: --overwrite
-    never deletes what the export did not write."""
+    our EXPORT_MARKER and only the files it lists, each with the size and modification time it had when written
+    (a file the user rewrote since, e.g. save_pretrained of a model fine-tuned from the export, is theirs now).
+    Anything else is refused, touching nothing: --overwrite never deletes what the export did not write."""
     if not os.path.lexists(output_dir):
         return
     if os.path.islink(output_dir) or not os.path.isdir(output_dir):
@@ -202,13 +209,18 @@ def check_output_dir(output_dir: str, overwrite: bool):
     try:
         with open(marker, encoding="utf-8") as fh:
             record = json.load(fh)
-        ours = record.get("written_by") == "mindrlhf" and isinstance(record.get("files"), list)
+        ours = record.get("written_by") == "mindrlhf" and isinstance(record.get("files"), dict)
     except (OSError, ValueError, AttributeError):
         ours = False
     if not ours:
         raise OutputExistsError(f"{output_dir} has no {EXPORT_MARKER} of an earlier mindrlhf export: refusing to "
                                 "delete it even with --overwrite; choose another --output_dir (or empty it yourself)")
     foreign = [e for e in entries if e != EXPORT_MARKER and e not in record["files"]]
+    changed = [e for e in entries if e in record["files"] and _stamp(os.path.join(output_dir, e)) != record["files"][e]]
+    if changed:
+        raise OutputExistsError(f"{output_dir}: {changed[:5]} changed since the earlier export wrote them ({marker}): "
+                                "refusing to delete them even with --overwrite; move them away or choose another "
+                                "--output_dir")
     if foreign:
         raise OutputExistsError(f"{output_dir} holds {foreign[:5]}, which the earlier export ({marker}) did not "
                                 "write: refusing to delete them even with --overwrite; move them away or choose "
@@ -264,7 +276,7 @@ def export_checkpoint(checkpoint: str, model_config, output_dir: str, tokenizer:
             copied.append(file_name)
         for file_name, source in (extra_files or {}).items():
             shutil.copyfile(source, os.path.join(tmp, file_name))
-        written = sorted(os.listdir(tmp))
+        written = {name: _stamp(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
         with open(os.path.join(tmp, EXPORT_MARKER), "w", encoding="utf-8") as fh:
             json.dump({"written_by": "mindrlhf", "mindrlhf_version": __version__,
                        "checkpoint": os.path.abspath(checkpoint), "files": written}, fh, indent=2)
