@@ -18,15 +18,27 @@ from conftest import EXAMPLES, SCRIPTS, TEST_JSONL, TINY_CONFIG, TOKENIZER, run_
 NAME = "llama_2_tiny_rm_rank_0-1_10.ckpt"
 
 
-def write_ckpt(path, step, seed, crc=False):
-    """A real .ckpt as save_checkpoint writes it: a backbone tensor, the value head, the optimizer step."""
+def write_ckpt(path, step, seed, crc=False, head=True):
+    """A real .ckpt as save_checkpoint writes it: a backbone tensor, the value head (not on a pipeline's first
+    stage), the optimizer step."""
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ms.save_checkpoint([{"name": "model.norm_out.weight", "data": ms.Tensor(rng.random(32, dtype=np.float32))},
-                        {"name": "v_head.weight", "data": ms.Tensor(rng.random((1, 32), dtype=np.float32))},
-                        {"name": "global_step", "data": ms.Tensor(np.array([step], np.int32))}],
-                       str(path), crc_check=crc)
+    tensors = [{"name": "model.norm_out.weight", "data": ms.Tensor(rng.random(32, dtype=np.float32))},
+               {"name": "v_head.weight", "data": ms.Tensor(rng.random((1, 32), dtype=np.float32))},
+               {"name": "global_step", "data": ms.Tensor(np.array([step], np.int32))}]
+    ms.save_checkpoint(tensors if head else [tensors[0], tensors[2]], str(path), crc_check=crc)
     return path
+
+
+def test_under_pipeline_parallel_the_head_comes_from_the_last_stages_file_of_the_same_step(tmp_path):
+    root = tmp_path / "checkpoint"
+    first = write_ckpt(root / "rank_0" / "rm_rank_0-1_20.ckpt", 20, seed=0, head=False)
+    write_ckpt(root / "rank_1" / "rm_rank_1-1_10.ckpt", 10, seed=1)  # another step: not this one
+    last = write_ckpt(root / "rank_1" / "rm_rank_1-1_20.ckpt", 20, seed=2)
+    assert weights_identity(str(first)) == weights_identity(str(last))
+    last.unlink()
+    with pytest.raises(ConfigError, match="nor has any checkpoint of step 20 in the rank_N folders"):
+        weights_identity(str(first))
 
 
 @pytest.fixture

@@ -35,7 +35,30 @@ def _varint(fh: BinaryIO, path: str) -> int:
 
 def weights_identity(path: str) -> dict:
     """{"step": global_step or None, "value_head_sha256": hex digest of every v_head.* tensor (name, type, dims,
-    bytes)} of a MindSpore .ckpt; a ConfigError for a file that is not one, is truncated or has no value head."""
+    bytes)} of a MindSpore .ckpt; a ConfigError for a file that is not one, is truncated or has no value head.
+
+    Under pipeline parallelism the value head sits on the last stage, so rank 0's file has none: then the head
+    comes from the file of the same step in a sibling rank_N/ folder that holds it."""
+    step, heads, digest = _read(path)
+    if heads:
+        return {"step": step, "value_head_sha256": digest}
+    folder = os.path.dirname(os.path.abspath(path))
+    root = os.path.dirname(folder)
+    if os.path.basename(folder).startswith("rank_") and step is not None:
+        for rank in sorted((d for d in os.listdir(root) if d.startswith("rank_") and d != os.path.basename(folder)),
+                           key=lambda d: int(d[5:]) if d[5:].isdigit() else 0):
+            for name in sorted(os.listdir(os.path.join(root, rank))):
+                if name.endswith(".ckpt"):
+                    other = os.path.join(root, rank, name)
+                    other_step, other_heads, other_digest = _read(other)
+                    if other_heads and other_step == step:
+                        return {"step": step, "value_head_sha256": other_digest}
+    raise ConfigError(f"{path}: has no value head ({VALUE_HEAD}*), nor has any checkpoint of step {step} in the "
+                      f"rank_N folders beside it: not a reward-model checkpoint")
+
+
+def _read(path: str):
+    """(global_step or None, how many v_head.* tensors, their digest) of one .ckpt, by seeking past the rest."""
     from mindspore.train.checkpoint_pb2 import Checkpoint
 
     digest, step, heads = hashlib.sha256(), None, 0
@@ -66,9 +89,7 @@ def weights_identity(path: str) -> dict:
                     digest.update(f"{name}|{tensor.tensor_type}|{list(tensor.dims)}|".encode())
                     digest.update(tensor.tensor_content)
             fh.seek(body + length)
-    if not heads:
-        raise ConfigError(f"{path}: has no value head ({VALUE_HEAD}*): not a reward-model checkpoint")
-    return {"step": step, "value_head_sha256": digest.hexdigest()}
+    return step, heads, digest.hexdigest()
 
 
 def _tag(fh: BinaryIO, length: int, path: str) -> str:
