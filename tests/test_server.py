@@ -612,24 +612,21 @@ def test_decoded_chat_rollouts_score_as_reward_infer(family_run):
     assert status == 200 and answer["scores"] == pytest.approx(run["scored"], abs=1e-5)
 
 
-def test_a_failing_pass_fails_only_its_culprit(inproc, run):
-    """16 one-text requests collected into one batch; the injected failure hits the pass holding the culprit's
-    row: the 15 others get reward_infer.py's scores, the culprit a 500 naming the reason."""
+def held_batch(inproc, texts, fails):
+    """Send texts[1:] as one-text requests that the batcher collects into one batch: texts[0], the plug, holds the
+    batcher inside its pass until all of them wait in its queue. `fails(batch)` may raise in any later pass.
+    Returns {k: (status, answer, headers)} for k = 1 .. len(texts) - 1."""
     service, batcher = inproc.service, inproc.service.batcher
-    rows, scored = run["rows"], run["scored"]
-    picks = short_picks(run, 17)
-    texts = [template_text(rows[i]["prompt"], rows[i]["response"]) for i in picks]
-    plug, culprit = service.encode([texts[0]])[0], service.encode([texts[5]])[0]
+    plug = service.encode([texts[0]])[0]
     entered, held = threading.Event(), threading.Event()
 
     def before_pass(batch):
         if plug in batch:
             entered.set()
-            held.wait(60)  # the batcher is busy until the 16 requests wait in its queue
-        if culprit in batch:
-            raise RuntimeError("injected: this row breaks the forward pass")
+            held.wait(60)  # the batcher is busy until the requests wait in its queue
+        else:
+            fails(batch)
 
-    before = dict(batcher.counts)
     batcher.before_pass = before_pass
     try:
         plug_thread = threading.Thread(target=inproc.post, args=("/get_reward", {"query": [texts[0]]}))
@@ -640,11 +637,11 @@ def test_a_failing_pass_fails_only_its_culprit(inproc, run):
         def client(k):
             results[k] = inproc.post("/get_reward", {"query": [texts[k]]})
 
-        threads = [threading.Thread(target=client, args=(k,)) for k in range(1, 17)]
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(1, len(texts))]
         for thread in threads:
             thread.start()
         deadline = time.monotonic() + 60
-        while service.in_flight < 17 or batcher.jobs.qsize() < 16:
+        while service.in_flight < len(texts) or batcher.jobs.qsize() < len(texts) - 1:
             assert time.monotonic() < deadline, (service.in_flight, batcher.jobs.qsize())
             time.sleep(0.01)
         held.set()
@@ -653,8 +650,27 @@ def test_a_failing_pass_fails_only_its_culprit(inproc, run):
     finally:
         batcher.before_pass = None
         held.set()
+    return results
+
+
+def test_a_failing_pass_fails_only_its_culprit(inproc, run):
+    """16 one-text requests collected into one batch; the injected failure hits the pass holding the culprit's
+    row: the 15 others get reward_infer.py's scores, the culprit a 500 naming the reason."""
+    service, batcher = inproc.service, inproc.service.batcher
+    rows, scored = run["rows"], run["scored"]
+    picks = short_picks(run, 17)
+    texts = [template_text(rows[i]["prompt"], rows[i]["response"]) for i in picks]
+    culprit = service.encode([texts[5]])[0]
+
+    def fails(batch):
+        if culprit in batch:
+            raise RuntimeError("injected: this row breaks the forward pass")
+
+    before = dict(batcher.counts)
+    results = held_batch(inproc, texts, fails)
     assert batcher.counts["collected_batches"] - before["collected_batches"] == 2  # the plug, then the 16
     assert batcher.counts["failed_jobs"] - before["failed_jobs"] == 1
+    assert batcher.counts["failed_passes"] == before["failed_passes"]  # one request failed, not the model
     for k in range(1, 17):
         status, answer, _ = results[k]
         if k == 5:
@@ -663,6 +679,23 @@ def test_a_failing_pass_fails_only_its_culprit(inproc, run):
             assert status == 200, answer
             assert answer["rewards"][0] == pytest.approx(scored[picks[k]]["raw_score"], abs=1e-5)
     assert inproc.post("/get_reward", {"query": [texts[5]]})[0] == 200  # nothing is broken for good
+
+
+def test_a_model_failing_every_pass_is_told_from_a_culprit(inproc, run):
+    """Every pass raises (a broken model): each of the 4 requests fails alone too, and /health counts the pass
+    as one where every request failed, so an operator sees the model, not 4 bad requests."""
+    rows = run["rows"]
+    texts = [template_text(rows[i]["prompt"], rows[i]["response"]) for i in short_picks(run, 5)]
+    before = dict(inproc.service.batcher.counts)
+
+    def fails(batch):
+        raise RuntimeError("injected: the model is broken")
+
+    results = held_batch(inproc, texts, fails)
+    assert all(status == 500 and "also alone" in answer["error"] for status, answer, _ in results.values())
+    counts = inproc.get("/health")[1]["counts"]
+    assert counts["failed_passes"] - before["failed_passes"] == 1, counts
+    assert counts["failed_jobs"] - before["failed_jobs"] == 4, counts
 
 
 def test_scoring_timeout_answers_503_and_the_next_request_is_served(inproc, monkeypatch):

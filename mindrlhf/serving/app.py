@@ -226,8 +226,10 @@ class RewardService:  # pylint: disable=too-many-instance-attributes
             job.abandoned = True
             raise
         except Exception as err:  # pylint: disable=broad-except  (this request's pass failed; the others got theirs)
-            raise Rejected(500, "scoring", f"scoring this request failed: {type(err).__name__}: {str(err)[:300]}; "
-                                           "the other requests batched with it were scored without it") from None
+            raise Rejected(500, "scoring", f"scoring this request failed, also alone: {type(err).__name__}: "
+                                           f"{str(err)[:300]}; requests batched with it were scored without it "
+                                           "(GET /health counts failed_passes: passes where every request failed, "
+                                           "i.e. the model itself)") from None
         answer = {"rewards": [float(r) for r in raw], "num_tokens": lengths, "truncated": truncated}
         if truncated:
             answer["note"] = (f"{len(truncated)} text(s) longer than seq_length={seq_length} tokens were truncated "

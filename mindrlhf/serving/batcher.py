@@ -59,7 +59,7 @@ class DynamicBatcher:
         self.sizes = padded_sizes(self.max_batch)
         self.jobs: "queue.Queue" = queue.Queue()  # bounded by the server's limit on requests in flight
         self.counts = {"forward_passes": 0, "sequences": 0, "collected_batches": 0, "skipped_jobs": 0,
-                       "failed_jobs": 0, "rescored_jobs": 0}
+                       "failed_jobs": 0, "rescored_jobs": 0, "failed_passes": 0}
         self.before_pass = None  # callable(rows) before each forward pass (tests: inject a failure, hold a pass)
         self.thread = threading.Thread(target=self._run, name="reward-batcher", daemon=True)
 
@@ -142,10 +142,15 @@ class DynamicBatcher:
             if not jobs:
                 continue
             self.counts["collected_batches"] += 1
-            self._score_jobs(jobs)
+            if not self._score_jobs(jobs) and len(jobs) > 1:
+                # no request of the pass could be scored, alone or with others: the model fails, not a request
+                LOG.error("every one of %d requests of a pass failed, each alone too: the model itself fails "
+                          "(see the errors above)", len(jobs))
+                self.counts["failed_passes"] += 1
 
-    def _score_jobs(self, jobs: list):
-        """Score these jobs in one go; when that raises, each half again, down to the job that fails alone."""
+    def _score_jobs(self, jobs: list) -> int:
+        """Score these jobs in one go; when that raises, each half again, down to the job that fails alone.
+        Returns how many jobs got their scores."""
         sequences = [seq for job in jobs for seq in job.sequences]
         try:
             scores = self.score(sequences, lambda: all(job.abandoned for job in jobs))
@@ -153,21 +158,20 @@ class DynamicBatcher:
             self.counts["skipped_jobs"] += len(jobs)
             for job in jobs:
                 job.future.set_exception(err)
-            return
+            return len(jobs)  # given up by their clients, not failed
         except Exception as err:  # pylint: disable=broad-except  (answer every waiting request, keep serving)
             if len(jobs) > 1:
                 LOG.warning("a pass over %d requests failed (%s: %s); scoring them again in halves to find the "
                             "culprit", len(jobs), type(err).__name__, err)
                 self.counts["rescored_jobs"] += len(jobs)
                 half = len(jobs) // 2
-                self._score_jobs(jobs[:half])
-                self._score_jobs(jobs[half:])
-                return
+                return self._score_jobs(jobs[:half]) + self._score_jobs(jobs[half:])
             LOG.exception("scoring failed for one request (%d texts)", len(jobs[0].sequences))
             self.counts["failed_jobs"] += 1
             jobs[0].future.set_exception(err)
-            return
+            return 0
         start = 0
         for job in jobs:
             job.future.set_result(scores[start:start + len(job.sequences)])
             start += len(job.sequences)
+        return len(jobs)
