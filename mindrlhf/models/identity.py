@@ -57,6 +57,12 @@ def weights_identity(path: str) -> dict:
                       f"rank_N folders beside it: not a reward-model checkpoint")
 
 
+def file_step(path: str) -> Optional[int]:
+    """A .ckpt's global_step (None for a weights-only file), read by seeking past every other tensor; a
+    ConfigError naming the file if it is not a plain checkpoint or is truncated."""
+    return _read(path)[0]
+
+
 def _read(path: str):
     """(global_step or None, how many v_head.* tensors, their digest) of one .ckpt, by seeking past the rest."""
     from mindspore.train.checkpoint_pb2 import Checkpoint

@@ -11,9 +11,9 @@ from typing import Dict, Optional, Tuple
 
 from mindrlhf.errors import ConfigError
 from mindrlhf.io import replaced_whole
-from mindrlhf.models.loading import checkpoint_step, load_checkpoint_dict
+from mindrlhf.models.identity import file_step
+from mindrlhf.models.loading import load_checkpoint_dict
 
-VALUE_HEAD = "v_head."  # whole (replicated) in every rank's slice
 STRATEGY_HINT = ("pass --src_strategy with the training run's strategy file (MindFormers writes it to "
                  "<output_dir>/strategy/ckpt_strategy_rank_0.ckpt)")
 
@@ -83,12 +83,10 @@ def merge_slices(checkpoint: str, strategy: str, output_path: str) -> str:
             if not os.path.isfile(path):
                 raise ConfigError(f"{path}: slice of rank {rank} is missing (the strategy {strategy} spreads "
                                   f"the model over ranks {sorted(ranks)})")
-            # a truncated slice fails here, by name (the whole file is parsed, two small tensors materialised)
-            steps[path] = checkpoint_step(load_checkpoint_dict(
-                path, choice_func=lambda n: n.startswith(VALUE_HEAD) or n == "global_step"))
+            steps[path] = file_step(path)  # a truncated slice fails here, by name
             files[rank] = path
         if os.path.abspath(checkpoint) not in map(os.path.abspath, steps):
-            steps[checkpoint] = checkpoint_step(load_checkpoint_dict(checkpoint, lambda n: n == "global_step"))
+            steps[checkpoint] = file_step(checkpoint)
         if len(set(steps.values())) > 1:  # names repeat across resumed runs: a stale rank's file matches the pattern
             shown = "; ".join(f"{path}: step {step}" for path, step in steps.items())
             raise ConfigError(f"{checkpoint}: the model-parallel slices of this name come from different steps "
