@@ -26,6 +26,7 @@ from mindrlhf.config_access import config_getter
 from mindrlhf.errors import ConfigError, OutputExistsError
 from mindrlhf.io import replaced_folder
 from mindrlhf.models.hf_import import HF_TO_MS, LLAMA3_SCALING, expected_shapes, ffn_hidden_size
+from mindrlhf.models.safetensors_io import write_safetensors
 from mindrlhf.models.slices import load_whole
 
 VALUE_HEAD = ("v_head.weight", "score.weight")
@@ -137,27 +138,6 @@ def _as_numpy(param, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
         return _float_to_bf16(array)
     return np.ascontiguousarray(array, _DTYPES[dtype][0])
-
-
-def write_safetensors(path: str, tensors: List[Tuple[str, Tuple[int, ...], str, int]],
-                      arrays: Iterator[np.ndarray], metadata: Optional[Dict[str, str]] = None):
-    """Stream a safetensors file: the header from (name, shape, dtype, nbytes), then each array as it comes."""
-    header, offset = {}, 0
-    if metadata:
-        header["__metadata__"] = metadata
-    for name, shape, st_type, nbytes in tensors:
-        header[name] = {"dtype": st_type, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)  # the format pads the header to 8 bytes
-    with open(path, "wb") as fh:
-        fh.write(len(blob).to_bytes(8, "little"))
-        fh.write(blob)
-        for (name, _, _, nbytes), array in zip(tensors, arrays):
-            data = array.tobytes()
-            if len(data) != nbytes:
-                raise ConfigError(f"{name}: {len(data)} bytes, the header says {nbytes}")
-            fh.write(data)
 
 
 def tokenizer_files(tokenizer_path: str, seq_length: int, pad_id: int) -> Dict[str, object]:

@@ -17,6 +17,7 @@ from mindrlhf.config_access import config_getter
 from mindrlhf.errors import ConfigError
 from mindrlhf.io import replaced_whole
 from mindrlhf.models.ckpt_stream import CheckpointStreamWriter
+from mindrlhf.models.safetensors_io import iter_safetensors
 
 HF_TO_MS = [
     (r"^model\.embed_tokens\.weight$", "model.tok_embeddings.embedding_weight"),
@@ -37,8 +38,6 @@ HF_TO_MS = [
     (r"^score\.weight$", "v_head.weight"),  # a reward model's head (LlamaForSequenceClassification, OpenRLHF)
 ]
 IGNORED_HF = re.compile(r"rotary_emb\.inv_freq$")
-_ST_DTYPES = {"F16": (np.float16, "Float16"), "F32": (np.float32, "Float32"), "BF16": (np.uint16, "BFloat16"),
-              "F64": (np.float64, "Float64")}
 _MS_TYPES = {"float16": (np.float16, "Float16"), "float32": (np.float32, "Float32")}
 
 
@@ -198,26 +197,6 @@ def safetensors_files(input_path: str) -> List[str]:
     if not files:
         raise ConfigError(f"{input_path}: no .safetensors files (and no model.safetensors.index.json)")
     return [os.path.join(input_path, f) for f in files]
-
-
-def iter_safetensors(path: str) -> Iterator[Tuple[str, np.ndarray, str]]:
-    """(name, memory-mapped array, MindSpore type name) per tensor; bf16 stays as raw 16-bit words."""
-    with open(path, "rb") as fh:
-        header_len = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(header_len))
-    base = 8 + header_len
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        if meta["dtype"] not in _ST_DTYPES:
-            raise ConfigError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
-        np_type, ms_type = _ST_DTYPES[meta["dtype"]]
-        start, end = meta["data_offsets"]
-        count = int(np.prod(meta["shape"])) if meta["shape"] else 1
-        array = np.memmap(path, dtype=np_type, mode="r", offset=base + start, shape=(count,))
-        if (end - start) != array.nbytes:
-            raise ConfigError(f"{path}: tensor {name} is truncated")
-        yield name, array.reshape(meta["shape"]), ms_type
 
 
 def _bf16_to_f32(words: np.ndarray) -> np.ndarray:

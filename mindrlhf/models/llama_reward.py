@@ -21,6 +21,7 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 from mindrlhf.models.loss import CompareLoss
 from mindrlhf.models.cpu_speedups import use_cpu_kernels
 from mindrlhf.models.loading import load_backbone
+from mindrlhf.models.lora import apply_lora, lora_settings
 
 VALUE_HEAD_PREFIX = "v_head."
 
@@ -40,12 +41,16 @@ class LlamaRewardModel(LlamaPreTrainedModel):
         self.model = LlamaModel(config=config)
         # Let every batch be shorter than seq_length (length bucketing): slice the causal mask like pynative does.
         self.model.casual_mask.is_dynamic = True
-        # On CPU: compiled kernels for attention, RMSNorm and SwiGLU, or MindSpore ops arranged around its slow
-        # CPU paths without a compiler (same formulas; see mindrlhf.models.cpu_speedups).
-        use_cpu_kernels(self.model, config, log=logger.info)
         self.v_head = Linear(in_channels=config.hidden_size, out_channels=1, has_bias=False,
                              compute_dtype=config.compute_dtype, param_init_type=config.param_init_type,
                              weight_init=Normal(sigma=1.0 / (config.hidden_size + 1) ** 0.5))
+        # LoRA (pet_config): the target projections get low-rank deltas; only they and the value head train.
+        self.lora = lora_settings(config)
+        self.lora_counts = apply_lora(self, self.lora, log=logger.info) if self.lora else None
+        # On CPU: compiled kernels for attention, RMSNorm and SwiGLU, or MindSpore ops arranged around its slow
+        # CPU paths without a compiler (same formulas; see mindrlhf.models.cpu_speedups). After LoRA: the SwiGLU
+        # swap turns w1's own SiLU off, on the layer that runs.
+        use_cpu_kernels(self.model, config, log=logger.info)
         # Parallel layout, as MindFormers' LlamaForCausalLM places its lm_head: the head's input (the final norm's
         # output) has its hidden dimension whole, so ((dp, 1), (1, 1)) needs no communication; the (1, hidden)
         # weight stays replicated and whole in every rank's checkpoint. Head and loss sit on the last stage.

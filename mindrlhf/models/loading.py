@@ -10,6 +10,7 @@ from typing import Optional
 import numpy as np
 
 from mindrlhf.errors import ConfigError
+from mindrlhf.models.lora import is_lora
 
 
 def load_checkpoint_dict(path: str, choice_func=None) -> dict:
@@ -46,7 +47,7 @@ def load_backbone(network, path: str, log=print) -> dict:
     loaded, fresh = {}, []
     for name, param in own.items():
         if name not in params:
-            if name.startswith("v_head."):
+            if name.startswith("v_head.") or is_lora(name):
                 fresh.append(name)
                 continue
             raise ConfigError(f"{path}: has no tensor {name} for the backbone")
@@ -54,11 +55,18 @@ def load_backbone(network, path: str, log=print) -> dict:
             raise ConfigError(f"{path}: tensor {name} has shape {tuple(params[name].shape)}, "
                               f"the model expects {tuple(param.shape)}")
         loaded[name] = params[name]
+    unmerged = sorted(n for n in params if is_lora(n) and n not in own)
+    if unmerged:
+        raise ConfigError(f"{path}: holds LoRA tensors ({unmerged[0]}, ...) that this model has none of: its adapted "
+                          "weights are not the whole model; merge them first (scripts/lora_adapter.py --merge) or "
+                          "build the model with the run's pet_config")
     ignored = sorted(n for n in params if n not in own and not n.startswith(("adam_", "accu_grads")))
     not_loaded, _ = ms.load_param_into_net(network, loaded, strict_load=False)
     if not_loaded and set(not_loaded) - set(fresh):
         raise ConfigError(f"{path}: could not load {sorted(set(not_loaded) - set(fresh))[:5]}")
     report = {"checkpoint": path, "loaded": sorted(loaded), "newly_initialised": fresh, "ignored": ignored}
-    log(f"loaded {len(loaded)} parameters from {path}; newly initialised: {fresh or 'none'}; "
+    lora_fresh = [n for n in fresh if is_lora(n)]
+    shown = [n for n in fresh if not is_lora(n)] + ([f"{len(lora_fresh)} LoRA tensors"] if lora_fresh else [])
+    log(f"loaded {len(loaded)} parameters from {path}; newly initialised: {shown or 'none'}; "
         f"ignored from the checkpoint: {ignored or 'none'}")
     return report

@@ -91,6 +91,7 @@ def prepare_config(config_path: str, train_dataset: Optional[str] = None, output
     if center_rewards_coefficient is not None:
         config.model.model_config.center_rewards_coefficient = float(center_rewards_coefficient)
     loss_options(config.model.model_config)
+    use_lora(config, config_path)
     if use_parallel is not None:
         config.use_parallel = use_parallel
     if output_dir:
@@ -138,6 +139,17 @@ def prepare_config(config_path: str, train_dataset: Optional[str] = None, output
         # On resume the run's own checkpoint replaces every weight anyway, so the backbone is not loaded twice.
         config.model.model_config.backbone_checkpoint = config.model.model_config.checkpoint_name_or_path
     return config
+
+
+def use_lora(config, config_path: str):
+    """A YAML's pet_config, checked, moves to model_config.reward_lora: the model applies LoRA itself (see
+    mindrlhf.models.lora), so MindFormers' build_network must not wrap it in its PetModel."""
+    from mindrlhf.models.lora import lora_settings
+
+    model_config = config.model.model_config
+    if lora_settings(model_config, f"{config_path}: model.model_config.pet_config") and model_config.get("pet_config"):
+        model_config.reward_lora = dict(model_config.pet_config)
+        model_config.pet_config = None
 
 
 def train(config_path: str, train_dataset: Optional[str] = None, task: str = "text_generation", **overrides) -> dict:
