@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from common import ROOT, save
+from common import ROOT, cpu_line, cpu_name, save
 
 QWEN_CONFIG = ROOT / "model_configs" / "qwen2_5_config" / "run_qwen2_5_tiny_rm_cpu.yaml"
 SHAPE = {"vocab_size": 151936, "hidden_size": 896, "num_layers": 24, "num_heads": 14, "n_kv_heads": 2,
@@ -39,24 +39,6 @@ LORA = {"pet_type": "lora", "lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0
         "target_modules": ".*wq|.*wk|.*wv|.*wo|.*w1|.*w2|.*w3"}
 MODES = ("ours-full", "ours-lora", "trl-full", "trl-lora")
 STEP_MS = re.compile(r"step:\[\s*(\d+)/\s*\d+\].*?per_step_time: (\d+)ms")
-
-
-def cpu_name() -> dict:
-    """The CPU's model name and its vector extensions, as /proc/cpuinfo gives them."""
-    info = {"model": "unknown", "vector_extensions": []}
-    try:
-        text = open("/proc/cpuinfo", encoding="utf-8").read()
-    except OSError:
-        return info
-    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    flags = re.search(r"^(?:flags|Features)\s*:\s*(.+)$", text, re.M)
-    family = re.search(r"^cpu family\s*:\s*(\d+)$", text, re.M)
-    info["model"] = (model.group(1).strip() if model else "unknown") + (f" (family {family.group(1)})" if family else "")
-    if flags:
-        info["vector_extensions"] = sorted(f for f in flags.group(1).split()
-                                           if re.match(r"(avx|sse4|fma|amx|sve|asimd|neon)", f))
-    info["cores"] = os.cpu_count()
-    return info
 
 
 def rss_mb() -> float:
@@ -172,8 +154,7 @@ def main():
     result = {"cpu": cpu_name(), "shape": dict(SHAPE, num_layers=args.layers), "seq_length": args.seq,
               "recompute": bool(args.recompute),
               "pairs_per_step": args.pairs, "lora": LORA, "threads": args.threads, "runs": {}}
-    print(f"CPU: {result['cpu']['model']}, {result['cpu'].get('cores')} cores, "
-          f"{' '.join(result['cpu']['vector_extensions'])}", flush=True)
+    print(cpu_line(result["cpu"]), flush=True)
     for mode in modes:
         print(f"== {mode}", flush=True)
         if mode.startswith("ours"):
@@ -205,7 +186,7 @@ def main():
     if "peak_rss_mb" in runs.get("ours-lora", {}) and "peak_rss_mb" in runs.get("trl-lora", {}):
         result["ours_over_trl_lora_peak"] = round(runs["ours-lora"]["peak_rss_mb"] / runs["trl-lora"]["peak_rss_mb"], 3)
     save("lora", result)
-    print(f"\nCPU: {result['cpu']['model']}")
+    print("\n" + cpu_line(result["cpu"]))
     print(f"{'mode':10s} {'trainable':>12s} {'total':>12s} {'peak RSS MB':>12s} {'framework MB':>12s} "
           f"{'B/param':>8s} {'theory':>7s} {'s/step':>8s}")
     for mode, r in runs.items():

@@ -1,5 +1,7 @@
 """Shared bits for the benchmarks: inputs from tests/data (shipped with the repository), timing, JSON results."""
 import json
+import os
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -28,10 +30,36 @@ def timed(store: dict, key: str):
     store[key] = store.get(key, 0.0) + time.perf_counter() - start
 
 
+def cpu_name() -> dict:
+    """The CPU's model name, family, cores and vector extensions, as /proc/cpuinfo gives them: every figure is
+    that machine's (our lead over a peer differs between an AVX-512 and an AVX2 CPU)."""
+    info = {"model": "unknown", "vector_extensions": [], "cores": os.cpu_count()}
+    try:
+        text = open("/proc/cpuinfo", encoding="utf-8").read()
+    except OSError:
+        return info
+    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    family = re.search(r"^cpu family\s*:\s*(\d+)$", text, re.M)
+    flags = re.search(r"^(?:flags|Features)\s*:\s*(.+)$", text, re.M)
+    info["model"] = (model.group(1).strip() if model else "unknown") + (f" (family {family.group(1)})" if family else "")
+    if flags:
+        info["vector_extensions"] = sorted(f for f in flags.group(1).split()
+                                           if re.match(r"(avx|sse4|fma|amx|sve|asimd|neon)", f))
+    return info
+
+
+def cpu_line(info: dict = None) -> str:
+    info = info or cpu_name()
+    return f"CPU: {info['model']}, {info.get('cores')} cores, {' '.join(info['vector_extensions']) or 'no vector flags'}"
+
+
 def save(name: str, result: dict):
+    """Write benchmarks/results/<name>.json, naming the CPU the figures were measured on."""
+    result.setdefault("cpu", cpu_name())
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=2, ensure_ascii=False))
     print(json.dumps(result, indent=2, ensure_ascii=False))
+    print(cpu_line(result["cpu"]))
     print(f"results: {path}")
     return path
