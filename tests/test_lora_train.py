@@ -19,7 +19,7 @@ TRAIN = EXAMPLES / "reward_train.py"
 LORA = ROOT / "model_configs" / "llama2_config" / "run_llama_2_tiny_lora_rm_cpu.yaml"
 QWEN_LORA = ROOT / "model_configs" / "qwen2_5_config" / "run_qwen2_5_tiny_lora_rm_cpu.yaml"
 LLAMA3_LORA = ROOT / "model_configs" / "llama3_config" / "run_llama_3_tiny_lora_rm_cpu.yaml"
-EVERY = 8  # one train pair in 8 (507 pairs, 63 steps of 8): >= 0.99 on the test split, as the whole split gives
+EVERY = 8  # 1 train pair in 8: 507 pairs, 63 steps, 0.996 on the test split (whole split, 506 steps: 0.999)
 
 
 def is_lora(name):
