@@ -1,5 +1,6 @@
-"""The Qwen2.5-7B (8 NPUs) and the tiny Qwen2/Llama 3 YAMLs: every section explicit, every type resolves, and the
-7B shapes are Qwen2.5-7B's (published config.json) as the converter checks them and as the model builds them."""
+"""The Qwen2.5-7B (8 NPUs) and the tiny Qwen2/Llama 3 YAMLs (and each family's tiny LoRA YAML): every section
+explicit, every type resolves, and the 7B shapes are Qwen2.5-7B's (published config.json) as the converter checks
+them and as the model builds them."""
 import pytest
 
 import mindrlhf.registry  # noqa: F401
@@ -17,7 +18,11 @@ QWEN2_5_7B_HF = {"model_type": "qwen2", "hidden_size": 3584, "num_hidden_layers"
                  "rope_theta": 1000000.0, "rms_norm_eps": 1e-06, "tie_word_embeddings": False}
 
 
-@pytest.mark.parametrize("path", [QWEN_7B] + [f["config"] for f in FAMILIES.values()], ids=lambda p: p.name)
+LORA_YAMLS = sorted(ROOT.glob("model_configs/*/run_*_tiny_lora_rm_cpu.yaml"))  # each family's LoRA twin
+
+
+@pytest.mark.parametrize("path", [QWEN_7B] + [f["config"] for f in FAMILIES.values()] + LORA_YAMLS,
+                         ids=lambda p: p.name)
 def test_every_section_explicit_and_every_type_resolves(path):
     from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
