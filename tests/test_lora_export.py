@@ -233,3 +233,52 @@ def test_peft_configs_beyond_plain_lora_are_refused(tmp_path):
         (folder / "adapter_config.json").write_text(json.dumps(dict(written, **change)))
         with pytest.raises(ConfigError, match=message):
             read_peft_adapter(str(folder))
+
+
+def test_a_lora_network_of_the_tiny_lora_yaml_exports_merged_and_as_peft(tmp_path):
+    """The tiny Llama 2 LoRA YAML's own network (rank 8, alpha 16; random non-zero A and B, as training leaves
+    them), saved as training saves it (Adam moments beside): merged, each adapted weight is W + B.A.alpha/r of its
+    tensors and nothing else changes; as PEFT, read back, its tensors are the network's own."""
+    import mindspore as ms
+    from safetensors.numpy import load_file
+
+    from mindrlhf.evaluation.scorer import RewardScorer
+    from mindrlhf.models import lora
+    from mindrlhf.models.export import ms_to_hf_name
+    from mindrlhf.models.peft_io import read_peft_adapter
+    from mindrlhf.serving.share import export_run
+
+    from conftest import ROOT
+
+    config = ROOT / "model_configs" / "llama2_config" / "run_llama_2_tiny_lora_rm_cpu.yaml"
+    network = RewardScorer(str(config), log=quiet).network
+    rng = np.random.default_rng(0)
+    params = {}
+    for param in network.get_parameters():
+        value = param.asnumpy()
+        if lora.is_lora(param.name):
+            value = rng.normal(0, 0.3, param.shape).astype(np.float32)
+        params[param.name] = value
+    assert sum(lora.is_lora(n) for n in params) == 28
+    ckpt = tmp_path / "checkpoint" / "rank_0" / "lora.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    saved = dict(params, **{f"adam_m.{n}": np.ones_like(v) for n, v in params.items() if lora.trains(n)})
+    ms.save_checkpoint([{"name": n, "data": ms.Tensor(v)} for n, v in saved.items()], str(ckpt))
+    export_run(str(config), str(ckpt), str(TOKENIZER), str(tmp_path / "merged"), log=quiet)
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    assert len(merged) == 21
+    for name, value in params.items():
+        if lora.is_lora(name):
+            continue
+        stem = name[:-len("weight")]
+        if stem + lora.LORA_A in params:
+            a, b = params[stem + lora.LORA_A].astype(np.float64), params[stem + lora.LORA_B].astype(np.float64)
+            value = (value + b @ a * 2.0).astype(np.float32)
+        np.testing.assert_allclose(merged[ms_to_hf_name(name)], value, rtol=0, atol=1e-6, err_msg=name)
+    export_run(str(config), str(ckpt), str(TOKENIZER), str(tmp_path / "peft"), form="peft", base_model="b",
+               log=quiet)
+    tensors, settings, _ = read_peft_adapter(str(tmp_path / "peft"))
+    assert (settings["rank"], settings["alpha"]) == (8, 16.0)
+    assert sorted(tensors) == sorted(n for n in params if lora.trains(n))
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(value, params[name], err_msg=name)

@@ -10,6 +10,9 @@ head, and OpenRLHF's value_head_prefix "score"). The tokenizer files are copied.
 folder as ours (--overwrite replaces nothing else). Tensor names are the exact inverse of hf_import.HF_TO_MS;
 tests/test_hf_interop.py checks both directions against folders and scores written by transformers itself.
 
+LoRA reward models export merged here (W + B.A.alpha/r, see reward_params: LoRA tensors are never dropped) or as a
+PEFT adapter folder (models/peft_io.py), under the same marker rules.
+
 transformers reads the reward at the last token that is not pad_token_id. Our rows carry no EOS and never the
 pad id (2, also Llama 2's EOS) inside the text, so that is the same last real token we read.
 """
