@@ -34,8 +34,7 @@ def lora_run(request, tmp_path_factory):
 
     from mindrlhf.models import lora
     from mindrlhf.models.hf_import import convert_hf_to_ms
-    from mindrlhf.models.loading import load_checkpoint_dict
-    from mindrlhf.models.peft_io import read_peft_adapter
+    from mindrlhf.models.peft_io import peft_onto_base, read_peft_adapter
     from mindrlhf.training.config import load_config
 
     name = request.param
@@ -47,8 +46,7 @@ def lora_run(request, tmp_path_factory):
     assert (settings["rank"], settings["alpha"], settings["dropout"]) == (4, 8.0, 0.0)
     assert settings["targets"] == ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
     assert lora.same_settings(settings, lora.lora_settings(load_config(str(config)).model.model_config))
-    params = {n: p.asnumpy() for n, p in load_checkpoint_dict(str(base)).items()}
-    params.update(tensors)  # the adapter's head replaces the base's score head, as modules_to_save does
+    params, _ = peft_onto_base(str(PEFT / name), str(base))  # the adapter's head replaces the base's score head
     ckpt = work / "checkpoint" / "rank_0" / "lora.ckpt"
     ckpt.parent.mkdir(parents=True)
     ms.save_checkpoint([{"name": n, "data": ms.Tensor(v)} for n, v in sorted(params.items())], str(ckpt))
@@ -161,6 +159,18 @@ def test_lora_tensors_are_never_dropped_silently(lora_run, tmp_path):
     with pytest.raises(ConfigError, match="--base_model is required"):
         export_run(str(lora_run["config"]), str(lora_run["ckpt"]), str(TOKENIZER), str(tmp_path / "out"),
                    form="peft", log=quiet)
+    import mindspore as ms
+
+    from mindrlhf.models.loading import load_checkpoint_dict
+    from mindrlhf.models.peft_io import peft_onto_base
+
+    narrow = load_checkpoint_dict(str(lora_run["base"]))  # a base whose o_proj is narrower than the adapter's
+    narrow["model.layers.1.attention.wo.weight"] = ms.Parameter(narrow["model.layers.1.attention.wo.weight"][:, :32],
+                                                                name="model.layers.1.attention.wo.weight")
+    ms.save_checkpoint(list(narrow.values()), str(tmp_path / "narrow.ckpt"))
+    with pytest.raises(ConfigError, match=r"layers.1.self_attn.o_proj.lora_A.weight \(4, 64\) and .* do not fit "
+                                          r"model.layers.1.attention.wo.weight \(64, 32\)"):
+        peft_onto_base(str(PEFT / lora_run["name"]), str(tmp_path / "narrow.ckpt"))
     with pytest.raises(ConfigError, match="holds no LoRA tensors"):  # the converted base (its score head too)
         export_run(str(lora_run["config"]), str(lora_run["base"]), str(TOKENIZER), str(tmp_path / "out"),
                    form="peft", base_model="x", log=quiet)

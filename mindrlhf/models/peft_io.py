@@ -143,6 +143,32 @@ def read_peft_adapter(folder: str) -> Tuple[Dict[str, np.ndarray], dict, dict]:
     return tensors, settings, config
 
 
+def peft_onto_base(folder: str, base_checkpoint: str) -> Tuple[Dict[str, np.ndarray], dict]:
+    """(a whole LoRA reward model's tensors {name: numpy}, LoRA settings): a PEFT adapter folder read onto a base
+    checkpoint (a Hugging Face base converted by convert_weight.py); its score head replaces the base's, as
+    modules_to_save does, and every LoRA pair must fit the base weight it adapts. Saved as a .ckpt, it loads into a
+    reward model built with the same pet_config (e.g. reward_infer.py with a LoRA YAML)."""
+    from mindrlhf.models.loading import load_checkpoint_dict
+
+    tensors, settings, _ = read_peft_adapter(folder)
+    params = {n: p.asnumpy() for n, p in load_checkpoint_dict(base_checkpoint).items()
+              if n.startswith("model.") and not lora.is_lora(n)}
+    for weight, (a_name, b_name) in lora.lora_pairs(n for n in tensors if lora.is_lora(n)).items():
+        if weight not in params:
+            raise ConfigError(f"{folder}: {peft_key(a_name)} adapts a weight {base_checkpoint} does not hold")
+        out_dim, in_dim = params[weight].shape
+        if tensors[a_name].shape[1] != in_dim or tensors[b_name].shape[0] != out_dim:
+            raise ConfigError(f"{folder}: {peft_key(a_name)} {tensors[a_name].shape} and {peft_key(b_name)} "
+                              f"{tensors[b_name].shape} do not fit {weight} {params[weight].shape} of "
+                              f"{base_checkpoint}: another base model's adapter")
+    hidden = params["model.norm_out.weight"].shape[0] if "model.norm_out.weight" in params else None
+    if tensors["v_head.weight"].shape != (1, hidden):
+        raise ConfigError(f"{folder}: {PREFIX}{HEAD}.weight has shape {tensors['v_head.weight'].shape}, a reward "
+                          f"head on {base_checkpoint} is (1, {hidden})")
+    params.update(tensors)
+    return params, settings
+
+
 def export_peft(checkpoint: str, model_config, output_dir: str, base_model: str, tokenizer: Optional[str] = None,
                 dtype: Optional[str] = None, src_strategy: Optional[str] = None, overwrite: bool = False,
                 adapter: Optional[str] = None, log=print, extra_files: Optional[Dict[str, str]] = None) -> dict:
