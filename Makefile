@@ -28,14 +28,15 @@ bench: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) benchmarks/run_all.py
 
 # The peer for benchmarks/bench_peer.py (TRL's RewardTrainer): its own venv, since TRL needs a newer transformers
-# than MindFormers pins in .venv. PyPI's torch is the multi-GB CUDA build: PEER_TORCH=/path/to/torch-*+cpu*.whl
-# installs a CPU-only wheel instead.
+# than MindFormers pins in .venv; also the peer of the LoRA work (peft: tests/data/hf_models/make_fixtures.py --peft,
+# benchmarks/peer_lora.py). PyPI's torch is the multi-GB CUDA build: PEER_TORCH=/path/to/torch-*+cpu*.whl installs a
+# CPU-only wheel instead (this machine image has one in pip's find-links folder, /opt/wheels).
 PEER_VENV ?= .venv-peer
 PEER_TORCH ?= torch
 peer-venv:
 	test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
 	$(PEER_VENV)/bin/python -m pip install --quiet $(PEER_TORCH)
-	$(PEER_VENV)/bin/python -m pip install --quiet transformers trl datasets
+	$(PEER_VENV)/bin/python -m pip install --quiet transformers trl datasets peft
 
 clean:
 	rm -rf demo_output output .pytest_cache

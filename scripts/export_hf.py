@@ -4,6 +4,12 @@
         --distributed_ckpt_path output/checkpoint --tokenizer /path/to/tokenizer.model --output_dir rm-hf
 config.json (num_labels 1, pad_token_id, the YAML's Llama fields; normalize_reward/mean/std when
 reward_eval.py --save_stats wrote reward_stats.json), model.safetensors (value head as score.weight), tokenizer.
+
+LoRA reward models: a LoRA run's checkpoint (with the run's LoRA YAML), or base weights as --distributed_ckpt_path
+plus --adapter FILE, export merged (W + B.A.alpha/r) by default, or with --peft as a PEFT adapter folder
+(adapter_config.json + adapter_model.safetensors) for the Hugging Face base named by --base_model:
+    python scripts/export_hf.py --config run_llama_2_tiny_lora_rm_cpu.yaml --distributed_ckpt_path output/checkpoint \
+        --tokenizer tokenizer.model --output_dir rm-peft --peft --base_model meta-llama/Llama-2-7b-hf
 """
 import argparse
 import json
@@ -26,11 +32,20 @@ def main(argv=None):
                         help="strategy file (or folder) of a model-parallel run whose checkpoints are slices")
     parser.add_argument("--no_stats", action="store_true", help="leave reward statistics out of config.json")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--adapter", default=None,
+                        help="a mindrlhf LoRA adapter file; --distributed_ckpt_path is then the base weights")
+    parser.add_argument("--format", default="merged", choices=["merged", "peft"],
+                        help="merged: a whole model (LoRA merged in); peft: a PEFT adapter folder (LoRA models)")
+    parser.add_argument("--peft", action="store_const", const="peft", dest="format", help="same as --format peft")
+    parser.add_argument("--base_model", default=None,
+                        help="with --peft (required): the Hugging Face id or path of the base model, written as "
+                             "base_model_name_or_path")
     args = parser.parse_args(argv)
     from mindrlhf.serving.share import export_run
 
     result = export_run(args.config, args.distributed_ckpt_path, args.tokenizer, args.output_dir, args.dtype,
-                        args.src_strategy, args.overwrite, not args.no_stats)
+                        args.src_strategy, args.overwrite, not args.no_stats, adapter=args.adapter,
+                        form=args.format, base_model=args.base_model)
     print(json.dumps(result))
 
 

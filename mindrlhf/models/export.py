@@ -10,6 +10,9 @@ head, and OpenRLHF's value_head_prefix "score"). The tokenizer files are copied.
 folder as ours (--overwrite replaces nothing else). Tensor names are the exact inverse of hf_import.HF_TO_MS;
 tests/test_hf_interop.py checks both directions against folders and scores written by transformers itself.
 
+LoRA reward models export merged here (W + B.A.alpha/r, see reward_params: LoRA tensors are never dropped) or as a
+PEFT adapter folder (models/peft_io.py), under the same marker rules.
+
 transformers reads the reward at the last token that is not pad_token_id. Our rows carry no EOS and never the
 pad id (2, also Llama 2's EOS) inside the text, so that is the same last real token we read.
 """
@@ -25,6 +28,7 @@ from mindrlhf import __version__
 from mindrlhf.config_access import config_getter
 from mindrlhf.errors import ConfigError, OutputExistsError
 from mindrlhf.io import replaced_folder
+from mindrlhf.models import lora
 from mindrlhf.models.hf_import import HF_TO_MS, LLAMA3_SCALING, expected_shapes, ffn_hidden_size
 from mindrlhf.models.safetensors_io import write_safetensors
 from mindrlhf.models.slices import load_whole
@@ -128,13 +132,18 @@ def _target(param, dtype: Optional[str]) -> str:
 
     if dtype:
         return dtype
+    if isinstance(param, np.ndarray):
+        return "float16" if param.dtype == np.float16 else "float32"
     return {ms.bfloat16: "bfloat16", ms.float16: "float16"}.get(param.dtype, "float32")
 
 
 def _as_numpy(param, dtype: str) -> np.ndarray:
     import mindspore as ms
 
-    array = (param.astype(ms.float32) if param.dtype == ms.bfloat16 else param).asnumpy()
+    if isinstance(param, np.ndarray):
+        array = param
+    else:
+        array = (param.astype(ms.float32) if param.dtype == ms.bfloat16 else param).asnumpy()
     if dtype == "bfloat16":
         return _float_to_bf16(array)
     return np.ascontiguousarray(array, _DTYPES[dtype][0])
@@ -210,10 +219,113 @@ def check_output_dir(output_dir: str, overwrite: bool):
                                 "--overwrite to replace it or choose another path")
 
 
+def reward_params(checkpoint: str, model_config, src_strategy: Optional[str] = None, adapter: Optional[str] = None,
+                  log=print) -> Tuple[dict, Dict[str, Tuple[int, ...]], Optional[dict]]:
+    """(tensors {name: Parameter or numpy}, {name: shape} of the reward model, LoRA settings or None) of one
+    checkpoint, or of base weights plus a mindrlhf LoRA adapter (`adapter`: its base digest must be the weights'
+    own). LoRA tensors never pass unnoticed: present, they come with the settings that merge them (the YAML's
+    pet_config, or the adapter's), and a checkpoint holding some without a pet_config to give lora_alpha is refused
+    (exporting its frozen base alone would silently drop what training learnt)."""
+    shapes = dict(expected_shapes(model_config))
+    shapes[VALUE_HEAD[0]] = (1, int(config_getter(model_config)("hidden_size")))
+    if adapter:
+        params = load_whole(checkpoint, {n: s for n, s in shapes.items() if n != VALUE_HEAD[0]}, src_strategy, log=log)
+        if any(lora.is_lora(n) for n in params):
+            raise ConfigError(f"{checkpoint}: holds LoRA tensors itself; --adapter goes with the base weights the "
+                              "adapter was trained on (a LoRA run's own checkpoint needs no --adapter)")
+        tensors, meta = lora.read_adapter(adapter)
+        digest = lora.base_digest(params.items())
+        if digest != meta["base_sha256"]:
+            raise ConfigError(f"{adapter}: belongs to other base weights (base sha256 {meta['base_sha256'][:16]}…"
+                              f"{' from ' + meta['base_path'] if meta['base_path'] else ''}), {checkpoint} has "
+                              f"{digest[:16]}…; pass the weights it was trained on")
+        settings, own = meta["lora"], lora.lora_settings(model_config)
+        if own and not lora.same_settings(own, settings):
+            raise ConfigError(f"{adapter}: adapter of LoRA rank {settings['rank']} alpha {settings['alpha']} on "
+                              f"{settings['targets']}, the YAML's pet_config says rank {own['rank']} alpha "
+                              f"{own['alpha']} on {own['targets']}")
+        params = {n: v for n, v in params.items() if n != VALUE_HEAD[0]}
+        params.update(tensors)  # the LoRA tensors and the value head trained with them
+        source = f"{checkpoint} + {adapter}"
+    else:
+        params = load_whole(checkpoint, shapes, src_strategy, log=log)
+        settings, source = None, checkpoint
+        found = sorted(n for n in params if lora.is_lora(n))
+        if found:
+            settings = lora.lora_settings(model_config)
+            if settings is None:
+                raise ConfigError(f"{checkpoint}: holds {len(found)} LoRA tensors ({found[0]}, ...) but the YAML's "
+                                  "model_config has no pet_config to give their lora_alpha; pass the LoRA run's own "
+                                  "YAML (exporting without them would drop what training learnt)")
+    missing = [n for n in shapes if n not in params]
+    if missing:
+        raise ConfigError(f"{source}: lacks {len(missing)} tensor(s) of the reward model, e.g. {missing[:3]}; "
+                          "is it a reward-model checkpoint of this config?")
+    wrong = [(n, tuple(params[n].shape), s) for n, s in shapes.items() if tuple(params[n].shape) != tuple(s)]
+    if wrong:
+        raise ConfigError(f"{source}: tensor {wrong[0][0]} has shape {wrong[0][1]}, the config expects "
+                          f"{wrong[0][2]}")
+    if settings:
+        check_lora_tensors(params, shapes, settings, source)
+    return params, shapes, settings
+
+
+def check_lora_tensors(params: dict, shapes: dict, settings: dict, source: str):
+    """Every target projection of every layer has its A (r, in) and B (out, r), none else: a YAML whose rank or
+    targets are not the run's would merge with the wrong alpha/r."""
+    pairs = lora.lora_pairs(n for n in params if lora.is_lora(n))
+    wanted = {n for n in shapes if n.endswith(".weight") and n.split(".")[-2] in settings["targets"]}
+    if set(pairs) != wanted:
+        odd = sorted(set(pairs) ^ wanted)
+        raise ConfigError(f"{source}: LoRA tensors on {len(pairs)} projections, the pet_config's targets "
+                          f"{settings['targets']} name {len(wanted)} (e.g. {odd[:2]}); is the YAML the LoRA run's own?")
+    rank = int(settings["rank"])
+    for weight, (a_name, b_name) in pairs.items():
+        out_dim, in_dim = shapes[weight]
+        if tuple(params[a_name].shape) != (rank, in_dim) or tuple(params[b_name].shape) != (out_dim, rank):
+            raise ConfigError(f"{source}: {a_name} {tuple(params[a_name].shape)} and {b_name} "
+                              f"{tuple(params[b_name].shape)}: not LoRA rank {rank} on {weight} {(out_dim, in_dim)}; "
+                              "is the YAML's lora_rank the run's?")
+
+
+def write_tokenizer(folder: str, tokenizer: str, model_config) -> List[str]:
+    """The tokenizer files (tokenizer_files) written into folder; returns their names."""
+    get = config_getter(model_config)
+    copied = []
+    for file_name, source in tokenizer_files(tokenizer, int(get("seq_length")), int(get("pad_token_id"))).items():
+        target = os.path.join(folder, file_name)
+        if isinstance(source, dict):
+            with open(target, "w", encoding="utf-8") as fh:
+                json.dump(source, fh, indent=2, ensure_ascii=False)
+        else:
+            shutil.copyfile(source, target)
+        copied.append(file_name)
+    return copied
+
+
+def finish_export(tmp: str, output_dir: str, overwrite: bool, source: dict,
+                  extra_files: Optional[Dict[str, str]] = None):
+    """Inside replaced_folder: copy extra_files, write EXPORT_MARKER (mindrlhf, its version, `source` and every
+    file written), check output_dir again (it may have changed while we wrote) and remove an earlier export so that
+    the rename can take its place."""
+    for file_name, src in (extra_files or {}).items():
+        shutil.copyfile(src, os.path.join(tmp, file_name))
+    written = {name: _stamp(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
+    with open(os.path.join(tmp, EXPORT_MARKER), "w", encoding="utf-8") as fh:
+        json.dump({"written_by": "mindrlhf", "mindrlhf_version": __version__, **source, "files": written}, fh,
+                  indent=2)
+    check_output_dir(output_dir, overwrite)
+    if os.path.isdir(output_dir):  # an earlier export (check_output_dir): replaced_folder renames onto its place
+        shutil.rmtree(output_dir)
+
+
 def export_checkpoint(checkpoint: str, model_config, output_dir: str, tokenizer: str,
                       stats: Optional[dict] = None, dtype: Optional[str] = None, src_strategy: Optional[str] = None,
-                      overwrite: bool = False, log=print, extra_files: Optional[Dict[str, str]] = None) -> dict:
+                      overwrite: bool = False, log=print, extra_files: Optional[Dict[str, str]] = None,
+                      adapter: Optional[str] = None) -> dict:
     """One reward checkpoint (whole, or model-parallel slices merged with the run's strategy) -> output_dir.
+    A LoRA model (a LoRA run's checkpoint with its YAML, or base weights + `adapter`) is written merged:
+    W + B.A.alpha/r, computed in float64, each weight in its stored type, the value head the LoRA run's.
 
     Written into a temporary folder beside output_dir and renamed when complete; extra_files ({name: source})
     are copied in too. EXPORT_MARKER names mindrlhf, its version, the checkpoint and every file written, so that
@@ -222,19 +334,11 @@ def export_checkpoint(checkpoint: str, model_config, output_dir: str, tokenizer:
     if dtype is not None and dtype not in _DTYPES:
         raise ConfigError(f"--dtype {dtype}: choose one of {sorted(_DTYPES)}")
     config = hf_config(model_config, dtype or "float32", stats)
-    shapes = dict(expected_shapes(model_config))
-    shapes[VALUE_HEAD[0]] = (1, config["hidden_size"])
-    params = load_whole(checkpoint, shapes, src_strategy, log=log)
-    missing = [n for n in shapes if n not in params]
-    if missing:
-        raise ConfigError(f"{checkpoint}: lacks {len(missing)} tensor(s) of the reward model, e.g. {missing[:3]}; "
-                          "is it a reward-model checkpoint of this config?")
-    wrong = [(n, tuple(params[n].shape), s) for n, s in shapes.items() if tuple(params[n].shape) != tuple(s)]
-    if wrong:
-        raise ConfigError(f"{checkpoint}: tensor {wrong[0][0]} has shape {wrong[0][1]}, the config expects "
-                          f"{wrong[0][2]}")
+    params, shapes, settings = reward_params(checkpoint, model_config, src_strategy, adapter, log)
     names = sorted(shapes, key=lambda n: ms_to_hf_name(n))
     types = {name: _target(params[name], dtype) for name in names}
+    if settings:
+        params = lora.merged_params(params, settings)
     entries = [(ms_to_hf_name(n), tuple(shapes[n]), _DTYPES[types[n]][1],
                 int(np.prod(shapes[n])) * np.dtype(_DTYPES[types[n]][0]).itemsize) for n in names]
     config["torch_dtype"] = config["dtype"] = types[names[0]]
@@ -244,25 +348,15 @@ def export_checkpoint(checkpoint: str, model_config, output_dir: str, tokenizer:
                           (_as_numpy(params[n], types[n]) for n in names), {"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
             json.dump(config, fh, indent=2)
-        copied = []
-        for file_name, source in tokenizer_files(tokenizer, int(config_getter(model_config)("seq_length")),
-                                                 config["pad_token_id"]).items():
-            target = os.path.join(tmp, file_name)
-            if isinstance(source, dict):
-                with open(target, "w", encoding="utf-8") as fh:
-                    json.dump(source, fh, indent=2, ensure_ascii=False)
-            else:
-                shutil.copyfile(source, target)
-            copied.append(file_name)
-        for file_name, source in (extra_files or {}).items():
-            shutil.copyfile(source, os.path.join(tmp, file_name))
-        written = {name: _stamp(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
-        with open(os.path.join(tmp, EXPORT_MARKER), "w", encoding="utf-8") as fh:
-            json.dump({"written_by": "mindrlhf", "mindrlhf_version": __version__,
-                       "checkpoint": os.path.abspath(checkpoint), "files": written}, fh, indent=2)
-        check_output_dir(output_dir, overwrite)  # again: the folder may have changed while we wrote
-        if os.path.isdir(output_dir):  # an earlier export (check_output_dir): replaced_folder renames onto its place
-            shutil.rmtree(output_dir)
-    log(f"exported {len(entries)} tensors of {checkpoint} to {output_dir}")
+        copied = write_tokenizer(tmp, tokenizer, model_config)
+        source = {"checkpoint": os.path.abspath(checkpoint)}
+        if adapter:
+            source["adapter"] = os.path.abspath(adapter)
+        if settings:
+            source["lora_merged"] = {k: settings[k] for k in ("rank", "alpha", "targets")}
+        finish_export(tmp, output_dir, overwrite, source, extra_files)
+    log(f"exported {len(entries)} tensors of {checkpoint}{' + ' + adapter if adapter else ''} to {output_dir}"
+        f"{' (LoRA merged)' if settings else ''}")
     return {"output_dir": output_dir, "checkpoint": checkpoint, "tensors": len(entries),
-            "tokenizer_files": copied, "normalize_reward": stats is not None, "dtype": config["torch_dtype"]}
+            "tokenizer_files": copied, "normalize_reward": stats is not None, "dtype": config["torch_dtype"],
+            "lora_merged": bool(settings), "format": "merged"}
