@@ -10,10 +10,12 @@ dropout 0 on all seven projections, the score head trained in full (modules_to_s
 The optimizer is TRL's default (transformers' AdamW, fused on torch >= 2.8), its states float32 as the weights.
 No gradient checkpointing (TRL's default is on; --gradient_checkpointing turns it on), no mixed precision.
 
-Memory: without checkpointing the activations dominate, ~0.15 MB per token per layer in either mode (measured at
-1-3 layers, seq 128-256: ~295 MiB per layer per 2048 tokens), so 8 pairs x 2 x 512 tokens x 24 layers need
-~28 GiB of activations alone, more than a 24 GiB machine. --grad_accum N keeps 8 pairs per optimizer step but
-runs them as N micro-batches of pairs/N (TRL's gradient_accumulation_steps), dividing the activations by N.
+Memory: without checkpointing the activations dominate. Measured in LoRA mode (peak minus RSS before training,
+1 and 2 layers at 8 pairs x seq 512): ~1.2 GiB per layer plus ~0.5 GiB, so all 24 layers need ~30 GiB besides
+the weights, more than a 24 GiB machine; full fine-tuning adds 12 bytes per parameter (grads, AdamW states).
+--grad_accum N keeps 8 pairs per optimizer step but runs them as N micro-batches of pairs/N (TRL's
+gradient_accumulation_steps), dividing the activations by N (LoRA --grad_accum 4: ~9.5 GiB estimated);
+--gradient_checkpointing is the other way out.
 
 Prints one JSON object (and writes it to --output): the mode, trainable and total parameters, resident memory
 (after building the model, before training, and the process's peak, ru_maxrss), s/step over the timed steps after
