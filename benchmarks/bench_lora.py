@@ -116,7 +116,7 @@ def count_params(shape: dict, args) -> int:
 
 def peer(mode: str, args, work: str) -> dict:
     output = os.path.join(work, f"{mode}.json")
-    cmd = [args.peer_python, str(ROOT / "benchmarks" / "peer_lora.py"), "--mode", mode.split("-")[1],
+    cmd = [args.peer_python, str(ROOT / "benchmarks" / "peer_lora.py"), "--mode", mode.split("-")[1], "--work_dir", work,
            "--layers", str(args.layers), "--seq", str(args.seq), "--pairs", str(args.pairs), "--steps",
            str(args.steps), "--threads", str(args.threads), "--output", output]
     if args.recompute:
@@ -124,7 +124,13 @@ def peer(mode: str, args, work: str) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
     if proc.returncode != 0:
         return {"mode": mode, "error": proc.stderr[-2000:]}
-    return json.load(open(output, encoding="utf-8"))
+    peer_result = json.load(open(output, encoding="utf-8"))
+    memory = peer_result["memory_mib"]
+    return {"mode": mode, "framework": peer_result["framework"], "trainable_params": peer_result["trainable_params"],
+            "total_params": peer_result["total_params"], "framework_rss_mb": memory["rss_after_imports"],
+            "peak_rss_mb": memory["peak"], "s_per_step": peer_result["s_per_step"],
+            "first_step_s": peer_result["first_step_seconds"], "steps_timed": peer_result["timed_steps"],
+            "peer": peer_result}
 
 
 def main():

@@ -116,6 +116,7 @@ def main():
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    rss_imports = rss_mib()  # the framework alone, before the model: what bench_lora.py subtracts on both sides
     config = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
                          num_key_value_heads=args.kv_heads, max_position_embeddings=max(32768, args.seq),
@@ -207,7 +208,8 @@ def main():
         "optimizer": f"{optim_name} ({type(inner).__name__}), lr {args.learning_rate}",
         "optimizer_state_dtypes": state_dtypes,
         "gradient_checkpointing": args.gradient_checkpointing,
-        "memory_mib": {"rss_at_start": round(rss_start, 1), "rss_after_model": round(rss_model, 1),
+        "memory_mib": {"rss_at_start": round(rss_start, 1), "rss_after_imports": round(rss_imports, 1),
+                       "rss_after_model": round(rss_model, 1),
                        "rss_before_train": round(rss_before_train, 1),
                        "peak_before_train": round(peak_before_train, 1), "peak": round(peak, 1),
                        "peak_minus_rss_before_train": round(peak - rss_before_train, 1)},
