@@ -8,6 +8,8 @@ import re
 import shutil
 from typing import Callable, Dict, Optional, Tuple
 
+import numpy as np
+
 from mindrlhf.errors import ConfigError
 from mindrlhf.io import check_new_output, replaced_whole
 from mindrlhf.models import lora
@@ -46,7 +48,7 @@ def check_lora_tensors(path: str, dims: Dict[str, Tuple[int, ...]], settings: Op
                           f"pet_config.lora_rank is {settings['rank']}")
 
 
-def _copy_template(checkpoint: str, out_dir: str, log: Callable):
+def _copy_template(checkpoint: str, out_dir: str, log: Callable, overwrite: bool = False):
     """The run's template.json beside the outputs (scoring reads it beside the weights), unless one is there."""
     from mindrlhf.models.slices import rank_of_checkpoint
 
@@ -55,7 +57,7 @@ def _copy_template(checkpoint: str, out_dir: str, log: Callable):
     except ConfigError:
         root = os.path.dirname(os.path.abspath(checkpoint))
     src, dst = os.path.join(root, RUN_TEMPLATE_FILE), os.path.join(out_dir, RUN_TEMPLATE_FILE)
-    if os.path.isfile(src) and not os.path.exists(dst):
+    if os.path.isfile(src) and (overwrite or not os.path.exists(dst)) and os.path.abspath(src) != os.path.abspath(dst):
         with replaced_whole(dst) as tmp:
             shutil.copyfile(src, tmp)
         log(f"copied the run's template {src} to {dst}")
@@ -84,7 +86,13 @@ def extract(checkpoint: str, settings: dict, where: str, adapter: Optional[str] 
     check_lora_tensors(checkpoint, {n: tuple(v.shape) for n, v in params.items() if lora.is_lora(n)}, settings,
                        where)
     identity = weights_identity(checkpoint)
-    result = {"checkpoint": checkpoint, "step": identity["step"], "lora": settings}
+    counts = {"lora": 0, "value_head": 0, "frozen": 0}
+    for name, value in params.items():
+        kind = ("lora" if lora.is_lora(name) else "value_head" if name.startswith(lora.VALUE_HEAD)
+                else "frozen" if name.startswith("model.") else None)
+        if kind:
+            counts[kind] += int(np.prod(value.shape))
+    result = {"checkpoint": checkpoint, "step": identity["step"], "lora": settings, "counts": counts}
     if adapter:
         tensors, meta = lora.adapter_arrays(params, settings, identity, base_path)
         if base_path and os.path.isfile(base_path):
@@ -93,13 +101,13 @@ def extract(checkpoint: str, settings: dict, where: str, adapter: Optional[str] 
                 raise ConfigError(f"--base_path {base_path}: not the base {checkpoint} was trained on (base sha256 "
                                   f"{actual[:16]}…, the checkpoint's frozen weights {meta['base_sha256'][:16]}…)")
         lora.write_adapter(adapter, tensors, meta)
-        _copy_template(checkpoint, os.path.dirname(os.path.abspath(adapter)), log)
+        _copy_template(checkpoint, os.path.dirname(os.path.abspath(adapter)), log, overwrite)
         result.update(adapter=adapter, base_sha256=meta["base_sha256"], tensors=len(tensors))
         log(f"adapter of {checkpoint} (step {identity['step']}): {adapter} ({len(tensors)} tensors, base "
             f"{meta['base_sha256'][:16]}…)")
     if merged:
         lora.write_merged(merged, lora.merged_params(params, settings))
-        _copy_template(checkpoint, os.path.dirname(os.path.abspath(merged)), log)
+        _copy_template(checkpoint, os.path.dirname(os.path.abspath(merged)), log, overwrite)
         result["merged"] = merged
         log(f"merged model of {checkpoint} (W + B.A x {lora.scale(settings):g}): {merged}")
     return result
