@@ -7,12 +7,14 @@ One short real LoRA run (50 steps of 8 pairs on a random tiny base, ~30 s) made 
 """
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
 import yaml
 
-from conftest import CONFIGS, EXAMPLES, SCRIPTS, TEST_JSONL, TINY_CONFIG, TOKENIZER, TRAIN_JSONL, run_cli, run_main
+from conftest import (CONFIGS, EXAMPLES, SCRIPTS, TEST_JSONL, TINY_CONFIG, TOKENIZER, TRAIN_JSONL, msrun, run_cli,
+                      run_main)
 from test_server import ServerProcess
 
 pytestmark = pytest.mark.slow  # trains a (short) LoRA run
@@ -61,11 +63,13 @@ def lora_run(tmp_path_factory):
             "merged": merged, "made": json.loads(made.stdout.strip().splitlines()[-1]), "eval": eval_set}
 
 
-def forms(run):
-    """(name, --config, --distributed_ckpt_path, extra args) of the three ways to score the run."""
+def forms(run, lora_yaml_for_merged=False):
+    """(name, --config, --distributed_ckpt_path, extra args) of the three ways to score the run (and the merged
+    model with the LoRA YAML: scored as the plain model it is)."""
     return [("full", LORA_CONFIG, run["root"], []),
             ("adapter", LORA_CONFIG, run["base"], ["--adapter", run["adapter"]]),
-            ("merged", TINY_CONFIG, run["merged"], [])]
+            ("merged", TINY_CONFIG, run["merged"], [])] + \
+        ([("merged_lora_yaml", LORA_CONFIG, run["merged"], [])] if lora_yaml_for_merged else [])
 
 
 def infer(run, name, config, ckpt, extra, *more, check=True, runner=run_main):
@@ -91,11 +95,13 @@ def test_training_writes_the_adapter_of_its_newest_checkpoint(lora_run):
 
 
 def test_three_forms_give_the_same_rewards_through_reward_infer(lora_run):
-    scores = {name: [r["score"] for r in infer(lora_run, name, *rest, runner=run_cli if name == "adapter" else run_main)]
-              for name, *rest in forms(lora_run)}
+    scores = {}
+    for name, *rest in forms(lora_run, True):  # the adapter through a real process, the others in this one
+        rows = infer(lora_run, name, *rest, runner=run_cli if name == "adapter" else run_main)
+        scores[name] = [r["score"] for r in rows]
     full = np.array(scores["full"])
     assert len(full) == 60 and full.std() > 0.05  # 30 pairs, both responses; rewards that differ
-    for name in ("adapter", "merged"):
+    for name in ("adapter", "merged", "merged_lora_yaml"):
         assert np.abs(np.array(scores[name]) - full).max() <= TOL, name
 
 
@@ -233,3 +239,33 @@ def test_merged_weights_are_w_plus_ba_alpha_over_r(lora_run):
             np.testing.assert_array_equal(merged[name], value)
     np.testing.assert_array_equal(merged["v_head.weight"], full["v_head.weight"])
     assert int(merged["global_step"].reshape(-1)[0]) == 50
+
+
+def test_under_msrun_every_rank_scores_the_adapter_or_refuses_it_alike(lora_run, tmp_path):
+    """2 ranks share the eval batches of base + adapter and give one process's scores; on the wrong base every
+    rank stops with the same error (none waits in an AllGather for a rank that has stopped)."""
+    from test_rank_verdict import HANG_GUARD, assert_every_rank_says
+
+    scores = tmp_path / "scores.jsonl"
+    good = " ".join(map(str, [EXAMPLES / "reward_eval.py", "--config", LORA_CONFIG, "--distributed_ckpt_path",
+                              lora_run["base"], "--adapter", lora_run["adapter"], "--eval_dataset", lora_run["eval"],
+                              "--tokenizer", TOKENIZER, "--output_file", tmp_path / "eval.json",
+                              "--scores_file", scores]))
+    proc = msrun(good, 2, tmp_path / "logs_good", timeout=HANG_GUARD)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two_ranks = np.array([[r["chosen_score"], r["rejected_score"]]
+                          for r in map(json.loads, scores.read_text(encoding="utf-8").splitlines())])
+    one = run_main(EXAMPLES / "reward_eval.py", "--config", LORA_CONFIG, "--distributed_ckpt_path", lora_run["root"],
+                   "--eval_dataset", lora_run["eval"], "--tokenizer", TOKENIZER, "--output_file",
+                   tmp_path / "eval1.json", "--scores_file", tmp_path / "scores1.jsonl")
+    assert one.returncode == 0
+    one_rank = np.array([[r["chosen_score"], r["rejected_score"]] for r in
+                         map(json.loads, (tmp_path / "scores1.jsonl").read_text(encoding="utf-8").splitlines())])
+    assert two_ranks.shape == (30, 2) and np.abs(two_ranks - one_rank).max() <= TOL
+    wrong = (good.replace(str(lora_run["base"]), str(lora_run["other"]))
+             .replace(str(tmp_path / "eval.json"), str(tmp_path / "wrong.json"))
+             .replace(str(scores), str(tmp_path / "wrong_scores.jsonl")))
+    started = time.monotonic()
+    proc = msrun(wrong, 2, tmp_path / "logs_wrong", timeout=HANG_GUARD)
+    assert_every_rank_says(proc, tmp_path / "logs_wrong", "belongs to other base weights", started)
+    assert not (tmp_path / "wrong.json").exists()

@@ -272,8 +272,8 @@ def infer(config_path: str, data_file: str, tokenizer: str, ckpt_path: str, outp
         checkpoint = base_file(ckpt_path, adapter) if adapter else list_checkpoints(ckpt_path)[-1]
         weights = adapter or checkpoint
         stats = load_stats(checkpoint_root(weights), weights) if normalize else None
-        scorer = RewardScorer(config, batch_size=batch_size, log=log, config_name=config_path)
-        scorer.load_weights(checkpoint, src_strategy, adapter)
+        scorer = RewardScorer(config, checkpoint, batch_size=batch_size, src_strategy=src_strategy, log=log,
+                              config_name=config_path, adapter=adapter)
     normalise = client_texts(chosen_template, tok) if "query" in items[0] else None
     texts = [normalise(it["query"]) if normalise else chosen_template.render(it["prompt"], it["response"])
              for it in items]
@@ -292,5 +292,5 @@ def infer(config_path: str, data_file: str, tokenizer: str, ckpt_path: str, outp
             it["raw_score"], it["score"] = it["score"], float(score)
     if rank == 0:
         write_jsonl(output_file, items)
-    return {"checkpoint": checkpoint, **({"adapter": adapter} if adapter else {}), "scored": len(items), "output_file": output_file,
-            "skipped_rows": report.as_dict(), "template": chosen_template.name}
+    return {"checkpoint": checkpoint, **({"adapter": adapter} if adapter else {}), "scored": len(items),
+            "output_file": output_file, "skipped_rows": report.as_dict(), "template": chosen_template.name}

@@ -81,8 +81,9 @@ class RewardScorer:
 
     def __init__(self, config, checkpoint: Optional[str] = None, batch_size: int = 16,
                  buckets: Sequence[int] = DEFAULT_BUCKETS, src_strategy: Optional[str] = None, log=print,
-                 config_name: Optional[str] = None):
-        """config_name: the YAML's path, for error messages when `config` is already loaded."""
+                 config_name: Optional[str] = None, adapter: Optional[str] = None):
+        """config_name: the YAML's path, for error messages when `config` is already loaded. adapter: see
+        load_weights."""
         import mindrlhf._mindformers  # noqa: F401  (quiet import first)
         from mindformers import LlamaConfig
 
@@ -110,7 +111,7 @@ class RewardScorer:
         self.template = None  # the run's recorded template, read with the checkpoint
         self.log = log
         if checkpoint:
-            self.load_weights(checkpoint, src_strategy)
+            self.load_weights(checkpoint, src_strategy, adapter)
         else:
             self._use_network(self.lora is not None)
 

@@ -65,8 +65,8 @@ def build_service(config_path: str, ckpt_path: str, tokenizer: str, limits: Limi
     checkpoint = base_file(ckpt_path, adapter) if adapter else list_checkpoints(ckpt_path)[-1]
     weights = adapter or checkpoint
     stats = load_stats(checkpoint_root(weights), weights) if normalize else None
-    scorer = RewardScorer(config, batch_size=max_batch, log=LOG.info, config_name=config_path)
-    scorer.load_weights(checkpoint, src_strategy, adapter)
+    scorer = RewardScorer(config, checkpoint, batch_size=max_batch, src_strategy=src_strategy, log=LOG.info,
+                          config_name=config_path, adapter=adapter)
     batcher = DynamicBatcher(scorer, max_batch, batch_wait_ms)
     if warmup:
         LOG.info("compiling %d shapes (batch sizes %s x lengths %s)", len(batcher.sizes) * len(scorer.buckets),
