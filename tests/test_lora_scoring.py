@@ -54,7 +54,8 @@ def lora_run(tmp_path_factory):
     summary = json.loads((out / "train_summary.json").read_text())
     checkpoint = out / "checkpoint" / "rank_0" / "llama2_tiny_lora_rm_rank_0-1_50.ckpt"
     merged = work / "merged" / "merged.ckpt"
-    made = run_cli(ADAPTER_TOOL, "--config", LORA_CONFIG, "--checkpoint", out / "checkpoint", "--merge", merged)
+    made = run_cli(ADAPTER_TOOL, "--config", LORA_CONFIG, "--checkpoint", out / "checkpoint", "--merge", merged,
+                   "--output", work / "cli_adapter" / "adapter.safetensors")
     eval_set = work / "eval.jsonl"
     eval_set.write_text("".join(TEST_JSONL.read_text(encoding="utf-8").splitlines(keepends=True)[:30]),
                         encoding="utf-8")
@@ -92,6 +93,20 @@ def test_training_writes_the_adapter_of_its_newest_checkpoint(lora_run):
     assert lora["counts"]["value_head"] == 64 and lora["counts"]["frozen"] > 100 * lora["counts"]["lora"]
     assert (lora_run["adapter"].parent / "template.json").read_text() == \
         (lora_run["root"] / "template.json").read_text()
+
+
+def test_the_tool_extracts_the_adapter_training_wrote(lora_run):
+    from mindrlhf.models.lora import read_adapter
+
+    assert lora_run["made"]["adapter"] == str(lora_run["work"] / "cli_adapter" / "adapter.safetensors")
+    tensors, meta = read_adapter(lora_run["made"]["adapter"])
+    trained, trained_meta = read_adapter(str(lora_run["adapter"]))
+    assert sorted(tensors) == sorted(trained) and len(tensors) == 29  # 28 LoRA matrices + the value head
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(value, trained[name])
+    for key in ("base_sha256", "step", "value_head_sha256", "lora"):
+        assert meta[key] == trained_meta[key], key
+    assert trained_meta["step"] == 50 and trained_meta["base_path"] == str(lora_run["base"])
 
 
 def test_three_forms_give_the_same_rewards_through_reward_infer(lora_run):
