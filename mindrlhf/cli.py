@@ -37,6 +37,15 @@ def add_scoring_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                         help="default: the template recorded beside the checkpoints by training (else the "
                              "tutorial's); given, it must render as the recorded one (tutorial, chat, or a file)")
     parser.add_argument("--use_parallel", default=False, type=str2bool, help="accepted for tutorial compatibility")
+    add_adapter_arg(parser)
+    return parser
+
+
+def add_adapter_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--adapter", default=None,
+                        help="a LoRA adapter (.safetensors, scripts/lora_adapter.py or <output_dir>/adapter/); "
+                             "--distributed_ckpt_path then names the base weights file it was trained on. The "
+                             "template and reward_stats.json are read beside the adapter")
     return parser
 
 

@@ -44,7 +44,7 @@ def main(argv=None):
                        eval_dataset=args.eval_dataset, tokenizer=args.tokenizer, output_file=args.output_file,
                        batch_size=args.batch_size, scores_file=args.scores_file, skip_invalid=args.skip_invalid,
                        overwrite=args.overwrite, src_strategy=args.src_strategy, template=args.template,
-                       save_stats=args.save_stats)
+                       save_stats=args.save_stats, adapter=args.adapter)
     print(f"evaluated {summary['pairs']} pairs; results: {summary['output_file']}")
 
 

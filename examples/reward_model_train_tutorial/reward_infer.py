@@ -38,7 +38,7 @@ def main(argv=None):
     result = infer(args.config, args.data_file, args.tokenizer, args.distributed_ckpt_path,
                    output_file=args.output_file, batch_size=args.batch_size, skip_invalid=args.skip_invalid,
                    overwrite=args.overwrite, src_strategy=args.src_strategy, template=args.template,
-                   normalize=args.normalize)
+                   normalize=args.normalize, adapter=args.adapter)
     print(f"scored {result['scored']} responses with {result['checkpoint']}; scores: {result['output_file']}")
 
 

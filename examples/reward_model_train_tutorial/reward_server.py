@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
-from mindrlhf.cli import add_run_args, main_guard  # noqa: E402
+from mindrlhf.cli import add_adapter_arg, add_run_args, main_guard  # noqa: E402
 from mindrlhf.serving.app import Limits  # noqa: E402
 
 LIMITS = {"max_body_bytes": "largest request body in bytes (413 beyond)",
@@ -41,6 +41,7 @@ def get_args(argv=None):
                              "(reward_eval.py --save_stats); answers also carry raw_rewards")
     parser.add_argument("--template", default=None, help="as reward_infer.py: default the run's recorded template")
     parser.add_argument("--src_strategy", default=None, help="strategy file of a model-parallel run (as reward_infer)")
+    add_adapter_arg(parser)
     parser.add_argument("--max_batch", type=int, default=32,
                         help="sequences per forward pass; 1 scores each text alone (no dynamic batching)")
     parser.add_argument("--batch_wait_ms", type=float, default=5.0,
@@ -62,7 +63,7 @@ def main(argv=None):
     run(args.config, args.distributed_ckpt_path, args.tokenizer, args.host, args.port, args.api_key, args.log_level,
         limits={name: getattr(args, name) for name in LIMITS}, max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms, normalize=args.normalize, template=args.template,
-        src_strategy=args.src_strategy, warmup=args.warmup)
+        src_strategy=args.src_strategy, warmup=args.warmup, adapter=args.adapter)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,14 @@ from mindrlhf.evaluation.scorer import (RewardScorer, checkpoint_root, length_ba
 from mindrlhf.io import check_new_output, write_json, write_jsonl
 
 
+def base_file(ckpt_path: str, adapter: str) -> str:
+    """With --adapter, --distributed_ckpt_path names the base weights file the adapter goes on."""
+    if not os.path.isfile(ckpt_path):
+        raise ConfigError(f"--adapter {adapter}: --distributed_ckpt_path must name the base weights file (a .ckpt or "
+                          f".safetensors) the adapter was trained on; '{ckpt_path}' is not a file")
+    return ckpt_path
+
+
 def start_ranks(config, log: Callable) -> tuple:
     """(rank, part, parts): the launcher's rank (rank 0 writes), and this rank's part of the work among `parts`
     ranks sharing it. Without a collective backend (the rank-table launcher on CPU) every rank scores
@@ -131,8 +139,9 @@ def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_data
              tokenizer: Optional[str] = None, output_file: Optional[str] = None, batch_size: Optional[int] = None,
              scores_file: Optional[str] = None, skip_invalid: bool = False, log: Callable = print,
              progress: bool = True, overwrite: bool = False, src_strategy: Optional[str] = None,
-             template: Optional[str] = None, save_stats: bool = False) -> dict:
-    """save_stats: also write the newest evaluated checkpoint's reward mean/std beside it (normalize.py)."""
+             template: Optional[str] = None, save_stats: bool = False, adapter: Optional[str] = None) -> dict:
+    """save_stats: also write the newest evaluated checkpoint's reward mean/std beside it (normalize.py).
+    adapter: a LoRA adapter scored on the base weights file ckpt_path; its folder holds the template and stats."""
     from mindrlhf.data.tokenizer import load_tokenizer
     from mindrlhf.evaluation import normalize
     from mindrlhf.training.config import dataset_source, load_config
@@ -146,24 +155,24 @@ def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_data
             check_new_output(output_file, overwrite)
             check_new_output(scores_file, overwrite)
             if save_stats:
-                normalize.check_stats_output(checkpoint_root(ckpt_path), overwrite)
+                normalize.check_stats_output(checkpoint_root(adapter or ckpt_path), overwrite)
         source = eval_dataset or dataset_source(config, "eval")
         if not source:
             raise ConfigError("no eval dataset: pass --eval_dataset or set eval_dataset.data_loader.dataset_dir")
         tok = load_tokenizer(tokenizer) if tokenizer else None
-        chosen_template = run_template(ckpt_path, template, tok, source)
+        chosen_template = run_template(adapter or ckpt_path, template, tok, source)
         data = load_eval_pairs(source, int(config.model.model_config.seq_length), tok, skip_invalid,
                                chosen_template)
-        checkpoints = list_checkpoints(ckpt_path)
+        checkpoints = [base_file(ckpt_path, adapter)] if adapter else list_checkpoints(ckpt_path)
         if not load_all:
             checkpoints = checkpoints[-1:]
         pairs_per_batch = int(batch_size or config.eval_dataset.get("batch_size") or 8)
-        scorer = RewardScorer(config, batch_size=2 * pairs_per_batch, log=log)
+        scorer = RewardScorer(config, batch_size=2 * pairs_per_batch, log=log, config_name=config_path)
     results = []
     for ckpt in checkpoints:
         failed = None
         try:
-            scorer.load_weights(ckpt, src_strategy)
+            scorer.load_weights(ckpt, src_strategy, adapter)
         except ConfigError as err:
             failed = err
         if parts > 1:  # a file one rank cannot read is skipped by all, or they would gather different batches
@@ -174,10 +183,10 @@ def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_data
             continue
         chosen, rejected = score_pairs(scorer, data, pairs_per_batch, log, progress, part, parts)
         metrics = pairwise_metrics(chosen, rejected, data["pos_type"], data["neg_type"])
-        metrics.update(checkpoint=ckpt, step=scorer.step)
+        metrics.update(checkpoint=ckpt, step=scorer.step, **({"adapter": adapter} if adapter else {}))
         results.append(metrics)
         log(f"{ckpt} acc: [{metrics['accuracy']:.6f}]")
-        newest_scores = (ckpt, scorer.step, chosen, rejected)
+        newest_scores = (adapter or ckpt, scorer.step, chosen, rejected)
     good = [r for r in results if "error" not in r]
     if not good:
         raise ConfigError(f"{ckpt_path}: no checkpoint could be evaluated; {results[-1]['error']}")
@@ -191,7 +200,7 @@ def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_data
         if scores_file and rank == 0:
             _write_scores(scores_file, *newest_scores[2:])
         if save_stats and rank == 0:
-            summary["stats_file"] = normalize.save_stats(checkpoint_root(ckpt_path), *newest_scores, source,
+            summary["stats_file"] = normalize.save_stats(checkpoint_root(adapter or ckpt_path), *newest_scores, source,
                                                          overwrite)
             log(f"reward statistics of {newest_scores[0]}: {summary['stats_file']}")
         if rank == 0:
@@ -239,8 +248,10 @@ def read_infer_rows(path: str, skip_invalid: bool = False, report: Optional[Skip
 
 def infer(config_path: str, data_file: str, tokenizer: str, ckpt_path: str, output_file: Optional[str] = None,
           batch_size: int = 16, skip_invalid: bool = False, log: Callable = print, overwrite: bool = False,
-          src_strategy: Optional[str] = None, template: Optional[str] = None, normalize: bool = False) -> dict:
-    """normalize: score = (raw - mean) / std with the checkpoint's reward_stats.json; raw_score keeps the raw."""
+          src_strategy: Optional[str] = None, template: Optional[str] = None, normalize: bool = False,
+          adapter: Optional[str] = None) -> dict:
+    """normalize: score = (raw - mean) / std with the checkpoint's reward_stats.json; raw_score keeps the raw.
+    adapter: a LoRA adapter scored on the base weights file ckpt_path; its folder holds the template and stats."""
     from mindrlhf.data.tokenizer import load_tokenizer
     from mindrlhf.evaluation.normalize import load_stats, normalize as apply_stats
     from mindrlhf.training.config import load_config
@@ -253,14 +264,16 @@ def infer(config_path: str, data_file: str, tokenizer: str, ckpt_path: str, outp
         if rank == 0:
             check_new_output(output_file, overwrite)
         tok = load_tokenizer(tokenizer)
-        chosen_template = run_template(ckpt_path, template, tok)
+        chosen_template = run_template(adapter or ckpt_path, template, tok)
         report = SkipReport()
         items = read_infer_rows(data_file, skip_invalid, report)
         if not items:
             raise ConfigError(f"{data_file}: nothing to score")
-        checkpoint = list_checkpoints(ckpt_path)[-1]
-        stats = load_stats(checkpoint_root(checkpoint), checkpoint) if normalize else None
-        scorer = RewardScorer(config, checkpoint, batch_size=batch_size, src_strategy=src_strategy, log=log)
+        checkpoint = base_file(ckpt_path, adapter) if adapter else list_checkpoints(ckpt_path)[-1]
+        weights = adapter or checkpoint
+        stats = load_stats(checkpoint_root(weights), weights) if normalize else None
+        scorer = RewardScorer(config, checkpoint, batch_size=batch_size, src_strategy=src_strategy, log=log,
+                              config_name=config_path, adapter=adapter)
     normalise = client_texts(chosen_template, tok) if "query" in items[0] else None
     texts = [normalise(it["query"]) if normalise else chosen_template.render(it["prompt"], it["response"])
              for it in items]
@@ -279,5 +292,5 @@ def infer(config_path: str, data_file: str, tokenizer: str, ckpt_path: str, outp
             it["raw_score"], it["score"] = it["score"], float(score)
     if rank == 0:
         write_jsonl(output_file, items)
-    return {"checkpoint": checkpoint, "scored": len(items), "output_file": output_file,
-            "skipped_rows": report.as_dict(), "template": chosen_template.name}
+    return {"checkpoint": checkpoint, **({"adapter": adapter} if adapter else {}), "scored": len(items),
+            "output_file": output_file, "skipped_rows": report.as_dict(), "template": chosen_template.name}

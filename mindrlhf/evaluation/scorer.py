@@ -6,6 +6,7 @@ so reward_eval.py and reward_infer.py give the same number for the same response
 keys masked makes the score independent of how much padding a batch carries, so batches are trimmed to the
 smallest of a few fixed lengths (each compiled once in graph mode).
 """
+import copy
 import os
 import re
 from typing import List, Optional, Sequence
@@ -16,6 +17,8 @@ from mindrlhf.data.buckets import bucket_length
 from mindrlhf.data.templates import TUTORIAL, read_run_template
 from mindrlhf.errors import ConfigError
 from mindrlhf.models.loading import checkpoint_step
+from mindrlhf.models.lora import is_lora, lora_settings
+from mindrlhf.models.lora_files import check_lora_tensors, lora_dims
 from mindrlhf.models.slices import load_whole
 from mindrlhf.training.config import checkpoint_files
 
@@ -77,50 +80,106 @@ class RewardScorer:
     """score(prompts, responses) -> rewards. Build once per config; load_weights() per checkpoint."""
 
     def __init__(self, config, checkpoint: Optional[str] = None, batch_size: int = 16,
-                 buckets: Sequence[int] = DEFAULT_BUCKETS, src_strategy: Optional[str] = None, log=print):
+                 buckets: Sequence[int] = DEFAULT_BUCKETS, src_strategy: Optional[str] = None, log=print,
+                 config_name: Optional[str] = None, adapter: Optional[str] = None):
+        """config_name: the YAML's path, for error messages when `config` is already loaded. adapter: see
+        load_weights."""
         import mindrlhf._mindformers  # noqa: F401  (quiet import first)
         from mindformers import LlamaConfig
 
-        from mindrlhf.models.llama_reward import LlamaRewardModel
-
         if isinstance(config, str):
             from mindrlhf.training.config import load_config
+            config_name = config_name or config
             config = load_config(config)
+        self.config_where = config_name or "the config"
         self.config = config
         model_cfg = dict(config.model.model_config)
         model_cfg.pop("type", None)
         model_cfg["checkpoint_name_or_path"] = ""
         model_cfg["batch_size"] = batch_size
         self.model_config = LlamaConfig(**model_cfg)
+        self.lora = lora_settings(self.model_config, f"{self.config_where}: model.model_config.pet_config")
         self.seq_length = int(self.model_config.seq_length)
         self.pad_token_id = int(self.model_config.pad_token_id)
         self.batch_size = batch_size
         self.buckets = sorted(b for b in buckets if b < self.seq_length) + [self.seq_length]
         set_scoring_context(config)
-        self.network = LlamaRewardModel(self.model_config)
-        self.network.set_train(False)
+        self.network = None
         self.checkpoint = None
+        self.adapter = None
         self.step = None
         self.template = None  # the run's recorded template, read with the checkpoint
         self.log = log
         if checkpoint:
-            self.load_weights(checkpoint, src_strategy)
+            self.load_weights(checkpoint, src_strategy, adapter)
+        else:
+            self._use_network(self.lora is not None)
 
-    def load_weights(self, checkpoint: str, src_strategy: Optional[str] = None):
+    def _use_network(self, with_lora: bool):
+        """Build the network (again) with or without the config's LoRA layers: LoRA-ness follows the weights."""
+        from mindrlhf.models.llama_reward import LlamaRewardModel
+
+        if self.network is not None and (self.network.lora is not None) == with_lora:
+            return
+        config = self.model_config
+        if not with_lora and self.lora is not None:
+            config = copy.deepcopy(config)
+            config.pet_config = None
+            config.reward_lora = None
+        self.network = LlamaRewardModel(config)
+        self.network.set_train(False)
+
+    def load_weights(self, checkpoint: str, src_strategy: Optional[str] = None, adapter: Optional[str] = None):
         """Load every model parameter from a checkpoint (model-parallel slices are merged first, with the run's
-        strategy file); a missing or mis-shaped parameter is an error."""
+        strategy file); a missing or mis-shaped parameter is an error. A checkpoint with LoRA tensors needs the
+        config's pet_config (they must agree); one without (a merged model) is scored as a plain model.
+        adapter: `checkpoint` is the base weights file and the adapter's LoRA tensors and value head go on it."""
         import mindspore as ms
 
+        if adapter:
+            return self._load_adapter(checkpoint, adapter)
+        dims = lora_dims(checkpoint) if checkpoint.endswith(".ckpt") and os.path.isfile(checkpoint) else {}
+        check_lora_tensors(checkpoint, dims, self.lora, self.config_where)
+        if self.lora is not None and not dims and (self.network is None or self.network.lora is not None):
+            self.log(f"{checkpoint} holds no LoRA tensors (a merged or plain model): scored as a plain model, "
+                     f"without the pet_config of {self.config_where}")
+        self._use_network(bool(dims))
         own = {p.name: p for p in self.network.get_parameters()}
         params = load_whole(checkpoint, {n: tuple(p.shape) for n, p in own.items()}, src_strategy, log=self.log)
+        unused = sorted(n for n in params if is_lora(n) and n not in own)
+        if unused:  # a file read without the name index (e.g. .safetensors): the same refusal
+            check_lora_tensors(checkpoint, {n: tuple(params[n].shape) for n in unused}, None, self.config_where)
         missing = [name for name in own if name not in params]
         if missing:
             raise ConfigError(f"{checkpoint}: lacks {len(missing)} model parameter(s), e.g. {missing[:3]}; "
                               "is it a reward-model checkpoint for this config?")
         ms.load_param_into_net(self.network, {k: params[k] for k in own}, strict_load=True)
         self.checkpoint = checkpoint
+        self.adapter = None
         self.template = read_run_template(checkpoint_root(checkpoint))
         self.step = checkpoint_step(params)
+        return self
+
+    def _load_adapter(self, base: str, adapter: str):
+        """Base weights (as training loads them: backbone, no LoRA) plus an adapter, checked against the base's
+        digest and the config's LoRA settings."""
+        from mindrlhf.models.loading import load_backbone
+        from mindrlhf.models.lora import load_adapter
+
+        if self.lora is None:
+            raise ConfigError(f"--adapter {adapter}: {self.config_where} has no model.model_config.pet_config; pass "
+                              "the LoRA run's YAML")
+        if not os.path.isfile(adapter):
+            raise ConfigError(f"--adapter {adapter}: no such file")
+        if not os.path.isfile(base):
+            raise ConfigError(f"--adapter {adapter}: --distributed_ckpt_path must name the base weights file it "
+                              f"belongs to, '{base}' is not a file")
+        self._use_network(True)
+        load_backbone(self.network, base, log=self.log)
+        meta = load_adapter(self.network, adapter, self.lora, log=self.log)
+        self.checkpoint, self.adapter = base, adapter
+        self.template = read_run_template(checkpoint_root(adapter))
+        self.step = meta["step"]
         return self
 
     def bucket(self, length: int) -> int:

@@ -38,7 +38,11 @@ def weights_identity(path: str) -> dict:
     bytes)} of a MindSpore .ckpt; a ConfigError for a file that is not one, is truncated or has no value head.
 
     Under pipeline parallelism the value head sits on the last stage, so rank 0's file has none: then the head
-    comes from the file of the same step in a sibling rank_N/ folder that holds it."""
+    comes from the file of the same step in a sibling rank_N/ folder that holds it. A LoRA adapter (.safetensors)
+    carries the identity of the checkpoint it was extracted from in its metadata, so stats computed with either
+    apply to both."""
+    if path.endswith(".safetensors"):
+        return adapter_identity(path)
     step, heads, digest = _read(path)
     if heads:
         return {"step": step, "value_head_sha256": digest}
@@ -55,6 +59,46 @@ def weights_identity(path: str) -> dict:
                         return {"step": step, "value_head_sha256": other_digest}
     raise ConfigError(f"{path}: has no value head ({VALUE_HEAD}*), nor has any checkpoint of step {step} in the "
                       f"rank_N folders beside it: not a reward-model checkpoint")
+
+
+def adapter_identity(path: str) -> dict:
+    """The identity a LoRA adapter records (step and value-head digest of the checkpoint it came from)."""
+    from mindrlhf.models.safetensors_io import read_metadata
+
+    meta = read_metadata(path)
+    if not meta.get("value_head_sha256"):
+        raise ConfigError(f"{path}: not a LoRA adapter with a recorded identity (no value_head_sha256 in its "
+                          "metadata)")
+    return {"step": int(meta["step"]) if meta.get("step") else None, "value_head_sha256": meta["value_head_sha256"]}
+
+
+def tensor_dims(path: str, wanted=lambda name: False) -> dict:
+    """{name: dims} of a .ckpt's tensors by seeking past their bytes; dims are read only for names `wanted`
+    (None for the others). Slices of one tensor (1 GiB pieces) repeat a name: listed once."""
+    from mindspore.train.checkpoint_pb2 import Checkpoint
+
+    found = {}
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        while fh.tell() < size:
+            start = fh.tell()
+            if fh.read(1) != b"\x0a":
+                fh.seek(start)
+                if fh.read(len(_CRC_TRAILER)) == _CRC_TRAILER:
+                    break
+                raise ConfigError(f"{path}: not a plain MindSpore checkpoint at byte {start} (encrypted?)")
+            length = _varint(fh, path)
+            body = fh.tell()
+            if body + length > size:
+                raise ConfigError(f"{path}: checkpoint is truncated")
+            name = _tag(fh, length, path)
+            if name not in found:
+                found[name] = None
+                if wanted(name):
+                    fh.seek(start)
+                    found[name] = tuple(Checkpoint.FromString(fh.read(body + length - start)).value[0].tensor.dims)
+            fh.seek(body + length)
+    return found
 
 
 def file_step(path: str) -> Optional[int]:

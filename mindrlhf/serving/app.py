@@ -36,7 +36,7 @@ from mindrlhf.errors import ConfigError
 LOG = logging.getLogger("mindrlhf.serving")
 DRAIN_CAP = 8 << 20  # a rejected request's body is read (and dropped) up to this size, so the answer arrives
 INLINE_TOKENIZE_CHARS = 16384  # smaller requests are tokenized on the event loop, larger ones in a thread
-PATH_FIELDS = ("checkpoint", "config", "tokenizer")  # what /health shows only by name beyond loopback without the key
+PATH_FIELDS = ("checkpoint", "adapter", "config", "tokenizer")  # what /health shows only by name beyond loopback without the key
 
 
 @dataclass

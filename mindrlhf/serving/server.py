@@ -48,11 +48,11 @@ def setup_logging(level: str = "info"):
 def build_service(config_path: str, ckpt_path: str, tokenizer: str, limits: Limits, max_batch: int = 32,
                   batch_wait_ms: float = 5.0, api_key: Optional[str] = None, normalize: bool = False,
                   template: Optional[str] = None, src_strategy: Optional[str] = None,
-                  warmup: bool = False) -> RewardService:
+                  warmup: bool = False, adapter: Optional[str] = None) -> RewardService:
     """The model, tokenizer, template and statistics behind a service, loaded once; the batcher started."""
     from mindrlhf.data.tokenizer import load_tokenizer
     from mindrlhf.evaluation.normalize import load_stats
-    from mindrlhf.evaluation.run import run_template
+    from mindrlhf.evaluation.run import base_file, run_template
     from mindrlhf.evaluation.scorer import RewardScorer, checkpoint_root, list_checkpoints
     from mindrlhf.training.config import load_config
 
@@ -61,20 +61,23 @@ def build_service(config_path: str, ckpt_path: str, tokenizer: str, limits: Limi
         raise ConfigError(f"--max_batch must be at least 1, got {max_batch}")
     config = load_config(config_path)
     tok = load_tokenizer(tokenizer, num_threads=1)
-    chosen = run_template(ckpt_path, template, tok)
-    checkpoint = list_checkpoints(ckpt_path)[-1]
-    stats = load_stats(checkpoint_root(checkpoint), checkpoint) if normalize else None
-    scorer = RewardScorer(config, checkpoint, batch_size=max_batch, src_strategy=src_strategy, log=LOG.info)
+    chosen = run_template(adapter or ckpt_path, template, tok)
+    checkpoint = base_file(ckpt_path, adapter) if adapter else list_checkpoints(ckpt_path)[-1]
+    weights = adapter or checkpoint
+    stats = load_stats(checkpoint_root(weights), weights) if normalize else None
+    scorer = RewardScorer(config, checkpoint, batch_size=max_batch, src_strategy=src_strategy, log=LOG.info,
+                          config_name=config_path, adapter=adapter)
     batcher = DynamicBatcher(scorer, max_batch, batch_wait_ms)
     if warmup:
         LOG.info("compiling %d shapes (batch sizes %s x lengths %s)", len(batcher.sizes) * len(scorer.buckets),
                  batcher.sizes, scorer.buckets)
         batcher.warmup()
-    info = {"checkpoint": os.path.abspath(checkpoint), "step": scorer.step, "config": os.path.abspath(config_path),
+    info = {"checkpoint": os.path.abspath(checkpoint), "step": scorer.step,
+            **({"adapter": os.path.abspath(adapter)} if adapter else {}), "config": os.path.abspath(config_path),
             "tokenizer": os.path.abspath(getattr(tok, "path", tokenizer)), "template": chosen.name,
             "seq_length": scorer.seq_length, "max_batch": max_batch, "batch_wait_ms": batch_wait_ms,
             "buckets": scorer.buckets, "batch_sizes": batcher.sizes,
-            "model": os.path.basename(checkpoint_root(checkpoint)) or "mindrlhf-reward-model"}
+            "model": os.path.basename(checkpoint_root(weights)) or "mindrlhf-reward-model"}
     return RewardService(scorer, tok, chosen, batcher.start(), limits, api_key, stats, info)
 
 

@@ -194,10 +194,44 @@ def train(config_path: str, train_dataset: Optional[str] = None, task: str = "te
         "loss_type": config.model.model_config.get("loss_type") or "span",
         "center_rewards_coefficient": float(config.model.model_config.get("center_rewards_coefficient") or 0.0),
     }
+    if rank_id == 0 and config.model.model_config.get("reward_lora"):
+        summary["lora"] = lora_adapter_of_run(config, config_path, summary["checkpoints"])
     if rank_id == 0:
         with open(os.path.join(config.output_dir, TRAIN_SUMMARY), "w", encoding="utf-8") as fh:
             json.dump(summary, fh, indent=2)
     return summary
+
+
+def lora_adapter_of_run(config, config_path: str, checkpoints) -> dict:
+    """The end of a LoRA run: the adapter of its newest checkpoint in <output_dir>/adapter/<stem>.safetensors
+    (base_path: the weights it started from). A failure is reported in the summary, not raised: the checkpoints
+    are written and scripts/lora_adapter.py can make the adapter later."""
+    from mindrlhf.models.lora import lora_settings
+    from mindrlhf.models.lora_files import extract
+
+    model_config = config.model.model_config
+    settings = lora_settings(model_config, f"{config_path}: model.model_config.pet_config")
+    info = {"settings": settings, "adapter": None}
+    if not checkpoints:
+        return info
+    newest = checkpoints[-1]
+    stem = os.path.splitext(os.path.basename(newest))[0]
+    adapter = os.path.join(os.path.abspath(config.output_dir), "adapter", f"{stem}.safetensors")
+    base = model_config.get("backbone_checkpoint") or ""
+    parallel = config.get("parallel_config") or {}
+    command = (f"python scripts/lora_adapter.py --config {config_path} --checkpoint {newest} --output {adapter}"
+               + (f" --base_path {base}" if base else ""))
+    if config.use_parallel and (int(parallel.get("model_parallel") or 1) > 1
+                                or int(parallel.get("pipeline_stage") or 1) > 1):
+        _warn(f"this LoRA run's checkpoints are model-parallel slices: make its adapter with {command}")
+        return dict(info, command=command)
+    try:
+        result = extract(newest, settings, config_path, adapter, base_path=base, overwrite=True,
+                         log=print)
+    except ConfigError as err:
+        _warn(f"WARNING: no adapter written for {newest}: {err}; make it later with {command}")
+        return dict(info, error=str(err), command=command)
+    return dict(info, adapter=adapter, base_path=base, base_sha256=result["base_sha256"], counts=result["counts"])
 
 
 def record_run_template(checkpoint_root: str, template, resumed_from: Optional[str] = None):

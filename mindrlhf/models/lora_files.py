@@ -1,0 +1,127 @@
+"""A LoRA run's checkpoint -> its adapter file and/or the merged whole model, and the checks that keep a LoRA
+checkpoint from being read with other LoRA settings (or none: its deltas would be dropped without a word).
+
+scripts/lora_adapter.py and the end of a LoRA training run call extract(); the scorer calls check_lora_tensors.
+"""
+import os
+import re
+import shutil
+from typing import Callable, Dict, Optional, Tuple
+
+import numpy as np
+
+from mindrlhf.errors import ConfigError
+from mindrlhf.io import check_new_output, replaced_whole
+from mindrlhf.models import lora
+from mindrlhf.models.identity import tensor_dims, weights_identity
+
+RUN_TEMPLATE_FILE = "template.json"  # mindrlhf.data.templates.RUN_TEMPLATE_FILE (data sits above models)
+
+
+def lora_dims(path: str) -> Dict[str, Tuple[int, ...]]:
+    """{name: dims} of the LoRA tensors a .ckpt holds, read without loading it (empty for a plain model)."""
+    return {n: d for n, d in tensor_dims(path, lora.is_lora).items() if lora.is_lora(n)}
+
+
+def _target(name: str) -> str:
+    match = re.search(r"\.(\w+)\.(?:%s|%s)$" % (lora.LORA_A, lora.LORA_B), name)
+    return match.group(1) if match else name
+
+
+def check_lora_tensors(path: str, dims: Dict[str, Tuple[int, ...]], settings: Optional[dict], where: str):
+    """A checkpoint's LoRA tensors ({name: dims}) against the config's settings (None: no pet_config): the same
+    projections and the same rank, or a ConfigError naming the file and the config."""
+    if not dims:
+        return
+    if settings is None:
+        raise ConfigError(f"{path}: holds {len(dims)} LoRA tensors ({sorted(dims)[0]}, ...) but {where} has no "
+                          "model.model_config.pet_config: without them the model would score as the base model "
+                          "with the trained value head (wrong rewards). Pass the LoRA run's YAML, or merge the "
+                          "checkpoint first (scripts/lora_adapter.py --merge)")
+    targets = sorted({_target(n) for n in dims})
+    if targets != sorted(settings["targets"]):
+        raise ConfigError(f"{path}: has LoRA on {targets}, {where} pet_config.target_modules "
+                          f"'{settings['target_modules']}' names {sorted(settings['targets'])}")
+    ranks = sorted({d[0] if n.endswith(lora.LORA_A) else d[-1] for n, d in dims.items() if d})
+    if ranks != [settings["rank"]]:
+        raise ConfigError(f"{path}: its LoRA tensors have rank {ranks[0] if len(ranks) == 1 else ranks}, {where} "
+                          f"pet_config.lora_rank is {settings['rank']}")
+
+
+def _copy_template(checkpoint: str, out_dir: str, log: Callable, overwrite: bool = False):
+    """The run's template.json beside the outputs (scoring reads it beside the weights), unless one is there."""
+    from mindrlhf.models.slices import rank_of_checkpoint
+
+    try:
+        root = rank_of_checkpoint(checkpoint)[0]
+    except ConfigError:
+        root = os.path.dirname(os.path.abspath(checkpoint))
+    src, dst = os.path.join(root, RUN_TEMPLATE_FILE), os.path.join(out_dir, RUN_TEMPLATE_FILE)
+    if os.path.isfile(src) and (overwrite or not os.path.exists(dst)) and os.path.abspath(src) != os.path.abspath(dst):
+        with replaced_whole(dst) as tmp:
+            shutil.copyfile(src, tmp)
+        log(f"copied the run's template {src} to {dst}")
+
+
+def extract(checkpoint: str, settings: dict, where: str, adapter: Optional[str] = None,
+            merged: Optional[str] = None, base_path: str = "", overwrite: bool = False,
+            expected: Optional[dict] = None, src_strategy: Optional[str] = None, log: Callable = print) -> dict:
+    """Write the adapter (LoRA tensors + value head, the base's digest) and/or the merged whole model of a LoRA
+    checkpoint. expected: the model's {name: shape}, to merge model-parallel slices first (None: read as is).
+    base_path, when it exists, must hold the base the checkpoint was trained on."""
+    from mindrlhf.models.loading import load_checkpoint_dict
+    from mindrlhf.models.slices import load_whole
+
+    if not adapter and not merged:
+        raise ConfigError("nothing to write: pass --output (the adapter) and/or --merge (the whole model)")
+    for path in (adapter, merged):
+        check_new_output(path, overwrite)
+    if adapter and not adapter.endswith(".safetensors"):
+        raise ConfigError(f"--output {adapter}: an adapter is a .safetensors file")
+    if merged and not merged.endswith(".ckpt"):
+        raise ConfigError(f"--merge {merged}: the merged model is a MindSpore .ckpt file")
+    check_lora_tensors(checkpoint, lora_dims(checkpoint), settings, where)
+    params = (load_whole(checkpoint, expected, src_strategy, log=log) if expected is not None
+              else load_checkpoint_dict(checkpoint))
+    check_lora_tensors(checkpoint, {n: tuple(v.shape) for n, v in params.items() if lora.is_lora(n)}, settings,
+                       where)
+    identity = weights_identity(checkpoint)
+    counts = {"lora": 0, "value_head": 0, "frozen": 0}
+    for name, value in params.items():
+        kind = ("lora" if lora.is_lora(name) else "value_head" if name.startswith(lora.VALUE_HEAD)
+                else "frozen" if name.startswith("model.") else None)
+        if kind:
+            counts[kind] += int(np.prod(value.shape))
+    result = {"checkpoint": checkpoint, "step": identity["step"], "lora": settings, "counts": counts}
+    if adapter:
+        tensors, meta = lora.adapter_arrays(params, settings, identity, base_path)
+        if base_path and os.path.isfile(base_path):
+            actual = lora.base_digest(load_checkpoint_dict(base_path).items())
+            if actual != meta["base_sha256"]:
+                raise ConfigError(f"--base_path {base_path}: not the base {checkpoint} was trained on (base sha256 "
+                                  f"{actual[:16]}…, the checkpoint's frozen weights {meta['base_sha256'][:16]}…)")
+        lora.write_adapter(adapter, tensors, meta)
+        _copy_template(checkpoint, os.path.dirname(os.path.abspath(adapter)), log, overwrite)
+        result.update(adapter=adapter, base_sha256=meta["base_sha256"], tensors=len(tensors))
+        log(f"adapter of {checkpoint} (step {identity['step']}): {adapter} ({len(tensors)} tensors, base "
+            f"{meta['base_sha256'][:16]}…)")
+    if merged:
+        lora.write_merged(merged, lora.merged_params(params, settings))
+        _copy_template(checkpoint, os.path.dirname(os.path.abspath(merged)), log, overwrite)
+        result["merged"] = merged
+        log(f"merged model of {checkpoint} (W + B.A x {lora.scale(settings):g}): {merged}")
+    return result
+
+
+def model_shapes(config) -> dict:
+    """{name: shape} of the config's reward model (LoRA included), to merge model-parallel slices against."""
+    import mindrlhf._mindformers  # noqa: F401  (quiet import first)
+    from mindformers import LlamaConfig
+
+    from mindrlhf.models.llama_reward import LlamaRewardModel
+
+    model_cfg = dict(config.model.model_config)
+    model_cfg.pop("type", None)
+    model_cfg["checkpoint_name_or_path"] = ""
+    network = LlamaRewardModel(LlamaConfig(**model_cfg))
+    return {p.name: tuple(p.shape) for p in network.get_parameters()}
