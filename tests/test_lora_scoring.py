@@ -284,3 +284,30 @@ def test_under_msrun_every_rank_scores_the_adapter_or_refuses_it_alike(lora_run,
     proc = msrun(wrong, 2, tmp_path / "logs_wrong", timeout=HANG_GUARD)
     assert_every_rank_says(proc, tmp_path / "logs_wrong", "belongs to other base weights", started)
     assert not (tmp_path / "wrong.json").exists()
+
+
+def test_merged_bfloat16_keeps_types_and_identity(tmp_path):
+    """A bfloat16 run's merged file keeps each tensor's type, so the value head's digest (the identity reward
+    statistics are tied to) is the checkpoint's; written as float32 it was not."""
+    import mindspore as ms
+
+    from mindrlhf.models import lora
+    from mindrlhf.models.identity import weights_identity
+
+    def param(name, array, kind=ms.float32):
+        return ms.Parameter(ms.Tensor(np.asarray(array, np.float32)).astype(kind), name=name)
+
+    stem = "model.layers.0.attention.wq."
+    params = {stem + "weight": param(stem + "weight", np.ones((4, 4)), ms.bfloat16),
+              stem + lora.LORA_A: param(stem + lora.LORA_A, np.ones((2, 4))),
+              stem + lora.LORA_B: param(stem + lora.LORA_B, np.ones((4, 2))),
+              "v_head.weight": param("v_head.weight", np.arange(4).reshape(1, 4), ms.bfloat16),
+              "global_step": ms.Parameter(ms.Tensor(np.array([7], np.int32)), name="global_step")}
+    source, merged = str(tmp_path / "run.ckpt"), str(tmp_path / "merged.ckpt")
+    ms.save_checkpoint([{"name": n, "data": v} for n, v in params.items()], source)
+    settings = {"rank": 2, "alpha": 4.0, "dropout": 0.0, "target_modules": ".*wq", "targets": ["wq"]}
+    lora.write_merged(merged, lora.merged_params(params, settings), like=params)
+    assert weights_identity(merged) == weights_identity(source)
+    back = ms.load_checkpoint(merged)
+    assert back[stem + "weight"].dtype == ms.bfloat16 and back["v_head.weight"].dtype == ms.bfloat16
+    assert np.array_equal(back[stem + "weight"].astype(ms.float32).asnumpy(), np.full((4, 4), 5.0))  # 1 + 2.(B.A)

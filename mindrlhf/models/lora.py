@@ -306,11 +306,18 @@ def merged_params(params: dict, settings: dict) -> dict:
     return merge_arrays(arrays, settings)
 
 
-def write_merged(path: str, arrays: dict):
-    """A MindSpore .ckpt of merged weights, written whole or not at all."""
+def write_merged(path: str, arrays: dict, like: Optional[dict] = None):
+    """A MindSpore .ckpt of merged weights, written whole or not at all; each tensor in the type it has in `like`
+    (the checkpoint's parameters): a bfloat16 value head stays bfloat16, so its digest, the weights' identity
+    that reward statistics are tied to, is the checkpoint's."""
     import mindspore as ms
 
     from mindrlhf.io import replaced_whole
 
+    def tensor(name):
+        data = ms.Tensor(arrays[name])
+        kind = getattr((like or {}).get(name), "dtype", None)
+        return data.astype(kind) if kind is not None and kind != data.dtype else data
+
     with replaced_whole(path, suffix=".ckpt") as tmp:
-        ms.save_checkpoint([{"name": n, "data": ms.Tensor(arrays[n])} for n in sorted(arrays)], tmp)
+        ms.save_checkpoint([{"name": n, "data": tensor(n)} for n in sorted(arrays)], tmp)

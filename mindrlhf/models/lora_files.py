@@ -106,7 +106,7 @@ def extract(checkpoint: str, settings: dict, where: str, adapter: Optional[str] 
         log(f"adapter of {checkpoint} (step {identity['step']}): {adapter} ({len(tensors)} tensors, base "
             f"{meta['base_sha256'][:16]}…)")
     if merged:
-        lora.write_merged(merged, lora.merged_params(params, settings))
+        lora.write_merged(merged, lora.merged_params(params, settings), like=params)
         _copy_template(checkpoint, os.path.dirname(os.path.abspath(merged)), log, overwrite)
         result["merged"] = merged
         log(f"merged model of {checkpoint} (W + B.A x {lora.scale(settings):g}): {merged}")

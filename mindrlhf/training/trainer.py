@@ -138,6 +138,10 @@ def prepare_config(config_path: str, train_dataset: Optional[str] = None, output
         # The Trainer clears checkpoint_name_or_path before building the model; the model reads this copy.
         # On resume the run's own checkpoint replaces every weight anyway, so the backbone is not loaded twice.
         config.model.model_config.backbone_checkpoint = config.model.model_config.checkpoint_name_or_path
+    if config.model.model_config.get("reward_lora") and not resume \
+            and not config.model.model_config.get("backbone_checkpoint"):
+        _warn("WARNING: LoRA on a randomly initialised backbone (no --load_checkpoint): only the LoRA matrices and "
+              "the value head train, and the adapter belongs to random weights; pass the base weights to start from")
     return config
 
 
