@@ -81,6 +81,9 @@ def ours(mode: str, args, work: str) -> dict:
     raw["runner_config"]["batch_size"] = raw["train_dataset"]["batch_size"] = args.pairs
     raw["train_dataset"]["bucket_boundaries"] = []
     raw["recompute_config"]["recompute"] = bool(args.recompute)  # full recompute of every layer's activations
+    for item in args.ms_context or []:
+        key, _, value = item.partition("=")
+        raw["context"][key] = yaml.safe_load(value)
     raw["lr_schedule"]["warmup_steps"] = 1
     # No checkpoint: saving one serialises every tensor once more, a peak of its own that is not training's
     raw["callbacks"] = [c for c in raw["callbacks"] if c.get("type") != "CheckpointMonitor"]
@@ -145,6 +148,8 @@ def main():
                         help="1: recompute each layer's activations in the backward pass (MindFormers' recompute; "
                              "TRL's gradient_checkpointing). Off by default: on CPU MindSpore's recompute raised the "
                              "peak (7.6 -> 18.8 GB at 2 layers, seq 512, 8 pairs, full fine-tuning) and the time")
+    parser.add_argument("--ms_context", action="append", default=None, metavar="KEY=VALUE",
+                        help="a MindSpore context setting for our modes (the YAML's context section), repeatable")
     parser.add_argument("--peer_python", default=str(ROOT / ".venv-peer" / "bin" / "python"))
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
@@ -166,7 +171,7 @@ def main():
         if mode.startswith("ours"):
             cmd = [sys.executable, __file__, "--worker", mode, "--work", work, "--layers", str(args.layers), "--seq",
                    str(args.seq), "--pairs", str(args.pairs), "--steps", str(args.steps), "--recompute",
-                   str(args.recompute)]
+                   str(args.recompute)] + [f"--ms_context={item}" for item in args.ms_context or []]
             env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(args.threads))
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
