@@ -311,3 +311,48 @@ def test_merged_bfloat16_keeps_types_and_identity(tmp_path):
     back = ms.load_checkpoint(merged)
     assert back[stem + "weight"].dtype == ms.bfloat16 and back["v_head.weight"].dtype == ms.bfloat16
     assert np.array_equal(back[stem + "weight"].astype(ms.float32).asnumpy(), np.full((4, 4), 5.0))  # 1 + 2.(B.A)
+
+
+def test_a_yaml_with_another_alpha_is_refused(lora_run, tmp_path):
+    """The checkpoint's shapes give rank and targets, not alpha: before, alpha 32 for a run trained with 16 scored
+    (and merged) with twice the LoRA delta, exit 0. The run records its settings in lora.json."""
+    assert json.loads((lora_run["root"] / "lora.json").read_text())["alpha"] == 16
+    other = yaml.safe_load(LORA_CONFIG.read_text())
+    other["model"]["model_config"]["pet_config"]["lora_alpha"] = 32
+    config = tmp_path / "alpha32.yaml"
+    config.write_text(yaml.safe_dump(other))
+    proc = infer(lora_run, "alpha32", config, lora_run["root"], [], check=False)
+    assert proc.returncode == 2 and "alpha 16" in proc.stderr and "alpha 32" in proc.stderr, proc.stderr[-2000:]
+    tool = run_main(ADAPTER_TOOL, "--config", config, "--checkpoint", lora_run["root"], "--merge",
+                    tmp_path / "m.ckpt", check=False)
+    assert tool.returncode == 2 and "alpha 16" in tool.stderr and not (tmp_path / "m.ckpt").exists()
+    export = run_main(SCRIPTS / "export_hf.py", "--config", config, "--distributed_ckpt_path", lora_run["root"],
+                      "--tokenizer", TOKENIZER, "--output_dir", tmp_path / "hf", check=False)
+    assert export.returncode == 2 and "alpha 16" in export.stderr and not (tmp_path / "hf").exists()
+
+
+def test_another_runs_template_beside_the_outputs_is_refused(lora_run, tmp_path):
+    """An adapter written into a folder holding another run's template.json would be scored with that template."""
+    (tmp_path / "template.json").write_text(json.dumps({"name": "someone else's"}))
+    proc = run_main(ADAPTER_TOOL, "--config", LORA_CONFIG, "--checkpoint", lora_run["root"], "--output",
+                    tmp_path / "a.safetensors", check=False)
+    assert proc.returncode == 2 and "another template" in proc.stderr, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "template.json").read_text()) == {"name": "someone else's"}
+
+
+def test_base_digest_reads_float16_and_bfloat16_bases_as_the_float32_network_does():
+    """convert_weight.py keeps Hugging Face's float16/bfloat16; the network (param_init_type float32) holds them
+    widened: one base, one digest. Before, the file hashed as stored and the right base was refused."""
+    import mindspore as ms
+
+    from mindrlhf.models.lora import base_digest
+
+    rng = np.random.default_rng(0)
+    values = {f"model.layers.0.attention.w{k}.weight": rng.standard_normal((8, 8)).astype(np.float32) for k in "qkv"}
+    for kind in (ms.float16, ms.bfloat16):
+        stored = {n: ms.Parameter(ms.Tensor(v).astype(kind), name=n) for n, v in values.items()}
+        widened = {n: ms.Parameter(p.astype(ms.float32), name=n) for n, p in stored.items()}
+        assert base_digest(stored.items()) == base_digest(widened.items())
+        changed = dict(widened, **{"model.layers.0.attention.wq.weight": ms.Parameter(
+            ms.Tensor(values["model.layers.0.attention.wq.weight"] + 1), name="x")})
+        assert base_digest(changed.items()) != base_digest(widened.items())

@@ -30,6 +30,7 @@ from mindrlhf.errors import ConfigError, OutputExistsError
 from mindrlhf.io import replaced_folder
 from mindrlhf.models import lora
 from mindrlhf.models.hf_import import HF_TO_MS, LLAMA3_SCALING, expected_shapes, ffn_hidden_size
+from mindrlhf.models.lora_files import check_run_lora
 from mindrlhf.models.safetensors_io import write_safetensors
 from mindrlhf.models.slices import load_whole
 
@@ -257,6 +258,7 @@ def reward_params(checkpoint: str, model_config, src_strategy: Optional[str] = N
                 raise ConfigError(f"{checkpoint}: holds {len(found)} LoRA tensors ({found[0]}, ...) but the YAML's "
                                   "model_config has no pet_config to give their lora_alpha; pass the LoRA run's own "
                                   "YAML (exporting without them would drop what training learnt)")
+            check_run_lora(checkpoint, settings, "the YAML's pet_config")
     missing = [n for n in shapes if n not in params]
     if missing:
         raise ConfigError(f"{source}: lacks {len(missing)} tensor(s) of the reward model, e.g. {missing[:3]}; "

@@ -146,27 +146,29 @@ def freeze_all_but_lora(network) -> dict:
 
 # ---- the base weights' digest -------------------------------------------------------------------------------
 
-def _canonical(value) -> Tuple[str, np.ndarray]:
-    """(type name, array) of a Parameter/Tensor/array as hashed: bfloat16 is widened to float32 exactly."""
+def _canonical(value) -> np.ndarray:
+    """A Parameter/Tensor/array as hashed: every float widened to float32 (exact from float16 and bfloat16), so a
+    float16 or bfloat16 base file and the float32 network it loads into (param_init_type) hash alike."""
     import mindspore as ms
 
-    if isinstance(value, np.ndarray):
-        return str(value.dtype), np.ascontiguousarray(value)
-    if value.dtype == ms.bfloat16:
-        return "bfloat16", value.astype(ms.float32).asnumpy()
-    return str(value.dtype).lower(), np.ascontiguousarray(value.asnumpy())
+    if not isinstance(value, np.ndarray):
+        value = (value.astype(ms.float32) if value.dtype in (ms.bfloat16, ms.float16) else value).asnumpy()
+    if np.issubdtype(value.dtype, np.floating):
+        value = value.astype(np.float32)
+    return np.ascontiguousarray(value)
 
 
 def base_digest(tensors: Iterable[Tuple[str, object]]) -> str:
     """sha256 over every backbone tensor that LoRA training leaves frozen (model.*, not LoRA, not the value
-    head), by name, type, shape and bytes: the same for a base file as loaded and for a LoRA checkpoint."""
+    head), by name, shape and values (floats as float32): the same for a base file as stored, for the network it
+    loads into, and for the frozen tensors of a LoRA checkpoint."""
     digest = hashlib.sha256()
     count = 0
     for name, value in sorted(tensors, key=lambda item: item[0]):
         if not name.startswith("model.") or is_lora(name):
             continue
-        kind, array = _canonical(value)
-        kind = {"float32": "float32", "float16": "float16"}.get(kind, kind)
+        array = _canonical(value)
+        kind = "float" if array.dtype == np.float32 else str(array.dtype)
         digest.update(f"{name}|{kind}|{list(array.shape)}|".encode())
         digest.update(array.tobytes())
         count += 1

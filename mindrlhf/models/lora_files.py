@@ -3,6 +3,7 @@ checkpoint from being read with other LoRA settings (or none: its deltas would b
 
 scripts/lora_adapter.py and the end of a LoRA training run call extract(); the scorer calls check_lora_tensors.
 """
+import json
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ from mindrlhf.models import lora
 from mindrlhf.models.identity import tensor_dims, weights_identity
 
 RUN_TEMPLATE_FILE = "template.json"  # mindrlhf.data.templates.RUN_TEMPLATE_FILE (data sits above models)
+RUN_LORA_FILE = "lora.json"  # a LoRA run's settings, beside template.json
 
 
 def lora_dims(path: str) -> Dict[str, Tuple[int, ...]]:
@@ -46,21 +48,74 @@ def check_lora_tensors(path: str, dims: Dict[str, Tuple[int, ...]], settings: Op
     if ranks != [settings["rank"]]:
         raise ConfigError(f"{path}: its LoRA tensors have rank {ranks[0] if len(ranks) == 1 else ranks}, {where} "
                           f"pet_config.lora_rank is {settings['rank']}")
+    check_run_lora(path, settings, where)
 
 
-def _copy_template(checkpoint: str, out_dir: str, log: Callable, overwrite: bool = False):
-    """The run's template.json beside the outputs (scoring reads it beside the weights), unless one is there."""
+def _run_root(checkpoint: str) -> str:
+    """The folder holding a run's rank_N/ (and its template.json, lora.json) for one of its checkpoint files."""
     from mindrlhf.models.slices import rank_of_checkpoint
 
     try:
-        root = rank_of_checkpoint(checkpoint)[0]
+        return rank_of_checkpoint(checkpoint)[0]
     except ConfigError:
-        root = os.path.dirname(os.path.abspath(checkpoint))
-    src, dst = os.path.join(root, RUN_TEMPLATE_FILE), os.path.join(out_dir, RUN_TEMPLATE_FILE)
-    if os.path.isfile(src) and (overwrite or not os.path.exists(dst)) and os.path.abspath(src) != os.path.abspath(dst):
-        with replaced_whole(dst) as tmp:
-            shutil.copyfile(src, tmp)
-        log(f"copied the run's template {src} to {dst}")
+        return os.path.dirname(os.path.abspath(checkpoint))
+
+
+def write_run_lora(root: str, settings: dict, resumed_from: Optional[str] = None):
+    """The run's LoRA settings beside its checkpoints (RUN_LORA_FILE): the checkpoints hold rank and targets in
+    their shapes but not alpha, and a YAML with another alpha would score and merge them wrongly. Resuming a run
+    trained with other settings is an error."""
+    if resumed_from:
+        earlier = _read_run_lora(resumed_from)
+        if earlier is not None and not lora.same_settings(earlier, settings):
+            raise ConfigError(f"{os.path.join(resumed_from, RUN_LORA_FILE)}: the checkpoints there were trained "
+                              f"with LoRA {_describe(earlier)}, the YAML has {_describe(settings)}")
+    os.makedirs(root, exist_ok=True)
+    with replaced_whole(os.path.join(root, RUN_LORA_FILE)) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump({k: settings[k] for k in ("rank", "alpha", "dropout", "target_modules", "targets")}, fh,
+                      indent=2)
+
+
+def _read_run_lora(root: str) -> Optional[dict]:
+    path = os.path.join(root, RUN_LORA_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: unreadable ({err}); it records the run's LoRA settings") from None
+
+
+def _describe(settings: dict) -> str:
+    return f"rank {settings['rank']} alpha {float(settings['alpha']):g} on {','.join(settings['targets'])}"
+
+
+def check_run_lora(checkpoint: str, settings: dict, where: str):
+    """The YAML's LoRA settings against those the run recorded beside its checkpoints (when it did)."""
+    recorded = _read_run_lora(_run_root(checkpoint))
+    if recorded is not None and not lora.same_settings(recorded, settings):
+        raise ConfigError(f"{checkpoint}: its run trained LoRA {_describe(recorded)} "
+                          f"({os.path.join(_run_root(checkpoint), RUN_LORA_FILE)}), {where} has {_describe(settings)}: "
+                          "its rewards and merge would be wrong; pass the run's own YAML")
+
+
+def _copy_template(checkpoint: str, out_dir: str, log: Callable, overwrite: bool = False):
+    """The run's template.json beside the outputs (scoring reads it beside the weights). Another template already
+    there (another run's) is an error unless overwrite: scoring would render with it."""
+    src, dst = os.path.join(_run_root(checkpoint), RUN_TEMPLATE_FILE), os.path.join(out_dir, RUN_TEMPLATE_FILE)
+    if not os.path.isfile(src) or os.path.abspath(src) == os.path.abspath(dst):
+        return
+    if os.path.exists(dst) and not overwrite:
+        with open(src, "rb") as a, open(dst, "rb") as b:
+            if a.read() == b.read():
+                return
+        raise ConfigError(f"{dst}: another template than the run's ({src}) is there, and scoring the outputs beside "
+                          "it would render with it; choose another output folder or pass --overwrite")
+    with replaced_whole(dst) as tmp:
+        shutil.copyfile(src, tmp)
+    log(f"copied the run's template {src} to {dst}")
 
 
 def extract(checkpoint: str, settings: dict, where: str, adapter: Optional[str] = None,

@@ -10,6 +10,7 @@ import sys
 from typing import Optional
 
 from mindrlhf import distributed
+from mindrlhf.config_access import config_getter
 from mindrlhf.errors import ConfigError
 from mindrlhf.training import config as cfg
 
@@ -164,6 +165,8 @@ def train(config_path: str, train_dataset: Optional[str] = None, task: str = "te
     from mindformers.utils.file_utils import set_output_path
 
     from mindrlhf.data.dataset import resolve_mindrecord_files
+    from mindrlhf.models.lora import lora_settings
+    from mindrlhf.models.lora_files import write_run_lora
     from mindrlhf.tools.loss_log import parse_log
 
     config = prepare_config(config_path, train_dataset, **overrides)
@@ -180,6 +183,10 @@ def train(config_path: str, train_dataset: Optional[str] = None, task: str = "te
         if template is not None and rank_id == 0:
             record_run_template(os.path.join(config.output_dir, "checkpoint"), template,
                                 config.load_checkpoint if config.resume_training else None)
+        settings = lora_settings(config.model.model_config)
+        if settings and rank_id == 0:  # alpha is in no tensor: scoring and merging read it from here
+            write_run_lora(os.path.join(config.output_dir, "checkpoint"), settings,
+                           config.load_checkpoint if config.resume_training else None)
     if config.resume_training:
         config.resume_training = resume_file(config.load_checkpoint, rank_id, collective, warn=_warn)
     stop_step = config.runner_config.pop("stop_step", None)
@@ -222,11 +229,11 @@ def lora_adapter_of_run(config, config_path: str, checkpoints) -> dict:
     stem = os.path.splitext(os.path.basename(newest))[0]
     adapter = os.path.join(os.path.abspath(config.output_dir), "adapter", f"{stem}.safetensors")
     base = model_config.get("backbone_checkpoint") or ""
-    parallel = config.get("parallel_config") or {}
+    # after trainer.train() MindFormers has replaced parallel_config by its TransformerOpParallelConfig object
+    parallel = config_getter(config.get("parallel_config") or {})
     command = (f"python scripts/lora_adapter.py --config {config_path} --checkpoint {newest} --output {adapter}"
                + (f" --base_path {base}" if base else ""))
-    if config.use_parallel and (int(parallel.get("model_parallel") or 1) > 1
-                                or int(parallel.get("pipeline_stage") or 1) > 1):
+    if config.use_parallel and (int(parallel("model_parallel") or 1) > 1 or int(parallel("pipeline_stage") or 1) > 1):
         _warn(f"this LoRA run's checkpoints are model-parallel slices: make its adapter with {command}")
         return dict(info, command=command)
     try:
