@@ -15,8 +15,8 @@ def export_run(config_path: str, ckpt_path: str, tokenizer: str, output_dir: str
                log=print, adapter: Optional[str] = None, form: str = "merged",
                base_model: Optional[str] = None) -> dict:
     """form "merged": a whole Hugging Face model (LoRA merged in); "peft": a PEFT adapter folder for base_model.
-    With adapter (a mindrlhf LoRA adapter file) ckpt_path is the base weights it was trained on; the base has no
-    reward statistics or template record of its own, so none are taken."""
+    With adapter (a mindrlhf LoRA adapter file) ckpt_path is the base weights it was trained on, and the reward
+    statistics and template record are read beside the adapter, as scoring reads them."""
     from mindrlhf.data.templates import run_template_path
     from mindrlhf.errors import ConfigError
     from mindrlhf.evaluation.normalize import load_stats, stats_path
@@ -31,12 +31,13 @@ def export_run(config_path: str, ckpt_path: str, tokenizer: str, output_dir: str
         raise ConfigError("--base_model names the base of a PEFT adapter: pass --format peft (or --peft) with it")
     config = load_config(config_path)
     checkpoint = list_checkpoints(ckpt_path)[-1]
-    root = checkpoint_root(checkpoint)
+    weights = adapter or checkpoint  # what the statistics and the template belong to
+    root = checkpoint_root(weights)
     stats = None
-    if with_stats and not adapter and form == "merged" and os.path.isfile(stats_path(root)):
-        stats = load_stats(root, checkpoint)
+    if with_stats and form == "merged" and os.path.isfile(stats_path(root)):
+        stats = load_stats(root, weights)
     template = run_template_path(root)
-    extra = {TEMPLATE_COPY: template} if os.path.isfile(template) and not adapter else {}
+    extra = {TEMPLATE_COPY: template} if os.path.isfile(template) else {}
     if form == "peft":
         result = export_peft(checkpoint, config.model.model_config, output_dir, base_model, tokenizer, dtype,
                              src_strategy, overwrite, adapter, log, extra_files=extra)
