@@ -12,6 +12,7 @@ from typing import Optional
 from mindrlhf import distributed
 from mindrlhf.errors import ConfigError
 from mindrlhf.training import config as cfg
+from mindrlhf.training import host_memory
 
 TRAIN_SUMMARY = "train_summary.json"
 
@@ -184,7 +185,10 @@ def train(config_path: str, train_dataset: Optional[str] = None, task: str = "te
         config.resume_training = resume_file(config.load_checkpoint, rank_id, collective, warn=_warn)
     stop_step = config.runner_config.pop("stop_step", None)
     trainer = Trainer(args=config, task=task, callbacks=[stop_at(int(stop_step))] if stop_step else None)
-    trainer.train()
+    # On CPU the graph compile's freed host memory would stay resident under the step's tensors (see host_memory)
+    cpu = config.context.get("device_target") == "CPU"
+    with host_memory.trimming(host_memory.trim_interval() if cpu else None):
+        trainer.train()
     log_file = os.path.join(config.output_dir, "log", f"rank_{rank_id}", "info.log")
     points = parse_log(log_file) if os.path.isfile(log_file) else []
     ckpt_dir = os.path.join(config.output_dir, "checkpoint", f"rank_{rank_id}")
