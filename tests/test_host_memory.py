@@ -70,3 +70,45 @@ def test_no_interval_no_thread():
     import threading
     with host_memory.trimming(None):
         assert not [t for t in threading.enumerate() if t.name == "mindrlhf-malloc-trim"]
+
+
+def test_pool_settings_keep_the_runs_own_memory_settings():
+    """MindFormers' build_context cannot set memory after us, so the run's settings travel with ours."""
+    settings = host_memory.pool_settings({"max_device_memory": "30GB", "mempool_block_size": "1GB",
+                                          "memory_optimize_level": "O1"}, 6 * host_memory.GB)
+    assert settings == {"init_size": "12.00GB", "max_size": "30GB", "increase_size": "1GB", "optimize_level": "O1"}
+    assert host_memory.pool_settings({}, host_memory.GB // 2) == {
+        "init_size": "1.00GB", "max_size": "1024GB", "increase_size": "2GB", "optimize_level": "O0"}
+
+
+RESERVE = """
+import json, sys
+from mindrlhf.training import host_memory
+settings = host_memory.reserve_pool_block({}, log=lambda m: None)
+import mindspore as ms, numpy as np
+from mindspore._c_expression import RuntimeConf
+ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+total = float((ms.Tensor(np.ones((256, 256), np.float32)) * 2).sum())
+print("RESULT " + json.dumps({"settings": settings, "configured": RuntimeConf.get_instance().is_memory_configured(),
+                              "total": total, "available_kb": host_memory._meminfo_kb("MemAvailable")}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("switch", ["1", "0"])
+def test_reserve_pool_block_configures_mindspore_before_anything_runs(switch):
+    import json
+    import os
+    import subprocess
+
+    env = dict(os.environ, MINDRLHF_CPU_POOL_BLOCK=switch)
+    done = subprocess.run([sys.executable, "-c", RESERVE], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads([line for line in done.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
+    assert result["total"] == 2 * 256 * 256
+    if switch == "0" or host_memory._strict_overcommit():
+        assert result["settings"] is None
+        return
+    reserved = float(result["settings"]["init_size"][:-2]) * host_memory.GB / 2
+    assert abs(reserved - result["available_kb"] * 1024) < 0.25 * host_memory.GB
+    assert result["configured"]

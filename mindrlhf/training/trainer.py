@@ -171,6 +171,8 @@ def train(config_path: str, train_dataset: Optional[str] = None, task: str = "te
     files = resolve_mindrecord_files(cfg.dataset_source(config, "train"))
     template, margin = cfg.data_template_and_margin(config, files)
     set_output_path(config.output_dir)
+    if config.context.get("device_target") == "CPU":
+        host_memory.reserve_pool_block(config.context, log=_info)
     build_context(config)
     rank_id, rank_size = distributed.rank_and_size()
     collective = bool(config.use_parallel) and rank_size > 1
@@ -269,6 +271,12 @@ def use_cpu_barrier():
         mod = importlib.import_module(module)
         if hasattr(mod, "barrier"):
             mod.barrier = barrier
+
+
+def _info(message: str):
+    from mindformers.tools.logger import logger
+
+    logger.info(message)
 
 
 def _warn(message: str):
