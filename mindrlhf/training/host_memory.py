@@ -89,10 +89,12 @@ def trimming(interval: Optional[float] = DEFAULT_INTERVAL):
 
 
 def _meminfo_kb(field: str, text: Optional[str] = None) -> Optional[int]:
-    try:
-        text = text if text is not None else open("/proc/meminfo", encoding="utf-8").read()
-    except OSError:
-        return None
+    if text is None:
+        try:
+            with open("/proc/meminfo", encoding="utf-8") as fh:
+                text = fh.read()
+        except OSError:
+            return None
     for line in text.splitlines():
         name, _, value = line.partition(":")
         if name == field and value.split():
@@ -127,7 +129,8 @@ def reserve_pool_block(context: dict, log=print) -> Optional[dict]:
     if os.environ.get("MINDRLHF_CPU_POOL_BLOCK", "1").strip().lower() in ("0", "off", "false"):
         return None
     available = _meminfo_kb("MemAvailable")
-    if available is None or _strict_overcommit() or RuntimeConf.get_instance().is_memory_configured():
+    if available is None or available * 1024 < GB or _strict_overcommit() \
+            or RuntimeConf.get_instance().is_memory_configured():
         return None
     settings = pool_settings(context, available * 1024)
     mindspore.runtime.set_memory(**settings)
