@@ -13,6 +13,7 @@ from mindrlhf import distributed
 from mindrlhf.config_access import config_getter
 from mindrlhf.errors import ConfigError
 from mindrlhf.training import config as cfg
+from mindrlhf.training import host_memory
 
 TRAIN_SUMMARY = "train_summary.json"
 
@@ -173,6 +174,8 @@ def train(config_path: str, train_dataset: Optional[str] = None, task: str = "te
     files = resolve_mindrecord_files(cfg.dataset_source(config, "train"))
     template, margin = cfg.data_template_and_margin(config, files)
     set_output_path(config.output_dir)
+    if config.context.get("device_target") == "CPU":
+        host_memory.reserve_pool_block(config.context, log=_info)
     build_context(config)
     rank_id, rank_size = distributed.rank_and_size()
     collective = bool(config.use_parallel) and rank_size > 1
@@ -191,7 +194,10 @@ def train(config_path: str, train_dataset: Optional[str] = None, task: str = "te
         config.resume_training = resume_file(config.load_checkpoint, rank_id, collective, warn=_warn)
     stop_step = config.runner_config.pop("stop_step", None)
     trainer = Trainer(args=config, task=task, callbacks=[stop_at(int(stop_step))] if stop_step else None)
-    trainer.train()
+    # On CPU the graph compile's freed host memory would stay resident under the step's tensors (see host_memory)
+    cpu = config.context.get("device_target") == "CPU"
+    with host_memory.trimming(host_memory.trim_interval() if cpu else None):
+        trainer.train()
     log_file = os.path.join(config.output_dir, "log", f"rank_{rank_id}", "info.log")
     points = parse_log(log_file) if os.path.isfile(log_file) else []
     ckpt_dir = os.path.join(config.output_dir, "checkpoint", f"rank_{rank_id}")
@@ -272,6 +278,12 @@ def use_cpu_barrier():
         mod = importlib.import_module(module)
         if hasattr(mod, "barrier"):
             mod.barrier = barrier
+
+
+def _info(message: str):
+    from mindformers.tools.logger import logger
+
+    logger.info(message)
 
 
 def _warn(message: str):
