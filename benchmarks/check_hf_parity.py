@@ -102,25 +102,12 @@ def base_folder(config: str, checkpoint: str, tokenizer: str, work: Path) -> str
     return str(folder)
 
 
-def lora_main(args) -> int:
-    """Both LoRA export forms against reward_infer.py, scored in the peer interpreter (see the module doc)."""
-    if not os.access(args.peer_python, os.X_OK):
-        print(f"check_hf_parity --lora: skipped: no peer interpreter at {args.peer_python} (make peer-venv, then "
-              f"{args.peer_python} -m pip install peft); nothing was compared")
-        return 0
-    import mindrlhf.registry  # noqa: F401
+def our_scores(args, common, ckpt: str, work: Path):
+    """reward_infer.py (the run's flags in `common`) on the first --rows rows: (rows, our scores, the texts as the
+    run's template renders them, their token ids, the template)."""
     from mindrlhf.data.tokenizer import load_tokenizer
     from mindrlhf.evaluation.run import run_template
-    from mindrlhf.training.config import load_config
 
-    work = Path(tempfile.mkdtemp(prefix="hf_parity_lora_"))
-    config = args.config if args.config != str(TINY_CONFIG) else str(LORA_CONFIG)
-    ckpt = args.distributed_ckpt_path or str(random_lora_checkpoint(config, work))
-    merged, adapter = work / "hf_merged", work / "hf_peft"
-    base = base_folder(config, ckpt, args.tokenizer, work)
-    common = ["--config", config, "--distributed_ckpt_path", ckpt, "--tokenizer", args.tokenizer]
-    run([EXPORT, *common, "--output_dir", merged])
-    run([EXPORT, *common, "--output_dir", adapter, "--peft", "--base_model", base])
     lines = Path(args.data_file).read_text(encoding="utf-8").splitlines()[:args.rows]
     rows = work / "rows.jsonl"
     rows.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -131,7 +118,27 @@ def lora_main(args) -> int:
     tok = load_tokenizer(args.tokenizer)
     template = run_template(ckpt, None, tok)
     texts = [template.render(it["prompt"], it["response"]) for it in items]
-    our_ids = tok.encode(texts, special_tokens=template.special_tokens)
+    return lines, ours, texts, tok.encode(texts, special_tokens=template.special_tokens), template
+
+
+def lora_main(args) -> int:
+    """Both LoRA export forms against reward_infer.py, scored in the peer interpreter (see the module doc)."""
+    if not os.access(args.peer_python, os.X_OK):
+        print(f"check_hf_parity --lora: skipped: no peer interpreter at {args.peer_python} (make peer-venv, then "
+              f"{args.peer_python} -m pip install peft); nothing was compared")
+        return 0
+    import mindrlhf.registry  # noqa: F401
+    from mindrlhf.training.config import load_config
+
+    work = Path(tempfile.mkdtemp(prefix="hf_parity_lora_"))
+    config = args.config if args.config != str(TINY_CONFIG) else str(LORA_CONFIG)
+    ckpt = args.distributed_ckpt_path or str(random_lora_checkpoint(config, work))
+    merged, adapter = work / "hf_merged", work / "hf_peft"
+    base = base_folder(config, ckpt, args.tokenizer, work)
+    common = ["--config", config, "--distributed_ckpt_path", ckpt, "--tokenizer", args.tokenizer]
+    run([EXPORT, *common, "--output_dir", merged])
+    run([EXPORT, *common, "--output_dir", adapter, "--peft", "--base_model", base])
+    lines, ours, texts, our_ids, template = our_scores(args, common, ckpt, work)
     seq_length = int(load_config(config).model.model_config.seq_length)
     spec, output = work / "peer_spec.json", work / "peer_scores.json"
     spec.write_text(json.dumps({"ids": [x[:seq_length] for x in our_ids], "texts": texts, "special_tokens": template.special_tokens, "seq_length": seq_length,
@@ -188,8 +195,6 @@ def main():
     from torch_batches import padded
 
     import mindrlhf.registry  # noqa: F401
-    from mindrlhf.data.tokenizer import load_tokenizer
-    from mindrlhf.evaluation.run import run_template
 
     work = Path(tempfile.mkdtemp(prefix="hf_parity_"))
     ckpt = args.distributed_ckpt_path or str(random_checkpoint(args.config, work))
@@ -197,19 +202,8 @@ def main():
     if not args.hf_dir:
         run([EXPORT, "--config", args.config, "--distributed_ckpt_path", ckpt, "--tokenizer", args.tokenizer,
              "--output_dir", hf_dir])
-    lines = Path(args.data_file).read_text(encoding="utf-8").splitlines()[:args.rows]
-    rows = work / "rows.jsonl"
-    rows.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    scores_file = work / "infer_scores.jsonl"
-    run([INFER, "--config", args.config, "--data_file", rows, "--tokenizer", args.tokenizer,
-         "--distributed_ckpt_path", ckpt, "--output_file", scores_file])
-    items = [json.loads(line) for line in scores_file.read_text(encoding="utf-8").splitlines()]
-    ours = np.array([it["score"] for it in items], np.float64)
-
-    tok = load_tokenizer(args.tokenizer)
-    template = run_template(ckpt, None, tok)
-    texts = [template.render(it["prompt"], it["response"]) for it in items]
-    our_ids = tok.encode(texts, special_tokens=template.special_tokens)
+    lines, ours, texts, our_ids, template = our_scores(args, ["--config", args.config, "--tokenizer", args.tokenizer,
+                                                     "--distributed_ckpt_path", ckpt], ckpt, work)
     hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(hf_dir, dtype=torch.float32)
     model.eval()

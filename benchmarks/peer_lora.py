@@ -110,7 +110,7 @@ def main():
     import transformers
     from datasets import Dataset
     from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForSequenceClassification, TrainerCallback
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForSequenceClassification
     import trl
     from trl import RewardConfig, RewardTrainer
 
@@ -152,14 +152,9 @@ def main():
         dataloader_drop_last=True, dataloader_num_workers=0, use_cpu=True, bf16=False, fp16=False,
         disable_tqdm=True, gradient_checkpointing=args.gradient_checkpointing)
 
-    class StepClock(TrainerCallback):
-        def __init__(self):
-            self.ends = []
+    from peer_trl import step_clock
 
-        def on_step_end(self, _args, state, control, **_kwargs):
-            self.ends.append(time.perf_counter())
-
-    clock = StepClock()
+    clock = step_clock()
     trainer = RewardTrainer(model=model, args=rconfig, train_dataset=train, processing_class=processing,
                             peft_config=peft_config, callbacks=[clock])
     trained = trainer.model

@@ -13,6 +13,20 @@ import time
 PEER_PAD_ID = 0
 
 
+def step_clock():
+    """A TrainerCallback recording when each optimizer step ends (`.ends`): steady s/step without the first."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.ends = []
+
+        def on_step_end(self, _args, state, control, **_kwargs):
+            self.ends.append(time.perf_counter())
+
+    return StepClock()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--spec", required=True)
@@ -25,7 +39,7 @@ def main():
 
     import torch
     from datasets import Dataset
-    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast, TrainerCallback
+    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
     from trl import RewardConfig, RewardTrainer
 
@@ -65,14 +79,7 @@ def main():
         disable_tqdm=True, dataloader_num_workers=0,
         gradient_checkpointing=False)  # TRL defaults to True; ours recomputes nothing (YAML recompute: False)
 
-    class StepClock(TrainerCallback):
-        def __init__(self):
-            self.ends = []
-
-        def on_step_end(self, _args, state, control, **_kwargs):
-            self.ends.append(time.perf_counter())
-
-    clock = StepClock()
+    clock = step_clock()
     trainer = RewardTrainer(model=model, args=rconfig, train_dataset=train, processing_class=processing,
                             callbacks=[clock])
     start = time.perf_counter()

@@ -78,26 +78,13 @@ def tensor_dims(path: str, wanted=lambda name: False) -> dict:
     from mindspore.train.checkpoint_pb2 import Checkpoint
 
     found = {}
-    size = os.path.getsize(path)
     with open(path, "rb") as fh:
-        while fh.tell() < size:
-            start = fh.tell()
-            if fh.read(1) != b"\x0a":
-                fh.seek(start)
-                if fh.read(len(_CRC_TRAILER)) == _CRC_TRAILER:
-                    break
-                raise ConfigError(f"{path}: not a plain MindSpore checkpoint at byte {start} (encrypted?)")
-            length = _varint(fh, path)
-            body = fh.tell()
-            if body + length > size:
-                raise ConfigError(f"{path}: checkpoint is truncated")
-            name = _tag(fh, length, path)
+        for name, start, end in _values(fh, path):
             if name not in found:
                 found[name] = None
                 if wanted(name):
                     fh.seek(start)
-                    found[name] = tuple(Checkpoint.FromString(fh.read(body + length - start)).value[0].tensor.dims)
-            fh.seek(body + length)
+                    found[name] = tuple(Checkpoint.FromString(fh.read(end - start)).value[0].tensor.dims)
     return found
 
 
@@ -112,25 +99,11 @@ def _read(path: str):
     from mindspore.train.checkpoint_pb2 import Checkpoint
 
     digest, step, heads = hashlib.sha256(), None, 0
-    size = os.path.getsize(path)
     with open(path, "rb") as fh:
-        while fh.tell() < size:
-            start = fh.tell()
-            key = fh.read(1)
-            if key != b"\x0a":  # field 1 (value), length-delimited
-                fh.seek(start)
-                if fh.read(len(_CRC_TRAILER)) == _CRC_TRAILER:
-                    break
-                raise ConfigError(f"{path}: not a plain MindSpore checkpoint at byte {start} (encrypted?)")
-            length = _varint(fh, path)
-            body = fh.tell()
-            if body + length > size:
-                raise ConfigError(f"{path}: checkpoint is truncated")
-            name = _tag(fh, length, path)
+        for name, start, end in _values(fh, path):
             if name.startswith(VALUE_HEAD) or name == STEP:
                 fh.seek(start)
-                value = Checkpoint.FromString(fh.read(body + length - start)).value[0]
-                tensor = value.tensor
+                tensor = Checkpoint.FromString(fh.read(end - start)).value[0].tensor
                 if name == STEP:
                     kind = _STEP_TYPES.get(tensor.tensor_type)
                     step = int(np.frombuffer(tensor.tensor_content, kind)[0]) if kind else None
@@ -138,8 +111,27 @@ def _read(path: str):
                     heads += 1
                     digest.update(f"{name}|{tensor.tensor_type}|{list(tensor.dims)}|".encode())
                     digest.update(tensor.tensor_content)
-            fh.seek(body + length)
     return step, heads, digest.hexdigest()
+
+
+def _values(fh: BinaryIO, path: str):
+    """(tensor name, start, end) of each protobuf Value message of an open .ckpt, in file order, skipping their
+    bytes: the caller may read start..end (the whole message); the walk seeks on from end either way."""
+    size = os.path.getsize(path)
+    while fh.tell() < size:
+        start = fh.tell()
+        if fh.read(1) != b"\x0a":  # field 1 (value), length-delimited
+            fh.seek(start)
+            if fh.read(len(_CRC_TRAILER)) == _CRC_TRAILER:
+                return
+            raise ConfigError(f"{path}: not a plain MindSpore checkpoint at byte {start} (encrypted?)")
+        length = _varint(fh, path)
+        body = fh.tell()
+        if body + length > size:
+            raise ConfigError(f"{path}: checkpoint is truncated")
+        name = _tag(fh, length, path)
+        yield name, start, body + length
+        fh.seek(body + length)
 
 
 def _tag(fh: BinaryIO, length: int, path: str) -> str:
