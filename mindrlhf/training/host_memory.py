@@ -67,8 +67,9 @@ def trim_now() -> bool:
 
 
 @contextmanager
-def trimming(interval: Optional[float] = DEFAULT_INTERVAL):
-    """Trim every `interval` seconds in a daemon thread while the block runs (no-op for None or without glibc)."""
+def trimming(interval: Optional[float] = DEFAULT_INTERVAL, trimmed: Optional[threading.Event] = None):
+    """Trim every `interval` seconds in a daemon thread while the block runs (no-op for None or without glibc).
+    `trimmed` is set after each trim (tests wait on it instead of on the clock)."""
     libc = _glibc() if interval else None
     if libc is None:
         yield
@@ -78,6 +79,8 @@ def trimming(interval: Optional[float] = DEFAULT_INTERVAL):
     def run():
         while not stop.wait(interval):
             libc.malloc_trim(0)
+            if trimmed is not None:
+                trimmed.set()
 
     thread = threading.Thread(target=run, name="mindrlhf-malloc-trim", daemon=True)
     thread.start()
