@@ -24,7 +24,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import yaml
@@ -65,7 +64,6 @@ def write_pairs(path: str, pairs: int, seq: int, vocab: int, seed: int = 0):
 
 def ours(mode: str, args, work: str) -> dict:
     """One of our modes, in this process (the driver starts one process per mode)."""
-    framework = None
     import mindrlhf._mindformers  # noqa: F401
     import mindspore  # noqa: F401
     import mindformers  # noqa: F401

@@ -17,17 +17,9 @@ from mindrlhf.data.templates import (JINJA, TUTORIAL, choose_template, client_te
                                      run_template_path)
 from mindrlhf.errors import ConfigError
 from mindrlhf.evaluation.metrics import pairwise_metrics
-from mindrlhf.evaluation.scorer import (RewardScorer, checkpoint_root, length_batches, list_checkpoints,
+from mindrlhf.evaluation.scorer import (RewardScorer, base_file, checkpoint_root, length_batches, list_checkpoints,
                                         set_scoring_context)
 from mindrlhf.io import check_new_output, write_json, write_jsonl
-
-
-def base_file(ckpt_path: str, adapter: str) -> str:
-    """With --adapter, --distributed_ckpt_path names the base weights file the adapter goes on."""
-    if not os.path.isfile(ckpt_path):
-        raise ConfigError(f"--adapter {adapter}: --distributed_ckpt_path must name the base weights file (a .ckpt or "
-                          f".safetensors) the adapter was trained on; '{ckpt_path}' is not a file")
-    return ckpt_path
 
 
 def start_ranks(config, log: Callable) -> tuple:

@@ -55,6 +55,14 @@ def checkpoint_root(path: str) -> str:
     return os.path.dirname(folder) if re.fullmatch(r"rank_\d+", os.path.basename(folder)) else folder
 
 
+def base_file(ckpt_path: str, adapter: str) -> str:
+    """With --adapter, --distributed_ckpt_path names the base weights file the adapter goes on."""
+    if not os.path.isfile(ckpt_path):
+        raise ConfigError(f"--adapter {adapter}: --distributed_ckpt_path must name the base weights file (a .ckpt or "
+                          f".safetensors) the adapter was trained on; '{ckpt_path}' is not a file")
+    return ckpt_path
+
+
 def set_scoring_context(config) -> str:
     """Graph/pynative mode and the device of this rank (under a launcher each rank scores on its own device).
 
@@ -171,9 +179,7 @@ class RewardScorer:
                               "the LoRA run's YAML")
         if not os.path.isfile(adapter):
             raise ConfigError(f"--adapter {adapter}: no such file")
-        if not os.path.isfile(base):
-            raise ConfigError(f"--adapter {adapter}: --distributed_ckpt_path must name the base weights file it "
-                              f"belongs to, '{base}' is not a file")
+        base_file(base, adapter)
         self._use_network(True)
         load_backbone(self.network, base, log=self.log)
         meta = load_adapter(self.network, adapter, self.lora, log=self.log)

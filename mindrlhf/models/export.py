@@ -20,7 +20,7 @@ import json
 import os
 import re
 import shutil
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -139,12 +139,7 @@ def _target(param, dtype: Optional[str]) -> str:
 
 
 def _as_numpy(param, dtype: str) -> np.ndarray:
-    import mindspore as ms
-
-    if isinstance(param, np.ndarray):
-        array = param
-    else:
-        array = (param.astype(ms.float32) if param.dtype == ms.bfloat16 else param).asnumpy()
+    array = lora.to_numpy(param)
     if dtype == "bfloat16":
         return _float_to_bf16(array)
     return np.ascontiguousarray(array, _DTYPES[dtype][0])
@@ -235,16 +230,8 @@ def reward_params(checkpoint: str, model_config, src_strategy: Optional[str] = N
             raise ConfigError(f"{checkpoint}: holds LoRA tensors itself; --adapter goes with the base weights the "
                               "adapter was trained on (a LoRA run's own checkpoint needs no --adapter)")
         tensors, meta = lora.read_adapter(adapter)
-        digest = lora.base_digest(params.items())
-        if digest != meta["base_sha256"]:
-            raise ConfigError(f"{adapter}: belongs to other base weights (base sha256 {meta['base_sha256'][:16]}…"
-                              f"{' from ' + meta['base_path'] if meta['base_path'] else ''}), {checkpoint} has "
-                              f"{digest[:16]}…; pass the weights it was trained on")
-        settings, own = meta["lora"], lora.lora_settings(model_config)
-        if own and not lora.same_settings(own, settings):
-            raise ConfigError(f"{adapter}: adapter of LoRA rank {settings['rank']} alpha {settings['alpha']} on "
-                              f"{settings['targets']}, the YAML's pet_config says rank {own['rank']} alpha "
-                              f"{own['alpha']} on {own['targets']}")
+        lora.check_adapter_fits(adapter, meta, lora.base_digest(params.items()), lora.lora_settings(model_config))
+        settings = meta["lora"]
         params = {n: v for n, v in params.items() if n != VALUE_HEAD[0]}
         params.update(tensors)  # the LoRA tensors and the value head trained with them
         source = f"{checkpoint} + {adapter}"

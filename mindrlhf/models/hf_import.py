@@ -9,7 +9,7 @@ every shape checked against the target config, streamed into the checkpoint (mod
 import json
 import os
 import re
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -17,7 +17,7 @@ from mindrlhf.config_access import config_getter
 from mindrlhf.errors import ConfigError
 from mindrlhf.io import replaced_whole
 from mindrlhf.models.ckpt_stream import CheckpointStreamWriter
-from mindrlhf.models.safetensors_io import iter_safetensors
+from mindrlhf.models.safetensors_io import bf16_to_f32, iter_safetensors
 
 HF_TO_MS = [
     (r"^model\.embed_tokens\.weight$", "model.tok_embeddings.embedding_weight"),
@@ -199,13 +199,9 @@ def safetensors_files(input_path: str) -> List[str]:
     return [os.path.join(input_path, f) for f in files]
 
 
-def _bf16_to_f32(words: np.ndarray) -> np.ndarray:
-    return (words.astype(np.uint32) << 16).view(np.float32)
-
-
 def _cast(array: np.ndarray, src_type: str, dtype: Optional[str]) -> Tuple[np.ndarray, str]:
     if src_type == "BFloat16":
-        array = _bf16_to_f32(np.asarray(array))
+        array = bf16_to_f32(np.asarray(array))
         src_type = "Float32"
     if dtype is None:
         return np.ascontiguousarray(array), src_type

@@ -146,13 +146,20 @@ def freeze_all_but_lora(network) -> dict:
 
 # ---- the base weights' digest -------------------------------------------------------------------------------
 
+def to_numpy(value) -> np.ndarray:
+    """A Parameter/Tensor as numpy in its own type, bfloat16 (which numpy lacks) widened exactly to float32; an
+    array as it is."""
+    import mindspore as ms
+
+    if isinstance(value, np.ndarray):
+        return value
+    return (value.astype(ms.float32) if value.dtype == ms.bfloat16 else value).asnumpy()
+
+
 def _canonical(value) -> np.ndarray:
     """A Parameter/Tensor/array as hashed: every float widened to float32 (exact from float16 and bfloat16), so a
     float16 or bfloat16 base file and the float32 network it loads into (param_init_type) hash alike."""
-    import mindspore as ms
-
-    if not isinstance(value, np.ndarray):
-        value = (value.astype(ms.float32) if value.dtype in (ms.bfloat16, ms.float16) else value).asnumpy()
+    value = to_numpy(value)
     if np.issubdtype(value.dtype, np.floating):
         value = value.astype(np.float32)
     return np.ascontiguousarray(value)
@@ -242,21 +249,27 @@ def same_settings(a: dict, b: dict) -> bool:
     return all(a[k] == b[k] for k in ("rank", "alpha", "targets"))
 
 
+def check_adapter_fits(path: str, meta: dict, base_sha256: str, settings: Optional[dict]):
+    """An adapter (read_adapter's metadata) against the base weights it is put on (their base_digest) and the
+    config's LoRA settings (None: the config has none to compare)."""
+    lora = meta["lora"]
+    if settings is not None and not same_settings(lora, settings):
+        raise ConfigError(f"{path}: adapter of LoRA rank {lora['rank']} alpha {lora['alpha']} on {lora['targets']}, "
+                          f"the config has rank {settings['rank']} alpha {settings['alpha']} on {settings['targets']}")
+    if base_sha256 != meta["base_sha256"]:
+        raise ConfigError(f"{path}: this adapter belongs to other base weights (base sha256 "
+                          f"{meta['base_sha256'][:16]}…{' from ' + meta['base_path'] if meta['base_path'] else ''}), "
+                          f"the weights given have {base_sha256[:16]}…; use it with the weights it was trained on")
+
+
 def load_adapter(network, path: str, settings: dict, log=print) -> dict:
     """Load an adapter onto a network whose base weights are loaded: its base digest must be the network's, its
     LoRA settings the config's, and it must hold every LoRA tensor and the value head, no more."""
     import mindspore as ms
 
     tensors, meta = read_adapter(path)
-    if not same_settings(meta["lora"], settings):
-        raise ConfigError(f"{path}: adapter of LoRA rank {meta['lora']['rank']} alpha {meta['lora']['alpha']} on "
-                          f"{meta['lora']['targets']}, the config has rank {settings['rank']} alpha "
-                          f"{settings['alpha']} on {settings['targets']}")
     actual = network_base_digest(network)
-    if actual != meta["base_sha256"]:
-        raise ConfigError(f"{path}: this adapter belongs to other base weights (base sha256 "
-                          f"{meta['base_sha256'][:16]}…{' from ' + meta['base_path'] if meta['base_path'] else ''}), "
-                          f"the loaded base has {actual[:16]}…; load it onto the weights it was trained on")
+    check_adapter_fits(path, meta, actual, settings)
     own = {p.name: p for p in network.get_parameters() if trains(p.name)}
     missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     if missing or extra:
@@ -272,12 +285,6 @@ def load_adapter(network, path: str, settings: dict, log=print) -> dict:
     return meta
 
 
-def _numpy(value) -> np.ndarray:
-    import mindspore as ms
-
-    if isinstance(value, np.ndarray):
-        return value
-    return (value.astype(ms.float32) if value.dtype == ms.bfloat16 else value).asnumpy()
 
 
 def adapter_arrays(params: dict, settings: dict, identity: dict, base_path: str = "") -> Tuple[dict, dict]:
@@ -287,7 +294,7 @@ def adapter_arrays(params: dict, settings: dict, identity: dict, base_path: str 
     lora = sorted(n for n in params if is_lora(n))
     if not lora:
         raise ConfigError("the checkpoint holds no LoRA tensors: it is not from a LoRA run (pet_config)")
-    tensors = {n: _numpy(params[n]) for n in params if trains(n)}
+    tensors = {n: to_numpy(params[n]) for n in params if trains(n)}
     meta = adapter_metadata(settings, base_digest((n, v) for n, v in params.items()), identity["step"],
                             identity["value_head_sha256"], base_path)
     return tensors, meta
@@ -304,7 +311,7 @@ def write_adapter(path: str, tensors: dict, meta: dict):
 def merged_params(params: dict, settings: dict) -> dict:
     """A LoRA checkpoint's parameters ({name: Parameter}) -> a whole model without LoRA ({name: numpy}), the
     optimizer state dropped, global_step kept (so the merged file names the same step as its checkpoint)."""
-    arrays = {n: _numpy(v) for n, v in params.items() if n.startswith(("model.", VALUE_HEAD)) or n == "global_step"}
+    arrays = {n: to_numpy(v) for n, v in params.items() if n.startswith(("model.", VALUE_HEAD)) or n == "global_step"}
     return merge_arrays(arrays, settings)
 
 

@@ -20,7 +20,7 @@ from mindrlhf.models import lora
 from mindrlhf.models.export import (_DTYPES, _as_numpy, _target, check_output_dir, finish_export, ms_to_hf_name,
                                     reward_params, write_tokenizer)
 from mindrlhf.models.hf_import import HF_TO_MS, hf_to_ms_name
-from mindrlhf.models.safetensors_io import iter_safetensors, write_safetensors
+from mindrlhf.models.safetensors_io import bf16_to_f32, iter_safetensors, write_safetensors
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -127,7 +127,7 @@ def read_peft_adapter(folder: str) -> Tuple[Dict[str, np.ndarray], dict, dict]:
         if name is None:
             raise ConfigError(f"{weights}: tensor {key} has no place in a LoRA reward model")
         value = np.asarray(array)
-        tensors[name] = (value.astype(np.uint32) << 16).view(np.float32) if ms_type == "BFloat16" else np.array(value)
+        tensors[name] = bf16_to_f32(value) if ms_type == "BFloat16" else np.array(value)
     if "v_head.weight" not in tensors:
         raise ConfigError(f"{weights}: has no {PREFIX}{HEAD}.weight (the reward head)")
     pairs = lora.lora_pairs(n for n in tensors if lora.is_lora(n))

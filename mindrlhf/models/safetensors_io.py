@@ -15,6 +15,11 @@ ST_DTYPES = {"F16": (np.float16, "Float16"), "F32": (np.float32, "Float32"), "BF
              "F64": (np.float64, "Float64"), "I64": (np.int64, "Int64"), "I32": (np.int32, "Int32")}
 
 
+def bf16_to_f32(words: np.ndarray) -> np.ndarray:
+    """bfloat16 stored as raw 16-bit words (as iter_safetensors yields them) -> float32, exactly."""
+    return (np.asarray(words).astype(np.uint32) << 16).view(np.float32)
+
+
 def read_header(path: str) -> Tuple[dict, int]:
     """(header dict, offset of the first tensor byte); a ConfigError naming the file if it is not safetensors."""
     try:

@@ -52,8 +52,8 @@ def build_service(config_path: str, ckpt_path: str, tokenizer: str, limits: Limi
     """The model, tokenizer, template and statistics behind a service, loaded once; the batcher started."""
     from mindrlhf.data.tokenizer import load_tokenizer
     from mindrlhf.evaluation.normalize import load_stats
-    from mindrlhf.evaluation.run import base_file, run_template
-    from mindrlhf.evaluation.scorer import RewardScorer, checkpoint_root, list_checkpoints
+    from mindrlhf.evaluation.run import run_template
+    from mindrlhf.evaluation.scorer import RewardScorer, base_file, checkpoint_root, list_checkpoints
     from mindrlhf.training.config import load_config
 
     limits.check()

@@ -174,12 +174,13 @@ def train(config_path: str, train_dataset: Optional[str] = None, task: str = "te
     files = resolve_mindrecord_files(cfg.dataset_source(config, "train"))
     template, margin = cfg.data_template_and_margin(config, files)
     set_output_path(config.output_dir)
-    if config.context.get("device_target") == "CPU":
+    cpu = config.context.get("device_target") == "CPU"
+    if cpu:
         host_memory.reserve_pool_block(config.context, log=_info)
     build_context(config)
     rank_id, rank_size = distributed.rank_and_size()
     collective = bool(config.use_parallel) and rank_size > 1
-    if collective and config.context.get("device_target") == "CPU":
+    if collective and cpu:
         use_cpu_barrier()
     with distributed.same_verdict(collective):  # a failed check (a template mismatch on rank 0) stops every rank
         info = cfg.check_data_against_model(config, files, "train", rank_size if config.use_parallel else 1)
@@ -195,7 +196,6 @@ def train(config_path: str, train_dataset: Optional[str] = None, task: str = "te
     stop_step = config.runner_config.pop("stop_step", None)
     trainer = Trainer(args=config, task=task, callbacks=[stop_at(int(stop_step))] if stop_step else None)
     # On CPU the graph compile's freed host memory would stay resident under the step's tensors (see host_memory)
-    cpu = config.context.get("device_target") == "CPU"
     with host_memory.trimming(host_memory.trim_interval() if cpu else None):
         trainer.train()
     log_file = os.path.join(config.output_dir, "log", f"rank_{rank_id}", "info.log")
