@@ -60,6 +60,18 @@ def test_flags_per_architecture():
     assert not any(f.startswith("-m") for f in other)
 
 
+def test_kernel_flags_override_replaces_the_tuned_flags_only(monkeypatch):
+    """MINDRLHF_KERNEL_FLAGS (an AVX2 build on an AVX-512 host, one build for mixed CPUs) replaces the tuned
+    flags, keeps the common ones and the baseline, and builds under its own cache key."""
+    tuned = native.flags("x86_64")
+    monkeypatch.setenv("MINDRLHF_KERNEL_FLAGS", "-march=haswell -mtune=haswell")
+    chosen = native.flags("x86_64")
+    assert chosen[-2:] == ["-march=haswell", "-mtune=haswell"] and "-march=native" not in chosen
+    assert chosen[:len(native.COMMON_FLAGS)] == native.COMMON_FLAGS
+    assert native.flags("x86_64", baseline=True)[-1] == "-march=x86-64"
+    assert native.build_key(b"src", "g++", chosen, "cpu") != native.build_key(b"src", "g++", tuned, "cpu")
+
+
 def test_cache_key_tells_cpus_apart_on_both_architectures():
     kunpeng, n1, xeon = ((CPUINFO / name).read_text() for name in ("kunpeng920.txt", "neoverse_n1.txt",
                                                                     "xeon8260.txt"))

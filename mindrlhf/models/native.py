@@ -59,9 +59,12 @@ def machine(name: Optional[str] = None) -> str:
 
 def flags(arch: Optional[str] = None, baseline: bool = False) -> List[str]:
     """g++ flags for `arch` (default this machine's): tuned to this CPU, or the architecture's baseline. An
-    architecture we do not know gets no -march at all (the compiler's default target)."""
+    architecture we do not know gets no -march at all (the compiler's default target).
+    MINDRLHF_KERNEL_FLAGS replaces the tuned ones (e.g. "-march=haswell": an AVX2 build on an AVX-512 host, to
+    see what an AVX2 CPU gets, or one build for a cluster of mixed CPUs); the flags are part of the cache key."""
     tuned, base = ARCH_FLAGS.get(machine(arch), ([], []))
-    return [*COMMON_FLAGS, *(base if baseline else tuned)]
+    override = os.environ.get("MINDRLHF_KERNEL_FLAGS", "").split()
+    return [*COMMON_FLAGS, *(base if baseline else (override or tuned))]
 
 
 def cpu_signature(cpuinfo: Optional[str] = None, arch: Optional[str] = None) -> str:
