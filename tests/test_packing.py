@@ -322,6 +322,15 @@ def test_packed_dataset_serves_every_pair_once(test_mindrecord):
         steps += 1
     assert steps == dataset.get_dataset_size()
     assert seen == everything
+
+    def epochs(seed, count):
+        data = create_reward_dataset(str(test_mindrecord), 2, shuffle=True, packing="pairs", seq_length=512, seed=seed)
+        iterator = data.create_dict_iterator(output_numpy=True, num_epochs=count)
+        return [[int(b["input_ids"].astype(np.int64).sum()) for b in iterator] for _ in range(count)]
+
+    first, second = epochs(5, 2)
+    assert sorted(first) == sorted(second) and first != second  # the same steps, reshuffled each epoch
+    assert epochs(5, 1)[0] == first  # by the seed
     shards = []
     for shard in (0, 1):
         part = create_reward_dataset(str(test_mindrecord), 2, shuffle=True, packing="pairs", seq_length=512, seed=5,

@@ -155,8 +155,8 @@ def _say_on_rank_0(message: str):
 
 
 def read_pairs(files: Sequence[str], pad_token_id: int, num_samples: Optional[int] = None):
-    """Every pair of the files (padded or compact layout) as packing.Pair, in file order; also whether they
-    carry margins and the data's seq_length."""
+    """Every pair of the files (padded or compact layout) as packing.Pair, in file order (num_samples: the
+    first n); also whether they carry margins and the data's seq_length."""
     from mindspore.mindrecord import FileReader
 
     columns = [c for c in record_columns(files) if c != "position_id"]
