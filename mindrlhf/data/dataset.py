@@ -1,6 +1,6 @@
 """RewardModelDataset: the 7-field MindRecord -> (2B, S) batches, chosen rows first, then rejected rows
 (plus a (B,) margin when the file has that eighth column); or, with packing, packed steps of pack_rows rows
-(mindrlhf.data.packing, /work/wt/PACKING.md).
+(mindrlhf.data.packing, issue #25).
 
 Registered with MindFormers so YAML `train_dataset_task.type: RewardModelDataset` resolves. Optional length
 bucketing trims each batch to the smallest boundary that holds its longest pair, so padding costs no compute.
