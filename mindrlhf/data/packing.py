@@ -1,5 +1,5 @@
-"""Padding-free packing (issue #25; its design notes, PACKING.md): several pairs per row of seq_length tokens, one static
-shape per step. The single source of the per-token layout codes; the planner that places pairs into rows and
+"""Padding-free packing (issue #25, design notes PACKING.md): several pairs per row of seq_length tokens, one
+static shape per step. The single source of the per-token layout codes; the planner that places pairs into rows and
 steps; the packer that turns one planned step into the model's training inputs; a packer of single sequences
 for scoring. Pure numpy: conversion and the tests use it without MindSpore.
 
