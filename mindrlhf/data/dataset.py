@@ -1,5 +1,6 @@
 """RewardModelDataset: the 7-field MindRecord -> (2B, S) batches, chosen rows first, then rejected rows
-(plus a (B,) margin when the file has that eighth column).
+(plus a (B,) margin when the file has that eighth column); or, with packing, packed steps of pack_rows rows
+(mindrlhf.data.packing, issue #25).
 
 Registered with MindFormers so YAML `train_dataset_task.type: RewardModelDataset` resolves. Optional length
 bucketing trims each batch to the smallest boundary that holds its longest pair, so padding costs no compute.
@@ -16,6 +17,7 @@ from mindformers.dataset.base_dataset import BaseDataset
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from mindrlhf.data.buckets import boundaries_for, bucket_length
+from mindrlhf.data import packing as pk
 from mindrlhf.data.records import MARGIN_COLUMN, MODEL_COLUMNS, RECORD_COLUMNS
 from mindrlhf.distributed import is_writer
 from mindrlhf.errors import ConfigError
@@ -152,17 +154,102 @@ def _say_on_rank_0(message: str):
         print(f"[mindrlhf] {message}", flush=True)
 
 
+def read_pairs(files: Sequence[str], pad_token_id: int, num_samples: Optional[int] = None):
+    """Every pair of the files (padded or compact layout) as packing.Pair, in file order (num_samples: the
+    first n); also whether they carry margins and the data's seq_length."""
+    from mindspore.mindrecord import FileReader
+
+    columns = [c for c in record_columns(files) if c != "position_id"]
+    pairs, widths = [], set()
+    for path in files:
+        reader = FileReader(path, num_consumer=1, columns=columns)
+        try:
+            for i, row in enumerate(reader.get_next()):
+                if num_samples and len(pairs) >= int(num_samples):
+                    break
+                pairs.append(pk.pair_from_record(row, pad_token_id, where=f"{path}: row {i}"))
+                widths.add(len(row["chosen_input_ids"]))
+        finally:
+            reader.close()
+    data_length = compact_seq_length(files) or (max(widths) if widths else None)
+    return pairs, MARGIN_COLUMN in columns, data_length
+
+
+class PackedSteps:
+    """Random-access source of packed steps for GeneratorDataset: step i -> the model's columns."""
+
+    def __init__(self, pairs, steps, rows: int, seq_length: int, pad_token_id: int, loss_type: str,
+                 shared_prefix: bool, margin: bool):
+        self.pairs, self.steps, self.rows, self.seq_length = pairs, steps, rows, seq_length
+        self.pad_token_id, self.loss_type = pad_token_id, loss_type
+        self.shared_prefix, self.margin = shared_prefix, margin
+        self.columns = list(MODEL_COLUMNS) + ([MARGIN_COLUMN] if margin else [])
+
+    def __len__(self):
+        return len(self.steps)
+
+    def __getitem__(self, index):
+        arrays = pk.pack_step(self.pairs, self.steps[int(index)], self.rows, self.seq_length, self.pad_token_id,
+                              self.loss_type, self.shared_prefix, self.margin)
+        return tuple(arrays[name] for name in self.columns)
+
+
+def create_packed_dataset(files, packing: str, pack_rows: int, seq_length: Optional[int] = None,
+                          loss_type: str = pk.SPAN, shuffle: bool = False, repeat: int = 1,
+                          num_samples: Optional[int] = None, shard_id=None, num_shards=None,
+                          seed: Optional[int] = None, pad_token_id: int = 2):
+    """Packed steps (PACKING.md): all pairs read once, planned with the seed, served per step; data-parallel
+    ranks split the steps, each getting the same number (the plan is rounded up to a multiple of num_shards)."""
+    import mindspore.dataset as ds
+
+    mode = pk.packing_mode(packing, "packing")
+    if loss_type not in (pk.SPAN, pk.LAST_TOKEN):
+        raise ConfigError(f"loss_type must be {pk.SPAN} or {pk.LAST_TOKEN}, got {loss_type!r}")
+    if int(pack_rows) < 1:
+        raise ConfigError(f"train_dataset.pack_rows must be >= 1, got {pack_rows}")
+    files = resolve_mindrecord_files(files)
+    pairs, margin, data_length = read_pairs(files, pad_token_id, num_samples)
+    if not pairs:
+        raise ConfigError(f"{files[0]}: no pairs to pack")
+    seq_length = int(seq_length or data_length)
+    shared_prefix = mode == "shared_prefix"
+    lengths = pk.pair_row_lengths(pairs, seq_length, shared_prefix, loss_type)
+    steps = pk.plan_steps(lengths, int(pack_rows), seq_length, 0 if seed is None else int(seed),
+                          multiple_of=int(num_shards or 1))
+    _say_on_rank_0(f"packing {mode} ({loss_type}): {len(pairs)} pairs -> {len(steps)} steps of {pack_rows} rows x "
+                   f"{seq_length} tokens ({len(steps) // int(num_shards or 1)} per rank), filler share "
+                   f"{pk.filler_share(lengths, len(steps), int(pack_rows), seq_length):.1%}")
+    if seed is not None:
+        ds.config.set_seed(int(seed))
+    source = PackedSteps(pairs, steps, int(pack_rows), seq_length, pad_token_id, loss_type, shared_prefix, margin)
+    kwargs = {"num_shards": int(num_shards), "shard_id": int(shard_id)} if num_shards else {}
+    dataset = ds.GeneratorDataset(source, column_names=source.columns, shuffle=bool(shuffle),
+                                  python_multiprocessing=False, num_parallel_workers=1, **kwargs)
+    if repeat and repeat > 1:
+        dataset = dataset.repeat(repeat)
+    return dataset
+
+
 def create_reward_dataset(files, batch_size: int, shuffle: bool = False, drop_remainder: bool = True,
                           repeat: int = 1, num_samples: Optional[int] = None, bucket_boundaries=None,
                           num_parallel_workers: int = 1, shard_id=None, num_shards=None, seed: Optional[int] = None,
-                          pad_token_id: int = 2):
+                          pad_token_id: int = 2, packing=None, pack_rows: Optional[int] = None,
+                          loss_type: Optional[str] = None, seq_length: Optional[int] = None):
     """The dataset pipeline without the registry: what both training and evaluation use.
 
     Padded files are batched then trimmed; compact files (see mindrlhf.data.records.COMPACT_SCHEMA) are padded
-    per batch. Both give the same batches.
+    per batch. Both give the same batches. With packing (pairs | shared_prefix) the steps are packed instead:
+    pack_rows rows (default 2 x batch_size) of seq_length (default the data's) tokens.
     """
     import mindspore.dataset as ds
 
+    if pk.packing_mode(packing, "packing"):
+        if bucket_boundaries:
+            raise ConfigError(f"packing ({packing}) and bucket_boundaries ({bucket_boundaries}) do not go together: "
+                              "packed steps have one shape; set bucket_boundaries: []")
+        return create_packed_dataset(files, packing, int(pack_rows or 2 * batch_size), seq_length,
+                                     loss_type or pk.SPAN, shuffle, repeat, num_samples, shard_id, num_shards, seed,
+                                     pad_token_id)
     files = resolve_mindrecord_files(files)
     bucket_boundaries = boundaries_for(bucket_boundaries, files, batch_size, log=_say_on_rank_0) or None
     if seed is not None:
@@ -198,7 +285,8 @@ class RewardModelDataset(BaseDataset):
 
     data_loader.{dataset_dir|dataset_files, shuffle, num_samples}, batch_size, drop_remainder, repeat,
     num_parallel_workers, seed, bucket_boundaries (list of lengths; empty = fixed length; "auto" = the ones
-    conversion suggested for these files).
+    conversion suggested for these files); packing (false | pairs | shared_prefix), pack_rows, loss_type and
+    seq_length (the trainer copies packing, loss_type, seq_length and pad_token_id from model_config).
     """
 
     def __new__(cls, dataset_config: Optional[dict] = None, data_loader=None, batch_size: int = 8,
@@ -217,4 +305,6 @@ class RewardModelDataset(BaseDataset):
             bucket_boundaries=dataset_config.get("bucket_boundaries"),
             num_parallel_workers=int(dataset_config.get("num_parallel_workers", 1) or 1),
             shard_id=shard_id, num_shards=num_shards, seed=dataset_config.get("seed", seed),
-            pad_token_id=int(dataset_config.get("pad_token_id", pad_token_id)))
+            pad_token_id=int(dataset_config.get("pad_token_id", pad_token_id)),
+            packing=dataset_config.get("packing"), pack_rows=dataset_config.get("pack_rows"),
+            loss_type=dataset_config.get("loss_type"), seq_length=dataset_config.get("seq_length"))

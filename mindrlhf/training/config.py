@@ -60,6 +60,34 @@ def check_parallel(config, path: str):
                           "pairs the first half of the global batch (chosen) with the second (rejected)")
 
 
+def set_packing(config, path: str):
+    """model.model_config.packing, checked (false | pairs | shared_prefix), and copied with what the packed
+    dataset needs (loss_type, seq_length, pad_token_id) into train_dataset, the dataset's config: one source of
+    truth. Packing replaces length buckets. Returns the mode (None when off)."""
+    from mindrlhf.data.packing import packing_mode
+
+    model_cfg, dataset_cfg = config.model.model_config, config.train_dataset
+    mode = packing_mode(model_cfg.get("packing"), f"{path}: model.model_config.packing")
+    if model_cfg.get("packing") is not None:
+        model_cfg.packing = mode or False  # "false"/"off" strings become False for the model
+    if not mode:
+        return None
+    buckets = dataset_cfg.get("bucket_boundaries")
+    if buckets:
+        raise ConfigError(f"{path}: model.model_config.packing: {mode} packs every step to one shape, which "
+                          f"train_dataset.bucket_boundaries: {buckets} would change; set "
+                          "train_dataset.bucket_boundaries: [] (or packing: false)")
+    rows = dataset_cfg.get("pack_rows")
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+        raise ConfigError(f"{path}: train_dataset.pack_rows must be a whole number >= 1, got {rows!r}")
+    dataset_cfg.packing = mode
+    dataset_cfg.loss_type = model_cfg.get("loss_type") or "span"
+    dataset_cfg.seq_length = int(model_cfg.seq_length)
+    if model_cfg.get("pad_token_id") is not None:
+        dataset_cfg.pad_token_id = int(model_cfg.pad_token_id)
+    return mode
+
+
 def checkpoint_files(directory: str):
     """All .ckpt files below a checkpoint directory (rank_N/ layout or flat), oldest first.
 
@@ -121,7 +149,9 @@ def check_data_against_model(config, files, role: str = "train", rank_size: int 
     shown = files[0] if len(files) == 1 else f"{files[0]} (+{len(files) - 1} more)"
     if info["rows"] == 0:
         raise ConfigError(f"{shown}: the {role} dataset is empty")
-    if info["seq_length"] != model_cfg.seq_length:
+    packed = bool(dataset_cfg.get("packing")) and info["seq_length"] is not None \
+        and info["seq_length"] <= model_cfg.seq_length  # packed rows may be longer than the converted pairs
+    if info["seq_length"] != model_cfg.seq_length and not packed:
         raise ConfigError(f"{shown}: the data was converted with --seq_length {info['seq_length']} but the model's "
                           f"seq_length is {model_cfg.seq_length}; convert again or set model.model_config.seq_length")
     if info["max_token_id"] >= model_cfg.vocab_size:

@@ -1,0 +1,327 @@
+"""Padding-free packing (issue #25, design notes PACKING.md): several pairs per row of seq_length tokens, one
+static shape per step. The single source of the per-token layout codes; the planner that places pairs into rows and
+steps; the packer that turns one planned step into the model's training inputs; a packer of single sequences
+for scoring. Pure numpy: conversion and the tests use it without MindSpore.
+
+Layout code of a token = segment * 8 + kind. segment >= 1 numbers the spans of a row, 0 is filler; kind bits:
+0 plain sequence or shared prefix, 1 chosen answer, 2 rejected answer (shared_prefix), +4 pad inside a span.
+"""
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from mindrlhf.errors import ConfigError, InputError
+
+KIND_PLAIN = 0
+KIND_CHOSEN = 1
+KIND_REJECTED = 2
+PAD = 4
+SEGMENT = 8  # code = segment * SEGMENT + kind
+
+PACKING_MODES = ("pairs", "shared_prefix")
+SPAN, LAST_TOKEN = "span", "last_token"
+
+
+def code(segment, kind=KIND_PLAIN):
+    """The layout code of a token (works on ints and arrays)."""
+    return segment * SEGMENT + kind
+
+
+def segment_of(codes):
+    return np.asarray(codes) // SEGMENT
+
+
+def kind_of(codes):
+    return np.asarray(codes) % SEGMENT
+
+
+def visible(codes_row) -> np.ndarray:
+    """(S, S) bool, [i, j] = query i sees key j: the reference of the visibility rule (PACKING.md).
+
+    Filler (segment 0) sees only itself; otherwise causal, same segment, pad keys hidden, and an answer never
+    sees the other answer (the shared prefix, branch 0, is seen by both)."""
+    codes = np.asarray(codes_row, dtype=np.int64)
+    seg, kind = codes // SEGMENT, codes % SEGMENT
+    pad, branch = (kind & PAD) != 0, kind & 3
+    size = codes.shape[0]
+    causal = np.tril(np.ones((size, size), dtype=bool))
+    vis = causal & (seg[None, :] == seg[:, None]) & ~pad[None, :] \
+        & ((branch[None, :] == 0) | (branch[None, :] == branch[:, None]))
+    filler = seg == 0
+    vis[filler, :] = False
+    vis[filler, filler] = True  # the diagonal of filler queries
+    return vis
+
+
+def packing_mode(value, where: str = "model.model_config.packing") -> Optional[str]:
+    """A YAML packing value -> None (off), "pairs" or "shared_prefix"; anything else is a ConfigError."""
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in ("", "false",
+                                                                                                  "none", "off")):
+        return None
+    if isinstance(value, str) and value.strip() in PACKING_MODES:
+        return value.strip()
+    raise ConfigError(f"{where}: expected false, pairs or shared_prefix, got {value!r}")
+
+
+@dataclass
+class Pair:
+    """One preference pair, unpadded: the loss-mask span is [divergence, end) as conversion stored it."""
+
+    chosen: np.ndarray
+    rejected: np.ndarray
+    divergence: int
+    end: int
+    margin: Optional[float] = None
+
+    def row_length(self, shared_prefix: bool, loss_type: str = SPAN) -> int:
+        """Tokens this pair takes in its row (it never crosses one)."""
+        c, r, d, e = len(self.chosen), len(self.rejected), self.divergence, self.end
+        span = loss_type == SPAN
+        if shared_prefix:
+            return 2 * e - d if span else c + r - d
+        return 2 * e if span else c + r
+
+
+def pair_from_record(record: dict, pad_token_id: int, where: str = "record") -> Pair:
+    """The stored fields of one MindRecord row (padded or compact layout; margin when present) -> Pair.
+
+    divergence/end are derived as convert.build_samples does (first index where the pad-padded rows differ;
+    max of the two lengths) and checked against the stored end_ind and loss_mask, which the padded loss uses."""
+    c_len = int(np.asarray(record["chosen_attention_mask"]).sum())
+    r_len = int(np.asarray(record["rejected_attention_mask"]).sum())
+    chosen = np.asarray(record["chosen_input_ids"], dtype=np.int32)[:c_len].copy()
+    rejected = np.asarray(record["rejected_input_ids"], dtype=np.int32)[:r_len].copy()
+    end = max(c_len, r_len)
+    padded_c, padded_r = np.full(end, pad_token_id, np.int32), np.full(end, pad_token_id, np.int32)
+    padded_c[:c_len], padded_r[:r_len] = chosen, rejected
+    differ = padded_c != padded_r
+    if not differ.any():
+        raise InputError(where, None, "rejected_input_ids", "chosen and rejected are identical (no loss-mask token)")
+    divergence = int(differ.argmax())
+    stored_end = int(np.asarray(record["end_ind"]))
+    if stored_end != end:
+        raise InputError(where, None, "end_ind", f"{stored_end}, but the attention masks give {end}")
+    mask = np.asarray(record["loss_mask"]).reshape(-1)
+    expected = np.zeros(max(len(mask), end), dtype=bool)
+    expected[divergence:end] = True
+    if len(mask) < end or not np.array_equal(mask.astype(bool), expected[:len(mask)]):
+        raise InputError(where, None, "loss_mask", f"not the span [{divergence}, {end}) the token ids give with "
+                                                   f"pad_token_id {pad_token_id} (data padded with another pad id?)")
+    margin = float(np.asarray(record["margin"])) if record.get("margin") is not None else None
+    return Pair(chosen, rejected, divergence, end, margin)
+
+
+def pair_row_lengths(pairs: Sequence[Pair], seq_length: int, shared_prefix: bool, loss_type: str = SPAN) -> np.ndarray:
+    """Each pair's tokens in its row; a pair longer than one row is a ConfigError naming it and what to do."""
+    lengths = np.array([p.row_length(shared_prefix, loss_type) for p in pairs], dtype=np.int64)
+    over = np.flatnonzero(lengths > seq_length)
+    if over.size:
+        i = int(over[0])
+        pair = pairs[i]
+        hint = (f"set model.model_config.seq_length >= {int(lengths.max())} (twice the longest pair; the rows may be "
+                "longer than the converted data's seq_length)")
+        if not shared_prefix and pair.row_length(True, loss_type) <= seq_length:
+            hint += " or model.model_config.packing: shared_prefix"
+        raise ConfigError(f"pair {i} (chosen {len(pair.chosen)} tokens, rejected {len(pair.rejected)}, "
+                          f"end_ind {pair.end}, divergence {pair.divergence}) needs {int(lengths[i])} tokens in one "
+                          f"row, more than seq_length {seq_length} ({over.size} such pair(s)); a pair never crosses "
+                          f"a row: {hint}")
+    return lengths
+
+
+def plan_steps(pair_lengths: Sequence[int], rows: int, seq_length: int, seed: int = 0,
+               open_rows: Optional[int] = None, multiple_of: int = 1) -> List[List[Tuple[int, int]]]:
+    """Place every pair once into rows of seq_length tokens, R = `rows` rows a step: list of steps, each a list
+    of (row, pair index) in row order, then order within the row.
+
+    Shuffled (seed) then online best fit into at most `open_rows` open rows (the fullest is closed when a new
+    one is needed): the order stays random, the long tail fills with short pairs. Rows are then spread evenly
+    over ceil(rows needed / R) steps, rounded up to `multiple_of` (data-parallel shards: every rank gets the
+    same number of steps, no pair dropped). Deterministic for a seed.
+    """
+    lengths = np.asarray(pair_lengths, dtype=np.int64).reshape(-1)
+    if rows < 1 or seq_length < 1:
+        raise ConfigError(f"packing needs rows >= 1 and seq_length >= 1, got rows {rows}, seq_length {seq_length}")
+    if lengths.size == 0:
+        raise ConfigError("packing: no pairs to plan")
+    over = np.flatnonzero(lengths > seq_length)
+    if over.size:
+        i = int(over[0])
+        raise ConfigError(f"pair {i} needs {int(lengths[i])} tokens in one row, more than seq_length {seq_length}; "
+                          f"a pair never crosses a row: use seq_length >= {int(lengths.max())} or shared_prefix")
+    if (lengths < 1).any():
+        raise ConfigError(f"pair {int(np.flatnonzero(lengths < 1)[0])} has no tokens")
+    width = int(open_rows or max(16, 2 * rows))
+    rng = np.random.default_rng(0 if seed is None else int(seed))
+    remaining = np.full(width, -1, dtype=np.int64)  # -1: slot not in use
+    content: List[List[int]] = [[] for _ in range(width)]
+    closed: List[List[int]] = []
+    big = np.int64(seq_length + 1)
+    for index in rng.permutation(lengths.size):
+        need = lengths[index]
+        fits = remaining >= need
+        if fits.any():
+            slot = int(np.argmin(np.where(fits, remaining, big)))
+        else:
+            free = np.flatnonzero(remaining < 0)
+            if free.size:
+                slot = int(free[0])
+            else:
+                slot = int(np.argmin(remaining))  # the fullest open row is done
+                closed.append(content[slot])
+            content[slot], remaining[slot] = [], seq_length
+        content[slot].append(int(index))
+        remaining[slot] -= need
+    used = np.flatnonzero(remaining >= 0)
+    closed.extend(content[s] for s in used[np.argsort(remaining[used], kind="stable")])
+    n_rows = len(closed)
+    n_steps = -(-n_rows // rows)
+    n_steps = -(-n_steps // multiple_of) * multiple_of
+    if n_steps > n_rows:
+        raise ConfigError(f"{lengths.size} pair(s) fill {n_rows} row(s), fewer than the {n_steps} steps that "
+                          f"{multiple_of} data-parallel ranks need (one step each at least)")
+    base, extra = divmod(n_rows, n_steps)
+    steps, start = [], 0
+    for k in range(n_steps):
+        count = base + (1 if k < extra else 0)
+        steps.append([(r, i) for r, row in enumerate(closed[start:start + count]) for i in row])
+        start += count
+    return steps
+
+
+def filler_share(pair_lengths: Sequence[int], n_steps: int, rows: int, seq_length: int) -> float:
+    """The share of all computed tokens (steps x rows x seq_length) that carry no pair."""
+    return 1.0 - float(np.sum(pair_lengths)) / float(n_steps * rows * seq_length)
+
+
+def pack_step(pairs: Sequence[Pair], placement: Sequence[Tuple[int, int]], rows: int, seq_length: int,
+              pad_token_id: int, loss_type: str = SPAN, shared_prefix: bool = False,
+              margin: bool = False) -> Dict[str, np.ndarray]:
+    """One planned step -> the training inputs of PACKING.md: input_ids, position_id, attention_mask (layout
+    codes) (R, S); loss_mask (2, P); end_ind (4, P); margin (2, P) when `margin`.
+
+    pairs: indexable by the pair indices of `placement` (a plan_steps step). Pair slot p is placement[p];
+    comparisons follow in the same order, t ascending (span loss only; last_token has none and no pads).
+    """
+    size, span = seq_length, loss_type == SPAN
+    slots = rows * size // 2
+    input_ids = np.full((rows, size), pad_token_id, dtype=np.int32)
+    position_id = np.zeros((rows, size), dtype=np.int32)
+    codes = np.zeros((rows, size), dtype=np.int32)
+    loss_mask = np.zeros((2, slots), dtype=np.float32)
+    end_ind = np.zeros((4, slots), dtype=np.int32)
+    margins = np.zeros((2, slots), dtype=np.float32)
+    fill, segments = [0] * rows, [0] * rows
+    n_pairs, comparisons = len(placement), 0
+
+    def put(row, start, tokens, positions, kinds):
+        stop = start + len(tokens)
+        if stop > size:
+            raise ValueError(f"placement overflows row {row}: {stop} > seq_length {size}")
+        input_ids[row, start:stop] = tokens
+        position_id[row, start:stop] = positions
+        codes[row, start:stop] = segments[row] * SEGMENT + kinds
+        return stop
+
+    for slot, (row, index) in enumerate(placement):
+        pair = pairs[index]
+        c_len, r_len, d, e = len(pair.chosen), len(pair.rejected), pair.divergence, pair.end
+        padded_c, padded_r = np.full(e, pad_token_id, np.int32), np.full(e, pad_token_id, np.int32)
+        padded_c[:c_len], padded_r[:r_len] = pair.chosen, pair.rejected
+        pad_c = np.where(np.arange(e) >= c_len, PAD, 0)
+        pad_r = np.where(np.arange(e) >= r_len, PAD, 0)
+        start = fill[row]
+        if shared_prefix:
+            segments[row] += 1
+            c_stop, r_stop = (e, e) if span else (c_len, r_len)
+            at = put(row, start, padded_c[:d], np.arange(d), KIND_PLAIN)
+            at = put(row, at, padded_c[d:c_stop], np.arange(d, c_stop), KIND_CHOSEN + pad_c[d:c_stop])
+            r_start = at
+            fill[row] = put(row, at, padded_r[d:r_stop], np.arange(d, r_stop), KIND_REJECTED + pad_r[d:r_stop])
+            chosen_at = start + np.arange(e)  # prefix and chosen answer are contiguous
+            rejected_at = np.where(np.arange(e) < d, start + np.arange(e), r_start + np.arange(e) - d)
+        else:
+            c_stop, r_stop = (e, e) if span else (c_len, r_len)
+            segments[row] += 1
+            r_start = put(row, start, padded_c[:c_stop], np.arange(c_stop), pad_c[:c_stop])
+            segments[row] += 1
+            fill[row] = put(row, r_start, padded_r[:r_stop], np.arange(r_stop), pad_r[:r_stop])
+            chosen_at, rejected_at = start + np.arange(e), r_start + np.arange(e)
+        base = row * size
+        end_ind[2, slot] = base + chosen_at[c_len - 1]
+        end_ind[3, slot] = base + rejected_at[r_len - 1]
+        loss_mask[1, slot] = 1.0 / n_pairs
+        value = float(pair.margin) if margin and pair.margin is not None else 0.0
+        margins[1, slot] = value
+        if span:
+            count = e - d
+            if comparisons + count > slots:
+                raise ValueError(f"{comparisons + count} comparisons exceed the {slots} slots of a step")
+            cut = slice(comparisons, comparisons + count)
+            end_ind[0, cut] = base + chosen_at[d:e]
+            end_ind[1, cut] = base + rejected_at[d:e]
+            loss_mask[0, cut] = 1.0 / (count * n_pairs)
+            margins[0, cut] = value
+            comparisons += count
+    out = {"input_ids": input_ids, "position_id": position_id, "attention_mask": codes, "loss_mask": loss_mask,
+           "end_ind": end_ind}
+    if margin:
+        out["margin"] = margins
+    return out
+
+
+def pack_sequences(sequences, rows: int, width: int, pad_token_id: int = 0) -> List[Dict[str, np.ndarray]]:
+    """Scoring: first-fit-decreasing of sequences (token arrays, or bare lengths for the layout only) into
+    passes of `rows` rows of `width`. Per pass: input_ids, position_id, attention_mask (codes) (R, width);
+    end_ind (P,) the flat index of each packed sequence's last token (P = R * width // 2, unused 0); index (n,)
+    the sequences' indices in end_ind order; start (n,) each one's flat start."""
+    items = list(sequences)
+    tokens = None if all(np.ndim(s) == 0 for s in items) else [np.asarray(s, dtype=np.int32) for s in items]
+    lengths = np.array([int(s) for s in items] if tokens is None else [len(t) for t in tokens], dtype=np.int64)
+    bad = np.flatnonzero((lengths > width) | (lengths < 1))
+    if bad.size:
+        i = int(bad[0])
+        raise ConfigError(f"sequence {i} has {int(lengths[i])} tokens; packing takes 1 to {width} (the row width)")
+    slots = rows * width // 2
+    remaining: List[int] = []
+    content: List[List[int]] = []
+    for index in np.argsort(-lengths, kind="stable"):
+        need = int(lengths[index])
+        row = next((r for r, left in enumerate(remaining) if left >= need), None)
+        if row is None:
+            remaining.append(width)
+            content.append([])
+            row = len(remaining) - 1
+        remaining[row] -= need
+        content[row].append(int(index))
+    passes, current = [], []
+    for row in content:
+        if current and (len(current) == rows or sum(map(len, current)) + len(row) > slots):
+            passes.append(current)
+            current = []
+        current.append(row)
+    if current:
+        passes.append(current)
+    out = []
+    for pass_rows in passes:
+        input_ids = np.full((rows, width), pad_token_id, dtype=np.int32)
+        position_id = np.zeros((rows, width), dtype=np.int32)
+        codes = np.zeros((rows, width), dtype=np.int32)
+        end_ind = np.zeros(slots, dtype=np.int32)
+        index, starts = [], []
+        for r, row in enumerate(pass_rows):
+            at = 0
+            for segment, i in enumerate(row, start=1):
+                n = int(lengths[i])
+                if tokens is not None:
+                    input_ids[r, at:at + n] = tokens[i]
+                position_id[r, at:at + n] = np.arange(n)
+                codes[r, at:at + n] = code(segment)
+                end_ind[len(index)] = r * width + at + n - 1
+                index.append(i)
+                starts.append(r * width + at)
+                at += n
+        out.append({"input_ids": input_ids, "position_id": position_id, "attention_mask": codes, "end_ind": end_ind,
+                    "index": np.array(index, dtype=np.int64), "start": np.array(starts, dtype=np.int64)})
+    return out
