@@ -365,15 +365,17 @@ def test_trainer_config_copies_packing_to_the_dataset(test_mindrecord):
                                           "shared_prefix, got 'sideways'"):
         set_packing(config, "x.yaml")
     config.model.model_config.packing = "shared_prefix"
-    with pytest.raises(ConfigError, match="packing: shared_prefix .*train_dataset.bucket_boundaries"):
-        set_packing(config, "x.yaml")  # the tiny YAML's bucket_boundaries: auto
-    config.train_dataset.bucket_boundaries = []
+    config.train_dataset.bucket_boundaries = [64, 128]
+    with pytest.raises(ConfigError, match=r"packing: shared_prefix .*train_dataset.bucket_boundaries: \[64, 128\]"):
+        set_packing(config, "x.yaml")
+    config.train_dataset.bucket_boundaries = "auto"  # the tiny YAMLs' default: nothing to choose, so dropped
     config.model.model_config.loss_type = "last_token"
     config.model.model_config.seq_length = 512
     assert set_packing(config, "x.yaml") == "shared_prefix"
     ds_cfg = config.train_dataset
     assert (ds_cfg.packing, ds_cfg.loss_type, ds_cfg.seq_length, ds_cfg.pad_token_id) == ("shared_prefix",
                                                                                          "last_token", 512, 2)
+    assert ds_cfg.bucket_boundaries == []
     ds_cfg.data_loader.dataset_dir = str(test_mindrecord)
     ds_cfg.pack_rows = 3
     config.train_dataset_task.dataset_config = ds_cfg  # what the Trainer does

@@ -73,6 +73,9 @@ def set_packing(config, path: str):
     if not mode:
         return None
     buckets = dataset_cfg.get("bucket_boundaries")
+    if isinstance(buckets, str) and buckets.strip().lower() == "auto":
+        dataset_cfg.bucket_boundaries = []  # the tiny YAMLs' default: nothing to choose when every step is one shape
+        buckets = None
     if buckets:
         raise ConfigError(f"{path}: model.model_config.packing: {mode} packs every step to one shape, which "
                           f"train_dataset.bucket_boundaries: {buckets} would change; set "
