@@ -249,7 +249,7 @@ def test_margins_and_layouts(tmp_path, layout, test_mindrecord):
     dataset = create_reward_dataset(str(dst), 2, packing="pairs", seq_length=512)
     batch = next(dataset.create_dict_iterator(output_numpy=True))
     assert list(batch) == ["input_ids", "position_id", "attention_mask", "loss_mask", "end_ind", "margin"]
-    assert batch["margin"].shape == (2, 4 * 512 // 2)
+    assert batch["margin"].shape == (2, 2 * 512 // 2)  # default rows: the padded step's 2 x 2 x 256 tokens
 
 
 def test_record_checks_name_the_row():
@@ -316,7 +316,7 @@ def test_packed_dataset_serves_every_pair_once(test_mindrecord):
     assert dataset.get_col_names() == ["input_ids", "position_id", "attention_mask", "loss_mask", "end_ind"]
     seen, steps = Counter(), 0
     for batch in dataset.create_dict_iterator(output_numpy=True, num_epochs=1):
-        assert batch["input_ids"].shape == (4, 512) and batch["loss_mask"].shape == (2, 1024)
+        assert batch["input_ids"].shape == (2, 512) and batch["loss_mask"].shape == (2, 512)
         assert batch["end_ind"].shape == (4, 1024) and batch["attention_mask"].dtype == np.int32
         seen.update(pair_keys(batch, 512))
         steps += 1

@@ -194,24 +194,28 @@ class PackedSteps:
         return tuple(arrays[name] for name in self.columns)
 
 
-def create_packed_dataset(files, packing: str, pack_rows: int, seq_length: Optional[int] = None,
+def create_packed_dataset(files, packing: str, pack_rows: Optional[int], seq_length: Optional[int] = None,
                           loss_type: str = pk.SPAN, shuffle: bool = False, repeat: int = 1,
                           num_samples: Optional[int] = None, shard_id=None, num_shards=None,
-                          seed: Optional[int] = None, pad_token_id: int = 2):
+                          seed: Optional[int] = None, pad_token_id: int = 2, batch_size: int = 8):
     """Packed steps (PACKING.md): all pairs read once, planned with the seed, served per step; data-parallel
-    ranks split the steps, each getting the same number (the plan is rounded up to a multiple of num_shards)."""
+    ranks split the steps, each getting the same number (the plan is rounded up to a multiple of num_shards).
+    pack_rows None: the padded step's capacity, 2 x batch_size rows of the data's length, in rows of seq_length
+    (rows twice the data's length, which pairs mode needs, hold half as many)."""
     import mindspore.dataset as ds
 
     mode = pk.packing_mode(packing, "packing")
     if loss_type not in (pk.SPAN, pk.LAST_TOKEN):
         raise ConfigError(f"loss_type must be {pk.SPAN} or {pk.LAST_TOKEN}, got {loss_type!r}")
-    if int(pack_rows) < 1:
+    if pack_rows is not None and int(pack_rows) < 1:
         raise ConfigError(f"train_dataset.pack_rows must be >= 1, got {pack_rows}")
     files = resolve_mindrecord_files(files)
     pairs, margin, data_length = read_pairs(files, pad_token_id, num_samples)
     if not pairs:
         raise ConfigError(f"{files[0]}: no pairs to pack")
     seq_length = int(seq_length or data_length)
+    if pack_rows is None:
+        pack_rows = max(1, 2 * int(batch_size) * int(data_length) // seq_length)
     shared_prefix = mode == "shared_prefix"
     lengths = pk.pair_row_lengths(pairs, seq_length, shared_prefix, loss_type)
     steps = pk.plan_steps(lengths, int(pack_rows), seq_length, 0 if seed is None else int(seed),
@@ -239,7 +243,7 @@ def create_reward_dataset(files, batch_size: int, shuffle: bool = False, drop_re
 
     Padded files are batched then trimmed; compact files (see mindrlhf.data.records.COMPACT_SCHEMA) are padded
     per batch. Both give the same batches. With packing (pairs | shared_prefix) the steps are packed instead:
-    pack_rows rows (default 2 x batch_size) of seq_length (default the data's) tokens.
+    pack_rows rows of seq_length (default the data's) tokens (default: the padded step's token count).
     """
     import mindspore.dataset as ds
 
@@ -247,9 +251,8 @@ def create_reward_dataset(files, batch_size: int, shuffle: bool = False, drop_re
         if bucket_boundaries:
             raise ConfigError(f"packing ({packing}) and bucket_boundaries ({bucket_boundaries}) do not go together: "
                               "packed steps have one shape; set bucket_boundaries: []")
-        return create_packed_dataset(files, packing, int(pack_rows or 2 * batch_size), seq_length,
-                                     loss_type or pk.SPAN, shuffle, repeat, num_samples, shard_id, num_shards, seed,
-                                     pad_token_id)
+        return create_packed_dataset(files, packing, pack_rows, seq_length, loss_type or pk.SPAN, shuffle, repeat,
+                                     num_samples, shard_id, num_shards, seed, pad_token_id, batch_size)
     files = resolve_mindrecord_files(files)
     bucket_boundaries = boundaries_for(bucket_boundaries, files, batch_size, log=_say_on_rank_0) or None
     if seed is not None:
