@@ -152,13 +152,22 @@ def kernel_skip_reason():
     return None
 
 
-def build(monkeypatch, variant, packing, train=True, **options):
+def tiny_model(packing, **options):
+    """The tiny Llama 2 reward model at SEQ, float32, seed 0 (the env chooses its CPU layers)."""
     import mindrlhf.registry  # noqa: F401  (registers the model)
     from mindformers import LlamaConfig
 
     from mindrlhf.models.llama_reward import LlamaRewardModel
     from mindrlhf.training.config import load_config
 
+    cfg = dict(load_config(str(TINY_CONFIG)).model.model_config)
+    cfg.pop("type")
+    cfg.update(seq_length=SEQ, batch_size=len(SHAPES), packing=packing, **options)
+    ms.set_seed(0)
+    return LlamaRewardModel(LlamaConfig(**cfg))
+
+
+def build(monkeypatch, variant, packing, train=True, **options):
     for name in ("MINDRLHF_STOCK_KERNELS", "MINDRLHF_STOCK_SOFTMAX", "MINDRLHF_COMPILED_KERNELS"):
         monkeypatch.delenv(name, raising=False)
     if variant == "stock":
@@ -169,11 +178,7 @@ def build(monkeypatch, variant, packing, train=True, **options):
         reason = kernel_skip_reason()
         if reason:
             pytest.skip(reason)
-    cfg = dict(load_config(str(TINY_CONFIG)).model.model_config)
-    cfg.pop("type")
-    cfg.update(seq_length=SEQ, batch_size=len(SHAPES), packing=packing, **options)
-    ms.set_seed(0)
-    net = LlamaRewardModel(LlamaConfig(**cfg))
+    net = tiny_model(packing, **options)
     net.set_train(train)
     expected = {"kernel": "kernel", "stock": "adder", "matmul-softmax": "adder"}[variant]
     assert net.packed_layout == (expected if packing else None)
@@ -279,3 +284,61 @@ def test_sequences_do_not_see_their_row_neighbours(monkeypatch, variant):
             assert np.array_equal(after[start:start + len(seq)], before[start:start + len(seq)]), i
     assert not np.array_equal(after[span], before[span])
     assert sum(len(s) for i, s in enumerate(sequences) if i != victim and row_of[i] == row_of[victim]) >= 2
+
+
+def visible_reference(codes):
+    """PACKING.md's visibility rule, per query and key, in plain Python."""
+    seq = len(codes)
+    out = np.zeros((seq, seq), bool)
+    for i in range(seq):
+        seg_i, branch_i = codes[i] // 8, codes[i] % 8 & 3
+        for j in range(seq):
+            seg_j, kind_j = codes[j] // 8, codes[j] % 8
+            if seg_i == 0:
+                out[i, j] = j == i
+            else:
+                out[i, j] = (j <= i and seg_j == seg_i and not kind_j & 4
+                             and (kind_j & 3 == 0 or kind_j & 3 == branch_i))
+    return out
+
+
+def test_layout_mask_follows_the_rule():
+    """Every kind: plain, prefix + both answers with in-span pads, two spans, filler; rows shorter than max_seq."""
+    from mindrlhf.models.packed import LayoutMask
+
+    rows = np.array([[8, 8, 8, 9, 9, 13, 10, 10, 14, 14, 16, 16, 20, 0, 0, 0],
+                     [8, 8, 12, 12, 16, 16, 16, 24, 25, 26, 25, 30, 0, 0, 0, 0]], np.int32)
+    adder = LayoutMask(32)(Tensor(rows)).asnumpy()
+    assert adder.shape == (2, 1, 16, 16) and adder.dtype == np.float32
+    for row, got in zip(rows, adder[:, 0]):
+        want = visible_reference(row)
+        np.testing.assert_array_equal(got, np.where(want, 0.0, -10000.0))
+        assert want.any(1).all()  # every query sees at least itself or its span's start
+
+
+@pytest.mark.parametrize("value", ["yes", "pair", 1, "shared-prefix"])
+def test_bad_packing_value_is_a_config_error(value):
+    from mindrlhf.errors import ConfigError
+    from mindrlhf.models.packed import packing_mode
+
+    with pytest.raises(ConfigError, match=r"model_config\.packing must be false or one of"):
+        packing_mode({"packing": value})
+    assert packing_mode({"packing": False}) is None and packing_mode({}) is None
+    assert packing_mode({"packing": "shared_prefix"}) == "shared_prefix"
+
+
+def test_compiled_kernel_without_the_packed_layout_is_refused(monkeypatch):
+    """With the compiled attention kernel swapped in, the packed model either uses it (the kernel takes the
+    (B, 2, 1, S) mask) or refuses at build with what to do, never runs a mask the kernel misreads."""
+    from mindrlhf.errors import ConfigError
+    from mindrlhf.models import native
+
+    if native.library("cpu_kernels") is None:
+        pytest.skip("no compiled kernels here (no C++ compiler, or switched off)")
+    if kernel_skip_reason() is None:
+        assert build(monkeypatch, "kernel", "pairs").packed_layout == "kernel"
+        return
+    for name in ("MINDRLHF_STOCK_KERNELS", "MINDRLHF_STOCK_SOFTMAX", "MINDRLHF_COMPILED_KERNELS"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match="MINDRLHF_COMPILED_KERNELS=0"):
+        tiny_model("pairs")
