@@ -3,6 +3,8 @@
 Backbone parameters are named `model.*` exactly as in LlamaForCausalLM, so a pretrained Llama2 checkpoint
 loads into it (its `lm_head.*` is simply not used). In training construct returns the CompareLoss; in
 eval mode it returns one reward per sequence, read at end_ind - 1 (the sequence's own last real token).
+With model_config.packing (pairs | shared_prefix) the inputs are PACKING.md's packed layout instead, and
+construct runs mindrlhf.models.packed's path (several sequences a row, each attending only to itself).
 
 The Llama-architecture families all build from the YAML's LlamaConfig: Llama 2; Llama 3/3.x (n_kv_heads for
 GQA, theta 500000, intermediate_size; 3.1+ extend_method LLAMA3); Qwen2/Qwen2.5 (GQA, qkv_has_bias, theta
@@ -22,12 +24,13 @@ from mindrlhf.models.loss import CompareLoss
 from mindrlhf.models.cpu_speedups import use_cpu_kernels
 from mindrlhf.models.loading import load_backbone
 from mindrlhf.models.lora import apply_lora, lora_settings
+from mindrlhf.models.packed import PackedRewards
 
 VALUE_HEAD_PREFIX = "v_head."
 
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
-class LlamaRewardModel(LlamaPreTrainedModel):
+class LlamaRewardModel(PackedRewards, LlamaPreTrainedModel):
     """config: a LlamaConfig. Value head: hidden_size -> 1, no bias, N(0, 1/sqrt(hidden+1)) init.
 
     model_config.checkpoint_name_or_path (a local .ckpt/.safetensors) initialises the backbone; its lm_head is
@@ -67,6 +70,9 @@ class LlamaRewardModel(LlamaPreTrainedModel):
         self.clip_low = ops.Maximum().shard(((dp, 1), ()))
         self.clip_high = ops.Minimum().shard(((dp, 1), ()))
         self.gather = ops.GatherD().shard(((dp, 1), (dp, 1)))  # GatherD: gathered dim unsplit, same strategies
+        self.init_packing(config)  # after the CPU swaps: the packed layout depends on which attention runs
+        if self.packing and stages > 1:
+            self.packed_loss.pipeline_stage = stages - 1
         self.load_report = None
         # The MindFormers Trainer clears checkpoint_name_or_path before building; prepare_config keeps a copy.
         weights = getattr(config, "backbone_checkpoint", None) or config.checkpoint_name_or_path
@@ -89,6 +95,8 @@ class LlamaRewardModel(LlamaPreTrainedModel):
 
     def construct(self, input_ids, position_id=None, attention_mask=None, loss_mask=None, end_ind=None,
                   margin=None):
+        if self.packing:  # a build-time constant: one branch is compiled
+            return self.packed_construct(input_ids, position_id, attention_mask, loss_mask, end_ind, margin)
         rewards = self.token_rewards(input_ids)
         if self.training:
             scores = self.last_token_rewards(rewards, end_ind) if self.loss.needs_scores else None
