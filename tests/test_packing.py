@@ -317,7 +317,7 @@ def test_packed_dataset_serves_every_pair_once(test_mindrecord):
     seen, steps = Counter(), 0
     for batch in dataset.create_dict_iterator(output_numpy=True, num_epochs=1):
         assert batch["input_ids"].shape == (2, 512) and batch["loss_mask"].shape == (2, 512)
-        assert batch["end_ind"].shape == (4, 1024) and batch["attention_mask"].dtype == np.int32
+        assert batch["end_ind"].shape == (4, 512) and batch["attention_mask"].dtype == np.int32
         seen.update(pair_keys(batch, 512))
         steps += 1
     assert steps == dataset.get_dataset_size()
