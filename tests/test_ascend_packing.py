@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from mindrlhf.errors import ConfigError
-from mindrlhf.models.ascend_packing import (EOD_PAD_LENGTH, MIN_SEQ_LENGTH, actual_seq_len,
-                                            check_ascend_packing)
+from mindrlhf.data.packing import EOD_PAD_LENGTH, actual_seq_len
+from mindrlhf.models.ascend_packing import MIN_SEQ_LENGTH, check_ascend_packing
 
 
 def codes_of(row_segments, kinds=None):

@@ -94,9 +94,10 @@ class LlamaRewardModel(PackedRewards, LlamaPreTrainedModel):
         return self.gather(rewards, 1, index)
 
     def construct(self, input_ids, position_id=None, attention_mask=None, loss_mask=None, end_ind=None,
-                  margin=None):
+                  margin=None, actual_seq_len=None):
         if self.packing:  # a build-time constant: one branch is compiled
-            return self.packed_construct(input_ids, position_id, attention_mask, loss_mask, end_ind, margin)
+            return self.packed_construct(input_ids, position_id, attention_mask, loss_mask, end_ind, margin,
+                                         actual_seq_len)
         rewards = self.token_rewards(input_ids)
         if self.training:
             scores = self.last_token_rewards(rewards, end_ind) if self.loss.needs_scores else None

@@ -189,14 +189,24 @@ class PackedRewards:
         self.gather_rewards = ops.Gather().shard(((1,), (1,)))
 
     def _accelerator_layout(self, config, device):
-        """Hook for packing off CPU (Ascend: use_flash_attention + use_eod_attn_mask_compression + actual_seq_len,
-        plain packing only; see PACKING.md). Returns the layout name packed_backbone branches on."""
-        raise ConfigError(f"model_config.packing: packing on {device} is not supported yet (CPU only)")
+        """Packing off CPU: Ascend only, through MindFormers' own packed attention (use_flash_attention +
+        use_eod_attn_mask_compression: FlashAttention TND with actual_seq_len, plain packing with last_token;
+        mindrlhf.models.ascend_packing checks the config). Returns the layout name packed_backbone branches on."""
+        if device != "Ascend":
+            raise ConfigError(f"model_config.packing: packing on {device} is not supported (CPU and Ascend only)")
+        from mindrlhf.models.ascend_packing import check_ascend_packing
 
-    def packed_backbone(self, input_ids, positions, codes):
-        """LlamaModel.construct with per-token positions and the layout mask: (B, S) -> (B, S, hidden)."""
+        check_ascend_packing(config, training=False)  # the loss-type rule is checked when training starts
+        return "ascend"
+
+    def packed_backbone(self, input_ids, positions, codes, actual_seq_len=None):
+        """LlamaModel.construct with per-token positions and the layout mask: (B, S) -> (B, S, hidden).
+        Ascend: MindFormers' own construct given actual_seq_len (positions are row positions there: RoPE is
+        relative, so each span's attention is the same up to rounding of the angles)."""
         model = self.model
         batch, seq = input_ids.shape
+        if self.packed_layout == "ascend":  # LlamaForCausalLM's positional call, actual_seq_len last
+            return model(input_ids, None, None, None, None, None, None, None, None, None, None, None, actual_seq_len)
         if self.packed_layout == "kernel":
             freqs_cis = model.freqs_mgr(seq)
             mask = ops.stack((ops.cast(positions, mstype.float32), ops.cast(codes, mstype.float32)), 1)
@@ -218,10 +228,10 @@ class PackedRewards:
             h = h.reshape((batch * seq, -1))
         return model.norm_out(h)
 
-    def packed_construct(self, input_ids, positions, codes, loss_mask, end_ind, margin=None):
+    def packed_construct(self, input_ids, positions, codes, loss_mask, end_ind, margin=None, actual_seq_len=None):
         """Training: the packed loss; eval: (P,) rewards at the flat indices end_ind."""
         batch, seq = input_ids.shape
-        hidden = self.packed_backbone(input_ids, positions, codes).reshape((batch * seq, -1))
+        hidden = self.packed_backbone(input_ids, positions, codes, actual_seq_len).reshape((batch * seq, -1))
         rewards = self.cast(self.v_head(hidden), mstype.float32).reshape((-1,))
         if self.training:
             return self.packed_loss(rewards, loss_mask, end_ind, margin)
