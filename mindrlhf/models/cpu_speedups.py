@@ -66,9 +66,12 @@ def _kernel(library, name, out_shape, out_dtype):
 
 class RopeAttention(nn.Cell):
     """The attention layer between its projections, by the compiled kernel: q (B, S, H·D), k and v (B, S, G·D)
-    (G key heads, shared by H/G query heads each), the rotary tables cos and sin (1, 1, S, D) and the mask adder
-    (B, 1, 1, S) per key (KeyMask) or (B, 1, S, S) -> (out (B, S, H·D), each row's max score and 1/sum
-    (B, H, S, 2)). Works on (B·S, ·) inputs too (the 2-D layout); the mask gives B and S."""
+    (G key heads, shared by H/G query heads each), the rotary tables cos and sin (1, 1, S, D) and the mask: an
+    adder (B, 1, 1, S) per key (KeyMask) or (B, 1, S, S), or packed rows (B, 2, 1, S) of per-token positions and
+    layout codes as mindrlhf/data/packing.py builds them (several sequences per row, each token rotated by its own
+    position, each sequence seeing only itself, keys before a sequence's start not computed) -> (out (B, S, H·D),
+    each row's max score and 1/sum (B, H, S, 2)). Works on (B·S, ·) inputs too (the 2-D layout); the mask gives B
+    and S. A packed position outside [0, S) or a malformed mask makes the op raise (the kernel returns nonzero)."""
 
     HEAD_SIZES = (16, 32, 64, 128)
 
@@ -91,7 +94,8 @@ class RopeAttention(nn.Cell):
 def _attention_shapes(q, k, v, cos, sin, mask):
     seq, size = mask[-1], cos[-1]
     heads = q[-1] // size
-    batch = mask[0] if mask[0] > 1 else (q[0] * q[1] // seq if len(q) == 3 else q[0] // seq)
+    packed = mask[1] == 2  # (B, 2, 1, S): one mask row per batch row, even for B == 1
+    batch = mask[0] if mask[0] > 1 or packed else (q[0] * q[1] // seq if len(q) == 3 else q[0] // seq)
     return q, (batch, heads, seq, 2)
 
 

@@ -2,7 +2,9 @@
 // Each replaces a chain of small MindSpore kernels whose launches and memory passes dominate a CPU step:
 // - attention with its rotary embedding: softmax(rope(q) rope(k)^T / sqrt(d) + mask) v, forward and backward, for
 //   one (batch, head) pair and one block of query rows at a time, so that the S x S scores never leave the cache
-//   and each key or value row loaded serves the whole block; keys a row cannot see are skipped (visible_ends);
+//   and each key or value row loaded serves the whole block; keys a row cannot see are skipped (a block of rows
+//   computes only keys [its first visible key rounded down to a key block, its last visible key]), so a row packed
+//   with several sequences (issue #25) costs about the sum of its sequences' squares, not S^2;
 // - RMSNorm and SwiGLU, forward and backward, one pass over the rows each.
 // Plain loops the compiler vectorises; no -ffast-math, so NaN and inf still propagate. Work is split into fixed
 // items, so results do not depend on the thread count.
@@ -47,13 +49,30 @@ inline float exp_ps(float x) {
   return x < -87.0f ? 0.0f : p * bit_cast<float>(bits);
 }
 
-// The mask adder of one batch row in either form the Python side passes: a full (S, S) adder, or one adder per
-// key (1, S) with the causal part implied, as the legacy mask builds it: (1 - visible) * -10000.
+// The mask adder of one batch row in the two adder forms the Python side passes: a full (S, S) adder, or one
+// adder per key (1, S) with the causal part implied, as the legacy mask builds it: (1 - visible) * -10000.
 struct MaskView {
   const float* data;
   int64_t S;
   bool per_key;
   float at(int64_t i, int64_t j) const { return per_key ? (j <= i ? data[j] : -10000.0f) : data[i * S + j]; }
+};
+
+// What the row loops need of one batch row's mask, in any of the three forms: the keys each row computes
+// ([begins[i], ends[i]]), the rotary row of each token (rot) and, for a packed row, who sees whom.
+// Packed (issue #25; codes as mindrlhf/data/packing.py builds them): mask (2, 1, S) of positions and layout codes
+// (segment * 8 + kind). Its invisible keys get kHidden, never -10000 added: exp() of it is exactly 0, so a key of
+// another sequence cannot change a row's result, and no score is rounded by a large adder.
+struct Layout {
+  MaskView adder{nullptr, 0, false};
+  bool packed = false;
+  std::vector<int64_t> begins, ends, rot;
+  // Packed visibility: key j is visible to query i in [begins[i], ends[i]] (so j <= i) if it is of
+  // i's segment, not a pad and on the shared branch or i's own. As integers the compiler can vectorise:
+  // tag[j] = segment * 16 + the branches that see j (all for branch 0, its own else; none for a pad),
+  // segment[i] and branch_bit[i] = 1 << branch; visible iff tag >> 4 == segment and tag & branch_bit.
+  std::vector<int32_t> tag, segment, branch_bit;
+  std::vector<uint8_t> alone;  // filler rows, and rows that see no key, see only themselves
 };
 
 // The last key each row can see: the last j whose adder is above -1000 (the legacy mask adds 0 or -10000).
@@ -70,12 +89,80 @@ void visible_ends(const MaskView& m, int64_t* ends) {
 // Keys are handled in blocks of kLane: n rounded up to whole blocks.
 inline int64_t whole_blocks(int64_t n) { return (n + kLane - 1) / kLane * kLane; }
 
-// How many keys rows [i0, i0 + R) need: up to the furthest one's last visible key.
+// The two adder forms: every row starts at key 0 and rotates token j by table row j.
+void adder_layout(const MaskView& m, Layout* out) {
+  out->adder = m;
+  out->ends.resize(m.S);
+  out->begins.assign(m.S, 0);
+  out->rot.resize(m.S);
+  visible_ends(m, out->ends.data());
+  for (int64_t j = 0; j < m.S; ++j) out->rot[j] = j;
+}
+
+// The packed form: positions (S) then codes (S), exact integers in float32. Each row's first and last visible
+// key come from one sweep (the first and latest non-pad key of each segment and branch so far), so segments need
+// not be contiguous. False if a position is outside [0, S) or a code is not a segment <= S and kind.
+bool packed_layout(const float* mask, int64_t S, Layout* out) {
+  out->packed = true;
+  out->begins.resize(S);
+  out->ends.resize(S);
+  out->rot.resize(S);
+  out->tag.assign(whole_blocks(S), 0);  // to whole key blocks: a block's keys [lo, lo + np) read no further
+  out->segment.resize(S);
+  out->branch_bit.resize(S);
+  out->alone.assign(S, 0);
+  const float* pos = mask;
+  const float* code = mask + S;
+  std::vector<int32_t> codes(S);
+  for (int64_t i = 0; i < S; ++i) {
+    if (!(pos[i] >= 0.0f && pos[i] < static_cast<float>(S) && pos[i] == std::floor(pos[i]))) return false;
+    if (!(code[i] >= 0.0f && code[i] < 8.0f * static_cast<float>(S + 1) && code[i] == std::floor(code[i])))
+      return false;
+    out->rot[i] = static_cast<int64_t>(pos[i]);
+    const int32_t c = static_cast<int32_t>(code[i]), seg = c / 8, branch = c & 3;
+    codes[i] = c;
+    out->segment[i] = seg;
+    out->branch_bit[i] = 1 << branch;
+    out->tag[i] = (c & 4) ? 0 : seg * 16 + (branch == 0 ? 15 : 1 << branch);
+  }
+  std::vector<int64_t> first(4 * (S + 1), -1), last(4 * (S + 1), -1);  // per segment * 4 + branch
+  for (int64_t i = 0; i < S; ++i) {
+    const int32_t c = codes[i], seg = c / 8, branch = c & 3;
+    if (seg != 0 && !(c & 4)) {
+      if (first[seg * 4 + branch] < 0) first[seg * 4 + branch] = i;
+      last[seg * 4 + branch] = i;
+    }
+    int64_t begin = -1, end = -1;
+    if (seg != 0) {
+      begin = first[seg * 4];
+      end = last[seg * 4];
+      if (branch != 0 && first[seg * 4 + branch] >= 0) {
+        begin = begin < 0 ? first[seg * 4 + branch] : std::min(begin, first[seg * 4 + branch]);
+        end = std::max(end, last[seg * 4 + branch]);
+      }
+    }
+    if (begin < 0) {  // filler, or nothing visible: the row sees itself (finite, and no other sequence)
+      out->alone[i] = 1;
+      begin = end = i;
+    }
+    out->begins[i] = begin;
+    out->ends[i] = end;
+  }
+  return true;
+}
+
+// The keys rows [i0, i0 + R) need: from the earliest first visible key (rounded down to a key block, so the key
+// columns stay aligned) to the furthest last visible key. Returns the first key, lo; n = the count.
 template <int64_t R>
-inline int64_t block_keys(const int64_t* ends, int64_t i0) {
-  int64_t n = 0;
-  for (int64_t r = 0; r < R; ++r) n = std::max(n, ends[i0 + r] + 1);
-  return n;
+inline int64_t block_keys(const Layout& L, int64_t i0, int64_t* n) {
+  int64_t lo = L.begins[i0], hi = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    lo = std::min(lo, L.begins[i0 + r]);
+    hi = std::max(hi, L.ends[i0 + r] + 1);
+  }
+  lo = lo / kLane * kLane;
+  *n = hi - lo;
+  return lo;
 }
 
 // Dot products of R rows (row r at a + r * stride, D long) with keys [0, np) given transposed (D x SP):
@@ -97,15 +184,28 @@ inline void block_dots(int64_t SP, int64_t np, const float* a, int64_t stride, c
   }
 }
 
-// Scores of rows [i0, i0 + R) against keys [0, np): s[r * SP + j] = q_r . k_j + mask, kHidden past a row's end.
+// Scores of rows [i0, i0 + R) against keys [lo, lo + np): s[r * SP + j] = q_r . k_{lo+j} + mask, kHidden past a
+// row's end (and, packed, wherever the row cannot see).
 template <int64_t D, int64_t R>
-inline void block_scores(int64_t SP, int64_t np, const float* q, const float* kt, const MaskView& mask,
-                         const int64_t* ends, int64_t i0, float* s) {
-  block_dots<D, R>(SP, np, q + i0 * D, D, kt, s);
-  // The mask is added last, as the stock layer does: scores near -10000 keep only 1e-3 of precision.
+inline void block_scores(int64_t SP, int64_t lo, int64_t np, const float* q, const float* kt, const Layout& L,
+                         int64_t i0, float* s) {
+  block_dots<D, R>(SP, np, q + i0 * D, D, kt + lo, s);
   for (int64_t r = 0; r < R; ++r) {
     float* sr = s + r * SP;
-    for (int64_t j = 0; j < np; ++j) sr[j] = j <= ends[i0 + r] ? sr[j] + mask.at(i0 + r, j) : kHidden;
+    const int64_t i = i0 + r, begin = L.begins[i], end = L.ends[i];
+    if (L.packed && L.alone[i]) {
+      for (int64_t j = 0; j < np; ++j) sr[j] = lo + j == i ? sr[j] : kHidden;
+    } else if (L.packed) {
+      const int32_t* tag = L.tag.data() + lo;
+      const int32_t seg = L.segment[i], bit = L.branch_bit[i];
+      for (int64_t j = 0; j < np; ++j) {
+        const int64_t key = lo + j;
+        const bool visible = (key >= begin) & (key <= end) & ((tag[j] >> 4) == seg) & ((tag[j] & bit) != 0);
+        sr[j] = visible ? sr[j] : kHidden;
+      }
+    } else {  // lo is 0: the mask is added last, as the stock layer does (scores near -10000 keep 1e-3)
+      for (int64_t j = 0; j < np; ++j) sr[j] = j <= end ? sr[j] + L.adder.at(i, j) : kHidden;
+    }
   }
 }
 
@@ -137,37 +237,49 @@ struct Tables {
   float scale;
 };
 
-// One head (rows of `stride` apart in x), rotated and scaled into contiguous rows (S x D) and/or columns
-// (D x SP, zero-padded to whole key blocks); either may be null.
+// One head (rows of `stride` apart in x), rotated (token j by table row rot[j]) and scaled into contiguous rows
+// (S x D) and/or columns (D x SP, zero-padded to whole key blocks); either may be null. Columns are written a
+// key block at a time: one token at a time, its D writes 4 * SP bytes apart fell in one cache set (SP a power of
+// 2) and cost more than a packed row's attention itself.
 template <int64_t D>
-void rotated_head(int64_t S, int64_t SP, int64_t stride, const float* x, const Tables& t, float scale, float* rows,
-                  float* columns) {
-  for (int64_t j = 0; j < S; ++j) {
-    float y[D];
-    rope_row<D>(x + j * stride, t.cos + j * D, t.sin + j * D, scale, y);
-    if (rows) std::copy(y, y + D, rows + j * D);
+void rotated_head(int64_t S, int64_t SP, int64_t stride, const float* x, const Tables& t, const int64_t* rot,
+                  float scale, float* rows, float* columns) {
+  for (int64_t j0 = 0; j0 < S; j0 += kLane) {
+    const int64_t m = std::min(kLane, S - j0);
+    float y[kLane][D];
+    for (int64_t jj = 0; jj < m; ++jj) {
+      const int64_t j = j0 + jj;
+      rope_row<D>(x + j * stride, t.cos + rot[j] * D, t.sin + rot[j] * D, scale, y[jj]);
+      if (rows) std::copy(y[jj], y[jj] + D, rows + j * D);
+    }
     if (columns)
-      for (int64_t d = 0; d < D; ++d) columns[d * SP + j] = y[d];
+      for (int64_t d = 0; d < D; ++d)
+        for (int64_t jj = 0; jj < m; ++jj) columns[d * SP + j0 + jj] = y[jj][d];
   }
   if (columns)
     for (int64_t d = 0; d < D; ++d)
       for (int64_t j = S; j < SP; ++j) columns[d * SP + j] = 0.0f;
 }
 
+// x's head transposed into columns (D x SP, zero-padded), a key block at a time (see rotated_head).
 inline void transposed_head(int64_t S, int64_t SP, int64_t D, int64_t stride, const float* x, float* columns) {
-  for (int64_t d = 0; d < D; ++d) {
-    for (int64_t j = 0; j < S; ++j) columns[d * SP + j] = x[j * stride + d];
-    for (int64_t j = S; j < SP; ++j) columns[d * SP + j] = 0.0f;
+  for (int64_t j0 = 0; j0 < S; j0 += kLane) {
+    const int64_t m = std::min(kLane, S - j0);
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t jj = 0; jj < m; ++jj) columns[d * SP + j0 + jj] = x[(j0 + jj) * stride + d];
   }
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t j = S; j < SP; ++j) columns[d * SP + j] = 0.0f;
 }
 
 // Rows [i0, i0 + R) of one head: q is the rotated, scaled head (S x D), kt its keys transposed, v the values with
 // row stride vs; out rows have stride os. Writes each row's max score and 1 / sum to stats.
 template <int64_t D, int64_t R>
-void forward_rows(int64_t SP, const float* q, const float* kt, const float* v, int64_t vs, const MaskView& mask,
-                  const int64_t* ends, int64_t i0, float* out, int64_t os, float* stats, float* s) {
-  const int64_t n = block_keys<R>(ends, i0), np = whole_blocks(n);
-  block_scores<D, R>(SP, np, q, kt, mask, ends, i0, s);
+void forward_rows(int64_t SP, const float* q, const float* kt, const float* v, int64_t vs, const Layout& L,
+                  int64_t i0, float* out, int64_t os, float* stats, float* s) {
+  int64_t n;
+  const int64_t lo = block_keys<R>(L, i0, &n), np = whole_blocks(n);
+  block_scores<D, R>(SP, lo, np, q, kt, L, i0, s);
   float inv[R];
   for (int64_t r = 0; r < R; ++r) {
     float* sr = s + r * SP;
@@ -186,7 +298,7 @@ void forward_rows(int64_t SP, const float* q, const float* kt, const float* v, i
   }
   float acc[R][D] = {};
   for (int64_t j = 0; j < n; ++j) {
-    const float* vj = v + j * vs;
+    const float* vj = v + (lo + j) * vs;
     for (int64_t r = 0; r < R; ++r) {
       const float p = s[r * SP + j];
 #pragma omp simd
@@ -200,13 +312,14 @@ void forward_rows(int64_t SP, const float* q, const float* kt, const float* v, i
 // The backward of forward_rows: accumulates into dq (S x D, rotated), dk (S x D, rotated) and dv (S x D); out
 // and dout rows have stride os.
 template <int64_t D, int64_t R>
-void backward_rows(int64_t SP, const float* q, const float* k, const float* kt, const float* vt, const MaskView& mask,
-                   const int64_t* ends, const float* out, const float* dout, int64_t os, const float* stats, int64_t i0,
-                   float* dq, float* dk, float* dv, float* s, float* ds) {
-  const int64_t n = block_keys<R>(ends, i0), np = whole_blocks(n);
+void backward_rows(int64_t SP, const float* q, const float* k, const float* kt, const float* vt, const Layout& L,
+                   const float* out, const float* dout, int64_t os, const float* stats, int64_t i0, float* dq,
+                   float* dk, float* dv, float* s, float* ds) {
+  int64_t n;
+  const int64_t lo = block_keys<R>(L, i0, &n), np = whole_blocks(n);
   const float* g = dout + i0 * os;
-  block_scores<D, R>(SP, np, q, kt, mask, ends, i0, s);
-  block_dots<D, R>(SP, np, g, os, vt, ds);
+  block_scores<D, R>(SP, lo, np, q, kt, L, i0, s);
+  block_dots<D, R>(SP, np, g, os, vt + lo, ds);
   for (int64_t r = 0; r < R; ++r) {
     const float* o = out + (i0 + r) * os;
     float delta = 0.0f;
@@ -222,7 +335,8 @@ void backward_rows(int64_t SP, const float* q, const float* k, const float* kt, 
     }
   }
   float acc[R][D] = {};
-  for (int64_t j = 0; j < n; ++j) {
+  for (int64_t jj = 0; jj < n; ++jj) {
+    const int64_t j = lo + jj;
     const float* kj = k + j * D;
     float dkj[D], dvj[D];
     for (int64_t d = 0; d < D; ++d) {
@@ -230,7 +344,7 @@ void backward_rows(int64_t SP, const float* q, const float* k, const float* kt, 
       dvj[d] = dv[j * D + d];
     }
     for (int64_t r = 0; r < R; ++r) {
-      const float gs = ds[r * SP + j], p = s[r * SP + j];
+      const float gs = ds[r * SP + jj], p = s[r * SP + jj];
       const float* qr = q + (i0 + r) * D;
       const float* gr = g + r * os;
 #pragma omp simd
@@ -278,20 +392,25 @@ template <int64_t D>
 constexpr int64_t rows_for() { return D <= 16 ? 16 : (D <= 32 ? 8 : 4); }
 
 // q (B, S, H * D), k and v (B, S, G * D) as the projections give them (G key heads, each shared by H / G query
-// heads); the mask (B or 1, 1, S or 1, S).
+// heads); the mask (B or 1, 1, S or 1, S), or packed (B, 2, 1, S).
 struct Shapes {
-  int64_t B, S, H, G, D, mask_batch, mask_rows;
+  int64_t B, S, H, G, D, mask_batch, mask_planes, mask_rows;
+  bool packed() const { return mask_planes == 2; }
   int64_t mask_index(int64_t b) const { return mask_batch == 1 ? 0 : b; }
-  MaskView mask(const float* data, int64_t b) const {
-    return {data + mask_index(b) * mask_rows * S, S, mask_rows == 1};
-  }
+  const float* mask(const float* data, int64_t b) const { return data + mask_index(b) * mask_planes * mask_rows * S; }
 };
 
-// visible_ends for every row of every mask, S per mask (row b's at mask_index(b) * S).
-std::vector<int64_t> all_visible_ends(const Shapes& x, const float* mask) {
-  std::vector<int64_t> ends(x.mask_batch * x.S);
-  for (int64_t b = 0; b < x.mask_batch; ++b) visible_ends(x.mask(mask, b), ends.data() + b * x.S);
-  return ends;
+// The Layout of every mask (batch row b's at mask_index(b)); false if a packed mask is malformed.
+bool all_layouts(const Shapes& x, const float* mask, std::vector<Layout>* layouts) {
+  layouts->resize(x.mask_batch);
+  for (int64_t b = 0; b < x.mask_batch; ++b) {
+    if (x.packed()) {
+      if (!packed_layout(x.mask(mask, b), x.S, &(*layouts)[b])) return false;
+    } else {
+      adder_layout({x.mask(mask, b), x.S, x.mask_rows == 1}, &(*layouts)[b]);
+    }
+  }
+  return true;
 }
 
 template <int64_t D>
@@ -299,24 +418,24 @@ int forward_all(const Shapes& x, const Tables& t, const float* q, const float* k
                 float* out, float* stats) {
   constexpr int64_t kRows = rows_for<D>();
   const int64_t S = x.S, H = x.H, G = x.G, SP = whole_blocks(S);
-  const std::vector<int64_t> ends = all_visible_ends(x, mask);
+  std::vector<Layout> layouts;
+  if (!all_layouts(x, mask, &layouts)) return 2;
   parallel_items(x.B * H, [&](int64_t bh) {
     thread_local std::vector<float> qr, kt, s;
     qr.resize(S * D);
     kt.resize(D * SP);
     s.resize(kRows * SP);
     const int64_t b = bh / H, h = bh % H, g = h / (H / G);
-    const MaskView m = x.mask(mask, b);
-    const int64_t* e = ends.data() + x.mask_index(b) * S;
-    rotated_head<D>(S, SP, H * D, q + b * S * H * D + h * D, t, t.scale, qr.data(), nullptr);
-    rotated_head<D>(S, SP, G * D, k + b * S * G * D + g * D, t, 1.0f, nullptr, kt.data());
+    const Layout& L = layouts[x.mask_index(b)];
+    rotated_head<D>(S, SP, H * D, q + b * S * H * D + h * D, t, L.rot.data(), t.scale, qr.data(), nullptr);
+    rotated_head<D>(S, SP, G * D, k + b * S * G * D + g * D, t, L.rot.data(), 1.0f, nullptr, kt.data());
     const float* vh = v + b * S * G * D + g * D;
     float* oh = out + b * S * H * D + h * D;
     float* st = stats + 2 * bh * S;
     int64_t i0 = 0;
     for (; i0 + kRows <= S; i0 += kRows)
-      forward_rows<D, kRows>(SP, qr.data(), kt.data(), vh, G * D, m, e, i0, oh, H * D, st, s.data());
-    for (; i0 < S; ++i0) forward_rows<D, 1>(SP, qr.data(), kt.data(), vh, G * D, m, e, i0, oh, H * D, st, s.data());
+      forward_rows<D, kRows>(SP, qr.data(), kt.data(), vh, G * D, L, i0, oh, H * D, st, s.data());
+    for (; i0 < S; ++i0) forward_rows<D, 1>(SP, qr.data(), kt.data(), vh, G * D, L, i0, oh, H * D, st, s.data());
   });
   return 0;
 }
@@ -327,7 +446,8 @@ int backward_all(const Shapes& x, const Tables& t, const float* q, const float* 
                  const float* out, const float* stats, const float* dout, float* dq, float* dk, float* dv) {
   constexpr int64_t kRows = rows_for<D>();
   const int64_t S = x.S, H = x.H, G = x.G, SP = whole_blocks(S);
-  const std::vector<int64_t> ends = all_visible_ends(x, mask);
+  std::vector<Layout> layouts;
+  if (!all_layouts(x, mask, &layouts)) return 2;
   parallel_items(x.B * G, [&](int64_t bg) {
     thread_local std::vector<float> qr, kr, kt, vt, s, ds, dqr, dkr, dvh;
     for (auto* buffer : {&qr, &kr, &dqr, &dkr, &dvh}) buffer->resize(S * D);
@@ -336,31 +456,31 @@ int backward_all(const Shapes& x, const Tables& t, const float* q, const float* 
     s.resize(kRows * SP);
     ds.resize(kRows * SP);
     const int64_t b = bg / G, g = bg % G;
-    const MaskView m = x.mask(mask, b);
-    const int64_t* e = ends.data() + x.mask_index(b) * S;
-    rotated_head<D>(S, SP, G * D, k + b * S * G * D + g * D, t, 1.0f, kr.data(), kt.data());
+    const Layout& L = layouts[x.mask_index(b)];
+    const int64_t* rot = L.rot.data();
+    rotated_head<D>(S, SP, G * D, k + b * S * G * D + g * D, t, rot, 1.0f, kr.data(), kt.data());
     transposed_head(S, SP, D, G * D, v + b * S * G * D + g * D, vt.data());
     std::fill(dkr.begin(), dkr.end(), 0.0f);
     std::fill(dvh.begin(), dvh.end(), 0.0f);
     for (int64_t h = g * (H / G); h < (g + 1) * (H / G); ++h) {
-      rotated_head<D>(S, SP, H * D, q + b * S * H * D + h * D, t, t.scale, qr.data(), nullptr);
+      rotated_head<D>(S, SP, H * D, q + b * S * H * D + h * D, t, rot, t.scale, qr.data(), nullptr);
       const float* oh = out + b * S * H * D + h * D;
       const float* gh = dout + b * S * H * D + h * D;
       const float* st = stats + 2 * (b * H + h) * S;
       int64_t i0 = 0;
       for (; i0 + kRows <= S; i0 += kRows)
-        backward_rows<D, kRows>(SP, qr.data(), kr.data(), kt.data(), vt.data(), m, e, oh, gh, H * D, st, i0,
+        backward_rows<D, kRows>(SP, qr.data(), kr.data(), kt.data(), vt.data(), L, oh, gh, H * D, st, i0,
                                 dqr.data(), dkr.data(), dvh.data(), s.data(), ds.data());
       for (; i0 < S; ++i0)
-        backward_rows<D, 1>(SP, qr.data(), kr.data(), kt.data(), vt.data(), m, e, oh, gh, H * D, st, i0, dqr.data(),
+        backward_rows<D, 1>(SP, qr.data(), kr.data(), kt.data(), vt.data(), L, oh, gh, H * D, st, i0, dqr.data(),
                             dkr.data(), dvh.data(), s.data(), ds.data());
       for (int64_t i = 0; i < S; ++i)  // dq: through the scale and the rotation
-        rope_row_backward<D>(dqr.data() + i * D, t.cos + i * D, t.sin + i * D, t.scale,
+        rope_row_backward<D>(dqr.data() + i * D, t.cos + rot[i] * D, t.sin + rot[i] * D, t.scale,
                              dq + (b * S + i) * H * D + h * D);
     }
     for (int64_t j = 0; j < S; ++j) {
       float* dkj = dk + (b * S + j) * G * D + g * D;
-      rope_row_backward<D>(dkr.data() + j * D, t.cos + j * D, t.sin + j * D, 1.0f, dkj);
+      rope_row_backward<D>(dkr.data() + j * D, t.cos + rot[j] * D, t.sin + rot[j] * D, 1.0f, dkj);
       std::copy(dvh.data() + j * D, dvh.data() + (j + 1) * D, dv + (b * S + j) * G * D + g * D);
     }
   });
@@ -380,19 +500,20 @@ int64_t count(const int* ndims, int64_t** shapes, int i) {
 }
 
 // Inputs q, k, v, cos, sin, mask; checks that they are float32 and fit together (see Shapes): cos and sin hold
-// S rows of D, the mask's last axis is S and its batch is B or 1.
+// S rows of D, the mask's last axis is S and its batch is B or 1 (packed: B, its one row per batch row).
 bool attention_shapes(int nparam, int expected, const int* ndims, int64_t** shapes, const char** dtypes,
                       Shapes* x) {
   if (nparam != expected || !all_float32(nparam, dtypes) || ndims[5] != 4) return false;
   const int64_t* mask = shapes[5];
-  const int64_t B = mask[0] == 1 ? 0 : mask[0], S = mask[3], D = shapes[3][ndims[3] - 1];
+  const bool packed = mask[1] == 2;
+  const int64_t B = mask[0] == 1 && !packed ? 0 : mask[0], S = mask[3], D = shapes[3][ndims[3] - 1];
   if (S <= 0 || D <= 0 || D % 2 || count(ndims, shapes, 3) != S * D || count(ndims, shapes, 4) != S * D) return false;
   const int64_t qn = count(ndims, shapes, 0), kn = count(ndims, shapes, 1);
   const int64_t batch = B ? B : qn / (S * shapes[0][ndims[0] - 1]);
   if (shapes[0][ndims[0] - 1] % D || shapes[1][ndims[1] - 1] % D || kn != count(ndims, shapes, 2)) return false;
-  *x = {batch, S, shapes[0][ndims[0] - 1] / D, shapes[1][ndims[1] - 1] / D, D, mask[0], mask[2]};
+  *x = {batch, S, shapes[0][ndims[0] - 1] / D, shapes[1][ndims[1] - 1] / D, D, mask[0], mask[1], mask[2]};
   return x->G > 0 && x->H % x->G == 0 && qn == batch * S * x->H * D && kn == batch * S * x->G * D &&
-         mask[1] == 1 && (x->mask_rows == 1 || x->mask_rows == S);
+         (packed ? x->mask_rows == 1 : mask[1] == 1 && (x->mask_rows == 1 || x->mask_rows == S));
 }
 
 // ---- RMSNorm: y = x * rsqrt(mean(x^2) + eps) * w over the last axis ----
@@ -415,9 +536,11 @@ extern "C" {
 void MindrlhfSetThreads(int count) { threads = std::max(count, 1); }
 
 // Inputs q (B, S, H * D) and k, v (B, S, G * D) straight from the projections, the rotary tables cos and sin
-// (S rows of D, as FreqsMgr gives them) and the mask adder (B or 1, 1, S or 1, S); outputs the attention
-// (B, S, H * D), heads merged as the output projection wants them, and each row's max score and 1 / sum
-// (B, H, S, 2) for the backward. The query is scaled by 1 / sqrt(D) after its rotation, as the stock layer does.
+// (S rows of D, as FreqsMgr gives them) and the mask: an adder (B or 1, 1, S or 1, S), or packed (B, 2, 1, S) of
+// positions and layout codes (see Layout); outputs the attention (B, S, H * D), heads merged as the output
+// projection wants them, and each row's max score and 1 / sum (B, H, S, 2) for the backward. The query is scaled
+// by 1 / sqrt(D) after its rotation, as the stock layer does. Returns 1 for shapes that do not fit, 2 for a packed
+// mask with a position outside [0, S) or a code that is no segment and kind, 3 for an unsupported head size.
 int RopeAttentionForward(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void*, void*) {
   Shapes x;
   if (!attention_shapes(nparam, 8, ndims, shapes, dtypes, &x)) return 1;
