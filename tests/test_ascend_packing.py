@@ -219,3 +219,43 @@ def test_the_7b_yaml_hints_pass_the_check(name):
     model_config = dict(doc["model"]["model_config"], parallel_config=doc["parallel_config"])
     assert model_config["packing"] == "pairs" and doc["train_dataset"]["pack_rows"] == 4 and n >= 3
     check_ascend_packing(model_config)
+
+
+def test_ascend_run_gets_actual_seq_len_column_and_argument(test_mindrecord, tmp_path):
+    """On Ascend the trainer's config checks the packing rules, the packed dataset adds MindFormers'
+    actual_seq_len column (restarting per FlashAttention call: data_parallel under full_batch) and the network
+    gets it by name after the five model columns. Runs on CPU: only the device name in the YAML says Ascend."""
+    from conftest import ROOT
+
+    from mindrlhf.data.dataset import create_reward_dataset
+    from mindrlhf.data.packing import ACTUAL_SEQ_LEN, segment_of
+    from mindrlhf.training.config import data_template_and_margin, load_config, set_packing
+
+    config = load_config(str(ROOT / "model_configs" / "llama2_config" / "run_llama_2_tiny_rm_cpu.yaml"))
+    config.context.device_target = "Ascend"
+    config.model.model_config.update(packing="pairs", loss_type="last_token", seq_length=MIN_SEQ_LENGTH,
+                                     use_flash_attention=True, use_eod_attn_mask_compression=True)
+    config.use_parallel, config.parallel.parallel_mode, config.parallel.full_batch = True, 1, True
+    config.parallel_config.data_parallel = 2
+    config.train_dataset.pack_rows = 3
+    with pytest.raises(ConfigError, match=r"pack_rows \(3\) must be a multiple of 2"):
+        set_packing(config, "x.yaml")
+    config.train_dataset.pack_rows = 2
+    set_packing(config, "x.yaml")
+    assert config.train_dataset.ascend_row_groups == 2
+    data_template_and_margin(config, [str(test_mindrecord)])
+    assert config.train_dataset.construct_args_key == ["input_ids", "position_id", "attention_mask", "loss_mask",
+                                                       "end_ind", ACTUAL_SEQ_LEN]
+    dataset = create_reward_dataset(str(test_mindrecord), 8, packing="pairs", pack_rows=2, loss_type="last_token",
+                                    seq_length=512, ascend_row_groups=2)
+    assert dataset.get_col_names()[-1] == ACTUAL_SEQ_LEN
+    step = next(dataset.create_dict_iterator(output_numpy=True))
+    asl, codes = step[ACTUAL_SEQ_LEN], step["attention_mask"]
+    assert asl.shape == (2, EOD_PAD_LENGTH) and asl.dtype == np.int32
+    for row in range(2):  # each row its own call (row_groups 2): its spans' ends, then the row end, repeated
+        seg = segment_of(codes[row])
+        ends = [int(e) for e in np.flatnonzero(np.diff(seg)) + 1] + [512]
+        assert asl[row, :len(ends)].tolist() == ends and (asl[row, len(ends):] == 512).all()
+    config.model.model_config.packing = "shared_prefix"
+    with pytest.raises(ConfigError, match="shared_prefix cannot run on Ascend"):
+        set_packing(config, "x.yaml")

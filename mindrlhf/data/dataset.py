@@ -179,11 +179,13 @@ class PackedSteps:
     """Random-access source of packed steps for GeneratorDataset: step i -> the model's columns."""
 
     def __init__(self, pairs, steps, rows: int, seq_length: int, pad_token_id: int, loss_type: str,
-                 shared_prefix: bool, margin: bool):
+                 shared_prefix: bool, margin: bool, ascend_row_groups: Optional[int] = None):
         self.pairs, self.steps, self.rows, self.seq_length = pairs, steps, rows, seq_length
         self.pad_token_id, self.loss_type = pad_token_id, loss_type
         self.shared_prefix, self.margin = shared_prefix, margin
-        self.columns = list(MODEL_COLUMNS) + ([MARGIN_COLUMN] if margin else [])
+        self.ascend_row_groups = ascend_row_groups  # Ascend: MindFormers' actual_seq_len column, per FA call
+        self.columns = list(MODEL_COLUMNS) + ([MARGIN_COLUMN] if margin else []) \
+            + ([pk.ACTUAL_SEQ_LEN] if ascend_row_groups else [])
 
     def __len__(self):
         return len(self.steps)
@@ -191,13 +193,16 @@ class PackedSteps:
     def __getitem__(self, index):
         arrays = pk.pack_step(self.pairs, self.steps[int(index)], self.rows, self.seq_length, self.pad_token_id,
                               self.loss_type, self.shared_prefix, self.margin)
+        if self.ascend_row_groups:
+            arrays[pk.ACTUAL_SEQ_LEN] = pk.actual_seq_len(arrays["attention_mask"], row_groups=self.ascend_row_groups)
         return tuple(arrays[name] for name in self.columns)
 
 
 def create_packed_dataset(files, packing: str, pack_rows: Optional[int], seq_length: Optional[int] = None,
                           loss_type: str = pk.SPAN, shuffle: bool = False, repeat: int = 1,
                           num_samples: Optional[int] = None, shard_id=None, num_shards=None,
-                          seed: Optional[int] = None, pad_token_id: int = 2, batch_size: int = 8):
+                          seed: Optional[int] = None, pad_token_id: int = 2, batch_size: int = 8,
+                          ascend_row_groups: Optional[int] = None):
     """Packed steps (PACKING.md): all pairs read once, planned with the seed, served per step; data-parallel
     ranks split the steps, each getting the same number (the plan is rounded up to a multiple of num_shards).
     pack_rows None: the padded step's capacity, 2 x batch_size rows of the data's length, in rows of seq_length
@@ -216,6 +221,8 @@ def create_packed_dataset(files, packing: str, pack_rows: Optional[int], seq_len
     seq_length = int(seq_length or data_length)
     if pack_rows is None:
         pack_rows = max(1, 2 * int(batch_size) * int(data_length) // seq_length)
+        if ascend_row_groups:  # whole FlashAttention calls
+            pack_rows = -(-pack_rows // int(ascend_row_groups)) * int(ascend_row_groups)
     shared_prefix = mode == "shared_prefix"
     lengths = pk.pair_row_lengths(pairs, seq_length, shared_prefix, loss_type)
     steps = pk.plan_steps(lengths, int(pack_rows), seq_length, 0 if seed is None else int(seed),
@@ -225,7 +232,8 @@ def create_packed_dataset(files, packing: str, pack_rows: Optional[int], seq_len
                    f"{pk.filler_share(lengths, len(steps), int(pack_rows), seq_length):.1%}")
     if seed is not None:
         ds.config.set_seed(int(seed))
-    source = PackedSteps(pairs, steps, int(pack_rows), seq_length, pad_token_id, loss_type, shared_prefix, margin)
+    source = PackedSteps(pairs, steps, int(pack_rows), seq_length, pad_token_id, loss_type, shared_prefix, margin,
+                         ascend_row_groups)
     kwargs = {"num_shards": int(num_shards), "shard_id": int(shard_id)} if num_shards else {}
     dataset = ds.GeneratorDataset(source, column_names=source.columns, shuffle=bool(shuffle),
                                   python_multiprocessing=False, num_parallel_workers=1, **kwargs)
@@ -238,7 +246,8 @@ def create_reward_dataset(files, batch_size: int, shuffle: bool = False, drop_re
                           repeat: int = 1, num_samples: Optional[int] = None, bucket_boundaries=None,
                           num_parallel_workers: int = 1, shard_id=None, num_shards=None, seed: Optional[int] = None,
                           pad_token_id: int = 2, packing=None, pack_rows: Optional[int] = None,
-                          loss_type: Optional[str] = None, seq_length: Optional[int] = None):
+                          loss_type: Optional[str] = None, seq_length: Optional[int] = None,
+                          ascend_row_groups: Optional[int] = None):
     """The dataset pipeline without the registry: what both training and evaluation use.
 
     Padded files are batched then trimmed; compact files (see mindrlhf.data.records.COMPACT_SCHEMA) are padded
@@ -252,7 +261,8 @@ def create_reward_dataset(files, batch_size: int, shuffle: bool = False, drop_re
             raise ConfigError(f"packing ({packing}) and bucket_boundaries ({bucket_boundaries}) do not go together: "
                               "packed steps have one shape; set bucket_boundaries: []")
         return create_packed_dataset(files, packing, pack_rows, seq_length, loss_type or pk.SPAN, shuffle, repeat,
-                                     num_samples, shard_id, num_shards, seed, pad_token_id, batch_size)
+                                     num_samples, shard_id, num_shards, seed, pad_token_id, batch_size,
+                                     ascend_row_groups)
     files = resolve_mindrecord_files(files)
     bucket_boundaries = boundaries_for(bucket_boundaries, files, batch_size, log=_say_on_rank_0) or None
     if seed is not None:
@@ -310,4 +320,5 @@ class RewardModelDataset(BaseDataset):
             shard_id=shard_id, num_shards=num_shards, seed=dataset_config.get("seed", seed),
             pad_token_id=int(dataset_config.get("pad_token_id", pad_token_id)),
             packing=dataset_config.get("packing"), pack_rows=dataset_config.get("pack_rows"),
-            loss_type=dataset_config.get("loss_type"), seq_length=dataset_config.get("seq_length"))
+            loss_type=dataset_config.get("loss_type"), seq_length=dataset_config.get("seq_length"),
+            ascend_row_groups=dataset_config.get("ascend_row_groups"))

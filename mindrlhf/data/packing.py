@@ -332,6 +332,7 @@ def pack_sequences(sequences, rows: int, width: int, pad_token_id: int = 0) -> L
 # FlashAttentionScore's TND layout takes per call (MindSpore's doc). docs/packing.md cites the code.
 EOD_PAD_LENGTH = 128
 MAX_FA_ENTRIES = 1024
+ACTUAL_SEQ_LEN = "actual_seq_len"  # the dataset column and the model's construct argument
 
 
 def actual_seq_len(codes, pad_length: int = EOD_PAD_LENGTH, row_groups: int = 1) -> np.ndarray:

@@ -84,11 +84,33 @@ def set_packing(config, path: str):
     if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
         raise ConfigError(f"{path}: train_dataset.pack_rows must be a whole number >= 1, got {rows!r}")
     dataset_cfg.packing = mode
+    if config.context.get("device_target", "CPU") != "CPU":
+        dataset_cfg.ascend_row_groups = ascend_row_groups(config, path)
     dataset_cfg.loss_type = model_cfg.get("loss_type") or "span"
     dataset_cfg.seq_length = int(model_cfg.seq_length)
     if model_cfg.get("pad_token_id") is not None:
         dataset_cfg.pad_token_id = int(model_cfg.pad_token_id)
     return mode
+
+
+def ascend_row_groups(config, path: str) -> int:
+    """Packing on Ascend: the config checked (mindrlhf.models.ascend_packing) and how many FlashAttention calls
+    a step's rows are split into, each restarting actual_seq_len's offsets: micro batches under pipeline stages,
+    interleaved micro batches, and data_parallel when every rank reads the whole batch (semi-auto full_batch)."""
+    from mindrlhf.models.ascend_packing import check_ascend_packing
+
+    parallel = config.get("parallel_config") or {}
+    check_ascend_packing(dict(config.model.model_config, parallel_config=parallel))
+    groups = int(parallel.get("micro_batch_num", 1) or 1) if int(parallel.get("pipeline_stage", 1) or 1) > 1 else 1
+    groups *= int(config.get("micro_batch_interleave_num", 1) or 1)
+    if config.get("use_parallel") and config.parallel.get("parallel_mode", 0) in (1, 2) \
+            and config.parallel.get("full_batch"):
+        groups *= int(parallel.get("data_parallel", 1) or 1)
+    rows = config.train_dataset.get("pack_rows")
+    if rows is not None and int(rows) % groups:
+        raise ConfigError(f"{path}: train_dataset.pack_rows ({rows}) must be a multiple of {groups}, the "
+                          "FlashAttention calls a step is split into (data_parallel x micro batches)")
+    return groups
 
 
 def checkpoint_files(directory: str):
@@ -180,13 +202,16 @@ def data_template_and_margin(config, files):
     """The data's one template (from the sidecars; None when unknown) and whether it carries margins; with
     margins the network gets them as a sixth input (construct_args_key), which the loss then applies."""
     from mindrlhf.data.dataset import record_columns
+    from mindrlhf.data.packing import ACTUAL_SEQ_LEN
     from mindrlhf.data.records import MARGIN_COLUMN, MODEL_COLUMNS
     from mindrlhf.data.templates import data_template
 
     template = data_template(files)
     margin = MARGIN_COLUMN in record_columns(files)
-    if margin:
-        config.train_dataset.construct_args_key = list(MODEL_COLUMNS) + [MARGIN_COLUMN]
+    keys = list(MODEL_COLUMNS) + ([MARGIN_COLUMN] if margin else []) \
+        + ([ACTUAL_SEQ_LEN] if config.train_dataset.get("ascend_row_groups") else [])
+    if keys != list(MODEL_COLUMNS):  # the dataset's columns, in order, as the network's keyword arguments
+        config.train_dataset.construct_args_key = keys
     return template, margin
 
 
