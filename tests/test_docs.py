@@ -26,7 +26,8 @@ from conftest import EXAMPLES, ROOT, TEST_JSONL, TOKENIZER, TRAIN_JSONL, cli_env
 README = ROOT / "README.md"
 # The English docs are one book: the README, then its pages in the order the README lists them. Their commands
 # run in that order in one working copy (the serving page scores the checkpoint the tutorial page trained).
-PAGES = [ROOT / "docs" / f"{name}.md" for name in ("tutorial", "backbones", "serving", "lora", "configs", "performance")]
+PAGES = [ROOT / "docs" / f"{name}.md"
+         for name in ("tutorial", "backbones", "serving", "lora", "packing", "configs", "performance")]
 BOOK = [README, *PAGES]
 TUTORIAL = EXAMPLES / "README.md"
 TUTORIAL_DIR = "examples/reward_model_train_tutorial"  # relative to the working copy's root, as in the clone
@@ -42,6 +43,7 @@ CWD = {
     PAGES[3]: {None: "."},
     PAGES[4]: {None: "."},
     PAGES[5]: {None: "."},
+    PAGES[6]: {None: "."},
     TUTORIAL: {None: TUTORIAL_DIR},
 }
 
