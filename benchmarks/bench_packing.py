@@ -163,7 +163,9 @@ def train(name, raw, data, work, env, stop_step):
     stamps = [datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f").timestamp() for t, _, _ in lines]
     return {"steps_trained": len(lines), "process_seconds": round(wall, 1),
             "first_step_s": round(int(lines[0][2]) / 1000.0, 2),
-            "steady_s_per_step": round((stamps[-1] - stamps[0]) / (len(stamps) - 1), 4)}, proc.stdout + proc.stderr
+            "steady_s_per_step": round((stamps[-1] - stamps[0]) / (len(stamps) - 1), 4),
+            "median_step_s": round(float(np.median([int(ms) for _, _, ms in lines[1:]])) / 1000.0, 4)}, \
+        proc.stdout + proc.stderr
 
 
 def main():
@@ -255,8 +257,10 @@ def main():
                 entry["filler_share_logged"] = float(found[-1][-1]) / 100.0
             entry["padding_target"] = f"< {PADDING_TARGET:.0%}"
             entry["padding_target_met"] = bool(entry["padding_share"] < PADDING_TARGET)
-        if name == "buckets" and not boundaries:
-            entry["note"] = "conversion suggested no buckets for this data: the same as fixed"
+        if name == "buckets":
+            entry["note"] = ("conversion suggested no buckets for this data: the same as fixed" if not boundaries else
+                             "one graph per bucket: the steady time includes the compiles of the buckets after the "
+                             "first (median_step_s leaves them out)")
         results["runs"][name] = entry
         print(f"{name}: {entry['steps']} steps, {entry['steady_s_per_step']:.3f} s/step, "
               f"{entry['real_tokens_per_s']:.1f} real tokens/s, padding share {entry['padding_share']:.1%}",
