@@ -14,8 +14,18 @@ Shapes (--shapes): tiny (the tiny CPU YAML, seq 256), medium (hidden 256, 4 laye
 tutorial's CompareLoss, ours only). A difference that stays (reported, not hidden): TRL pads each batch to its
 longest pair, ours pads each batch to the bucket boundary that conversion suggests for this data ([] at
 seq 256: every pair to 256, as most batches reach it), so ours compiles one graph per bucket.
+
+--packing (pairs, issue #25): ours trains the packed YAML instead (model_config.packing: pairs, seq_length twice
+the shape's so that any pair fits one row; the data is still converted at the shape's seq; bucket_boundaries [];
+pack_rows the dataset's default, the padded step's token count), against TRL in the same run, at the same shapes.
+Packed steps hold a varying number of pairs (TRL's hold 8), so the figure is real tokens/s over the epoch (the
+epoch's real tokens / steps x steady s/step), with the ratio against the target (>= 1.5x, met/missed); also
+each side's steps and accuracy (ours: reward_eval.py with the shape's plain YAML over the packed run's
+checkpoint: no weight depends on packing) and ours' filler share (the dataset's 'packing ... filler share'
+line). Writes benchmarks/results/peer_packed.json (peer_packed_span.json with --loss_type span).
 """
 import argparse
+import copy
 import json
 import os
 import re
@@ -28,11 +38,15 @@ from datetime import datetime
 import numpy as np
 import yaml
 
-from common import ROOT, TEST_JSONL, TINY_CONFIG, TOKENIZER, TRAIN_JSONL, require_inputs, save
+from common import ROOT, TEST_JSONL, TINY_CONFIG, TOKENIZER, TRAIN_JSONL, cpu_line, require_inputs, save
 
 EXAMPLES = ROOT / "examples" / "reward_model_train_tutorial"
 STEP_LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}).*?step:\[\s*(\d+)/\s*\d+\].*?per_step_time: (\d+)ms",
                        re.M)
+# The packed dataset's log line (mindrlhf.data.dataset.create_packed_dataset), printed by reward_train.py
+PACKING_LINE = re.compile(r"packing (\w+) \((\w+)\): (\d+) pairs -> (\d+) steps of (\d+) rows x (\d+) tokens "
+                          r"\((\d+) per rank\), filler share ([\d.]+)%")
+PACKED_TARGET = 1.5  # issue #25: packed ours >= 1.5x TRL's real tokens/s at every shape
 PEER_SETUP = ("python3 -m venv .venv-peer && .venv-peer/bin/pip install torch transformers trl datasets "
               "(or `make peer-venv`; a CPU-only torch wheel avoids the multi-GB CUDA build)")
 
@@ -88,6 +102,9 @@ def main():
                              "token; span is the tutorial's CompareLoss over the answers' differing tokens")
     parser.add_argument("--stop_step", type=int, default=None,
                         help="both sides train this many steps instead of one epoch (quick checks only)")
+    parser.add_argument("--packing", nargs="?", const="pairs", default=None, choices=["pairs"],
+                        help="ours trains packed steps (model_config.packing: pairs, rows twice the shape's seq); "
+                             "results to peer_packed.json")
     args = parser.parse_args()
     require_inputs()
     if not os.path.isfile(args.peer_python) or not os.access(args.peer_python, os.X_OK):
@@ -98,11 +115,21 @@ def main():
     if unknown:
         parser.error(f"unknown shapes {unknown}; choose from {sorted(SHAPES)}")
     results = {"threads": args.threads, "loss_type": args.loss_type, "shapes": {}}
+    name_of_results = "peer_packed" if args.packing else "peer"
+    if args.loss_type != "last_token":
+        name_of_results += f"_{args.loss_type}"
+    if args.packing:
+        results.update(packing=args.packing, target_real_tokens_per_s_ratio=PACKED_TARGET)
+    if args.stop_step:
+        results["stop_step"] = args.stop_step  # a quick check, not a measurement
     for name in shapes:
         print(f"== {name}", flush=True)
         results["shapes"][name] = compare(name, args)
-        save("peer" if args.loss_type == "last_token" else f"peer_{args.loss_type}", results)  # after each shape
+        save(name_of_results, results)  # after each shape
     print()
+    if args.packing:
+        print_packed(results)
+        return 0
     print(f"{'shape':7s} {'model':32s} {'ours s/step':>11s} {'TRL s/step':>10s} {'tokens/s ours/TRL':>17s} "
           f"{'wall ours/TRL':>13s} {'accuracy ours':>13s} {'TRL':>6s}")
     for name, r in results["shapes"].items():
@@ -110,7 +137,44 @@ def main():
         print(f"{name:7s} {r['model']:32s} {ours['steady_s_per_step']:11.4f} {trl['steady_s_per_step']:10.4f} "
               f"{r['ratio_real_tokens_per_s_ours_over_trl']:16.2f}x {r['ratio_wall_ours_over_trl']:12.2f}x "
               f"{ours['accuracy']:13.4f} {trl['accuracy']:6.4f}")
+    print(cpu_line(results.get("cpu")))
     return 0
+
+
+def print_packed(results):
+    """The --packing summary: real tokens/s of both, the ratio against the target, accuracy, steps, filler."""
+    print(f"{'shape':7s} {'model':32s} {'tokens/s ours':>13s} {'TRL':>8s} {'ratio':>6s} {'target':>13s} "
+          f"{'accuracy ours':>13s} {'TRL':>6s} {'steps ours':>10s} {'TRL':>4s} {'filler':>6s}")
+    for name, r in results["shapes"].items():
+        ours, trl = r["runs"]["ours"], r["runs"]["trl"]
+        print(f"{name:7s} {r['model']:32s} {ours['real_tokens_per_s']:13.1f} {trl['real_tokens_per_s']:8.1f} "
+              f"{r['ratio_real_tokens_per_s_ours_over_trl']:5.2f}x "
+              f"{'>= ' + str(PACKED_TARGET) + 'x ' + ('met' if r['target_met'] else 'missed'):>13s} "
+              f"{ours['accuracy']:13.4f} {trl['accuracy']:6.4f} {ours['steps']:10d} {trl['steps']:4d} "
+              f"{ours['filler_share']:6.1%}")
+    print(cpu_line(results.get("cpu")))
+
+
+def packed_config(raw, seq):
+    """The packed twin of a shape's YAML (PACKING.md): rows of 2 x seq so every pair (chosen + rejected, each at
+    most seq) fits one row; one shape per step, so no buckets; pack_rows left to the dataset's default."""
+    packed = copy.deepcopy(raw)
+    packed["model"]["model_config"].update(packing="pairs", seq_length=2 * seq)
+    packed["train_dataset"]["bucket_boundaries"] = []
+    packed["train_dataset"].pop("pack_rows", None)
+    packed["train_dataset_task"]["dataset_config"] = packed["train_dataset"]
+    return packed
+
+
+def packing_report(text):
+    """The packed dataset's line from reward_train.py's output -> its figures (the last one: the trainer may
+    build the dataset more than once)."""
+    found = PACKING_LINE.findall(text)
+    if not found:
+        sys.exit("bench_peer: the packed run printed no 'packing ... filler share' line; is packing on?")
+    mode, loss, pairs, steps, rows, width, per_rank, filler = found[-1]
+    return {"packing": mode, "loss": loss, "pairs": int(pairs), "steps": int(steps), "pack_rows": int(rows),
+            "row_tokens": int(width), "steps_per_rank": int(per_rank), "filler_share": float(filler) / 100.0}
 
 
 def compare(shape, args):
@@ -133,12 +197,18 @@ def compare(shape, args):
     config = os.path.join(work, f"{shape}.yaml")
     with open(config, "w", encoding="utf-8") as fh:
         yaml.safe_dump(raw, fh, allow_unicode=True, sort_keys=False)
+    train_config = config  # what ours trains; `config` (plain) also scores the test split
+    if args.packing:
+        train_config = os.path.join(work, f"{shape}_packed.yaml")
+        with open(train_config, "w", encoding="utf-8") as fh:
+            yaml.safe_dump(packed_config(raw, seq), fh, allow_unicode=True, sort_keys=False)
     train_ids, test_ids = read_ids(data["train"]), read_ids(data["test"])
     steps = len(train_ids) // batch  # drop_remainder on both sides
     if args.stop_step:
         steps = min(steps, args.stop_step)
     lengths = np.array([len(c) + len(r) for c, r in train_ids], dtype=np.float64)
     tokens_per_step = float(lengths.mean()) * batch  # both sides shuffle: count the epoch's mean
+    # (TRL, and ours padded: 8 pairs a step, the remainder dropped; ours packed: every pair, in its own steps)
 
     sched, opt = raw["lr_schedule"], raw["optimizer"]
     spec = {"seed": int(raw.get("seed", 0)), "threads": args.threads, "batch_size": batch,
@@ -165,12 +235,12 @@ def compare(shape, args):
 
     # ours: the tutorial's command line
     out = os.path.join(work, "ours")
-    cmd = [sys.executable, str(EXAMPLES / "reward_train.py"), "--config", config, "--train_dataset",
+    cmd = [sys.executable, str(EXAMPLES / "reward_train.py"), "--config", train_config, "--train_dataset",
            data["train"], "--output_dir", out]
     if args.stop_step:
         cmd += ["--stop_step", str(args.stop_step)]
     start = time.perf_counter()
-    run(cmd, env)
+    proc = run(cmd, env)
     wall = time.perf_counter() - start
     log = open(os.path.join(out, "log", "rank_0", "info.log"), encoding="utf-8").read()
     lines = STEP_LINE.findall(log)
@@ -182,13 +252,25 @@ def compare(shape, args):
          "--output_file", eval_json], env)
     accuracy = json.load(open(eval_json, encoding="utf-8"))["checkpoints"][-1]["accuracy"]
     buckets = raw["train_dataset"].get("bucket_boundaries")
+    ours_tokens_per_step = tokens_per_step
+    packed = None
+    if args.packing:
+        packed = packing_report(proc.stdout + proc.stderr + log)
+        ours_tokens_per_step = float(lengths.sum()) / packed["steps"]  # every pair of the epoch, in its steps
     results["runs"]["ours"] = {
         "framework": "mindrlhf / MindSpore graph mode", "steps": len(lines), "process_seconds": round(wall, 1),
         "steady_s_per_step": round(steady, 4),
         "mean_per_step_time_s": round(float(np.mean([int(ms) for _, _, ms in lines[1:]])) / 1000.0, 4),
-        "real_tokens_per_s": round(tokens_per_step / steady, 1), "accuracy": accuracy,
+        "real_tokens_per_s": round(ours_tokens_per_step / steady, 1), "accuracy": accuracy,
         "padding": f"each batch to its bucket {buckets}" if buckets else f"every pair to {seq}",
         "loss": mc.get("loss_type") or "span"}
+    if packed:
+        results["runs"]["ours"].update(
+            padding=f"packed ({packed['packing']}): {packed['pack_rows']} rows of {packed['row_tokens']} tokens a "
+                    f"step, filler at the rows' ends", epoch_steps=packed["steps"], pack_rows=packed["pack_rows"],
+            row_tokens=packed["row_tokens"], mean_pairs_per_step=round(packed["pairs"] / packed["steps"], 1),
+            real_tokens_per_step=round(ours_tokens_per_step, 1), filler_share=round(packed["filler_share"], 4),
+            accuracy_scored_with="the shape's plain YAML (packing off) over the packed run's last checkpoint")
 
     peer_json = os.path.join(work, "peer_result.json")
     start = time.perf_counter()
@@ -201,6 +283,7 @@ def compare(shape, args):
     peer = json.load(open(peer_json, encoding="utf-8"))
     peer.update({"process_seconds": round(time.perf_counter() - start, 1),
                  "real_tokens_per_s": round(tokens_per_step / peer["steady_s_per_step"], 1),
+                 "real_tokens_per_step": round(tokens_per_step, 1),
                  "padding": "each batch to its longest pair", "loss": "last_token"})
     results["runs"]["trl"] = peer
     ours = results["runs"]["ours"]
@@ -208,6 +291,8 @@ def compare(shape, args):
     results["ratio_real_tokens_per_s_ours_over_trl"] = round(ours["real_tokens_per_s"] / peer["real_tokens_per_s"], 2)
     results["ratio_wall_ours_over_trl"] = round(ours["process_seconds"] / peer["process_seconds"], 2)
     results["accuracy_difference_ours_minus_trl"] = round(ours["accuracy"] - peer["accuracy"], 4)
+    if args.packing:
+        results["target_met"] = bool(results["ratio_real_tokens_per_s_ours_over_trl"] >= PACKED_TARGET)
     results["load_average_after"] = os.getloadavg()
     if max(results["load_average_before"][0], results["load_average_after"][0]) > (os.cpu_count() or 1):
         # Seen here: torch's OpenMP threads spin-wait; with more runnable threads than cores its steps got
@@ -221,6 +306,12 @@ def compare(shape, args):
     print(f"ours/trl: s/step {results['ratio_s_per_step_ours_over_trl']}x, real tokens/s "
           f"{results['ratio_real_tokens_per_s_ours_over_trl']}x, wall {results['ratio_wall_ours_over_trl']}x",
           flush=True)
+    if args.packing:
+        print(f"ours packed: {packed['steps']} steps of {packed['pack_rows']} x {packed['row_tokens']} tokens, "
+              f"filler share {packed['filler_share']:.1%}; real tokens/s ours/TRL "
+              f"{results['ratio_real_tokens_per_s_ours_over_trl']}x, target >= {PACKED_TARGET}x "
+              f"{'met' if results['target_met'] else 'missed'}", flush=True)
+    print(cpu_line(), flush=True)
     return results
 
 

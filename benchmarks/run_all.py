@@ -6,7 +6,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-for name in ("bench_convert.py", "bench_convert_tokenizers.py", "bench_infer.py", "bench_train.py", "bench_server.py"):
+for name in ("bench_convert.py", "bench_convert_tokenizers.py", "bench_infer.py", "bench_train.py", "bench_packing.py",
+             "bench_server.py"):
     print(f"== {name}", flush=True)
     proc = subprocess.run([sys.executable, str(HERE / name)], cwd=HERE)
     if proc.returncode != 0:
@@ -26,6 +27,10 @@ for name in ("convert", "convert_tokenizers", "infer", "train", "server"):
     data = json.loads((HERE / "results" / f"{name}.json").read_text())
     key = "speedup_real_tokens_per_s" if name == "train" else "speedup"
     print(f"{name:18s} {data[key]}x")
+packing = json.loads((HERE / "results" / "packing.json").read_text())["runs"]
+for run in ("buckets", "packed"):
+    print(f"{'packing ' + run:18s} {packing[run]['speedup_real_tokens_per_s_vs_fixed']}x real tokens/s vs fixed 4096, "
+          f"padding {packing[run]['padding_share']:.1%}")
 if PEER_PYTHON.exists() and (HERE / "results" / "peer.json").exists():
     peer = json.loads((HERE / "results" / "peer.json").read_text())
     for shape, r in peer["shapes"].items():
