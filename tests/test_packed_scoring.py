@@ -320,29 +320,42 @@ def test_reward_infer_packed_at_512_gives_the_padded_scores(files, variant, tmp_
     assert np.array_equal(tables[0][1][:SEQ], tables[1][1][:SEQ])
 
     tok = load_tokenizer(str(TOKENIZER))
-    pairs = [json.loads(line) for line in TEST_JSONL.read_text(encoding="utf-8").splitlines()[:40]]
-    rows = [{"prompt": p["prompt"], "response": p[k]} for p in pairs for k in ("pos_resp", "neg_resp")]
-    lengths = [len(ids) for ids in TUTORIAL.encode(tok, [r["prompt"] for r in rows], [r["response"] for r in rows])]
-    rows = [r for r, n in zip(rows, lengths) if n <= SEQ][:24]
-    assert len(rows) == 24
-    data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    pairs = [json.loads(line) for line in TEST_JSONL.read_text(encoding="utf-8").splitlines()[:30]]
+    ids = TUTORIAL.encode(tok, [p["prompt"] for p in pairs] * 2,
+                          [p["pos_resp"] for p in pairs] + [p["neg_resp"] for p in pairs])
+    fits = [max(len(ids[i]), len(ids[len(pairs) + i])) <= SEQ for i in range(len(pairs))]
+    pairs = [p for p, ok in zip(pairs, fits) if ok][:12]  # neither side truncated at 256
+    assert len(pairs) == 12
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
+    common = ["--data_file", data, "--tokenizer", TOKENIZER, "--distributed_ckpt_path", files["root"]]
 
     started = time.monotonic()
-    run_main(EXAMPLES / "reward_infer.py", "--config", files["padded"], "--data_file", data, "--tokenizer",
-             TOKENIZER, "--distributed_ckpt_path", files["root"], "--output_file", tmp_path / "padded.jsonl",
-             "--batch_size", 8)
+    run_main(EXAMPLES / "reward_infer.py", "--config", files["padded"], *common, "--output_file",
+             tmp_path / "padded.jsonl", "--batch_size", 8)
     padded_time = time.monotonic() - started
     started = time.monotonic()
-    proc = run_cli(EXAMPLES / "reward_infer.py", "--config", files["packed_512"], "--data_file", data,
-                   "--tokenizer", TOKENIZER, "--distributed_ckpt_path", files["root"], "--output_file",
+    proc = run_cli(EXAMPLES / "reward_infer.py", "--config", files["packed_512"], *common, "--output_file",
                    tmp_path / "packed.jsonl", "--batch_size", 4, timeout=600)
     packed_time = time.monotonic() - started
     assert "model.model_config.packing: pairs): rows of 512 tokens, [1, 2, 4] rows a pass" in proc.stdout
     read = lambda name: [json.loads(l)["score"] for l in (tmp_path / name).read_text(encoding="utf-8").splitlines()]
     want, got = np.array(read("padded.jsonl")), np.array(read("packed.jsonl"))
     error = float(np.max(np.abs(got - want)))
-    print(f"\nPACKED-CLI {variant}: reward_infer.py {len(rows)} rows, max |packed@512 - padded@256| {error:.2e}; "
+    print(f"\nPACKED-CLI {variant}: reward_infer.py {len(want)} texts, max |packed@512 - padded@256| {error:.2e}; "
           f"padded in-process {padded_time:.1f} s, packed subprocess {packed_time:.1f} s")
-    assert len(got) == len(rows) and np.std(want) > 1e-3
+    assert len(got) == len(want) == 24 and np.std(want) > 1e-3
     assert error <= 1e-5, proc.stdout[-2000:]
+
+    # reward_eval.py (in this process) goes through the same scorer: packed pair batches, the same scores
+    scores = {}
+    for name in ("padded", "packed_512"):
+        run_main(EXAMPLES / "reward_eval.py", "--config", files[name], "--distributed_ckpt_path", files["root"],
+                 "--eval_dataset", data, "--tokenizer", TOKENIZER, "--batch_size", 4, "--output_file",
+                 tmp_path / f"eval_{name}.json", "--scores_file", tmp_path / f"eval_{name}.jsonl")
+        rows = [json.loads(l) for l in (tmp_path / f"eval_{name}.jsonl").read_text(encoding="utf-8").splitlines()]
+        scores[name] = np.array([[r["chosen_score"], r["rejected_score"]] for r in rows])
+    eval_error = float(np.max(np.abs(scores["packed_512"] - scores["padded"])))
+    print(f"PACKED-CLI {variant}: reward_eval.py {len(pairs)} pairs, max |packed@512 - padded@256| {eval_error:.2e}")
+    assert eval_error <= 1e-5
+    np.testing.assert_allclose(scores["padded"].reshape(-1), want, atol=1e-5, rtol=0)  # eval == infer (pos, neg)
