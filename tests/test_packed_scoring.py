@@ -189,7 +189,7 @@ def test_bad_packing_value_names_the_yaml_and_field(files, tmp_path):
 
 # -- DynamicBatcher --------------------------------------------------------------------------------------------
 def run_jobs(batcher, job_sequences, abandoned=()):
-    """Queue every job before the worker starts (so it collects them into one batch), start it, wait for all.
+    """Queue every job before the worker starts (one burst: it collects them up to its limit), start it, wait for all.
     Returns each job's scores or exception."""
     jobs = [batcher.submit(seqs) for seqs in job_sequences]
     for k in abandoned:
