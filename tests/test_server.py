@@ -253,6 +253,28 @@ def inproc(run):
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def inproc_packed(run, tmp_path_factory):
+    """The same, with model_config.packing: pairs (the batcher packs the texts into rows of seq_length). Built with
+    the compiled attention kernel when it takes the packed mask, else with MindSpore ops."""
+    from mindrlhf.data.tokenizer import load_tokenizer
+    from mindrlhf.models import native
+    from mindrlhf.models.packed import kernel_takes_packed_mask
+
+    config = tmp_path_factory.mktemp("packed") / "packed.yaml"
+    config.write_text(TINY_CONFIG.read_text(encoding="utf-8").replace(
+        "    seq_length: 256\n", "    seq_length: 256\n    packing: pairs\n", 1), encoding="utf-8")
+    with pytest.MonkeyPatch.context() as patch:
+        library = native.library("cpu_kernels")
+        if library is not None and not kernel_takes_packed_mask(library):
+            patch.setenv("MINDRLHF_COMPILED_KERNELS", "0")
+        server = build_inprocess(config, run["root"], TOKENIZER, max_batch=16)
+    assert server.service.batcher.packing and server.service.info["packing"] == "pairs"
+    server.tok = load_tokenizer(str(TOKENIZER))
+    yield server
+    server.stop()
+
+
 def template_text(prompt, response):
     from mindrlhf.data.prompt import format_prompt
 
@@ -653,9 +675,11 @@ def held_batch(inproc, texts, fails):
     return results
 
 
-def test_a_failing_pass_fails_only_its_culprit(inproc, run):
+@pytest.mark.parametrize("served", ["inproc", "inproc_packed"])
+def test_a_failing_pass_fails_only_its_culprit(served, run, request):
     """16 one-text requests collected into one batch; the injected failure hits the pass holding the culprit's
-    row: the 15 others get reward_infer.py's scores, the culprit a 500 naming the reason."""
+    row: the 15 others get reward_infer.py's scores, the culprit a 500 naming the reason. Padded and packed."""
+    inproc = request.getfixturevalue(served)
     service, batcher = inproc.service, inproc.service.batcher
     rows, scored = run["rows"], run["scored"]
     picks = short_picks(run, 17)
@@ -681,9 +705,11 @@ def test_a_failing_pass_fails_only_its_culprit(inproc, run):
     assert inproc.post("/get_reward", {"query": [texts[5]]})[0] == 200  # nothing is broken for good
 
 
-def test_a_model_failing_every_pass_is_told_from_a_culprit(inproc, run):
+@pytest.mark.parametrize("served", ["inproc", "inproc_packed"])
+def test_a_model_failing_every_pass_is_told_from_a_culprit(served, run, request):
     """Every pass raises (a broken model): each of the 4 requests fails alone too, and /health counts the pass
-    as one where every request failed, so an operator sees the model, not 4 bad requests."""
+    as one where every request failed, so an operator sees the model, not 4 bad requests. Padded and packed."""
+    inproc = request.getfixturevalue(served)
     rows = run["rows"]
     texts = [template_text(rows[i]["prompt"], rows[i]["response"]) for i in short_picks(run, 5)]
     before = dict(inproc.service.batcher.counts)

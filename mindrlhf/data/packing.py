@@ -288,7 +288,8 @@ def pack_sequences(sequences, rows: int, width: int, pad_token_id: int = 0) -> L
     content: List[List[int]] = []
     for index in np.argsort(-lengths, kind="stable"):
         need = int(lengths[index])
-        row = next((r for r, left in enumerate(remaining) if left >= need), None)
+        # a row never holds more sequences than a pass has slots (binds only for rows=1: many 1-token sequences)
+        row = next((r for r, left in enumerate(remaining) if left >= need and len(content[r]) < slots), None)
         if row is None:
             remaining.append(width)
             content.append([])

@@ -5,6 +5,11 @@ the tutorial's when none is recorded) and scored at the sequence's own last toke
 so reward_eval.py and reward_infer.py give the same number for the same response. Causal attention with pad
 keys masked makes the score independent of how much padding a batch carries, so batches are trimmed to the
 smallest of a few fixed lengths (each compiled once in graph mode).
+
+With model_config.packing (pairs or shared_prefix; scoring always packs plain sequences) the sequences are packed
+instead (mindrlhf.data.packing.pack_sequences, PACKING.md's scoring step): several a row of seq_length tokens,
+each attending only to itself, rows per pass from a few fixed sizes (pass_sizes), so no token is padding but the
+ends of rows and of the last pass.
 """
 import copy
 import os
@@ -14,6 +19,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from mindrlhf.data.buckets import bucket_length
+from mindrlhf.data.packing import pack_sequences, packing_mode
 from mindrlhf.data.templates import TUTORIAL, read_run_template
 from mindrlhf.errors import ConfigError
 from mindrlhf.models.loading import checkpoint_step
@@ -84,6 +90,33 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> List[np.ndarray]:
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
+def pass_sizes(max_rows: int) -> List[int]:
+    """Rows per packed pass: powers of 2 below max_rows, and max_rows itself (graph mode compiles one shape
+    each; a lone short request runs a 1-row pass, not max_rows rows)."""
+    sizes, size = {max(1, int(max_rows))}, 1
+    while size < max_rows:
+        sizes.add(size)
+        size *= 2
+    return sorted(sizes)
+
+
+def packed_passes(sequences: Sequence[Sequence[int]], max_rows: int, width: int,
+                  pad_token_id: int) -> List[dict]:
+    """pack_sequences' passes of at most max_rows rows of `width`, each cut to the smallest of pass_sizes(max_rows)
+    that holds its used rows and whose P = rows * width // 2 slots hold its sequences. The packing depends only
+    on the list (not on rank or pass sizes): split whole passes across ranks and every score is one process's."""
+    sizes = pass_sizes(max_rows)
+    out = []
+    for packed in pack_sequences(sequences, sizes[-1], width, pad_token_id):
+        used = int(np.count_nonzero(packed["attention_mask"][:, 0]))  # rows are filled from row 0
+        count = len(packed["index"])
+        rows = next(s for s in sizes if s >= used and s * width // 2 >= count)
+        packed = dict(packed, input_ids=packed["input_ids"][:rows], position_id=packed["position_id"][:rows],
+                      attention_mask=packed["attention_mask"][:rows], end_ind=packed["end_ind"][:rows * width // 2])
+        out.append(packed)
+    return out
+
+
 class RewardScorer:
     """score(prompts, responses) -> rewards. Build once per config; load_weights() per checkpoint."""
 
@@ -105,13 +138,21 @@ class RewardScorer:
         model_cfg.pop("type", None)
         model_cfg["checkpoint_name_or_path"] = ""
         model_cfg["batch_size"] = batch_size
+        self.packing = packing_mode(model_cfg.get("packing"), f"{self.config_where}: model.model_config.packing")
+        model_cfg["packing"] = self.packing or False
         self.model_config = LlamaConfig(**model_cfg)
         self.lora = lora_settings(self.model_config, f"{self.config_where}: model.model_config.pet_config")
         self.seq_length = int(self.model_config.seq_length)
         self.pad_token_id = int(self.model_config.pad_token_id)
         self.batch_size = batch_size
-        self.buckets = sorted(b for b in buckets if b < self.seq_length) + [self.seq_length]
+        # packed: every row is seq_length wide, passes of pass_sizes(batch_size) rows
+        self.buckets = [self.seq_length] if self.packing else \
+            sorted(b for b in buckets if b < self.seq_length) + [self.seq_length]
+        self.pass_sizes = pass_sizes(batch_size) if self.packing else None
         set_scoring_context(config)
+        if self.packing:
+            log(f"scoring packed ({self.config_where}: model.model_config.packing: {self.packing}): rows of "
+                f"{self.seq_length} tokens, {self.pass_sizes} rows a pass")
         self.network = None
         self.checkpoint = None
         self.adapter = None
@@ -202,16 +243,33 @@ class RewardScorer:
         ends = np.array([len(s) for s in sequences], dtype=np.int32)
         return self.network(ms.Tensor(ids), None, None, None, ms.Tensor(ends)).asnumpy().reshape(-1)
 
-    def score_ids(self, sequences: Sequence[Sequence[int]], rank: int = 0, size: int = 1) -> np.ndarray:
-        """Rewards for token id lists (truncated to seq_length), batched by similar length.
+    def packed_passes(self, sequences: Sequence[Sequence[int]], max_rows: Optional[int] = None) -> List[dict]:
+        """The packed passes (see packed_passes) of these sequences (1 to seq_length tokens each), at most
+        max_rows (default batch_size) rows each."""
+        return packed_passes(sequences, max_rows or self.batch_size, self.seq_length, self.pad_token_id)
 
-        With size > 1 only every size-th batch from `rank` on is scored; the others stay NaN (for
+    def score_pass(self, packed: dict) -> np.ndarray:
+        """One packed forward pass: the rewards of packed["index"]'s sequences, in that order."""
+        import mindspore as ms
+
+        out = self.network(ms.Tensor(packed["input_ids"]), ms.Tensor(packed["position_id"]),
+                           ms.Tensor(packed["attention_mask"]), None, ms.Tensor(packed["end_ind"]))
+        return out.asnumpy().reshape(-1)[:len(packed["index"])]
+
+    def score_ids(self, sequences: Sequence[Sequence[int]], rank: int = 0, size: int = 1) -> np.ndarray:
+        """Rewards for token id lists (truncated to seq_length), batched by similar length, or packed.
+
+        With size > 1 only every size-th batch (packed: pass) from `rank` on is scored; the others stay NaN (for
         distributed.gather_shares).
         """
         sequences = [list(s)[:self.seq_length] for s in sequences]
         if any(len(s) == 0 for s in sequences):
             raise ConfigError("cannot score an empty sequence")
         scores = np.full(len(sequences), np.nan, dtype=np.float32)
+        if self.packing:
+            for packed in self.packed_passes(sequences)[rank::size]:
+                scores[packed["index"]] = self.score_pass(packed)
+            return scores
         for idx in length_batches([len(s) for s in sequences], self.batch_size)[rank::size]:
             scores[idx] = self.score_batch([sequences[i] for i in idx])
         return scores

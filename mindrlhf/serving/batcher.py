@@ -8,10 +8,15 @@ mode compiles a handful of shapes rather than one per batch size; pad rows are s
 attend to each other). A job whose request gave up (timeout) before its turn is skipped, and a batch whose
 requests all gave up stops between forward passes, so abandoned work never piles up.
 
+When the scorer packs (model_config.packing), the whole collected list goes to its packed path instead: several
+sequences a row of seq_length tokens, passes of at most max_batch rows cut to a few fixed row counts
+(powers of 2 below max_batch, and max_batch), each sequence attending only to itself; collecting stops at
+max_batch rows' worth of tokens instead of max_batch sequences.
+
 A batch whose scoring raises fails only its culprit: its jobs are split in halves and each half scored again
 (recursively), so the requests that did not cause the failure get their scores and the one that did gets the
 error (log2 of the batch's jobs extra passes per culprit). `before_pass(rows)` is called before every forward
-pass with its real rows: tests use it to inject a failure or hold a pass.
+pass with its real rows (packed: the sequences it holds): tests use it to inject a failure or hold a pass.
 """
 import logging
 import queue
@@ -21,6 +26,8 @@ from concurrent.futures import Future
 from typing import List, Sequence
 
 import numpy as np
+
+from mindrlhf.evaluation.scorer import pass_sizes
 
 LOG = logging.getLogger("mindrlhf.serving")
 
@@ -56,7 +63,8 @@ class DynamicBatcher:
         self.scorer = scorer
         self.max_batch = max(1, int(max_batch))
         self.wait = max(0.0, float(wait_ms)) / 1000.0
-        self.sizes = padded_sizes(self.max_batch)
+        self.packing = bool(getattr(scorer, "packing", None))
+        self.sizes = pass_sizes(self.max_batch) if self.packing else padded_sizes(self.max_batch)
         self.jobs: "queue.Queue" = queue.Queue()  # bounded by the server's limit on requests in flight
         self.counts = {"forward_passes": 0, "sequences": 0, "collected_batches": 0, "skipped_jobs": 0,
                        "failed_jobs": 0, "rescored_jobs": 0, "failed_passes": 0}
@@ -78,8 +86,13 @@ class DynamicBatcher:
         return job
 
     def warmup(self):
-        """Compile every (batch size, bucket) shape now instead of on the first request that needs it."""
+        """Compile every (batch size, bucket) shape (packed: every pass's row count) now instead of on the first
+        request that needs it."""
         pad = self.scorer.pad_token_id
+        if self.packing:
+            for size in self.sizes:  # size full rows: one pass of exactly `size` rows
+                self.score([[pad] * self.scorer.seq_length] * size)
+            return
         for width in self.scorer.buckets:
             for size in self.sizes:
                 self.scorer.score_batch([[pad] * width] * size)
@@ -88,6 +101,8 @@ class DynamicBatcher:
         """Rewards for these sequences (already truncated to seq_length): sorted, bucketed, padded rows.
 
         give_up() is asked before each forward pass; True raises Abandoned."""
+        if self.packing:
+            return self._score_packed(sequences, give_up)
         scores = np.zeros(len(sequences), np.float32)
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
         start = 0
@@ -110,14 +125,34 @@ class DynamicBatcher:
         self.counts["sequences"] += len(sequences)
         return scores
 
+    def _score_packed(self, sequences: Sequence[Sequence[int]], give_up) -> np.ndarray:
+        """score() when the scorer packs: the scorer's packed passes of at most max_batch rows."""
+        scores = np.zeros(len(sequences), np.float32)
+        for packed in self.scorer.packed_passes(sequences, self.max_batch):
+            if give_up():
+                raise Abandoned()
+            if self.before_pass is not None:
+                self.before_pass([sequences[i] for i in packed["index"]])
+            scores[packed["index"]] = self.scorer.score_pass(packed)
+            self.counts["forward_passes"] += 1
+        self.counts["sequences"] += len(sequences)
+        return scores
+
+    def _size(self, job: Job) -> int:
+        """What a job adds to a collected batch: its sequences, or (packed) its tokens."""
+        if self.packing:
+            return sum(min(len(seq), self.scorer.seq_length) for seq in job.sequences)
+        return len(job.sequences)
+
     def _collect(self, first: Job) -> list:
         """The first job plus every job that follows it with gaps under wait_ms (at most 4 x wait_ms in all),
-        up to max_batch sequences: a burst of requests whose parsing takes a while still lands in one batch,
-        and a lone request waits wait_ms."""
-        jobs, waiting = [first], len(first.sequences)
+        up to max_batch sequences (packed: max_batch rows' worth of tokens): a burst of requests whose parsing
+        takes a while still lands in one batch, and a lone request waits wait_ms."""
+        jobs, waiting = [first], self._size(first)
         now = time.monotonic()
         last_arrival, give_up = now, now + 4 * self.wait
-        while waiting < self.max_batch:
+        limit = self.max_batch * self.scorer.seq_length if self.packing else self.max_batch
+        while waiting < limit:
             remaining = min(last_arrival + self.wait, give_up) - time.monotonic()
             try:
                 job = self.jobs.get(timeout=remaining) if remaining > 0 else self.jobs.get_nowait()
@@ -127,7 +162,7 @@ class DynamicBatcher:
                 self.jobs.put(None)
                 break
             jobs.append(job)
-            waiting += len(job.sequences)
+            waiting += self._size(job)
             last_arrival = time.monotonic()
         return jobs
 

@@ -69,14 +69,14 @@ def build_service(config_path: str, ckpt_path: str, tokenizer: str, limits: Limi
                           config_name=config_path, adapter=adapter)
     batcher = DynamicBatcher(scorer, max_batch, batch_wait_ms)
     if warmup:
-        LOG.info("compiling %d shapes (batch sizes %s x lengths %s)", len(batcher.sizes) * len(scorer.buckets),
-                 batcher.sizes, scorer.buckets)
+        LOG.info("compiling %d shapes (%s %s x lengths %s)", len(batcher.sizes) * len(scorer.buckets),
+                 "packed rows" if batcher.packing else "batch sizes", batcher.sizes, scorer.buckets)
         batcher.warmup()
     info = {"checkpoint": os.path.abspath(checkpoint), "step": scorer.step,
             **({"adapter": os.path.abspath(adapter)} if adapter else {}), "config": os.path.abspath(config_path),
             "tokenizer": os.path.abspath(getattr(tok, "path", tokenizer)), "template": chosen.name,
             "seq_length": scorer.seq_length, "max_batch": max_batch, "batch_wait_ms": batch_wait_ms,
-            "buckets": scorer.buckets, "batch_sizes": batcher.sizes,
+            "buckets": scorer.buckets, "batch_sizes": batcher.sizes, "packing": scorer.packing or False,
             "model": os.path.basename(checkpoint_root(weights)) or "mindrlhf-reward-model"}
     return RewardService(scorer, tok, chosen, batcher.start(), limits, api_key, stats, info)
 
