@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from mindrlhf.data.buckets import bucket_length
-from mindrlhf.data.packing import pack_sequences, packing_mode
+from mindrlhf.data.packing import actual_seq_len, pack_sequences, packing_mode
 from mindrlhf.data.templates import TUTORIAL, read_run_template
 from mindrlhf.errors import ConfigError
 from mindrlhf.models.loading import checkpoint_step
@@ -149,7 +149,7 @@ class RewardScorer:
         self.buckets = [self.seq_length] if self.packing else \
             sorted(b for b in buckets if b < self.seq_length) + [self.seq_length]
         self.pass_sizes = pass_sizes(batch_size) if self.packing else None
-        set_scoring_context(config)
+        self.device = set_scoring_context(config)
         if self.packing:
             log(f"scoring packed ({self.config_where}: model.model_config.packing: {self.packing}): rows of "
                 f"{self.seq_length} tokens, {self.pass_sizes} rows a pass")
@@ -252,8 +252,11 @@ class RewardScorer:
         """One packed forward pass: the rewards of packed["index"]'s sequences, in that order."""
         import mindspore as ms
 
+        extra = ()
+        if self.device != "CPU":  # Ascend: MindFormers' packed attention reads the spans as actual_seq_len
+            extra = (None, ms.Tensor(actual_seq_len(packed["attention_mask"])))
         out = self.network(ms.Tensor(packed["input_ids"]), ms.Tensor(packed["position_id"]),
-                           ms.Tensor(packed["attention_mask"]), None, ms.Tensor(packed["end_ind"]))
+                           ms.Tensor(packed["attention_mask"]), None, ms.Tensor(packed["end_ind"]), *extra)
         return out.asnumpy().reshape(-1)[:len(packed["index"])]
 
     def score_ids(self, sequences: Sequence[Sequence[int]], rank: int = 0, size: int = 1) -> np.ndarray:
