@@ -15,8 +15,9 @@ tutorial's CompareLoss, ours only). A difference that stays (reported, not hidde
 longest pair, ours pads each batch to the bucket boundary that conversion suggests for this data ([] at
 seq 256: every pair to 256, as most batches reach it), so ours compiles one graph per bucket.
 
---packing (pairs, issue #25): ours trains the packed YAML instead (model_config.packing: pairs, seq_length twice
-the shape's so that any pair fits one row; the data is still converted at the shape's seq; bucket_boundaries [];
+--packing (pairs, issue #25): ours trains the packed YAML instead (model_config.packing: pairs, rows of
+--row_length tokens, at least twice the shape's seq so that any pair fits one row; the data is still converted at the
+shape's seq; bucket_boundaries [];
 pack_rows the dataset's default, the padded step's token count), against TRL in the same run, at the same shapes.
 Packed steps hold a varying number of pairs (TRL's hold 8), so the figure is real tokens/s over the epoch (the
 epoch's real tokens / steps x steady s/step), with the ratio against the target (>= 1.5x, met/missed); also
@@ -103,11 +104,12 @@ def main():
     parser.add_argument("--stop_step", type=int, default=None,
                         help="both sides train this many steps instead of one epoch (quick checks only)")
     parser.add_argument("--packing", nargs="?", const="pairs", default=None, choices=["pairs"],
-                        help="ours trains packed steps (model_config.packing: pairs, rows of --row_factor x the "
-                             "shape's seq); results to peer_packed.json")
-    parser.add_argument("--row_factor", type=int, default=2,
-                        help="packed rows are this many times the shape's seq (>= 2, so a pair fits a row); longer "
-                             "rows leave less filler, and the kernel's attention cost is per sequence, not per row")
+                        help="ours trains packed steps (model_config.packing: pairs, rows of --row_length "
+                             "tokens); results to peer_packed.json")
+    parser.add_argument("--row_length", type=int, default=2048,
+                        help="packed rows hold this many tokens (at least 2 x the shape's seq, so a pair fits a "
+                             "row); longer rows leave less filler, and the kernel's attention cost is per sequence, "
+                             "not per row; a step keeps the padded step's token count")
     args = parser.parse_args()
     require_inputs()
     if not os.path.isfile(args.peer_python) or not os.access(args.peer_python, os.X_OK):
@@ -158,12 +160,12 @@ def print_packed(results):
     print(cpu_line(results.get("cpu")))
 
 
-def packed_config(raw, seq, row_factor=2):
-    """The packed twin of a shape's YAML (PACKING.md): rows of row_factor x seq (>= 2, so every pair, chosen +
-    rejected, each at most seq, fits one row); one shape per step, so no buckets; pack_rows left to the dataset's
-    default (the padded step's token count)."""
+def packed_config(raw, seq, row_length=2048):
+    """The packed twin of a shape's YAML (PACKING.md): rows of max(row_length, 2 x seq) tokens (every pair,
+    chosen + rejected, each at most seq, fits one row); one shape per step, so no buckets; pack_rows left to the
+    dataset's default (the padded step's token count)."""
     packed = copy.deepcopy(raw)
-    packed["model"]["model_config"].update(packing="pairs", seq_length=max(2, int(row_factor)) * seq)
+    packed["model"]["model_config"].update(packing="pairs", seq_length=max(int(row_length), 2 * seq))
     packed["train_dataset"]["bucket_boundaries"] = []
     packed["train_dataset"].pop("pack_rows", None)
     packed["train_dataset_task"]["dataset_config"] = packed["train_dataset"]
@@ -205,7 +207,7 @@ def compare(shape, args):
     if args.packing:
         train_config = os.path.join(work, f"{shape}_packed.yaml")
         with open(train_config, "w", encoding="utf-8") as fh:
-            yaml.safe_dump(packed_config(raw, seq, args.row_factor), fh, allow_unicode=True, sort_keys=False)
+            yaml.safe_dump(packed_config(raw, seq, args.row_length), fh, allow_unicode=True, sort_keys=False)
     train_ids, test_ids = read_ids(data["train"]), read_ids(data["test"])
     steps = len(train_ids) // batch  # drop_remainder on both sides
     if args.stop_step:
