@@ -149,7 +149,7 @@ def test_accepts_the_supported_config_and_ignores_no_packing():
 
 @pytest.mark.parametrize("change, match", [
     (dict(packing="shared_prefix"), "shared_prefix cannot run on Ascend"),
-    (dict(packing="yes"), "packing must be"),
+    (dict(packing="yes"), "packing: expected false, pairs or shared_prefix"),
     (dict(loss_type=None), "loss_type: last_token"),
     (dict(loss_type="span"), "loss_type: last_token"),
     (dict(use_flash_attention=False), "use_flash_attention: True"),

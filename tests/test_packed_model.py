@@ -326,7 +326,7 @@ def test_bad_packing_value_is_a_config_error(value):
     from mindrlhf.errors import ConfigError
     from mindrlhf.models.packed import packing_mode
 
-    with pytest.raises(ConfigError, match=r"model_config\.packing must be false or one of"):
+    with pytest.raises(ConfigError, match=r"model_config\.packing: expected false, pairs or shared_prefix"):
         packing_mode({"packing": value})
     assert packing_mode({"packing": False}) is None and packing_mode({}) is None
     assert packing_mode({"packing": "shared_prefix"}) == "shared_prefix"

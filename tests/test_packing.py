@@ -415,3 +415,23 @@ def test_prepare_config_checks_and_copies_packing(test_mindrecord, tmp_path):
     with pytest.raises(ConfigError, match=r"model.model_config.packing: pairs .*train_dataset.bucket_boundaries: "
                                           r"\[128, 256\]"):
         prepare_config(yaml_with("pairs", "[128, 256]"), str(test_mindrecord), output_dir=str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("where, value", [("runner_config.gradient_accumulation_steps", 2),
+                                          ("micro_batch_interleave_num", 2),
+                                          ("parallel_config.micro_batch_num", 4)])
+def test_packing_refuses_micro_batches(where, value):
+    """Micro batches cut every input along its first axis: the packed loss inputs ((2, P), (4, P)) index the
+    whole step's rows, so a cut would pair the wrong rewards silently. Refused, naming the key."""
+    config = load_config(str(TINY_CONFIG))
+    config.model.model_config.packing = "pairs"
+    section, _, key = where.rpartition(".")
+    (config[section] if section else config)[key] = value
+    if key == "micro_batch_num":
+        config.parallel_config.pipeline_stage = 2
+    with pytest.raises(ConfigError, match=rf"x.yaml: model.model_config.packing: pairs cannot be split into micro "
+                                          rf"batches \({where}"):
+        set_packing(config, "x.yaml")
+    if key == "micro_batch_num":  # without pipeline stages MindFormers does not cut micro batches
+        config.parallel_config.pipeline_stage = 1
+        assert set_packing(config, "x.yaml") == "pairs"

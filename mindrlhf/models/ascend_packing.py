@@ -10,12 +10,11 @@ The dataset computes `actual_seq_len` on the host (mindrlhf.data.packing.actual_
 pipelines do, and the model passes it to LlamaModel as is; this module holds the checks of the config.
 """
 from mindrlhf.config_access import config_getter
-from mindrlhf.data.packing import PACKING_MODES
+from mindrlhf.data.packing import packing_mode
 from mindrlhf.errors import ConfigError
 
 # LowerTriangularMaskWithDynamic refuses mask compression (eod included) below this seq_length.
 MIN_SEQ_LENGTH = 2048
-
 
 
 def _parallel(config, key, default):
@@ -33,11 +32,9 @@ def check_ascend_packing(model_config, training: bool = True) -> None:
     pads) lifts the loss_type rule only.
     """
     get = config_getter(model_config)
-    packing = get("packing", False)
-    if packing in (None, False, "false", "False", ""):
+    packing = packing_mode(get("packing", None), "model_config.packing")
+    if not packing:
         return
-    if packing not in PACKING_MODES:
-        raise ConfigError(f"model_config.packing must be false or one of {PACKING_MODES}, got {packing!r}")
     if packing == "shared_prefix":
         raise ConfigError(
             "model_config.packing: shared_prefix cannot run on Ascend: MindFormers' Llama feeds packed rows to "

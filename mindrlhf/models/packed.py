@@ -22,24 +22,17 @@ import mindspore.common.dtype as mstype
 from mindspore import Tensor, nn, ops
 
 from mindrlhf.config_access import config_getter
+from mindrlhf.data import packing as pk
 from mindrlhf.errors import ConfigError
 from mindrlhf.models.loss import loss_options
 
-PACKING_MODES = ("pairs", "shared_prefix")
-CODE_STRIDE = 8  # code = segment * 8 + kind
-PAD_KIND = 4
 HIDDEN = -10000.0  # the legacy mask's adder: exp() of it is exactly 0 in float32
 
 
 def packing_mode(config) -> Optional[str]:
     """model_config.packing: None when off (false, absent), else 'pairs' or 'shared_prefix'; anything else is
-    a ConfigError naming the field."""
-    value = config_getter(config)("packing", None)
-    if value is None or value is False or (isinstance(value, str) and value.lower() in ("false", "none", "off", "")):
-        return None
-    if value not in PACKING_MODES:
-        raise ConfigError(f"model_config.packing must be false or one of {PACKING_MODES}, got {value!r}")
-    return value
+    a ConfigError naming the field (mindrlhf.data.packing parses it, the layout's one home)."""
+    return pk.packing_mode(config_getter(config)("packing", None), "model_config.packing")
 
 
 def uses_packed_kernel(backbone) -> bool:
@@ -47,29 +40,6 @@ def uses_packed_kernel(backbone) -> bool:
     `rope_attention` on the layers it swaps): then the kernel takes the (B, 2, 1, S) layout itself."""
     layers = list(backbone.layers)
     return bool(layers) and all(hasattr(layer.attention, "rope_attention") for layer in layers)
-
-
-_PROBED = {}
-
-
-def kernel_takes_packed_mask(library: str) -> bool:
-    """Whether the compiled RopeAttention accepts the (B, 2, 1, S) packed mask: tried once on a tiny input (the
-    kernel refuses mask shapes it does not know). Cached per library."""
-    if library not in _PROBED:
-        from mindrlhf.models.cpu_speedups import RopeAttention
-
-        seq, size = 4, 16
-        q = Tensor(np.ones((1, seq, size), np.float32))
-        table = Tensor(np.ones((seq, size), np.float32).reshape(1, 1, seq, size))
-        mask = np.zeros((1, 2, 1, seq), np.float32)
-        mask[0, 0, 0] = np.arange(seq)
-        mask[0, 1, 0] = CODE_STRIDE
-        try:
-            out, _ = RopeAttention(library).forward_op(q, q, q, table, table, Tensor(mask))
-            _PROBED[library] = bool(np.isfinite(out.asnumpy()).all())
-        except (RuntimeError, ValueError, TypeError):
-            _PROBED[library] = False
-    return _PROBED[library]
 
 
 class LayoutMask(nn.Cell):
@@ -86,10 +56,10 @@ class LayoutMask(nn.Cell):
     def construct(self, codes):
         batch, seq = codes.shape
         codes = ops.cast(codes, mstype.int32)
-        segment = self.floor_div(codes, CODE_STRIDE)
-        kind = codes - segment * CODE_STRIDE
-        pad = ops.cast(kind >= PAD_KIND, mstype.int32)
-        branch = kind - pad * PAD_KIND
+        segment = self.floor_div(codes, pk.SEGMENT)
+        kind = codes - segment * pk.SEGMENT
+        pad = ops.cast(kind >= pk.PAD, mstype.int32)
+        branch = kind - pad * pk.PAD
         index = self.slice(self.index, (0,), (seq,), (1,))
         causal = ops.cast(index.reshape((seq, 1)) >= index.reshape((1, seq)), mstype.float32)  # j <= i
         diagonal = ops.cast(ops.equal(index.reshape((seq, 1)), index.reshape((1, seq))), mstype.float32)
@@ -171,12 +141,7 @@ class PackedRewards:
         device = context.get_context("device_target")
         if device != "CPU":
             self.packed_layout = self._accelerator_layout(config, device)
-        elif uses_packed_kernel(self.model):
-            from mindrlhf.models import native
-
-            if not kernel_takes_packed_mask(native.library("cpu_kernels")):
-                raise ConfigError("model_config.packing: this build of the compiled attention kernel does not take "
-                                  "the packed (B, 2, 1, S) mask; set MINDRLHF_COMPILED_KERNELS=0 (MindSpore ops)")
+        elif uses_packed_kernel(self.model):  # the library is built from the tree's source (its cache key)
             self.packed_layout = "kernel"
         else:
             self.packed_layout = "adder"
@@ -205,7 +170,7 @@ class PackedRewards:
         relative, so each span's attention is the same up to rounding of the angles)."""
         model = self.model
         batch, seq = input_ids.shape
-        if self.packed_layout == "ascend":  # LlamaForCausalLM's positional call, actual_seq_len last
+        if self.packed_layout == "ascend":  # LlamaModel.construct, positionally as LlamaForCausalLM calls it
             return model(input_ids, None, None, None, None, None, None, None, None, None, None, None, actual_seq_len)
         if self.packed_layout == "kernel":
             freqs_cis = model.freqs_mgr(seq)

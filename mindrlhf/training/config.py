@@ -83,6 +83,16 @@ def set_packing(config, path: str):
     rows = dataset_cfg.get("pack_rows")
     if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
         raise ConfigError(f"{path}: train_dataset.pack_rows must be a whole number >= 1, got {rows!r}")
+    parallel = config.get("parallel_config") or {}
+    for key, value in (("runner_config.gradient_accumulation_steps",
+                        (config.get("runner_config") or {}).get("gradient_accumulation_steps")),
+                       ("micro_batch_interleave_num", config.get("micro_batch_interleave_num")),
+                       ("parallel_config.micro_batch_num (with pipeline stages)",
+                        parallel.get("micro_batch_num") if int(parallel.get("pipeline_stage", 1) or 1) > 1 else 1)):
+        if int(value or 1) > 1:  # they cut every input along its first axis: the (2, P) / (4, P) loss inputs too
+            raise ConfigError(f"{path}: model.model_config.packing: {mode} cannot be split into micro batches "
+                              f"({key}: {value}): its loss inputs index the whole step's rows; set it to 1 and "
+                              "raise train_dataset.pack_rows instead")
     dataset_cfg.packing = mode
     if config.context.get("device_target", "CPU") != "CPU":
         dataset_cfg.ascend_row_groups = ascend_row_groups(config, path)
@@ -95,21 +105,26 @@ def set_packing(config, path: str):
 
 def ascend_row_groups(config, path: str) -> int:
     """Packing on Ascend: the config checked (mindrlhf.models.ascend_packing) and how many FlashAttention calls
-    a step's rows are split into, each restarting actual_seq_len's offsets: micro batches under pipeline stages,
-    interleaved micro batches, and data_parallel when every rank reads the whole batch (semi-auto full_batch)."""
+    a step's rows are split into, each restarting actual_seq_len's offsets: data_parallel when every rank reads
+    the whole batch (semi-auto full_batch; micro batches are refused with packing, see set_packing). Each call
+    takes at most MAX_FA_ENTRIES // EOD_PAD_LENGTH rows."""
+    from mindrlhf.data.packing import EOD_PAD_LENGTH, MAX_FA_ENTRIES
     from mindrlhf.models.ascend_packing import check_ascend_packing
 
     parallel = config.get("parallel_config") or {}
     check_ascend_packing(dict(config.model.model_config, parallel_config=parallel))
-    groups = int(parallel.get("micro_batch_num", 1) or 1) if int(parallel.get("pipeline_stage", 1) or 1) > 1 else 1
-    groups *= int(config.get("micro_batch_interleave_num", 1) or 1)
+    groups = 1
     if config.get("use_parallel") and config.parallel.get("parallel_mode", 0) in (1, 2) \
             and config.parallel.get("full_batch"):
-        groups *= int(parallel.get("data_parallel", 1) or 1)
+        groups = int(parallel.get("data_parallel", 1) or 1)
     rows = config.train_dataset.get("pack_rows")
     if rows is not None and int(rows) % groups:
         raise ConfigError(f"{path}: train_dataset.pack_rows ({rows}) must be a multiple of {groups}, the "
-                          "FlashAttention calls a step is split into (data_parallel x micro batches)")
+                          "FlashAttention calls a step is split into (data_parallel under full_batch)")
+    if rows is not None and int(rows) // groups * EOD_PAD_LENGTH > MAX_FA_ENTRIES:
+        raise ConfigError(f"{path}: train_dataset.pack_rows ({rows}) gives {int(rows) // groups} rows a "
+                          f"FlashAttention call; its actual_seq_len takes at most {MAX_FA_ENTRIES // EOD_PAD_LENGTH} "
+                          f"({MAX_FA_ENTRIES} entries, {EOD_PAD_LENGTH} a row)")
     return groups
 
 
