@@ -167,7 +167,7 @@ def test_packed_data_parallel_under_msrun(test_mindrecord, tmp_path):
     out = tmp_path / "output"
     order = " ".join(map(str, [TRAIN, "--config", PACKED_CONFIG, "--train_dataset", test_mindrecord, "--output_dir",
                                out, "--use_parallel", "True", "--save_steps", 1000]))
-    proc = with_packed_env(msrun, order, 2, tmp_path / "logs", timeout=900)  # the timeout only turns a hang into a failure
+    proc = with_packed_env(msrun, order, 2, tmp_path / "logs", timeout=900)  # a hang becomes a failure
     assert proc.returncode == 0, proc.stderr[-3000:]
     (line,) = PACKING_LINE.findall((tmp_path / "logs" / "worker_0.log").read_text(encoding="utf-8"))
     pairs, steps, per_rank = int(line[0]), int(line[1]), int(line[2])
@@ -183,10 +183,11 @@ def test_packed_data_parallel_under_msrun(test_mindrecord, tmp_path):
         np.testing.assert_array_equal(wa[name], wb[name], err_msg=name)
     # Each rank's shard as its RewardModelDataset builds it (same files, seed and packing settings the trainer
     # copies from the YAML; shard_id/num_shards as under msrun): disjoint, and together every pair exactly once.
+    seed = yaml.safe_load(PACKED_CONFIG.read_text(encoding="utf-8"))["seed"]  # MindFormers copies it to the dataset
     shards = []
     for rank in (0, 1):
         dataset = create_reward_dataset(str(test_mindrecord), batch_size=8, shuffle=True, shard_id=rank,
-                                        num_shards=2, seed=0, pad_token_id=2, packing="pairs", pack_rows=8,
+                                        num_shards=2, seed=seed, pad_token_id=2, packing="pairs", pack_rows=8,
                                         loss_type="span", seq_length=512)
         rows = [(row["input_ids"], row["attention_mask"])
                 for row in dataset.create_dict_iterator(num_epochs=1, output_numpy=True)]
