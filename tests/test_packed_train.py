@@ -1,7 +1,6 @@
 """Packed (padding-free, issue #25) training end to end through the tutorial's CLIs and the packed tiny YAML: one
 epoch learns, resume continues bit for bit, and msrun data parallel on CPU gives each rank the same number of steps
 over disjoint pairs."""
-import functools
 import json
 import re
 from collections import Counter
@@ -26,28 +25,8 @@ PACKING_LINE = re.compile(r"\[mindrlhf\] packing pairs \(span\): (\d+) pairs -> 
 TEST_PAIRS = 773
 
 
-@functools.lru_cache(maxsize=None)
-def packed_env():
-    """The one switch of this module: {} when the compiled attention kernel takes the packed (B, 2, 1, S) mask
-    (or no kernel is built here), so the packed runs use what a user's run would; else compiled kernels off
-    (the packed model refuses to build on a kernel without the packed mask)."""
-    from mindrlhf.models import native
-    from mindrlhf.models.packed import kernel_takes_packed_mask
-
-    library = native.library("cpu_kernels")
-    return {} if library is None or kernel_takes_packed_mask(library) else {"MINDRLHF_COMPILED_KERNELS": "0"}
-
-
-def with_packed_env(launch, *args, **kwargs):
-    """conftest's run_cli/msrun (they copy os.environ) with packed_env() set for this one call only."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in packed_env().items():
-            patch.setenv(name, value)
-        return launch(*args, **kwargs)
-
-
 def train(data, out, *extra, config=PACKED_CONFIG):
-    return with_packed_env(run_cli, TRAIN, "--config", config, "--train_dataset", data, "--output_dir", out, *extra)
+    return run_cli(TRAIN, "--config", config, "--train_dataset", data, "--output_dir", out, *extra)
 
 
 def tensors(path):
@@ -167,7 +146,7 @@ def test_packed_data_parallel_under_msrun(test_mindrecord, tmp_path):
     out = tmp_path / "output"
     order = " ".join(map(str, [TRAIN, "--config", PACKED_CONFIG, "--train_dataset", test_mindrecord, "--output_dir",
                                out, "--use_parallel", "True", "--save_steps", 1000]))
-    proc = with_packed_env(msrun, order, 2, tmp_path / "logs", timeout=900)  # a hang becomes a failure
+    proc = msrun(order, 2, tmp_path / "logs", timeout=900)  # a hang becomes a failure
     assert proc.returncode == 0, proc.stderr[-3000:]
     (line,) = PACKING_LINE.findall((tmp_path / "logs" / "worker_0.log").read_text(encoding="utf-8"))
     pairs, steps, per_rank = int(line[0]), int(line[1]), int(line[2])
