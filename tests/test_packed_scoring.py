@@ -21,15 +21,11 @@ VARIANTS = ["ops", "kernel"]
 
 
 def kernel_skip_reason():
-    """Why the compiled-kernel variant cannot run packed here (None when it can)."""
+    """Why the compiled-kernel variant cannot run here (None when it can: the kernel takes the packed mask)."""
     from mindrlhf.models import native
-    from mindrlhf.models.packed import kernel_takes_packed_mask
 
-    library = native.library("cpu_kernels")
-    if library is None:
+    if native.library("cpu_kernels") is None:
         return "no compiled kernels here (no C++ compiler, or switched off)"
-    if not kernel_takes_packed_mask(library):
-        return "the compiled RopeAttention kernel does not take the packed (B, 2, 1, S) mask yet (cpu_kernels.cc)"
     return None
 
 
@@ -133,12 +129,18 @@ def test_packed_passes_use_few_row_counts_and_hold_every_sequence_once():
     assert len(lone) == 1 and lone[0]["input_ids"].shape == (1, SEQ) and lone[0]["end_ind"].shape == (SEQ // 2,)
     tiny = packed_passes([[9]] * 300, 1, SEQ, PAD)  # 1-token sequences: at most P = 128 a 1-row pass
     assert [len(p["index"]) for p in tiny] == [128, 128, 44]
+    # Ascend: at most EOD_PAD_LENGTH - 1 sequences a row (actual_seq_len's entries less the filler block)
+    capped = packed_passes([[9]] * 300, 2, SEQ, PAD, max_spans=127)
+    assert sorted(np.concatenate([p["index"] for p in capped]).tolist()) == list(range(300))
+    assert max(int((p["attention_mask"] // 8).max()) for p in capped) == 127
 
 
 # -- RewardScorer ------------------------------------------------------------------------------------------------
 def test_packed_scorer_equals_padded_and_splits_bit_identically(files, scorers, variant):
     padded, packed = scorers["padded"], scorers["packed"]
-    seqs = sequences()
+    # texts holding the pad id: the padded scorer's mask hides those keys, the packed layout must too (pad kind)
+    with_pad = [[1, 40, PAD, 70, 80, 90, 100], [1] + [PAD] * 3 + [500, 600, PAD], [1, 7, 8, PAD]]
+    seqs = sequences() + with_pad
     started = time.monotonic()
     want = padded.score_ids(seqs)
     padded_time = time.monotonic() - started
@@ -153,6 +155,7 @@ def test_packed_scorer_equals_padded_and_splits_bit_identically(files, scorers, 
           "(compiles included)")
     assert np.isfinite(want).all() and np.std(want) > 1e-3  # scores that differ, so a mix-up shows
     assert error <= 1e-5
+    assert sum(int((p["attention_mask"] & 4).astype(bool).sum()) for p in passes) == 6  # the texts' pad ids
     assert len(passes) >= 3 and max(len(p["index"]) for p in passes) > 4  # several sequences a row
     few = [0, 2, 3, 7]  # a pass cut to 1 row
     assert [p["input_ids"].shape[0] for p in packed.packed_passes([seqs[i] for i in few])] == [1]
