@@ -180,6 +180,23 @@ def test_packed_scorer_equals_padded_and_splits_bit_identically(files, scorers, 
     np.testing.assert_array_equal(shared.score_ids(seqs[:8]), packed.score_ids(seqs[:8]))
 
 
+def test_ascend_limits_apply_to_the_scorers_passes(scorers, monkeypatch):
+    """What RewardScorer sets off CPU (max_spans EOD_PAD_LENGTH - 1, at most MAX_FA_ENTRIES // EOD_PAD_LENGTH rows
+    a pass), here smaller on the CPU scorer: its passes keep to them, and a text holding the pad id is refused
+    (actual_seq_len's plain causal spans cannot hide it as the padded scorer does)."""
+    from mindrlhf.errors import ConfigError
+
+    packed = scorers["packed"]
+    assert packed.device == "CPU" and packed.max_spans is None and packed.max_pass_rows == 4
+    monkeypatch.setattr(packed, "max_spans", 3)
+    monkeypatch.setattr(packed, "max_pass_rows", 2)
+    passes = packed.packed_passes([[5, 6, 7, 8]] * 20)
+    assert sorted(np.concatenate([p["index"] for p in passes]).tolist()) == list(range(20))
+    assert all(p["input_ids"].shape[0] <= 2 and (p["attention_mask"] // 8).max() <= 3 for p in passes)
+    with pytest.raises(ConfigError, match=f"sequence 1 holds pad_token_id {PAD}"):
+        packed.packed_passes([[5, 6], [5, PAD, 6]])
+
+
 def test_bad_packing_value_names_the_yaml_and_field(files, tmp_path):
     from mindrlhf.errors import ConfigError
     from mindrlhf.evaluation.scorer import RewardScorer

@@ -253,6 +253,13 @@ class RewardScorer:
     def packed_passes(self, sequences: Sequence[Sequence[int]], max_rows: Optional[int] = None) -> List[dict]:
         """The packed passes (see packed_passes) of these sequences (1 to seq_length tokens each), at most
         max_rows (default batch_size; on Ascend never more than max_pass_rows) rows each."""
+        if self.max_spans is not None:  # Ascend
+            held = next((i for i, s in enumerate(sequences) if self.pad_token_id in s), None)
+            if held is not None:
+                raise ConfigError(f"sequence {held} holds pad_token_id {self.pad_token_id} ({self.config_where}: "
+                                  "model.model_config.pad_token_id): the padded scorer hides such keys, which "
+                                  "packed scoring on Ascend (FlashAttention actual_seq_len: plain causal spans) "
+                                  "cannot; score with model.model_config.packing: false")
         rows = min(max_rows or self.batch_size, self.max_pass_rows)
         return packed_passes(sequences, rows, self.seq_length, self.pad_token_id, self.max_spans)
 
