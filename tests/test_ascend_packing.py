@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mindrlhf.errors import ConfigError
-from mindrlhf.data.packing import EOD_PAD_LENGTH, actual_seq_len
+from mindrlhf.data.packing import EOD_PAD_LENGTH, actual_seq_len, visible
 from mindrlhf.models.ascend_packing import MIN_SEQ_LENGTH, check_ascend_packing
 
 
@@ -21,18 +21,6 @@ def tnd_visible(asl_flat, total):
     block = np.searchsorted(np.asarray(asl_flat), np.arange(total), side="right")
     idx = np.arange(total)
     return (block[:, None] == block[None, :]) & (idx[None, :] <= idx[:, None])
-
-
-def packing_visible(codes):
-    """PACKING.md's visibility rule for one row of codes (plain packing, kind 0)."""
-    seg = codes >> 3
-    n = len(seg)
-    idx = np.arange(n)
-    vis = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])
-    filler = seg == 0
-    vis[filler] = False
-    vis[np.ix_(filler, filler)] = np.eye(filler.sum(), dtype=bool)  # a filler query sees only itself
-    return vis
 
 
 def test_hand_made_rows():
@@ -100,7 +88,7 @@ def test_flash_attention_blocks_are_the_packing_layout(seed):
     for r in range(rows):
         block = vis[r * seq:(r + 1) * seq, r * seq:(r + 1) * seq]
         assert not vis[r * seq:(r + 1) * seq].sum() - block.sum(), "a row sees another row"
-        want = packing_visible(codes[r])
+        want = visible(codes[r])
         span = (codes[r] >> 3) > 0
         np.testing.assert_array_equal(block[span], want[span])
         filler = ~span

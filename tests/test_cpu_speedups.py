@@ -12,6 +12,7 @@ import pytest
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
+from attention_reference import attention
 from conftest import TINY_CONFIG
 
 SEQ, PAIRS = 64, 3
@@ -114,48 +115,16 @@ def test_cpu_layers_give_the_stock_loss_and_gradients(monkeypatch, compiled, kv_
     assert len(exercised) >= 19 and all(np.abs(g).max() > 0 for g in exercised)  # both paths carry gradients
 
 
-def rope(x, cos, sin):
-    """MindFormers' rotate-half rotary embedding on the last axis, and its transpose for gradients."""
-    half = x.shape[-1] // 2
-    return x * cos + np.concatenate([-x[..., half:], x[..., :half]], -1) * sin
-
-
-def rope_transposed(g, cos, sin):
-    half = g.shape[-1] // 2
-    z = g * sin
-    return g * cos + np.concatenate([z[..., half:], -z[..., :half]], -1)
-
-
 def reference_attention(q, k, v, cos, sin, mask, heads, groups):
-    """float64 attention layer between its projections, as the stock layer computes it: heads split, rotary
-    embedding, q kᵀ / sqrt(d) + mask (rounded as float32 adds it), softmax, v, heads merged; and its gradients."""
-    batch, seq, _ = q.shape
-    size = cos.shape[-1]
+    """float64 attention layer between its projections, as the stock layer computes it (attention_reference):
+    rotary embedding by row position, q kᵀ / sqrt(d) + mask (rounded as float32 adds it); and its gradients."""
+    seq, size = q.shape[1], cos.shape[-1]
     cos, sin = (t.reshape(seq, size).astype(np.float64) for t in (cos, sin))
-    split = lambda x, n: x.astype(np.float64).reshape(batch, seq, n, size).transpose(0, 2, 1, 3)
-    merge = lambda x: x.transpose(0, 2, 1, 3).reshape(batch, seq, -1)
-    rep = heads // groups
-    qh, kh, vh = split(q, heads), np.repeat(split(k, groups), rep, 1), np.repeat(split(v, groups), rep, 1)
-    qr, kr = rope(qh, cos, sin) / np.sqrt(size), rope(kh, cos, sin)
     if mask.shape[2] == 1:  # per-key form: the causal part as the legacy mask builds it
         mask = np.where(np.tril(np.ones((seq, seq)))[None, None] > 0, mask, -10000.0)
     # The float32 sum with the mask, as every float32 kernel rounds it (-10000 + x keeps 1e-3 of x)
-    scores = ((qr @ kr.swapaxes(-1, -2)).astype(np.float32) + mask.astype(np.float32)).astype(np.float64)
-    probs = np.exp(scores - scores.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    out = merge(probs @ vh)
-
-    def grads(g):
-        g = split(g, heads)
-        dv = probs.swapaxes(-1, -2) @ g
-        dp = g @ vh.swapaxes(-1, -2)
-        ds = probs * (dp - (dp * probs).sum(-1, keepdims=True))
-        dq = rope_transposed(ds @ kr, cos, sin) / np.sqrt(size)
-        dk = rope_transposed(ds.swapaxes(-1, -2) @ qr, cos, sin)
-        fold = lambda x: x.reshape(batch, groups, rep, seq, size).sum(2)  # heads sharing a key head add up
-        return merge(dq), merge(fold(dk)), merge(fold(dv))
-
-    return out, grads
+    return attention(q, k, v, cos, sin, heads, groups,
+                     lambda scores: (scores.astype(np.float32) + mask.astype(np.float32)).astype(np.float64))
 
 
 def grads_of(net, inputs, sens, outputs=1):

@@ -12,7 +12,9 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from test_cpu_speedups import compiled_library, rope, rope_transposed
+from attention_reference import attention
+from mindrlhf.data import packing as pk
+from test_cpu_speedups import compiled_library
 
 PAD, PLAIN, CHOSEN, REJECTED = 4, 0, 1, 2  # layout kinds (issue #25: code = segment * 8 + kind)
 
@@ -102,17 +104,6 @@ def packed_mask(positions, codes):
     return np.stack([positions, codes], 1)[:, :, None, :].astype(np.float32)
 
 
-def visibility(codes):
-    """The visibility rule of issue #25, per row (S, S) bool: filler sees itself; else j <= i, one segment, j not a pad,
-    branch_j 0 or branch_i."""
-    seg, kind = codes // 8, codes % 8
-    branch, pad = kind & 3, (kind & 4) > 0
-    i, j = np.arange(len(codes))[:, None], np.arange(len(codes))[None, :]
-    rule = (j <= i) & (seg[:, None] == seg[None, :]) & ~pad[None, :] & (
-        (branch[None, :] == 0) | (branch[None, :] == branch[:, None]))
-    return np.where(seg[:, None] == 0, i == j, rule)
-
-
 def tables(seq, size):
     angles = np.arange(seq)[:, None] * 10000.0 ** (-np.arange(0, size, 2) / size)[None]
     angles = np.concatenate([angles, angles], -1)
@@ -120,32 +111,12 @@ def tables(seq, size):
 
 
 def reference(q, k, v, cos, sin, positions, visible, heads, groups):
-    """float64: heads split, each token rotated by its position (rotate-half), 1/sqrt(D) on the rotated query,
-    softmax over the visible keys, v, heads merged; and the gradients for an upstream gradient."""
-    batch, seq, _ = q.shape
-    size = cos.shape[-1]
+    """float64 (attention_reference): each token rotated by its position (rotate-half), softmax over the visible
+    keys only; and the gradients for an upstream gradient."""
+    seq, size = q.shape[1], cos.shape[-1]
     cos = cos.reshape(seq, size).astype(np.float64)[positions][:, None]  # (B, 1, S, D)
     sin = sin.reshape(seq, size).astype(np.float64)[positions][:, None]
-    split = lambda x, n: x.astype(np.float64).reshape(batch, seq, n, size).transpose(0, 2, 1, 3)
-    merge = lambda x: x.transpose(0, 2, 1, 3).reshape(batch, seq, -1)
-    rep = heads // groups
-    qh, kh, vh = split(q, heads), np.repeat(split(k, groups), rep, 1), np.repeat(split(v, groups), rep, 1)
-    qr, kr = rope(qh, cos, sin) / np.sqrt(size), rope(kh, cos, sin)
-    scores = np.where(visible[:, None], qr @ kr.swapaxes(-1, -2), -np.inf)
-    probs = np.exp(scores - scores.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-
-    def grads(g):
-        g = split(g, heads)
-        dv = probs.swapaxes(-1, -2) @ g
-        dp = g @ vh.swapaxes(-1, -2)
-        ds = probs * (dp - (dp * probs).sum(-1, keepdims=True))
-        dq = rope_transposed(ds @ kr, cos, sin) / np.sqrt(size)
-        dk = rope_transposed(ds.swapaxes(-1, -2) @ qr, cos, sin)
-        fold = lambda x: x.reshape(batch, groups, rep, seq, size).sum(2)
-        return merge(dq), merge(fold(dk)), merge(fold(dv))
-
-    return merge(probs @ vh), grads
+    return attention(q, k, v, cos, sin, heads, groups, lambda scores: np.where(visible[:, None], scores, -np.inf))
 
 
 class Weighted(nn.Cell):
@@ -199,7 +170,7 @@ def test_packed_rows_match_float64(library, size, heads, groups):
     kinds = set((codes % 8).ravel())
     assert {0, 1, 2, 5, 6}.issubset(kinds) and (codes // 8 == 0).any() and (codes % 8 == 4).any(), kinds
     out, grads = run(library, inputs, weight)
-    visible = np.stack([visibility(c) for c in codes])
+    visible = np.stack([pk.visible(c) for c in codes])
     want, want_grads = reference(*inputs[:5], positions, visible, heads, groups)
     # 1e-5 relative, and 1e-6 of the tensor's largest value absolute (float32 keeps 6e-8 of it per rounding;
     # results are sums of a few dozen products, where elements near 0 cancel larger terms)

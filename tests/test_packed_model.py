@@ -2,8 +2,8 @@
 loss, the same gradients and the same scores, plain packing and shared-prefix spans, both loss types, margin and
 centering; a sequence's rewards do not depend on what else shares its row. Float32, tiny Llama 2, graph mode.
 
-The packed arrays are built here by a local numpy helper that follows PACKING.md (mindrlhf/data/packing.py is
-written elsewhere); a test of that module against this helper belongs with it."""
+Training steps come from the real packer (the padded step's records -> mindrlhf.data.packing.pack_step), so
+the model is fed what the dataset feeds it; scoring steps from a local first-fit placement (Rows)."""
 import numpy as np
 import pytest
 
@@ -11,6 +11,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor
 
 from conftest import TINY_CONFIG
+from mindrlhf.data import packing as pk
 
 SEQ, ROWS, PAD = 64, 4, 2
 SLOTS = ROWS * SEQ // 2
@@ -83,49 +84,28 @@ class Rows:
 
 
 def pack(pairs, mode, loss_type, margin=None):
-    """PACKING.md's training step for these pairs: (input_ids, position_id, attention_mask = codes,
-    loss_mask (2, P), end_ind (4, P)[, margin (2, P)])."""
-    rows, n = Rows(), len(pairs)
-    weights, ends, margins = np.zeros((2, SLOTS), np.float32), np.zeros((4, SLOTS), np.int32), np.zeros((2, SLOTS),
-                                                                                                        np.float32)
-    comparison = 0
-    for p, (chosen, rejected) in enumerate(pairs):
-        c_len, r_len, end = len(chosen), len(rejected), max(len(chosen), len(rejected))
-        padded_c, padded_r = (np.array(s + [PAD] * (end - len(s)), np.int32) for s in (chosen, rejected))
-        d = int(np.argmax(padded_c != padded_r))
-        span = loss_type == "span"
-        if mode == "pairs":
-            sides = []
-            for tokens, length in ((padded_c, c_len), (padded_r, r_len)):
-                size = end if span else length  # span loss: the shorter side extended with in-span pads
-                kinds = [0 if t < length else 4 for t in range(size)]
-                sides.append(rows.place(tokens[:size], np.arange(size), kinds))
-            chosen_at = [sides[0] + t for t in range(d, end)]
-            rejected_at = [sides[1] + t for t in range(d, end)]
-            score = (sides[0] + c_len - 1, sides[1] + r_len - 1)
-        else:  # shared_prefix: prefix, chosen answer, rejected answer in one span
-            c_end, r_end = (end, end) if span else (c_len, r_len)
-            tokens = np.concatenate([padded_c[:d], padded_c[d:c_end], padded_r[d:r_end]])
-            positions = np.concatenate([np.arange(d), np.arange(d, c_end), np.arange(d, r_end)])
-            kinds = ([0] * d + [1 + (4 if t >= c_len else 0) for t in range(d, c_end)]
-                     + [2 + (4 if t >= r_len else 0) for t in range(d, r_end)])
-            start = rows.place(tokens, positions, kinds)
-            chosen_at = [start + t for t in range(d, end)]
-            rejected_at = [start + c_end + (t - d) for t in range(d, end)]
-            score = (start + c_len - 1,
-                     start + c_end + (r_len - 1 - d) if r_len > d else start + r_len - 1)
-        if span:
-            for ch, rej in zip(chosen_at, rejected_at):
-                weights[0, comparison] = 1.0 / (len(chosen_at) * n)
-                ends[0, comparison], ends[1, comparison] = ch, rej
-                if margin is not None:
-                    margins[0, comparison] = margin[p]
-                comparison += 1
-        weights[1, p], ends[2, p], ends[3, p] = 1.0 / n, score[0], score[1]
-        if margin is not None:
-            margins[1, p] = margin[p]
-    out = [rows.ids, rows.pos, rows.codes, weights, ends]
-    return out + ([margins] if margin is not None else []), rows
+    """PACKING.md's training step for these pairs, by the real packer: the padded step's records ->
+    mindrlhf.data.packing.pair_from_record -> pack_step, pairs placed first-fit into ROWS rows of SEQ.
+    Returns the model's inputs (input_ids, position_id, attention_mask = codes, loss_mask (2, P),
+    end_ind (4, P)[, margin (2, P)]) and the spans of each row."""
+    ids, _, attention, loss_mask, lens = padded_batch(pairs)[:5]
+    n = len(pairs)
+    records = [pk.pair_from_record({"chosen_input_ids": ids[i], "chosen_attention_mask": attention[i],
+                                    "rejected_input_ids": ids[n + i], "rejected_attention_mask": attention[n + i],
+                                    "end_ind": max(lens[i], lens[n + i]), "loss_mask": loss_mask[i],
+                                    "margin": None if margin is None else margin[i]}, PAD, where=f"pair {i}")
+               for i in range(n)]
+    shared_prefix = mode == "shared_prefix"
+    used, placement = [0] * ROWS, []
+    for i, pair in enumerate(records):
+        need = pair.row_length(shared_prefix, loss_type)
+        row = next(r for r in range(ROWS) if used[r] + need <= SEQ)
+        used[row] += need
+        placement.append((row, i))
+    step = pk.pack_step(records, placement, ROWS, SEQ, PAD, loss_type, shared_prefix, margin is not None)
+    names = ["input_ids", "position_id", "attention_mask", "loss_mask", "end_ind"] + \
+        (["margin"] if margin is not None else [])
+    return [step[name] for name in names], pk.segment_of(step["attention_mask"]).max(1)
 
 
 def pack_scoring(sequences):
@@ -139,16 +119,12 @@ def pack_scoring(sequences):
 
 
 def kernel_skip_reason():
-    """None when the compiled attention kernel is here and takes the (B, 2, 1, S) packed mask (tried on a tiny
-    input by mindrlhf.models.packed.kernel_takes_packed_mask), else why the kernel variant is skipped."""
+    """None when the compiled attention kernel is here (it always takes the (B, 2, 1, S) packed mask), else why
+    the kernel variant is skipped."""
     from mindrlhf.models import native
-    from mindrlhf.models.packed import kernel_takes_packed_mask
 
-    library = native.library("cpu_kernels")
-    if library is None:
+    if native.library("cpu_kernels") is None:
         return "no compiled kernels here (no C++ compiler, or switched off)"
-    if not kernel_takes_packed_mask(library):
-        return "the compiled RopeAttention kernel does not take the packed (B, 2, 1, S) mask yet (cpu_kernels.cc)"
     return None
 
 
@@ -226,8 +202,8 @@ def test_packed_loss_and_gradients_equal_padded(monkeypatch, variant, loss):
     exercised = [g for n, g in want.items() if ".attention.w" in n or "norm" in n or "feed_forward" in n]
     assert len(exercised) >= 19 and all(np.abs(g).max() > 0 for g in exercised)
     for mode in ("pairs", "shared_prefix"):
-        inputs, rows = pack(pairs, mode, options["loss_type"], margin)
-        assert max(s for s in rows.segments) >= 2  # several spans a row
+        inputs, spans = pack(pairs, mode, options["loss_type"], margin)
+        assert spans.max() >= 2  # several spans a row
         got_loss, got = loss_and_grads(packed, inputs)
         norm, element, scaled, allclose = worst_errors(got, want)
         print(f"\nPACKED-ERRORS {variant} {loss} {mode}: loss {got_loss:.9g} vs {want_loss:.9g} "
@@ -291,22 +267,6 @@ def test_sequences_do_not_see_their_row_neighbours(monkeypatch, variant):
     assert sum(len(s) for i, s in enumerate(sequences) if i != victim and row_of[i] == row_of[victim]) >= 2
 
 
-def visible_reference(codes):
-    """PACKING.md's visibility rule, per query and key, in plain Python."""
-    seq = len(codes)
-    out = np.zeros((seq, seq), bool)
-    for i in range(seq):
-        seg_i, branch_i = codes[i] // 8, codes[i] % 8 & 3
-        for j in range(seq):
-            seg_j, kind_j = codes[j] // 8, codes[j] % 8
-            if seg_i == 0:
-                out[i, j] = j == i
-            else:
-                out[i, j] = (j <= i and seg_j == seg_i and not kind_j & 4
-                             and (kind_j & 3 == 0 or kind_j & 3 == branch_i))
-    return out
-
-
 def test_layout_mask_follows_the_rule():
     """Every kind: plain, prefix + both answers with in-span pads, two spans, filler; rows shorter than max_seq."""
     from mindrlhf.models.packed import LayoutMask
@@ -316,7 +276,7 @@ def test_layout_mask_follows_the_rule():
     adder = LayoutMask(32)(Tensor(rows)).asnumpy()
     assert adder.shape == (2, 1, 16, 16) and adder.dtype == np.float32
     for row, got in zip(rows, adder[:, 0]):
-        want = visible_reference(row)
+        want = pk.visible(row)
         np.testing.assert_array_equal(got, np.where(want, 0.0, -10000.0))
         assert want.any(1).all()  # every query sees at least itself or its span's start
 
@@ -332,18 +292,12 @@ def test_bad_packing_value_is_a_config_error(value):
     assert packing_mode({"packing": "shared_prefix"}) == "shared_prefix"
 
 
-def test_compiled_kernel_without_the_packed_layout_is_refused(monkeypatch):
-    """With the compiled attention kernel swapped in, the packed model either uses it (the kernel takes the
-    (B, 2, 1, S) mask) or refuses at build with what to do, never runs a mask the kernel misreads."""
-    from mindrlhf.errors import ConfigError
-    from mindrlhf.models import native
-
-    if native.library("cpu_kernels") is None:
-        pytest.skip("no compiled kernels here (no C++ compiler, or switched off)")
-    if kernel_skip_reason() is None:
-        assert build(monkeypatch, "kernel", "pairs").packed_layout == "kernel"
-        return
+def test_compiled_kernel_runs_the_packed_layout(monkeypatch):
+    """With the compiled attention kernel swapped in, the packed model runs the kernel's packed layout (the
+    (B, 2, 1, S) mask), not the adder fallback."""
     for name in ("MINDRLHF_STOCK_KERNELS", "MINDRLHF_STOCK_SOFTMAX", "MINDRLHF_COMPILED_KERNELS"):
         monkeypatch.delenv(name, raising=False)
-    with pytest.raises(ConfigError, match="MINDRLHF_COMPILED_KERNELS=0"):
-        tiny_model("pairs")
+    reason = kernel_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    assert tiny_model("pairs").packed_layout == "kernel"

@@ -21,15 +21,11 @@ VARIANTS = ["ops", "kernel"]
 
 
 def kernel_skip_reason():
-    """Why the compiled-kernel variant cannot run packed here (None when it can)."""
+    """Why the compiled-kernel variant cannot run here (None when it can: the kernel takes the packed mask)."""
     from mindrlhf.models import native
-    from mindrlhf.models.packed import kernel_takes_packed_mask
 
-    library = native.library("cpu_kernels")
-    if library is None:
+    if native.library("cpu_kernels") is None:
         return "no compiled kernels here (no C++ compiler, or switched off)"
-    if not kernel_takes_packed_mask(library):
-        return "the compiled RopeAttention kernel does not take the packed (B, 2, 1, S) mask yet (cpu_kernels.cc)"
     return None
 
 
@@ -133,12 +129,18 @@ def test_packed_passes_use_few_row_counts_and_hold_every_sequence_once():
     assert len(lone) == 1 and lone[0]["input_ids"].shape == (1, SEQ) and lone[0]["end_ind"].shape == (SEQ // 2,)
     tiny = packed_passes([[9]] * 300, 1, SEQ, PAD)  # 1-token sequences: at most P = 128 a 1-row pass
     assert [len(p["index"]) for p in tiny] == [128, 128, 44]
+    # Ascend: at most EOD_PAD_LENGTH - 1 sequences a row (actual_seq_len's entries less the filler block)
+    capped = packed_passes([[9]] * 300, 2, SEQ, PAD, max_spans=127)
+    assert sorted(np.concatenate([p["index"] for p in capped]).tolist()) == list(range(300))
+    assert max(int((p["attention_mask"] // 8).max()) for p in capped) == 127
 
 
 # -- RewardScorer ------------------------------------------------------------------------------------------------
 def test_packed_scorer_equals_padded_and_splits_bit_identically(files, scorers, variant):
     padded, packed = scorers["padded"], scorers["packed"]
-    seqs = sequences()
+    # texts holding the pad id: the padded scorer's mask hides those keys, the packed layout must too (pad kind)
+    with_pad = [[1, 40, PAD, 70, 80, 90, 100], [1] + [PAD] * 3 + [500, 600, PAD], [1, 7, 8, PAD]]
+    seqs = sequences() + with_pad
     started = time.monotonic()
     want = padded.score_ids(seqs)
     padded_time = time.monotonic() - started
@@ -153,6 +155,7 @@ def test_packed_scorer_equals_padded_and_splits_bit_identically(files, scorers, 
           "(compiles included)")
     assert np.isfinite(want).all() and np.std(want) > 1e-3  # scores that differ, so a mix-up shows
     assert error <= 1e-5
+    assert sum(int((p["attention_mask"] & 4).astype(bool).sum()) for p in passes) == 6  # the texts' pad ids
     assert len(passes) >= 3 and max(len(p["index"]) for p in passes) > 4  # several sequences a row
     few = [0, 2, 3, 7]  # a pass cut to 1 row
     assert [p["input_ids"].shape[0] for p in packed.packed_passes([seqs[i] for i in few])] == [1]
@@ -175,6 +178,23 @@ def test_packed_scorer_equals_padded_and_splits_bit_identically(files, scorers, 
     shared = RewardScorer(str(files["shared"]), padded.checkpoint, batch_size=4, log=lambda *_: None)
     assert shared.packing == "shared_prefix"
     np.testing.assert_array_equal(shared.score_ids(seqs[:8]), packed.score_ids(seqs[:8]))
+
+
+def test_ascend_limits_apply_to_the_scorers_passes(scorers, monkeypatch):
+    """What RewardScorer sets off CPU (max_spans EOD_PAD_LENGTH - 1, at most MAX_FA_ENTRIES // EOD_PAD_LENGTH rows
+    a pass), here smaller on the CPU scorer: its passes keep to them, and a text holding the pad id is refused
+    (actual_seq_len's plain causal spans cannot hide it as the padded scorer does)."""
+    from mindrlhf.errors import ConfigError
+
+    packed = scorers["packed"]
+    assert packed.device == "CPU" and packed.max_spans is None and packed.max_pass_rows == 4
+    monkeypatch.setattr(packed, "max_spans", 3)
+    monkeypatch.setattr(packed, "max_pass_rows", 2)
+    passes = packed.packed_passes([[5, 6, 7, 8]] * 20)
+    assert sorted(np.concatenate([p["index"] for p in passes]).tolist()) == list(range(20))
+    assert all(p["input_ids"].shape[0] <= 2 and (p["attention_mask"] // 8).max() <= 3 for p in passes)
+    with pytest.raises(ConfigError, match=f"sequence 1 holds pad_token_id {PAD}"):
+        packed.packed_passes([[5, 6], [5, PAD, 6]])
 
 
 def test_bad_packing_value_names_the_yaml_and_field(files, tmp_path):

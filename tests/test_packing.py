@@ -2,6 +2,7 @@
 the padded 7-field rows it replaces (tokens, positions, score and comparison indices, visibility), and the packed
 dataset over a real MindRecord (every pair once an epoch, shards equal and disjoint)."""
 import json
+import re
 from collections import Counter
 
 import numpy as np
@@ -11,7 +12,7 @@ from mindspore.mindrecord import FileReader
 import mindrlhf.registry  # noqa: F401
 from mindrlhf.data import packing as pk
 from mindrlhf.data.convert import convert_file
-from mindrlhf.data.dataset import create_reward_dataset, read_pairs
+from mindrlhf.data.dataset import create_reward_dataset, packing_plan_check, read_pairs
 from mindrlhf.data.tokenizer import load_tokenizer
 from mindrlhf.errors import ConfigError
 from mindrlhf.training.config import load_config, set_packing
@@ -114,6 +115,69 @@ def test_a_pair_longer_than_a_row_is_refused_by_name():
     assert pk.pair_row_lengths([short, long], 128, False, pk.LAST_TOKEN).tolist() == [18, 76]
     with pytest.raises(ConfigError, match="pair 1 needs 80 tokens in one row, more than seq_length 64"):
         pk.plan_steps([20, 80], 2, 64)
+
+
+def test_errors_name_the_pairs_file_and_row():
+    long = pk.Pair(np.arange(3, 43, dtype=np.int32), np.arange(3, 39, dtype=np.int32) + 1, 0, 40,
+                   where="data/train.mindrecord: row 7")
+    with pytest.raises(ConfigError, match=r"^data/train.mindrecord: row 7 \(chosen 40 tokens"):
+        pk.pair_row_lengths([long], 64, shared_prefix=False)
+    with pytest.raises(ConfigError, match=r"^b.mindrecord: row 1 needs 80 tokens in one row"):
+        pk.plan_steps([20, 80], 2, 64, names=["a.mindrecord: row 0", "b.mindrecord: row 1"])
+
+
+def blocks_per_row(codes):
+    """actual_seq_len's causal blocks of each row: its spans, plus the filler block when the row is not full."""
+    seg = pk.segment_of(codes)
+    return seg.max(1) + (seg[:, -1] == 0)
+
+
+def test_max_spans_keeps_rows_within_actual_seq_len():
+    """Ascend: actual_seq_len lists EOD_PAD_LENGTH blocks a row (spans + filler). 300 pairs of 20 + 20 tokens
+    (last_token) fill a 4096-token row with 102 pairs = 204 spans + filler, too many; max_spans keeps every row
+    at most EOD_PAD_LENGTH - 1 spans, and actual_seq_len then takes every step."""
+    pairs = [pk.Pair(np.full(20, 5, np.int32), np.full(20, 6, np.int32), 0, 20) for _ in range(300)]
+    lengths = pk.pair_row_lengths(pairs, 4096, False, pk.LAST_TOKEN)
+    unlimited = pk.plan_steps(lengths, 2, 4096)
+    step = pk.pack_step(pairs, unlimited[0], 2, 4096, PAD, pk.LAST_TOKEN)
+    assert blocks_per_row(step["attention_mask"]).max() > pk.EOD_PAD_LENGTH  # the problem: 205 blocks in row 0
+    with pytest.raises(ValueError, match="causal blocks"):
+        pk.actual_seq_len(step["attention_mask"])
+    limit = pk.EOD_PAD_LENGTH - 1
+    steps = pk.plan_steps(lengths, 2, 4096, max_spans=limit, spans_per_pair=pk.pair_spans(False))
+    assert sorted(i for s in steps for _, i in s) == list(range(300))
+    for placement in steps:
+        per_row = Counter(r for r, _ in placement)
+        assert max(per_row.values()) * 2 <= limit
+        codes = pk.pack_step(pairs, placement, 2, 4096, PAD, pk.LAST_TOKEN)["attention_mask"]
+        assert pk.segment_of(codes).max() <= limit
+        assert pk.actual_seq_len(codes).shape == (2, pk.EOD_PAD_LENGTH)
+    shared = pk.plan_steps(lengths, 2, 4096, max_spans=limit, spans_per_pair=pk.pair_spans(True))
+    assert max(Counter(r for r, _ in s).most_common(1)[0][1] for s in shared) <= limit
+    with pytest.raises(ConfigError, match="max_spans 1 per row cannot hold one pair"):
+        pk.plan_steps(lengths, 2, 4096, max_spans=1, spans_per_pair=2)
+
+
+def test_pack_sequences_max_spans():
+    seqs = [np.full(20, 5, np.int32)] * 300
+    assert max(pk.segment_of(p["attention_mask"]).max() for p in pk.pack_sequences(seqs, 2, 4096, PAD)) > 127
+    passes = pk.pack_sequences(seqs, 2, 4096, PAD, max_spans=pk.EOD_PAD_LENGTH - 1)
+    assert sorted(i for p in passes for i in p["index"]) == list(range(300))
+    for p in passes:
+        assert pk.segment_of(p["attention_mask"]).max() <= pk.EOD_PAD_LENGTH - 1
+        assert pk.actual_seq_len(p["attention_mask"]).shape == (2, pk.EOD_PAD_LENGTH)
+
+
+def test_pack_sequences_hides_pad_tokens_inside_a_text():
+    """A token equal to pad_token_id inside a text gets the pad kind: the padded scorer's mask hides every key
+    equal to pad_token_id, so the packed layout hides it too (as a key; as a query it sees its span)."""
+    text = np.array([5, PAD, 7, 8, PAD], np.int32)
+    (p,) = pk.pack_sequences([np.array([9, 9], np.int32), text], 1, 16, PAD)
+    start = int(p["start"][list(p["index"]).index(1)])
+    codes = p["attention_mask"][0]
+    assert (pk.kind_of(codes[start:start + 5]) == [0, pk.PAD, 0, 0, pk.PAD]).all()
+    vis = pk.visible(codes)[start:start + 5, start:start + 5]
+    np.testing.assert_array_equal(vis, np.tril(np.ones((5, 5), bool)) & (text != PAD)[None, :])
 
 
 # ---------------------------------------------------------------------------------------------------- packed steps
@@ -345,7 +409,8 @@ def test_packed_dataset_serves_every_pair_once(test_mindrecord):
 
 
 def test_too_long_pairs_and_bad_settings_are_refused(test_mindrecord):
-    with pytest.raises(ConfigError, match=r"pair 0 \(chosen \d+ tokens, rejected \d+, end_ind \d+, divergence \d+\) "
+    where = re.escape(f"{test_mindrecord}: row 0 ")
+    with pytest.raises(ConfigError, match=where + r"\(chosen \d+ tokens, rejected \d+, end_ind \d+, divergence \d+\) "
                                           r"needs \d+ tokens in one row, more than seq_length 256 .*"
                                           r"model.model_config.seq_length >= 512"):
         create_reward_dataset(str(test_mindrecord), 2, packing="pairs")
@@ -353,6 +418,19 @@ def test_too_long_pairs_and_bad_settings_are_refused(test_mindrecord):
         create_reward_dataset(str(test_mindrecord), 2, packing="yes")
     with pytest.raises(ConfigError, match="bucket_boundaries"):
         create_reward_dataset(str(test_mindrecord), 2, packing="pairs", bucket_boundaries=[128])
+
+
+def test_packing_plan_check_plans_as_the_dataset_and_names_the_row(test_mindrecord):
+    cfg = {"packing": "pairs", "seq_length": 512, "batch_size": 2, "pad_token_id": PAD, "seed": 0}
+    plan = packing_plan_check(str(test_mindrecord), cfg, num_shards=1)
+    dataset = create_reward_dataset(str(test_mindrecord), 2, packing="pairs", seq_length=512, pad_token_id=PAD,
+                                    seed=0)
+    assert plan["steps"] == dataset.get_dataset_size() and plan["pairs"] == len(read_pairs(
+        [str(test_mindrecord)], PAD)[0]) and 0 < plan["filler_share"] < 1
+    with pytest.raises(ConfigError, match=re.escape(f"{test_mindrecord}: row 0 (chosen")):
+        packing_plan_check(str(test_mindrecord), dict(cfg, seq_length=256), num_shards=1)
+    ascend = packing_plan_check(str(test_mindrecord), dict(cfg, ascend_row_groups=1), num_shards=1)
+    assert ascend["pairs"] == plan["pairs"]
 
 
 def test_trainer_config_copies_packing_to_the_dataset(test_mindrecord):

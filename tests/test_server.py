@@ -256,19 +256,13 @@ def inproc(run):
 @pytest.fixture(scope="module")
 def inproc_packed(run, tmp_path_factory):
     """The same, with model_config.packing: pairs (the batcher packs the texts into rows of seq_length). Built with
-    the compiled attention kernel when it takes the packed mask, else with MindSpore ops."""
+    the compiled attention kernel when there is a compiler, else with MindSpore ops."""
     from mindrlhf.data.tokenizer import load_tokenizer
-    from mindrlhf.models import native
-    from mindrlhf.models.packed import kernel_takes_packed_mask
 
     config = tmp_path_factory.mktemp("packed") / "packed.yaml"
     config.write_text(TINY_CONFIG.read_text(encoding="utf-8").replace(
         "    seq_length: 256\n", "    seq_length: 256\n    packing: pairs\n", 1), encoding="utf-8")
-    with pytest.MonkeyPatch.context() as patch:
-        library = native.library("cpu_kernels")
-        if library is not None and not kernel_takes_packed_mask(library):
-            patch.setenv("MINDRLHF_COMPILED_KERNELS", "0")
-        server = build_inprocess(config, run["root"], TOKENIZER, max_batch=16)
+    server = build_inprocess(config, run["root"], TOKENIZER, max_batch=16)
     assert server.service.batcher.packing and server.service.info["packing"] == "pairs"
     server.tok = load_tokenizer(str(TOKENIZER))
     yield server

@@ -198,17 +198,14 @@ class PackedSteps:
         return tuple(arrays[name] for name in self.columns)
 
 
-def create_packed_dataset(files, packing: str, pack_rows: Optional[int], seq_length: Optional[int] = None,
-                          loss_type: str = pk.SPAN, shuffle: bool = False, repeat: int = 1,
-                          num_samples: Optional[int] = None, shard_id=None, num_shards=None,
-                          seed: Optional[int] = None, pad_token_id: int = 2, batch_size: int = 8,
-                          ascend_row_groups: Optional[int] = None):
-    """Packed steps (PACKING.md): all pairs read once, planned with the seed, served per step; data-parallel
-    ranks split the steps, each getting the same number (the plan is rounded up to a multiple of num_shards).
-    pack_rows None: the padded step's capacity, 2 x batch_size rows of the data's length, in rows of seq_length
-    (rows twice the data's length, which pairs mode needs, hold half as many)."""
-    import mindspore.dataset as ds
-
+def plan_packed(files, packing: str, pack_rows: Optional[int], seq_length: Optional[int] = None,
+                loss_type: str = pk.SPAN, num_samples: Optional[int] = None, num_shards=None,
+                seed: Optional[int] = None, pad_token_id: int = 2, batch_size: int = 8,
+                ascend_row_groups: Optional[int] = None) -> dict:
+    """Read the pairs and plan the packed steps as create_packed_dataset serves them: ConfigError/InputError
+    naming the file and row of a bad or too long pair. Returns the pairs, steps, the resolved pack_rows and
+    seq_length, shared_prefix, margin and the filler share. On Ascend (ascend_row_groups) a row holds at most
+    EOD_PAD_LENGTH - 1 spans: actual_seq_len lists each, plus the filler block."""
     mode = pk.packing_mode(packing, "packing")
     if loss_type not in (pk.SPAN, pk.LAST_TOKEN):
         raise ConfigError(f"loss_type must be {pk.SPAN} or {pk.LAST_TOKEN}, got {loss_type!r}")
@@ -226,14 +223,53 @@ def create_packed_dataset(files, packing: str, pack_rows: Optional[int], seq_len
     shared_prefix = mode == "shared_prefix"
     lengths = pk.pair_row_lengths(pairs, seq_length, shared_prefix, loss_type)
     steps = pk.plan_steps(lengths, int(pack_rows), seq_length, 0 if seed is None else int(seed),
-                          multiple_of=int(num_shards or 1))
-    _say_on_rank_0(f"packing {mode} ({loss_type}): {len(pairs)} pairs -> {len(steps)} steps of {pack_rows} rows x "
-                   f"{seq_length} tokens ({len(steps) // int(num_shards or 1)} per rank), filler share "
-                   f"{pk.filler_share(lengths, len(steps), int(pack_rows), seq_length):.1%}")
+                          multiple_of=int(num_shards or 1),
+                          max_spans=pk.EOD_PAD_LENGTH - 1 if ascend_row_groups else None,
+                          spans_per_pair=pk.pair_spans(shared_prefix),
+                          names=[p.label(i) for i, p in enumerate(pairs)])
+    return {"mode": mode, "pairs": pairs, "steps": steps, "pack_rows": int(pack_rows), "seq_length": seq_length,
+            "shared_prefix": shared_prefix, "margin": margin,
+            "filler_share": pk.filler_share(lengths, len(steps), int(pack_rows), seq_length)}
+
+
+def packing_plan_check(files, dataset_cfg, num_shards=None) -> dict:
+    """The trainer's early check of a packed dataset: reads and plans exactly as the dataset will (same
+    fields of the train_dataset config as RewardModelDataset reads), so a bad or too long pair fails before
+    training, naming its file and row. Returns {pairs, steps, filler_share, pack_rows, seq_length} (counts).
+    num_shards None: this rank's data-parallel shard count (shard_info)."""
+    cfg = dataset_cfg or {}
+    loader = cfg.get("data_loader") or {}
+    if num_shards is None:
+        num_shards = shard_info()[1]
+    plan = plan_packed(files, cfg.get("packing"), cfg.get("pack_rows"), cfg.get("seq_length"),
+                       cfg.get("loss_type") or pk.SPAN, loader.get("num_samples"), num_shards,
+                       cfg.get("seed", 0), int(cfg.get("pad_token_id", 2)), int(cfg.get("batch_size") or 8),
+                       cfg.get("ascend_row_groups"))
+    return {"pairs": len(plan["pairs"]), "steps": len(plan["steps"]), "filler_share": plan["filler_share"],
+            "pack_rows": plan["pack_rows"], "seq_length": plan["seq_length"]}
+
+
+def create_packed_dataset(files, packing: str, pack_rows: Optional[int], seq_length: Optional[int] = None,
+                          loss_type: str = pk.SPAN, shuffle: bool = False, repeat: int = 1,
+                          num_samples: Optional[int] = None, shard_id=None, num_shards=None,
+                          seed: Optional[int] = None, pad_token_id: int = 2, batch_size: int = 8,
+                          ascend_row_groups: Optional[int] = None):
+    """Packed steps (PACKING.md): all pairs read once, planned with the seed (plan_packed), served per step;
+    data-parallel ranks split the steps, each getting the same number (the plan is rounded up to a multiple of
+    num_shards). pack_rows None: the padded step's capacity, 2 x batch_size rows of the data's length, in rows
+    of seq_length (rows twice the data's length, which pairs mode needs, hold half as many)."""
+    import mindspore.dataset as ds
+
+    plan = plan_packed(files, packing, pack_rows, seq_length, loss_type, num_samples, num_shards, seed,
+                       pad_token_id, batch_size, ascend_row_groups)
+    pairs, steps, pack_rows, seq_length = plan["pairs"], plan["steps"], plan["pack_rows"], plan["seq_length"]
+    _say_on_rank_0(f"packing {plan['mode']} ({loss_type}): {len(pairs)} pairs -> {len(steps)} steps of {pack_rows} "
+                   f"rows x {seq_length} tokens ({len(steps) // int(num_shards or 1)} per rank), filler share "
+                   f"{plan['filler_share']:.1%}")
     if seed is not None:
         ds.config.set_seed(int(seed))
-    source = PackedSteps(pairs, steps, int(pack_rows), seq_length, pad_token_id, loss_type, shared_prefix, margin,
-                         ascend_row_groups)
+    source = PackedSteps(pairs, steps, pack_rows, seq_length, pad_token_id, loss_type, plan["shared_prefix"],
+                         plan["margin"], ascend_row_groups)
     kwargs = {"num_shards": int(num_shards), "shard_id": int(shard_id)} if num_shards else {}
     dataset = ds.GeneratorDataset(source, column_names=source.columns, shuffle=bool(shuffle),
                                   python_multiprocessing=False, num_parallel_workers=1, **kwargs)

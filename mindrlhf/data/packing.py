@@ -73,6 +73,11 @@ class Pair:
     divergence: int
     end: int
     margin: Optional[float] = None
+    where: Optional[str] = None  # "file: row i", for error messages
+
+    def label(self, index: int) -> str:
+        """How errors name this pair: its file and row when known, else its index."""
+        return self.where or f"pair {index}"
 
     def row_length(self, shared_prefix: bool, loss_type: str = SPAN) -> int:
         """Tokens this pair takes in its row (it never crosses one)."""
@@ -109,7 +114,12 @@ def pair_from_record(record: dict, pad_token_id: int, where: str = "record") -> 
         raise InputError(where, None, "loss_mask", f"not the span [{divergence}, {end}) the token ids give with "
                                                    f"pad_token_id {pad_token_id} (data padded with another pad id?)")
     margin = float(np.asarray(record["margin"])) if record.get("margin") is not None else None
-    return Pair(chosen, rejected, divergence, end, margin)
+    return Pair(chosen, rejected, divergence, end, margin, where)
+
+
+def pair_spans(shared_prefix: bool) -> int:
+    """Spans (segments) one pair takes in its row: chosen and rejected, or one shared_prefix span."""
+    return 1 if shared_prefix else 2
 
 
 def pair_row_lengths(pairs: Sequence[Pair], seq_length: int, shared_prefix: bool, loss_type: str = SPAN) -> np.ndarray:
@@ -123,7 +133,7 @@ def pair_row_lengths(pairs: Sequence[Pair], seq_length: int, shared_prefix: bool
                 "longer than the converted data's seq_length)")
         if not shared_prefix and pair.row_length(True, loss_type) <= seq_length:
             hint += " or model.model_config.packing: shared_prefix"
-        raise ConfigError(f"pair {i} (chosen {len(pair.chosen)} tokens, rejected {len(pair.rejected)}, "
+        raise ConfigError(f"{pair.label(i)} (chosen {len(pair.chosen)} tokens, rejected {len(pair.rejected)}, "
                           f"end_ind {pair.end}, divergence {pair.divergence}) needs {int(lengths[i])} tokens in one "
                           f"row, more than seq_length {seq_length} ({over.size} such pair(s)); a pair never crosses "
                           f"a row: {hint}")
@@ -131,7 +141,8 @@ def pair_row_lengths(pairs: Sequence[Pair], seq_length: int, shared_prefix: bool
 
 
 def plan_steps(pair_lengths: Sequence[int], rows: int, seq_length: int, seed: int = 0,
-               open_rows: Optional[int] = None, multiple_of: int = 1) -> List[List[Tuple[int, int]]]:
+               open_rows: Optional[int] = None, multiple_of: int = 1, max_spans: Optional[int] = None,
+               spans_per_pair: int = 2, names: Optional[Sequence[str]] = None) -> List[List[Tuple[int, int]]]:
     """Place every pair once into rows of seq_length tokens, R = `rows` rows a step: list of steps, each a list
     of (row, pair index) in row order, then order within the row.
 
@@ -139,8 +150,17 @@ def plan_steps(pair_lengths: Sequence[int], rows: int, seq_length: int, seed: in
     one is needed): the order stays random, the long tail fills with short pairs. Rows are then spread evenly
     over ceil(rows needed / R) steps, rounded up to `multiple_of` (data-parallel shards: every rank gets the
     same number of steps, no pair dropped). Deterministic for a seed.
+    max_spans: at most this many spans a row (None: no limit; Ascend: EOD_PAD_LENGTH - 1, actual_seq_len's
+    entries less the filler block), each pair taking spans_per_pair (pair_spans). names: how errors name pair i
+    (default "pair i"; the dataset passes "file: row i").
     """
     lengths = np.asarray(pair_lengths, dtype=np.int64).reshape(-1)
+
+    def name(i):
+        return names[i] if names is not None else f"pair {i}"
+
+    if max_spans is not None and int(max_spans) < spans_per_pair:
+        raise ConfigError(f"packing: max_spans {max_spans} per row cannot hold one pair ({spans_per_pair} spans)")
     if rows < 1 or seq_length < 1:
         raise ConfigError(f"packing needs rows >= 1 and seq_length >= 1, got rows {rows}, seq_length {seq_length}")
     if lengths.size == 0:
@@ -148,10 +168,10 @@ def plan_steps(pair_lengths: Sequence[int], rows: int, seq_length: int, seed: in
     over = np.flatnonzero(lengths > seq_length)
     if over.size:
         i = int(over[0])
-        raise ConfigError(f"pair {i} needs {int(lengths[i])} tokens in one row, more than seq_length {seq_length}; "
+        raise ConfigError(f"{name(i)} needs {int(lengths[i])} tokens in one row, more than seq_length {seq_length}; "
                           f"a pair never crosses a row: use seq_length >= {int(lengths.max())} or shared_prefix")
     if (lengths < 1).any():
-        raise ConfigError(f"pair {int(np.flatnonzero(lengths < 1)[0])} has no tokens")
+        raise ConfigError(f"{name(int(np.flatnonzero(lengths < 1)[0]))} has no tokens")
     width = int(open_rows or max(16, 2 * rows))
     rng = np.random.default_rng(0 if seed is None else int(seed))
     remaining = np.full(width, -1, dtype=np.int64)  # -1: slot not in use
@@ -173,6 +193,9 @@ def plan_steps(pair_lengths: Sequence[int], rows: int, seq_length: int, seed: in
             content[slot], remaining[slot] = [], seq_length
         content[slot].append(int(index))
         remaining[slot] -= need
+        if max_spans is not None and (len(content[slot]) + 1) * spans_per_pair > int(max_spans):
+            closed.append(content[slot])  # no room for another pair's spans: done
+            content[slot], remaining[slot] = [], -1
     used = np.flatnonzero(remaining >= 0)
     closed.extend(content[s] for s in used[np.argsort(remaining[used], kind="stable")])
     n_rows = len(closed)
@@ -271,25 +294,33 @@ def pack_step(pairs: Sequence[Pair], placement: Sequence[Tuple[int, int]], rows:
     return out
 
 
-def pack_sequences(sequences, rows: int, width: int, pad_token_id: int = 0) -> List[Dict[str, np.ndarray]]:
+def pack_sequences(sequences, rows: int, width: int, pad_token_id: int = 0,
+                   max_spans: Optional[int] = None) -> List[Dict[str, np.ndarray]]:
     """Scoring: first-fit-decreasing of sequences (token arrays, or bare lengths for the layout only) into
     passes of `rows` rows of `width`. Per pass: input_ids, position_id, attention_mask (codes) (R, width);
     end_ind (P,) the flat index of each packed sequence's last token (P = R * width // 2, unused 0); index (n,)
-    the sequences' indices in end_ind order; start (n,) each one's flat start."""
+    the sequences' indices in end_ind order; start (n,) each one's flat start.
+    A token equal to pad_token_id inside a sequence gets the pad kind (+4): hidden as a key, as the padded
+    scorer's mask hides every key equal to pad_token_id. max_spans: at most this many sequences a row (None: no
+    limit; Ascend: EOD_PAD_LENGTH - 1)."""
     items = list(sequences)
     tokens = None if all(np.ndim(s) == 0 for s in items) else [np.asarray(s, dtype=np.int32) for s in items]
     lengths = np.array([int(s) for s in items] if tokens is None else [len(t) for t in tokens], dtype=np.int64)
+    if max_spans is not None and int(max_spans) < 1:
+        raise ConfigError(f"packing: max_spans must be >= 1, got {max_spans}")
     bad = np.flatnonzero((lengths > width) | (lengths < 1))
     if bad.size:
         i = int(bad[0])
         raise ConfigError(f"sequence {i} has {int(lengths[i])} tokens; packing takes 1 to {width} (the row width)")
     slots = rows * width // 2
+    cap = slots if max_spans is None else min(slots, int(max_spans))
     remaining: List[int] = []
     content: List[List[int]] = []
     for index in np.argsort(-lengths, kind="stable"):
         need = int(lengths[index])
         # a row never holds more sequences than a pass has slots (binds only for rows=1: many 1-token sequences)
-        row = next((r for r, left in enumerate(remaining) if left >= need and len(content[r]) < slots), None)
+        # nor than max_spans
+        row = next((r for r, left in enumerate(remaining) if left >= need and len(content[r]) < cap), None)
         if row is None:
             remaining.append(width)
             content.append([])
@@ -319,6 +350,8 @@ def pack_sequences(sequences, rows: int, width: int, pad_token_id: int = 0) -> L
                     input_ids[r, at:at + n] = tokens[i]
                 position_id[r, at:at + n] = np.arange(n)
                 codes[r, at:at + n] = code(segment)
+                if tokens is not None:
+                    codes[r, at:at + n] += np.where(tokens[i] == pad_token_id, PAD, 0).astype(np.int32)
                 end_ind[len(index)] = r * width + at + n - 1
                 index.append(i)
                 starts.append(r * width + at)

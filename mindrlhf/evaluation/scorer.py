@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from mindrlhf.data.buckets import bucket_length
-from mindrlhf.data.packing import actual_seq_len, pack_sequences, packing_mode
+from mindrlhf.data.packing import EOD_PAD_LENGTH, MAX_FA_ENTRIES, actual_seq_len, pack_sequences, packing_mode
 from mindrlhf.data.templates import TUTORIAL, read_run_template
 from mindrlhf.errors import ConfigError
 from mindrlhf.models.loading import checkpoint_step
@@ -101,13 +101,15 @@ def pass_sizes(max_rows: int) -> List[int]:
 
 
 def packed_passes(sequences: Sequence[Sequence[int]], max_rows: int, width: int,
-                  pad_token_id: int) -> List[dict]:
+                  pad_token_id: int, max_spans: Optional[int] = None) -> List[dict]:
     """pack_sequences' passes of at most max_rows rows of `width`, each cut to the smallest of pass_sizes(max_rows)
     that holds its used rows and whose P = rows * width // 2 slots hold its sequences. The packing depends only
-    on the list (not on rank or pass sizes): split whole passes across ranks and every score is one process's."""
+    on the list (not on rank or pass sizes): split whole passes across ranks and every score is one process's.
+    max_spans: at most this many sequences a row (Ascend: actual_seq_len's EOD_PAD_LENGTH entries less the
+    filler block)."""
     sizes = pass_sizes(max_rows)
     out = []
-    for packed in pack_sequences(sequences, sizes[-1], width, pad_token_id):
+    for packed in pack_sequences(sequences, sizes[-1], width, pad_token_id, max_spans):
         used = int(np.count_nonzero(packed["attention_mask"][:, 0]))  # rows are filled from row 0
         count = len(packed["index"])
         rows = next(s for s in sizes if s >= used and s * width // 2 >= count)
@@ -148,8 +150,13 @@ class RewardScorer:
         # packed: every row is seq_length wide, passes of pass_sizes(batch_size) rows
         self.buckets = [self.seq_length] if self.packing else \
             sorted(b for b in buckets if b < self.seq_length) + [self.seq_length]
-        self.pass_sizes = pass_sizes(batch_size) if self.packing else None
         self.device = set_scoring_context(config)
+        # Ascend: actual_seq_len takes EOD_PAD_LENGTH entries a row (spans + the filler block) and one
+        # FlashAttention call at most MAX_FA_ENTRIES, so a pass has at most MAX_FA_ENTRIES // EOD_PAD_LENGTH rows
+        ascend = self.packing and self.device != "CPU"
+        self.max_spans = EOD_PAD_LENGTH - 1 if ascend else None
+        self.max_pass_rows = min(batch_size, MAX_FA_ENTRIES // EOD_PAD_LENGTH) if ascend else batch_size
+        self.pass_sizes = pass_sizes(self.max_pass_rows) if self.packing else None
         if self.packing:
             log(f"scoring packed ({self.config_where}: model.model_config.packing: {self.packing}): rows of "
                 f"{self.seq_length} tokens, {self.pass_sizes} rows a pass")
@@ -245,8 +252,16 @@ class RewardScorer:
 
     def packed_passes(self, sequences: Sequence[Sequence[int]], max_rows: Optional[int] = None) -> List[dict]:
         """The packed passes (see packed_passes) of these sequences (1 to seq_length tokens each), at most
-        max_rows (default batch_size) rows each."""
-        return packed_passes(sequences, max_rows or self.batch_size, self.seq_length, self.pad_token_id)
+        max_rows (default batch_size; on Ascend never more than max_pass_rows) rows each."""
+        if self.max_spans is not None:  # Ascend
+            held = next((i for i, s in enumerate(sequences) if self.pad_token_id in s), None)
+            if held is not None:
+                raise ConfigError(f"sequence {held} holds pad_token_id {self.pad_token_id} ({self.config_where}: "
+                                  "model.model_config.pad_token_id): the padded scorer hides such keys, which "
+                                  "packed scoring on Ascend (FlashAttention actual_seq_len: plain causal spans) "
+                                  "cannot; score with model.model_config.packing: false")
+        rows = min(max_rows or self.batch_size, self.max_pass_rows)
+        return packed_passes(sequences, rows, self.seq_length, self.pad_token_id, self.max_spans)
 
     def score_pass(self, packed: dict) -> np.ndarray:
         """One packed forward pass: the rewards of packed["index"]'s sequences, in that order."""
