@@ -95,6 +95,8 @@ def test_one_packed_epoch_learns(packed_epoch, trained_run, tmp_path):
     summary = packed_epoch["summary"]
     assert summary["pairs"] == SEEN_PAIRS and summary["steps_logged"] == steps and summary["loss_type"] == "span"
     assert summary["checkpoints"] and summary["checkpoints"][-1].endswith(f"_{steps}.ckpt")
+    assert summary["packing"] == {"mode": "pairs", "pairs": pairs, "steps": steps, "pack_rows": 8, "seq_length": 512,
+                                  "filler_share": pytest.approx(filler / 100, abs=5e-4)}
     packed = accuracy(packed_epoch["output"] / "checkpoint", tmp_path / "packed.json")
     padded = accuracy(trained_run["checkpoint_root"], tmp_path / "padded.json")
     assert packed >= 0.95 and abs(packed - padded) <= 0.02, (packed, padded)

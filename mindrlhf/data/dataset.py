@@ -245,8 +245,9 @@ def packing_plan_check(files, dataset_cfg, num_shards=None) -> dict:
                        cfg.get("loss_type") or pk.SPAN, loader.get("num_samples"), num_shards,
                        cfg.get("seed", 0), int(cfg.get("pad_token_id", 2)), int(cfg.get("batch_size") or 8),
                        cfg.get("ascend_row_groups"))
-    return {"pairs": len(plan["pairs"]), "steps": len(plan["steps"]), "filler_share": plan["filler_share"],
-            "pack_rows": plan["pack_rows"], "seq_length": plan["seq_length"]}
+    return {"pairs": len(plan["pairs"]), "steps": len(plan["steps"]),
+            "filler_share": round(float(plan["filler_share"]), 6), "pack_rows": plan["pack_rows"],
+            "seq_length": plan["seq_length"]}
 
 
 def create_packed_dataset(files, packing: str, pack_rows: Optional[int], seq_length: Optional[int] = None,

@@ -201,6 +201,11 @@ def check_data_against_model(config, files, role: str = "train", rank_size: int 
             and info["pad_token_id"] != model_cfg.pad_token_id:
         raise ConfigError(f"{shown}: the data is padded with {info['pad_token_id']} but the model's pad_token_id is "
                           f"{model_cfg.pad_token_id}; use the same --pad_token_id and model.model_config.pad_token_id")
+    if dataset_cfg.get("packing"):  # planned now as the dataset will: a pair that cannot pack fails here, named
+        from mindrlhf.data.dataset import packing_plan_check
+
+        info["packing"] = packing_plan_check(files, dataset_cfg)
+        return info
     batch = int(config.runner_config.batch_size or dataset_cfg.batch_size or 1)
     readers, per_step = max(rank_size, 1), batch
     if rank_size > 1 and config.parallel.get("parallel_mode", 0) in (1, 2):

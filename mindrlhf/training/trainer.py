@@ -211,6 +211,7 @@ def train(config_path: str, train_dataset: Optional[str] = None, task: str = "te
         "template": template.name if template is not None else None, "margin": margin,
         "loss_type": config.model.model_config.get("loss_type") or "span",
         "center_rewards_coefficient": float(config.model.model_config.get("center_rewards_coefficient") or 0.0),
+        "packing": dict(info["packing"], mode=config.train_dataset.packing) if info.get("packing") else False,
     }
     if rank_id == 0 and config.model.model_config.get("reward_lora"):
         summary["lora"] = lora_adapter_of_run(config, config_path, summary["checkpoints"])
