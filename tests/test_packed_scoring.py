@@ -17,32 +17,25 @@ import mindspore as ms
 from conftest import EXAMPLES, TEST_JSONL, TINY_CONFIG, TOKENIZER, run_cli, run_main
 
 PAD, SEQ = 2, 256
-VARIANTS = ["ops", "kernel"]
-
-
-def kernel_skip_reason():
-    """Why the compiled-kernel variant cannot run here (None when it can: the kernel takes the packed mask)."""
+def user_attention():
+    """What a user's CPU runs: the compiled kernel where a C++ compiler built it, else MindSpore ops. The other
+    path's packed-vs-padded equality is tested on the model (tests/test_packed_model.py); scoring adds the
+    passes, the batcher and the CLIs on top, the same code on either path."""
     from mindrlhf.models import native
 
-    if native.library("cpu_kernels") is None:
-        return "no compiled kernels here (no C++ compiler, or switched off)"
-    return None
+    return "kernel" if native.library("cpu_kernels") else "ops"
 
 
-@pytest.fixture(scope="module", params=VARIANTS)
+@pytest.fixture(scope="module", params=["user"])
 def variant(request):
-    """The CPU attention every model of a test is built with: MindSpore ops, or the compiled kernel."""
+    """The CPU attention every model of a test is built with (user_attention)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MINDRLHF_STOCK_KERNELS", raising=False)
         patch.delenv("MINDRLHF_STOCK_SOFTMAX", raising=False)
-        if request.param == "ops":
+        patch.delenv("MINDRLHF_COMPILED_KERNELS", raising=False)
+        if user_attention() == "ops":
             patch.setenv("MINDRLHF_COMPILED_KERNELS", "0")
-        else:
-            patch.delenv("MINDRLHF_COMPILED_KERNELS", raising=False)
-            reason = kernel_skip_reason()
-            if reason:
-                pytest.skip(reason)
-        yield request.param
+        yield user_attention()
 
 
 def write_yaml(path, packing=None, seq_length=SEQ):
