@@ -34,13 +34,11 @@ from datetime import datetime
 import numpy as np
 import yaml
 
-from common import ROOT, TINY_CONFIG, TOKENIZER, TRAIN_JSONL, cpu_line, require_inputs, save
+from common import PACKING_LINE, ROOT, TINY_CONFIG, TOKENIZER, TRAIN_JSONL, cpu_line, require_inputs, save
 
 EXAMPLES = ROOT / "examples" / "reward_model_train_tutorial"
 STEP_LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}).*?step:\[\s*(\d+)/\s*\d+\].*?per_step_time: (\d+)ms",
                        re.M)
-PACKING_LINE = re.compile(r"packing (\w+) \((\w+)\): (\d+) pairs -> (\d+) steps of (\d+) rows x (\d+) tokens "
-                          r"\((\d+) per rank\), filler share ([\d.]+)%")
 PADDING_TARGET = 0.05  # issue #25: packed steps compute under 5% padding
 PERCENTILES = (10, 25, 50, 75, 90, 95, 99, 100)
 # Default --pairs: one epoch of the fixed run at seq 4096 (8 pairs, 16 rows of 4096 a step) in a few minutes on

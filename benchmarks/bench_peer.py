@@ -39,14 +39,13 @@ from datetime import datetime
 import numpy as np
 import yaml
 
-from common import ROOT, TEST_JSONL, TINY_CONFIG, TOKENIZER, TRAIN_JSONL, cpu_line, require_inputs, save
+from common import (PACKING_LINE, ROOT, TEST_JSONL, TINY_CONFIG, TOKENIZER, TRAIN_JSONL, cpu_line, require_inputs,
+                    save)
 
 EXAMPLES = ROOT / "examples" / "reward_model_train_tutorial"
 STEP_LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}).*?step:\[\s*(\d+)/\s*\d+\].*?per_step_time: (\d+)ms",
                        re.M)
 # The packed dataset's log line (mindrlhf.data.dataset.create_packed_dataset), printed by reward_train.py
-PACKING_LINE = re.compile(r"packing (\w+) \((\w+)\): (\d+) pairs -> (\d+) steps of (\d+) rows x (\d+) tokens "
-                          r"\((\d+) per rank\), filler share ([\d.]+)%")
 PACKED_TARGET = 1.5  # issue #25: packed ours >= 1.5x TRL's real tokens/s at every shape
 PEER_SETUP = ("python3 -m venv .venv-peer && .venv-peer/bin/pip install torch transformers trl datasets "
               "(or `make peer-venv`; a CPU-only torch wheel avoids the multi-GB CUDA build)")

@@ -15,6 +15,10 @@ TRAIN_JSONL = DATA / "cvalues_synth" / "train.jsonl"
 TEST_JSONL = DATA / "cvalues_synth" / "test.jsonl"
 TINY_CONFIG = ROOT / "model_configs" / "llama2_config" / "run_llama_2_tiny_rm_cpu.yaml"
 RESULTS = ROOT / "benchmarks" / "results"
+# The packed dataset's line on rank 0 (mindrlhf.data.dataset): mode, loss, pairs, steps, rows, row tokens, steps a
+# rank, filler share in %.
+PACKING_LINE = re.compile(r"packing (\w+) \((\w+)\): (\d+) pairs -> (\d+) steps of (\d+) rows x (\d+) tokens "
+                          r"\((\d+) per rank\), filler share ([\d.]+)%")
 
 
 def require_inputs():
