@@ -198,6 +198,9 @@ class PackedSteps:
         return tuple(arrays[name] for name in self.columns)
 
 
+_LAST_PLAN: dict = {}  # (files with size and mtime, every planning argument) -> the plan, read-only to callers
+
+
 def plan_packed(files, packing: str, pack_rows: Optional[int], seq_length: Optional[int] = None,
                 loss_type: str = pk.SPAN, num_samples: Optional[int] = None, num_shards=None,
                 seed: Optional[int] = None, pad_token_id: int = 2, batch_size: int = 8,
@@ -212,6 +215,10 @@ def plan_packed(files, packing: str, pack_rows: Optional[int], seq_length: Optio
     if pack_rows is not None and int(pack_rows) < 1:
         raise ConfigError(f"train_dataset.pack_rows must be >= 1, got {pack_rows}")
     files = resolve_mindrecord_files(files)
+    key = (tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files), mode, pack_rows, seq_length,
+           loss_type, num_samples, num_shards, seed, pad_token_id, batch_size, ascend_row_groups)
+    if key in _LAST_PLAN:  # the trainer's early check, then the dataset MindFormers builds: one read of the pairs
+        return _LAST_PLAN[key]
     pairs, margin, data_length = read_pairs(files, pad_token_id, num_samples)
     if not pairs:
         raise ConfigError(f"{files[0]}: no pairs to pack")
@@ -227,9 +234,12 @@ def plan_packed(files, packing: str, pack_rows: Optional[int], seq_length: Optio
                           max_spans=pk.EOD_PAD_LENGTH - 1 if ascend_row_groups else None,
                           spans_per_pair=pk.pair_spans(shared_prefix),
                           names=[p.label(i) for i, p in enumerate(pairs)])
-    return {"mode": mode, "pairs": pairs, "steps": steps, "pack_rows": int(pack_rows), "seq_length": seq_length,
+    plan = {"mode": mode, "pairs": pairs, "steps": steps, "pack_rows": int(pack_rows), "seq_length": seq_length,
             "shared_prefix": shared_prefix, "margin": margin,
             "filler_share": pk.filler_share(lengths, len(steps), int(pack_rows), seq_length)}
+    _LAST_PLAN.clear()  # one plan kept: the one being trained on
+    _LAST_PLAN[key] = plan
+    return plan
 
 
 def packing_plan_check(files, dataset_cfg, num_shards=None) -> dict:

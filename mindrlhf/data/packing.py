@@ -255,9 +255,9 @@ def pack_step(pairs: Sequence[Pair], placement: Sequence[Tuple[int, int]], rows:
         pad_c = np.where(np.arange(e) >= c_len, PAD, 0)
         pad_r = np.where(np.arange(e) >= r_len, PAD, 0)
         start = fill[row]
+        c_stop, r_stop = (e, e) if span else (c_len, r_len)  # the span loss reads both sides up to the pair's end
         if shared_prefix:
             segments[row] += 1
-            c_stop, r_stop = (e, e) if span else (c_len, r_len)
             at = put(row, start, padded_c[:d], np.arange(d), KIND_PLAIN)
             at = put(row, at, padded_c[d:c_stop], np.arange(d, c_stop), KIND_CHOSEN + pad_c[d:c_stop])
             r_start = at
@@ -265,7 +265,6 @@ def pack_step(pairs: Sequence[Pair], placement: Sequence[Tuple[int, int]], rows:
             chosen_at = start + np.arange(e)  # prefix and chosen answer are contiguous
             rejected_at = np.where(np.arange(e) < d, start + np.arange(e), r_start + np.arange(e) - d)
         else:
-            c_stop, r_stop = (e, e) if span else (c_len, r_len)
             segments[row] += 1
             r_start = put(row, start, padded_c[:c_stop], np.arange(c_stop), pad_c[:c_stop])
             segments[row] += 1
@@ -376,10 +375,10 @@ def actual_seq_len(codes, pad_length: int = EOD_PAD_LENGTH, row_groups: int = 1)
     one more causal block: filler outputs are never read and filler and spans never see each other), each plus
     the row's offset in its FlashAttention call, then repeats the row end up to pad_length (MindFormers pads with
     seq_length the same way; a repeated value is an empty block). No leading 0.
-    row_groups: how many FlashAttention calls the R rows are split into, as contiguous equal blocks
-    (dp * micro_batch_num * micro_batch_interleave_num under full_batch; micro_batch_num * interleave when
-    each rank reads its own rows): offsets restart at 0 in each block, as asl_batch_wrapper restarts them per
-    micro batch and per rank, because MindSpore splits the flattened list by dp without rebasing it.
+    row_groups: how many FlashAttention calls the R rows are split into, as contiguous equal blocks (data_parallel
+    under full_batch; 1 when each rank reads its own rows; packing refuses micro batches): offsets restart at 0
+    in each block, as asl_batch_wrapper restarts them per micro batch and per rank, because MindSpore splits the
+    flattened list by dp without rebasing it.
     Raises ValueError for a layout the TND path cannot run exactly (shared_prefix answers, in-span pads,
     spans out of order, filler before a span, too many spans for pad_length).
     """

@@ -12,7 +12,7 @@ Two ways to feed the attention layers, chosen once at build:
   (B, 2, 1, S) = [positions; codes] and cos/sin the usual (S, D) tables; the kernel finds spans and rotary rows.
 - "adder": stock layers or the MatMulSumSoftmax fallback: a (B, 1, S, S) adder (0 visible, -10000 hidden) built
   in-graph from the codes, and cos/sin gathered per token into (B, 1, S, D) (RotaryEmbedding broadcasts them).
-Off CPU: the accelerator hook (PackedRewards._accelerator_layout) refuses until it is written.
+- "ascend": MindFormers' own LlamaModel.construct with actual_seq_len (PackedRewards._accelerator_layout).
 """
 from typing import Optional
 
@@ -92,7 +92,6 @@ class PackedCompareLoss(nn.Cell):
         super().__init__()
         self.loss_type, self.center = loss_options(config) if config is not None else ("span", 0.0)
         self.last_token = self.loss_type == "last_token"
-        self.needs_scores = self.last_token or self.center > 0
         self.gather = ops.Gather().shard(((1,), (1, 1)))
         self.rows = ops.StridedSlice().shard(((1, 1),))
         self.margin_rows = ops.StridedSlice().shard(((1, 1),))
