@@ -35,7 +35,8 @@ from mindrlhf.models.safetensors_io import write_safetensors
 from mindrlhf.models.slices import load_whole
 
 VALUE_HEAD = ("v_head.weight", "score.weight")
-_DTYPES = {"float32": (np.float32, "F32"), "float16": (np.float16, "F16"), "bfloat16": (np.uint16, "BF16")}
+# the dtypes an export writes: name -> (numpy type of the stored words, safetensors dtype); shared with peft_io
+DTYPES = {"float32": (np.float32, "F32"), "float16": (np.float16, "F16"), "bfloat16": (np.uint16, "BF16")}
 
 
 def _ms_to_hf_rules() -> List[Tuple[re.Pattern, str]]:
@@ -127,7 +128,7 @@ def _float_to_bf16(array: np.ndarray) -> np.ndarray:
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-def _target(param, dtype: Optional[str]) -> str:
+def output_dtype(param, dtype: Optional[str]) -> str:
     """The output dtype of one tensor: the one asked for, else as stored (bfloat16, float16, else float32)."""
     import mindspore as ms
 
@@ -138,11 +139,12 @@ def _target(param, dtype: Optional[str]) -> str:
     return {ms.bfloat16: "bfloat16", ms.float16: "float16"}.get(param.dtype, "float32")
 
 
-def _as_numpy(param, dtype: str) -> np.ndarray:
+def output_array(param, dtype: str) -> np.ndarray:
+    """One tensor as written in `dtype` (output_dtype): bfloat16 as its 16-bit words."""
     array = lora.to_numpy(param)
     if dtype == "bfloat16":
         return _float_to_bf16(array)
-    return np.ascontiguousarray(array, _DTYPES[dtype][0])
+    return np.ascontiguousarray(array, DTYPES[dtype][0])
 
 
 def tokenizer_files(tokenizer_path: str, seq_length: int, pad_id: int) -> Dict[str, object]:
@@ -320,21 +322,21 @@ def export_checkpoint(checkpoint: str, model_config, output_dir: str, tokenizer:
     are copied in too. EXPORT_MARKER names mindrlhf, its version, the checkpoint and every file written, so that
     --overwrite can tell an earlier export from a folder of the user's (check_output_dir)."""
     check_output_dir(output_dir, overwrite)
-    if dtype is not None and dtype not in _DTYPES:
-        raise ConfigError(f"--dtype {dtype}: choose one of {sorted(_DTYPES)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype}: choose one of {sorted(DTYPES)}")
     config = hf_config(model_config, dtype or "float32", stats)
     params, shapes, settings = reward_params(checkpoint, model_config, src_strategy, adapter, log)
     names = sorted(shapes, key=lambda n: ms_to_hf_name(n))
-    types = {name: _target(params[name], dtype) for name in names}
+    types = {name: output_dtype(params[name], dtype) for name in names}
     if settings:
         params = lora.merged_params(params, settings)
-    entries = [(ms_to_hf_name(n), tuple(shapes[n]), _DTYPES[types[n]][1],
-                int(np.prod(shapes[n])) * np.dtype(_DTYPES[types[n]][0]).itemsize) for n in names]
+    entries = [(ms_to_hf_name(n), tuple(shapes[n]), DTYPES[types[n]][1],
+                int(np.prod(shapes[n])) * np.dtype(DTYPES[types[n]][0]).itemsize) for n in names]
     config["torch_dtype"] = config["dtype"] = types[names[0]]
 
     with replaced_folder(output_dir) as tmp:
         write_safetensors(os.path.join(tmp, "model.safetensors"), entries,
-                          (_as_numpy(params[n], types[n]) for n in names), {"format": "pt"})
+                          (output_array(params[n], types[n]) for n in names), {"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
             json.dump(config, fh, indent=2)
         copied = write_tokenizer(tmp, tokenizer, model_config)

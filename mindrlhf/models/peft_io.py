@@ -17,8 +17,8 @@ import numpy as np
 from mindrlhf.errors import ConfigError
 from mindrlhf.io import replaced_folder
 from mindrlhf.models import lora
-from mindrlhf.models.export import (_DTYPES, _as_numpy, _target, check_output_dir, finish_export, ms_to_hf_name,
-                                    reward_params, write_tokenizer)
+from mindrlhf.models.export import (DTYPES, check_output_dir, finish_export, ms_to_hf_name, output_array,
+                                    output_dtype, reward_params, write_tokenizer)
 from mindrlhf.models.hf_import import HF_TO_MS, hf_to_ms_name
 from mindrlhf.models.safetensors_io import bf16_to_f32, iter_safetensors, write_safetensors
 
@@ -180,18 +180,18 @@ def export_peft(checkpoint: str, model_config, output_dir: str, base_model: str,
         raise ConfigError("--base_model is required for a PEFT adapter: the Hugging Face id or path of the base "
                           "model it is loaded onto (written as base_model_name_or_path)")
     check_output_dir(output_dir, overwrite)
-    if dtype is not None and dtype not in _DTYPES:
-        raise ConfigError(f"--dtype {dtype}: choose one of {sorted(_DTYPES)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype}: choose one of {sorted(DTYPES)}")
     params, _, settings = reward_params(checkpoint, model_config, src_strategy, adapter, log)
     if settings is None:
         raise ConfigError(f"{checkpoint}: holds no LoRA tensors: not a LoRA run's checkpoint (nor given --adapter); "
                           "export it whole, without --peft")
     names = sorted((n for n in params if lora.trains(n)), key=peft_key)
-    types = {n: _target(params[n], dtype) for n in names}
-    entries = [(peft_key(n), tuple(params[n].shape), _DTYPES[types[n]][1],
-                int(np.prod(params[n].shape)) * np.dtype(_DTYPES[types[n]][0]).itemsize) for n in names]
+    types = {n: output_dtype(params[n], dtype) for n in names}
+    entries = [(peft_key(n), tuple(params[n].shape), DTYPES[types[n]][1],
+                int(np.prod(params[n].shape)) * np.dtype(DTYPES[types[n]][0]).itemsize) for n in names]
     with replaced_folder(output_dir) as tmp:
-        write_safetensors(os.path.join(tmp, WEIGHTS_FILE), entries, (_as_numpy(params[n], types[n]) for n in names),
+        write_safetensors(os.path.join(tmp, WEIGHTS_FILE), entries, (output_array(params[n], types[n]) for n in names),
                           {"format": "pt"})
         with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as fh:
             json.dump(peft_config(settings, base_model), fh, indent=2)
