@@ -5,6 +5,7 @@ with our LoRA scorer; exporting it again must give peft's keys, shapes, bytes an
 W + B.A.alpha/r computed here on peft's own tensors and score as our LoRA model does. A name mapping wrong both
 ways fails against peft's files. No torch or peft is needed here."""
 import json
+import re
 import shutil
 
 import numpy as np
@@ -151,10 +152,12 @@ def test_lora_tensors_are_never_dropped_silently(lora_run, tmp_path):
         "lora_alpha" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "out").exists()
     other = write_yaml(tmp_path / "r8.yaml", lora_run["name"], pet_config=dict(PET, lora_rank=8))
-    with pytest.raises(ConfigError, match=r"not LoRA rank 8 on .*is the YAML's lora_rank the run's"):
+    with pytest.raises(ConfigError, match=r"have rank 4, the YAML's model_config pet_config.lora_rank is 8; is the "
+                                          r"YAML's lora_rank the run's"):
         export_run(str(other), str(lora_run["ckpt"]), str(TOKENIZER), str(tmp_path / "out"), log=quiet)
     wq_only = write_yaml(tmp_path / "wq.yaml", lora_run["name"], pet_config=dict(PET, target_modules=".*wq"))
-    with pytest.raises(ConfigError, match=r"LoRA tensors on 14 projections, the pet_config's targets \['wq'\] name 2"):
+    with pytest.raises(ConfigError, match=r"has LoRA on \[.*'wv'\], the YAML's model_config pet_config.target_modules "
+                                          r"'\.\*wq' names \['wq'\]"):
         export_run(str(wq_only), str(lora_run["ckpt"]), str(TOKENIZER), str(tmp_path / "out"), log=quiet)
     with pytest.raises(ConfigError, match="--base_model is required"):
         export_run(str(lora_run["config"]), str(lora_run["ckpt"]), str(TOKENIZER), str(tmp_path / "out"),
@@ -175,6 +178,54 @@ def test_lora_tensors_are_never_dropped_silently(lora_run, tmp_path):
         export_run(str(lora_run["config"]), str(lora_run["base"]), str(TOKENIZER), str(tmp_path / "out"),
                    form="peft", base_model="x", log=quiet)
     assert not (tmp_path / "out").exists()
+
+
+def test_scoring_merging_and_export_check_lora_tensors_alike(lora_run, tmp_path):
+    """A YAML whose lora_rank is not the checkpoint's: the scorer, the adapter tool's extract and the export refuse
+    it with one check's words, naming the file and the tensors (before: two checks; the scorer's named no tensor)."""
+    from mindrlhf.evaluation.scorer import RewardScorer
+    from mindrlhf.models import lora
+    from mindrlhf.models.lora_files import extract
+    from mindrlhf.serving.share import export_run
+    from mindrlhf.training.config import load_config
+
+    if lora_run["name"] != "llama3_1":
+        pytest.skip("one model is enough for the checks")
+    config = write_yaml(tmp_path / "r8.yaml", lora_run["name"], pet_config=dict(PET, lora_rank=8))
+    ckpt = str(lora_run["ckpt"])
+    settings = lora.lora_settings(load_config(str(config)).model.model_config)
+    readers = {"scorer": lambda: RewardScorer(str(config), ckpt, log=quiet),
+               "extract": lambda: extract(ckpt, settings, str(config), merged=str(tmp_path / "m.ckpt"), log=quiet),
+               "export": lambda: export_run(str(config), ckpt, str(TOKENIZER), str(tmp_path / "hf"), log=quiet)}
+    for name, read in readers.items():
+        with pytest.raises(ConfigError) as err:
+            read()
+        assert re.match(re.escape(ckpt) + r": model\.layers\.0\.attention\.wk\.mindpet_delta_lora_a \(4, 64\) and "
+                        r"model\.layers\.0\.attention\.wk\.mindpet_delta_lora_b \(\d+, 4\) have rank 4, .* "
+                        r"pet_config\.lora_rank is 8", str(err.value)), (name, str(err.value))
+    assert not (tmp_path / "m.ckpt").exists() and not (tmp_path / "hf").exists()
+
+
+def test_lora_tensors_that_miss_a_layer_or_do_not_fit_their_weight_are_refused():
+    """With the model's shapes (export, merge): every target projection of every layer, A (r, in), B (out, r)."""
+    from mindrlhf.models import lora
+
+    settings = {"rank": 2, "alpha": 4.0, "target_modules": ".*wq", "targets": ["wq"]}
+    shapes = {f"model.layers.{i}.attention.wq.weight": (8, 6) for i in (0, 1)}
+    dims = {f"model.layers.{i}.attention.wq.{lora.LORA_A}": (2, 6) for i in (0, 1)}
+    dims.update({f"model.layers.{i}.attention.wq.{lora.LORA_B}": (8, 2) for i in (0, 1)})
+    lora.check_lora_tensors("run.ckpt", dims, settings, "the YAML", shapes)
+    one_layer = {n: d for n, d in dims.items() if ".1." not in n}
+    with pytest.raises(ConfigError, match=r"run.ckpt: LoRA tensors on 1 projections, the YAML pet_config's targets "
+                                          r"\['wq'\] name 2 in the model \(e.g. \['model.layers.1.attention.wq"):
+        lora.check_lora_tensors("run.ckpt", one_layer, settings, "the YAML", shapes)
+    wide = dict(dims, **{f"model.layers.1.attention.wq.{lora.LORA_A}": (2, 7)})
+    with pytest.raises(ConfigError, match=r"run.ckpt: model.layers.1.attention.wq.mindpet_delta_lora_a \(2, 7\) "
+                                          r"and .* do not fit model.layers.1.attention.wq.weight \(8, 6\)"):
+        lora.check_lora_tensors("run.ckpt", wide, settings, "the YAML", shapes)
+    lone_b = {n: d for n, d in dims.items() if n != f"model.layers.1.attention.wq.{lora.LORA_A}"}
+    with pytest.raises(ConfigError, match=r"run.ckpt: model.layers.1.attention.wq.mindpet_delta_lora_b has no "):
+        lora.check_lora_tensors("run.ckpt", lone_b, settings, "the YAML")
 
 
 def test_no_module_imports_another_modules_private_names():

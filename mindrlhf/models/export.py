@@ -236,10 +236,10 @@ def reward_params(checkpoint: str, model_config, src_strategy: Optional[str] = N
         settings = meta["lora"]
         params = {n: v for n, v in params.items() if n != VALUE_HEAD[0]}
         params.update(tensors)  # the LoRA tensors and the value head trained with them
-        source = f"{checkpoint} + {adapter}"
+        source, where = f"{checkpoint} + {adapter}", "the adapter's metadata"
     else:
         params = load_whole(checkpoint, shapes, src_strategy, log=log)
-        settings, source = None, checkpoint
+        settings, source, where = None, checkpoint, "the YAML's model_config"
         found = sorted(n for n in params if lora.is_lora(n))
         if found:
             settings = lora.lora_settings(model_config)
@@ -257,26 +257,9 @@ def reward_params(checkpoint: str, model_config, src_strategy: Optional[str] = N
         raise ConfigError(f"{source}: tensor {wrong[0][0]} has shape {wrong[0][1]}, the config expects "
                           f"{wrong[0][2]}")
     if settings:
-        check_lora_tensors(params, shapes, settings, source)
+        lora.check_lora_tensors(source, {n: tuple(v.shape) for n, v in params.items() if lora.is_lora(n)}, settings,
+                                where, shapes)
     return params, shapes, settings
-
-
-def check_lora_tensors(params: dict, shapes: dict, settings: dict, source: str):
-    """Every target projection of every layer has its A (r, in) and B (out, r), none else: a YAML whose rank or
-    targets are not the run's would merge with the wrong alpha/r."""
-    pairs = lora.lora_pairs(n for n in params if lora.is_lora(n))
-    wanted = {n for n in shapes if n.endswith(".weight") and n.split(".")[-2] in settings["targets"]}
-    if set(pairs) != wanted:
-        odd = sorted(set(pairs) ^ wanted)
-        raise ConfigError(f"{source}: LoRA tensors on {len(pairs)} projections, the pet_config's targets "
-                          f"{settings['targets']} name {len(wanted)} (e.g. {odd[:2]}); is the YAML the LoRA run's own?")
-    rank = int(settings["rank"])
-    for weight, (a_name, b_name) in pairs.items():
-        out_dim, in_dim = shapes[weight]
-        if tuple(params[a_name].shape) != (rank, in_dim) or tuple(params[b_name].shape) != (out_dim, rank):
-            raise ConfigError(f"{source}: {a_name} {tuple(params[a_name].shape)} and {b_name} "
-                              f"{tuple(params[b_name].shape)}: not LoRA rank {rank} on {weight} {(out_dim, in_dim)}; "
-                              "is the YAML's lora_rank the run's?")
 
 
 def write_tokenizer(folder: str, tokenizer: str, model_config) -> List[str]:

@@ -203,6 +203,59 @@ def lora_pairs(names: Iterable[str]) -> Dict[str, Tuple[str, str]]:
     return pairs
 
 
+# ---- checking a checkpoint's LoRA tensors ------------------------------------------------------------------
+
+def target_of(name: str) -> str:
+    """The projection (wq, ..., w3) a LoRA tensor's name adapts; the name itself for anything else."""
+    match = re.search(r"\.(\w+)\.(?:%s|%s)$" % (LORA_A, LORA_B), name)
+    return match.group(1) if match else name
+
+
+def check_lora_tensors(path: str, dims: Dict[str, Tuple[int, ...]], settings: Optional[dict], where: str,
+                       shapes: Optional[Dict[str, Tuple[int, ...]]] = None):
+    """A checkpoint's LoRA tensors ({name: dims}) against the LoRA settings they are read with (None: `where` has no
+    pet_config) and, given the model's {name: shape}, against the weights they adapt: the same projections, rank
+    and sizes, or a ConfigError naming the file and the tensor. Other settings would score and merge them wrongly
+    (alpha/r), and no settings would drop them. Used wherever a LoRA checkpoint is read (scorer, adapter, export)."""
+    if not dims:
+        return
+    if settings is None:
+        raise ConfigError(f"{path}: holds {len(dims)} LoRA tensors ({sorted(dims)[0]}, ...) but {where} has no "
+                          "model.model_config.pet_config: without them the model would score as the base model "
+                          "with the trained value head (wrong rewards). Pass the LoRA run's YAML, or merge the "
+                          "checkpoint first (scripts/lora_adapter.py --merge)")
+    targets = sorted({target_of(n) for n in dims})
+    if targets != sorted(settings["targets"]):
+        raise ConfigError(f"{path}: has LoRA on {targets}, {where} pet_config.target_modules "
+                          f"'{settings['target_modules']}' names {sorted(settings['targets'])}")
+    try:
+        pairs = lora_pairs(dims)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    unpaired = sorted(set(dims) - {n for pair in pairs.values() for n in pair})
+    if unpaired:
+        raise ConfigError(f"{path}: {unpaired[0]} has no {LORA_A} beside it")
+    if shapes is not None:
+        wanted = {n for n in shapes if n.endswith(".weight") and n.split(".")[-2] in settings["targets"]}
+        if set(pairs) != wanted:
+            odd = sorted(set(pairs) ^ wanted)
+            raise ConfigError(f"{path}: LoRA tensors on {len(pairs)} projections, {where} pet_config's targets "
+                              f"{settings['targets']} name {len(wanted)} in the model (e.g. {odd[:2]}); is the YAML "
+                              "the LoRA run's own?")
+    rank = int(settings["rank"])
+    for weight, (a_name, b_name) in pairs.items():
+        a_dims, b_dims = tuple(dims[a_name]), tuple(dims[b_name])
+        found = a_dims[0] if a_dims[:1] != (rank,) else b_dims[-1] if b_dims[-1:] != (rank,) else rank
+        if found != rank:
+            raise ConfigError(f"{path}: {a_name} {a_dims} and {b_name} {b_dims} have rank {found}, {where} "
+                              f"pet_config.lora_rank is {rank}; is the YAML's lora_rank the run's?")
+        if shapes is not None:
+            out_dim, in_dim = shapes[weight]
+            if a_dims != (rank, in_dim) or b_dims != (out_dim, rank):
+                raise ConfigError(f"{path}: {a_name} {a_dims} and {b_name} {b_dims} do not fit {weight} "
+                                  f"{(out_dim, in_dim)} (LoRA A is (r, in), B (out, r))")
+
+
 def merged_weight(weight: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray, factor: float) -> np.ndarray:
     """W + B.A.alpha/r for an (out, in) weight, computed in float64 and returned in W's type."""
     delta = (lora_b.astype(np.float64) @ lora_a.astype(np.float64)) * factor

@@ -1,11 +1,11 @@
 """A LoRA run's checkpoint -> its adapter file and/or the merged whole model, and the checks that keep a LoRA
 checkpoint from being read with other LoRA settings (or none: its deltas would be dropped without a word).
 
-scripts/lora_adapter.py and the end of a LoRA training run call extract(); the scorer calls check_lora_tensors.
+scripts/lora_adapter.py and the end of a LoRA training run call extract(); the scorer and the export call
+check_run_lora after lora.check_lora_tensors.
 """
 import json
 import os
-import re
 import shutil
 from typing import Callable, Dict, Optional, Tuple
 
@@ -23,32 +23,6 @@ RUN_LORA_FILE = "lora.json"  # a LoRA run's settings, beside template.json
 def lora_dims(path: str) -> Dict[str, Tuple[int, ...]]:
     """{name: dims} of the LoRA tensors a .ckpt holds, read without loading it (empty for a plain model)."""
     return {n: d for n, d in tensor_dims(path, lora.is_lora).items() if lora.is_lora(n)}
-
-
-def _target(name: str) -> str:
-    match = re.search(r"\.(\w+)\.(?:%s|%s)$" % (lora.LORA_A, lora.LORA_B), name)
-    return match.group(1) if match else name
-
-
-def check_lora_tensors(path: str, dims: Dict[str, Tuple[int, ...]], settings: Optional[dict], where: str):
-    """A checkpoint's LoRA tensors ({name: dims}) against the config's settings (None: no pet_config): the same
-    projections and the same rank, or a ConfigError naming the file and the config."""
-    if not dims:
-        return
-    if settings is None:
-        raise ConfigError(f"{path}: holds {len(dims)} LoRA tensors ({sorted(dims)[0]}, ...) but {where} has no "
-                          "model.model_config.pet_config: without them the model would score as the base model "
-                          "with the trained value head (wrong rewards). Pass the LoRA run's YAML, or merge the "
-                          "checkpoint first (scripts/lora_adapter.py --merge)")
-    targets = sorted({_target(n) for n in dims})
-    if targets != sorted(settings["targets"]):
-        raise ConfigError(f"{path}: has LoRA on {targets}, {where} pet_config.target_modules "
-                          f"'{settings['target_modules']}' names {sorted(settings['targets'])}")
-    ranks = sorted({d[0] if n.endswith(lora.LORA_A) else d[-1] for n, d in dims.items() if d})
-    if ranks != [settings["rank"]]:
-        raise ConfigError(f"{path}: its LoRA tensors have rank {ranks[0] if len(ranks) == 1 else ranks}, {where} "
-                          f"pet_config.lora_rank is {settings['rank']}")
-    check_run_lora(path, settings, where)
 
 
 def _run_root(checkpoint: str) -> str:
@@ -135,11 +109,14 @@ def extract(checkpoint: str, settings: dict, where: str, adapter: Optional[str] 
         raise ConfigError(f"--output {adapter}: an adapter is a .safetensors file")
     if merged and not merged.endswith(".ckpt"):
         raise ConfigError(f"--merge {merged}: the merged model is a MindSpore .ckpt file")
-    check_lora_tensors(checkpoint, lora_dims(checkpoint), settings, where)
+    dims = lora_dims(checkpoint)
+    lora.check_lora_tensors(checkpoint, dims, settings, where)
+    if dims:
+        check_run_lora(checkpoint, settings, where)
     params = (load_whole(checkpoint, expected, src_strategy, log=log) if expected is not None
               else load_checkpoint_dict(checkpoint))
-    check_lora_tensors(checkpoint, {n: tuple(v.shape) for n, v in params.items() if lora.is_lora(n)}, settings,
-                       where)
+    lora.check_lora_tensors(checkpoint, {n: tuple(v.shape) for n, v in params.items() if lora.is_lora(n)}, settings,
+                            where)
     identity = weights_identity(checkpoint)
     counts = {"lora": 0, "value_head": 0, "frozen": 0}
     for name, value in params.items():
