@@ -3,6 +3,8 @@ changes only its LoRA matrices and value head, resumes bit for bit, trains data-
 a Hugging Face import; bad settings exit 2; the CPU SwiGLU kernel applies w1's SiLU once under LoRA."""
 import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import yaml
 
 import mindspore as ms
 
-from conftest import (DATA, EXAMPLES, ROOT, SCRIPTS, TEST_JSONL, TOKENIZER, TRAIN_JSONL, msrun, run_cli,
+from conftest import (DATA, EXAMPLES, ROOT, SCRIPTS, TEST_JSONL, TOKENIZER, TRAIN_JSONL, cli_env, msrun, run_cli,
                       run_main)
 from test_resume import RUN_BOOKKEEPING, weights
 
@@ -130,6 +132,65 @@ def test_resume_is_bit_exact(lora_run, tmp_path):
     assert set(resumed) == set(straight) and any(n.startswith("adam_v.") and is_lora(n[7:]) for n in resumed)
     for name in sorted(set(straight) - RUN_BOOKKEEPING):
         np.testing.assert_array_equal(resumed[name], straight[name], err_msg=name)
+
+
+# runs a CLI with mindrlhf.models.lora.lora_settings counted: the calling modules go to $LORA_SETTINGS_CALLERS
+COUNTED = """import atexit, os, runpy, sys
+import mindrlhf.models.lora as lora
+real, callers = lora.lora_settings, []
+def counted(*args, **kwargs):
+    callers.append(sys._getframe(1).f_globals["__name__"])
+    return real(*args, **kwargs)
+lora.lora_settings = counted
+atexit.register(lambda: open(os.environ["LORA_SETTINGS_CALLERS"], "w").write("\\n".join(callers)))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@slow
+def test_a_resumed_run_names_its_base_weights_and_derives_lora_once(lora_run, tmp_path):
+    """2 steps from the base file, resumed to 4: the resumed run's adapter names the base file as the first run's
+    does (before: base_path empty, the resumed command names no base file), and the trainer derives the LoRA
+    settings once a run (before: three times, the last after training)."""
+    from mindrlhf.models.lora import read_adapter
+
+    out, callers = tmp_path / "out", tmp_path / "callers.txt"
+    common = ["--config", LORA, "--train_dataset", lora_run["data"], "--output_dir", out, "--save_steps", 2]
+    run_cli(TRAIN, *common, "--load_checkpoint", lora_run["base"], "--stop_step", 2)
+    first = json.loads((out / "train_summary.json").read_text())["lora"]
+    args = [TRAIN, *common, "--resume", "True", "--load_checkpoint", out / "checkpoint", "--stop_step", 4]
+    proc = subprocess.run([sys.executable, "-c", COUNTED, *map(str, args)], cwd=tmp_path, capture_output=True,
+                          text=True, env=dict(cli_env(), LORA_SETTINGS_CALLERS=str(callers)), timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = json.loads((out / "train_summary.json").read_text())["lora"]
+    assert first["base_path"] == resumed["base_path"] == str(lora_run["base"])
+    _, meta = read_adapter(resumed["adapter"])
+    assert meta["step"] == 4 and meta["base_path"] == str(lora_run["base"])
+    assert meta["base_sha256"] == read_adapter(first["adapter"])[1]["base_sha256"]
+    assert json.loads((out / "checkpoint" / "lora.json").read_text())["base_path"] == str(lora_run["base"])
+    assert callers.read_text().split().count("mindrlhf.training.trainer") == 1
+
+
+def test_a_run_resumed_from_before_lora_json_named_the_base_finds_it_in_its_adapters(tmp_path):
+    """A run whose lora.json holds the settings alone (as written before it named the base): the resumed run takes
+    the base path from the newest adapter of that run that names one."""
+    from mindrlhf.models import lora
+    from mindrlhf.models.lora_files import RUN_LORA_FILE, write_run_lora
+
+    settings = {"rank": 2, "alpha": 4.0, "dropout": 0.0, "target_modules": ".*wq", "targets": ["wq"]}
+    old = tmp_path / "old" / "checkpoint"
+    old.mkdir(parents=True)
+    (old / RUN_LORA_FILE).write_text(json.dumps(settings))
+    (tmp_path / "old" / "adapter").mkdir()
+    head = {"v_head.weight": np.zeros((1, 4), np.float32)}
+    for step, base in ((2, "/data/base.ckpt"), (3, "")):  # the newest names none (made without --base_path)
+        lora.write_adapter(str(tmp_path / "old" / "adapter" / f"run_{step}.safetensors"), head,
+                           lora.adapter_metadata(settings, "0" * 64, step, "0" * 64, base))
+    new = tmp_path / "new" / "checkpoint"
+    assert write_run_lora(str(new), settings, str(old)) == "/data/base.ckpt"
+    assert json.loads((new / RUN_LORA_FILE).read_text())["base_path"] == "/data/base.ckpt"
+    assert write_run_lora(str(tmp_path / "random" / "checkpoint"), settings) == ""
 
 
 @slow

@@ -15,6 +15,7 @@ from mindrlhf.errors import ConfigError
 from mindrlhf.io import check_new_output, replaced_whole
 from mindrlhf.models import lora
 from mindrlhf.models.identity import tensor_dims, weights_identity
+from mindrlhf.models.safetensors_io import read_metadata
 
 RUN_TEMPLATE_FILE = "template.json"  # mindrlhf.data.templates.RUN_TEMPLATE_FILE (data sits above models)
 RUN_LORA_FILE = "lora.json"  # a LoRA run's settings, beside template.json
@@ -35,20 +36,42 @@ def _run_root(checkpoint: str) -> str:
         return os.path.dirname(os.path.abspath(checkpoint))
 
 
-def write_run_lora(root: str, settings: dict, resumed_from: Optional[str] = None):
-    """The run's LoRA settings beside its checkpoints (RUN_LORA_FILE): the checkpoints hold rank and targets in
-    their shapes but not alpha, and a YAML with another alpha would score and merge them wrongly. Resuming a run
-    trained with other settings is an error."""
+def write_run_lora(root: str, settings: dict, resumed_from: Optional[str] = None, base_path: str = "") -> str:
+    """The run's LoRA settings and base weights beside its checkpoints (RUN_LORA_FILE): the checkpoints hold rank
+    and targets in their shapes but not alpha (a YAML with another alpha would score and merge them wrongly), nor
+    the file their frozen weights came from (a resumed run is given no base file to name in its adapter). Resuming
+    a run trained with other settings is an error. Returns the base path recorded: base_path, else the resumed
+    run's (resumed_base_path)."""
     if resumed_from:
         earlier = _read_run_lora(resumed_from)
         if earlier is not None and not lora.same_settings(earlier, settings):
             raise ConfigError(f"{os.path.join(resumed_from, RUN_LORA_FILE)}: the checkpoints there were trained "
                               f"with LoRA {_describe(earlier)}, the YAML has {_describe(settings)}")
+        base_path = base_path or resumed_base_path(resumed_from, earlier)
     os.makedirs(root, exist_ok=True)
+    record = {k: settings[k] for k in ("rank", "alpha", "dropout", "target_modules", "targets")}
     with replaced_whole(os.path.join(root, RUN_LORA_FILE)) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump({k: settings[k] for k in ("rank", "alpha", "dropout", "target_modules", "targets")}, fh,
-                      indent=2)
+            json.dump(dict(record, base_path=base_path or ""), fh, indent=2)
+    return base_path or ""
+
+
+def resumed_base_path(resumed_from: str, recorded: Optional[dict] = None) -> str:
+    """The base weights' path of the run whose checkpoint root a run resumes from: its RUN_LORA_FILE's (`recorded`),
+    else (a run from before lora.json named it) the newest of its adapters (<output_dir>/adapter) that names one;
+    "" when none does (e.g. a run from random weights)."""
+    if recorded and recorded.get("base_path"):
+        return recorded["base_path"]
+    folder = os.path.join(os.path.dirname(os.path.abspath(resumed_from)), "adapter")
+    names = [n for n in os.listdir(folder) if n.endswith(".safetensors")] if os.path.isdir(folder) else []
+    for name in sorted(names, key=lambda n: os.path.getmtime(os.path.join(folder, n)), reverse=True):
+        try:
+            meta = read_metadata(os.path.join(folder, name))
+        except ConfigError:
+            continue
+        if meta.get("format") == lora.ADAPTER_FORMAT and meta.get("base_path"):
+            return meta["base_path"]
+    return ""
 
 
 def _read_run_lora(root: str) -> Optional[dict]:

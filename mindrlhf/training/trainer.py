@@ -7,7 +7,7 @@ Under a launcher all ranks resume from the same step: the newest one every rank 
 import json
 import os
 import sys
-from typing import Optional
+from typing import Optional, Tuple
 
 from mindrlhf import distributed
 from mindrlhf.config_access import config_getter
@@ -77,13 +77,19 @@ def is_resume_dir(path) -> bool:
     return bool(path) and os.path.isdir(path) and bool(cfg.checkpoint_files(path))
 
 
-def prepare_config(config_path: str, train_dataset: Optional[str] = None, output_dir: Optional[str] = None,
-                   load_checkpoint: Optional[str] = None, resume: bool = False,
-                   use_parallel: Optional[bool] = None, epochs: Optional[int] = None,
-                   batch_size: Optional[int] = None, save_steps: Optional[int] = None,
-                   stop_step: Optional[int] = None, overwrite: bool = False, loss_type: Optional[str] = None,
-                   center_rewards_coefficient: Optional[float] = None):
-    """The run's MindFormerConfig with CLI overrides applied and everything checkable checked."""
+def prepare_config(config_path: str, *args, **overrides):
+    """The run's MindFormerConfig with CLI overrides applied and everything checkable checked (prepare_run's)."""
+    return prepare_run(config_path, *args, **overrides)[0]
+
+
+def prepare_run(config_path: str, train_dataset: Optional[str] = None, output_dir: Optional[str] = None,
+                load_checkpoint: Optional[str] = None, resume: bool = False,
+                use_parallel: Optional[bool] = None, epochs: Optional[int] = None,
+                batch_size: Optional[int] = None, save_steps: Optional[int] = None,
+                stop_step: Optional[int] = None, overwrite: bool = False, loss_type: Optional[str] = None,
+                center_rewards_coefficient: Optional[float] = None) -> Tuple[object, Optional[dict]]:
+    """(the run's MindFormerConfig with CLI overrides applied and everything checkable checked, its LoRA settings or
+    None): the settings are derived once, here, and passed to what needs them."""
     from mindrlhf.models.loss import loss_options
 
     config = cfg.load_config(config_path)
@@ -93,7 +99,7 @@ def prepare_config(config_path: str, train_dataset: Optional[str] = None, output
     if center_rewards_coefficient is not None:
         config.model.model_config.center_rewards_coefficient = float(center_rewards_coefficient)
     loss_options(config.model.model_config)
-    use_lora(config, config_path)
+    settings = use_lora(config, config_path)
     if use_parallel is not None:
         config.use_parallel = use_parallel
     if output_dir:
@@ -141,22 +147,24 @@ def prepare_config(config_path: str, train_dataset: Optional[str] = None, output
         # The Trainer clears checkpoint_name_or_path before building the model; the model reads this copy.
         # On resume the run's own checkpoint replaces every weight anyway, so the backbone is not loaded twice.
         config.model.model_config.backbone_checkpoint = config.model.model_config.checkpoint_name_or_path
-    if config.model.model_config.get("reward_lora") and not resume \
-            and not config.model.model_config.get("backbone_checkpoint"):
+    if settings and not resume and not config.model.model_config.get("backbone_checkpoint"):
         _warn("WARNING: LoRA on a randomly initialised backbone (no --load_checkpoint): only the LoRA matrices and "
               "the value head train, and the adapter belongs to random weights; pass the base weights to start from")
-    return config
+    return config, settings
 
 
-def use_lora(config, config_path: str):
+def use_lora(config, config_path: str) -> Optional[dict]:
     """A YAML's pet_config, checked, moves to model_config.reward_lora: the model applies LoRA itself (see
-    mindrlhf.models.lora), so MindFormers' build_network must not wrap it in its PetModel."""
+    mindrlhf.models.lora), so MindFormers' build_network must not wrap it in its PetModel. Returns the settings
+    (None without LoRA)."""
     from mindrlhf.models.lora import lora_settings
 
     model_config = config.model.model_config
-    if lora_settings(model_config, f"{config_path}: model.model_config.pet_config") and model_config.get("pet_config"):
+    settings = lora_settings(model_config, f"{config_path}: model.model_config.pet_config")
+    if settings and model_config.get("pet_config"):
         model_config.reward_lora = dict(model_config.pet_config)
         model_config.pet_config = None
+    return settings
 
 
 def train(config_path: str, train_dataset: Optional[str] = None, task: str = "text_generation", **overrides) -> dict:
@@ -167,11 +175,10 @@ def train(config_path: str, train_dataset: Optional[str] = None, task: str = "te
     from mindformers.utils.file_utils import set_output_path
 
     from mindrlhf.data.dataset import resolve_mindrecord_files
-    from mindrlhf.models.lora import lora_settings
     from mindrlhf.models.lora_files import write_run_lora
     from mindrlhf.tools.loss_log import parse_log
 
-    config = prepare_config(config_path, train_dataset, **overrides)
+    config, settings = prepare_run(config_path, train_dataset, **overrides)
     files = resolve_mindrecord_files(cfg.dataset_source(config, "train"))
     template, margin = cfg.data_template_and_margin(config, files)
     set_output_path(config.output_dir)
@@ -188,10 +195,11 @@ def train(config_path: str, train_dataset: Optional[str] = None, task: str = "te
         if template is not None and rank_id == 0:
             record_run_template(os.path.join(config.output_dir, "checkpoint"), template,
                                 config.load_checkpoint if config.resume_training else None)
-        settings = lora_settings(config.model.model_config)
+        base = ""
         if settings and rank_id == 0:  # alpha is in no tensor: scoring and merging read it from here
-            write_run_lora(os.path.join(config.output_dir, "checkpoint"), settings,
-                           config.load_checkpoint if config.resume_training else None)
+            base = write_run_lora(os.path.join(config.output_dir, "checkpoint"), settings,
+                                  config.load_checkpoint if config.resume_training else None,
+                                  config.model.model_config.get("backbone_checkpoint") or "")
     if config.resume_training:
         config.resume_training = resume_file(config.load_checkpoint, rank_id, collective, warn=_warn)
     stop_step = config.runner_config.pop("stop_step", None)
@@ -213,30 +221,26 @@ def train(config_path: str, train_dataset: Optional[str] = None, task: str = "te
         "center_rewards_coefficient": float(config.model.model_config.get("center_rewards_coefficient") or 0.0),
         "packing": dict(info["packing"], mode=config.train_dataset.packing) if info.get("packing") else False,
     }
-    if rank_id == 0 and config.model.model_config.get("reward_lora"):
-        summary["lora"] = lora_adapter_of_run(config, config_path, summary["checkpoints"])
+    if rank_id == 0 and settings:
+        summary["lora"] = lora_adapter_of_run(config, config_path, summary["checkpoints"], settings, base)
     if rank_id == 0:
         with open(os.path.join(config.output_dir, TRAIN_SUMMARY), "w", encoding="utf-8") as fh:
             json.dump(summary, fh, indent=2)
     return summary
 
 
-def lora_adapter_of_run(config, config_path: str, checkpoints) -> dict:
+def lora_adapter_of_run(config, config_path: str, checkpoints, settings: dict, base: str = "") -> dict:
     """The end of a LoRA run: the adapter of its newest checkpoint in <output_dir>/adapter/<stem>.safetensors
-    (base_path: the weights it started from). A failure is reported in the summary, not raised: the checkpoints
-    are written and scripts/lora_adapter.py can make the adapter later."""
-    from mindrlhf.models.lora import lora_settings
+    (base: the weights file the run started from, recorded in lora.json across resumes). A failure is reported in
+    the summary, not raised: the checkpoints are written and scripts/lora_adapter.py can make the adapter later."""
     from mindrlhf.models.lora_files import extract
 
-    model_config = config.model.model_config
-    settings = lora_settings(model_config, f"{config_path}: model.model_config.pet_config")
     info = {"settings": settings, "adapter": None}
     if not checkpoints:
         return info
     newest = checkpoints[-1]
     stem = os.path.splitext(os.path.basename(newest))[0]
     adapter = os.path.join(os.path.abspath(config.output_dir), "adapter", f"{stem}.safetensors")
-    base = model_config.get("backbone_checkpoint") or ""
     # after trainer.train() MindFormers has replaced parallel_config by its TransformerOpParallelConfig object
     parallel = config_getter(config.get("parallel_config") or {})
     command = (f"python scripts/lora_adapter.py --config {config_path} --checkpoint {newest} --output {adapter}"
