@@ -139,6 +139,27 @@ def test_three_forms_give_the_same_rewards_through_reward_eval(lora_run):
     assert results["adapter"][1]["adapter"] == str(lora_run["adapter"])
 
 
+def test_reward_eval_builds_the_network_once_for_merged_weights_and_the_lora_yaml(lora_run, monkeypatch, tmp_path):
+    """reward_eval.py with the LoRA YAML: the merged model's network is built once, without LoRA (before: with
+    LoRA, then again without once the checkpoint was found to hold none), the run's checkpoint's once, with."""
+    from mindrlhf.models.llama_reward import LlamaRewardModel
+
+    builds, build = [], LlamaRewardModel.__init__
+
+    def counted(self, *args, **kwargs):
+        build(self, *args, **kwargs)
+        builds.append("lora" if self.lora else "plain")
+
+    monkeypatch.setattr(LlamaRewardModel, "__init__", counted)
+    for name, ckpt, expected in (("merged", lora_run["merged"], ["plain"]), ("full", lora_run["root"], ["lora"])):
+        builds.clear()
+        proc = run_main(EXAMPLES / "reward_eval.py", "--config", LORA_CONFIG, "--distributed_ckpt_path", ckpt,
+                        "--eval_dataset", lora_run["eval"], "--tokenizer", TOKENIZER, "--output_file",
+                        tmp_path / f"eval_{name}.json")
+        assert builds == expected, (name, builds)
+        assert ("holds no LoRA tensors" in proc.stdout + proc.stderr) == (name == "merged")
+
+
 def test_three_forms_give_the_same_rewards_through_the_server(lora_run):
     pairs = [json.loads(line) for line in lora_run["eval"].read_text(encoding="utf-8").splitlines()][:8]
     items = [{"prompt": p["prompt"], "response": p["pos_resp"]} for p in pairs]

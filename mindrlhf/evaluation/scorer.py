@@ -160,7 +160,7 @@ class RewardScorer:
         if self.packing:
             log(f"scoring packed ({self.config_where}: model.model_config.packing: {self.packing}): rows of "
                 f"{self.seq_length} tokens, {self.pass_sizes} rows a pass")
-        self.network = None
+        self._network = None
         self.checkpoint = None
         self.adapter = None
         self.step = None
@@ -168,22 +168,28 @@ class RewardScorer:
         self.log = log
         if checkpoint:
             self.load_weights(checkpoint, src_strategy, adapter)
-        else:
+
+    @property
+    def network(self):
+        """The reward model, built on first use (with the config's LoRA layers, if any) or by load_weights, which
+        decides from the checkpoint's names first: a model is built once, not with LoRA and then again without."""
+        if self._network is None:
             self._use_network(self.lora is not None)
+        return self._network
 
     def _use_network(self, with_lora: bool):
         """Build the network (again) with or without the config's LoRA layers: LoRA-ness follows the weights."""
         from mindrlhf.models.llama_reward import LlamaRewardModel
 
-        if self.network is not None and (self.network.lora is not None) == with_lora:
+        if self._network is not None and (self._network.lora is not None) == with_lora:
             return
         config = self.model_config
         if not with_lora and self.lora is not None:
             config = copy.deepcopy(config)
             config.pet_config = None
             config.reward_lora = None
-        self.network = LlamaRewardModel(config)
-        self.network.set_train(False)
+        self._network = LlamaRewardModel(config)
+        self._network.set_train(False)
 
     def load_weights(self, checkpoint: str, src_strategy: Optional[str] = None, adapter: Optional[str] = None):
         """Load every model parameter from a checkpoint (model-parallel slices are merged first, with the run's
@@ -198,7 +204,7 @@ class RewardScorer:
         check_lora_tensors(checkpoint, dims, self.lora, self.config_where)
         if dims:
             check_run_lora(checkpoint, self.lora, self.config_where)
-        if self.lora is not None and not dims and (self.network is None or self.network.lora is not None):
+        if self.lora is not None and not dims and (self._network is None or self._network.lora is not None):
             self.log(f"{checkpoint} holds no LoRA tensors (a merged or plain model): scored as a plain model, "
                      f"without the pet_config of {self.config_where}")
         self._use_network(bool(dims))
