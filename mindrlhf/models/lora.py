@@ -213,10 +213,10 @@ def target_of(name: str) -> str:
 
 def check_lora_tensors(path: str, dims: Dict[str, Tuple[int, ...]], settings: Optional[dict], where: str,
                        shapes: Optional[Dict[str, Tuple[int, ...]]] = None):
-    """A checkpoint's LoRA tensors ({name: dims}) against the LoRA settings they are read with (None: `where` has no
-    pet_config) and, given the model's {name: shape}, against the weights they adapt: the same projections, rank
-    and sizes, or a ConfigError naming the file and the tensor. Other settings would score and merge them wrongly
-    (alpha/r), and no settings would drop them. Used wherever a LoRA checkpoint is read (scorer, adapter, export)."""
+    """A checkpoint's LoRA tensors ({name: dims}) against the settings they are read with (None: `where` has no
+    pet_config) and, given the model's {name: shape}, the weights they adapt; a ConfigError names the file and the
+    tensor. The one check for scoring, adapters and export: other settings would apply the wrong alpha/r, none
+    would drop the tensors."""
     if not dims:
         return
     if settings is None:
@@ -245,8 +245,9 @@ def check_lora_tensors(path: str, dims: Dict[str, Tuple[int, ...]], settings: Op
     rank = int(settings["rank"])
     for weight, (a_name, b_name) in pairs.items():
         a_dims, b_dims = tuple(dims[a_name]), tuple(dims[b_name])
-        found = a_dims[0] if a_dims[:1] != (rank,) else b_dims[-1] if b_dims[-1:] != (rank,) else rank
-        if found != rank:
+        a_rank, b_rank = (a_dims or (None,))[0], (b_dims or (None,))[-1]
+        if a_rank != rank or b_rank != rank:
+            found = a_rank if a_rank != rank else b_rank
             raise ConfigError(f"{path}: {a_name} {a_dims} and {b_name} {b_dims} have rank {found}, {where} "
                               f"pet_config.lora_rank is {rank}; is the YAML's lora_rank the run's?")
         if shapes is not None:
