@@ -121,3 +121,17 @@ def test_parallel_layouts_that_cannot_work_are_refused(tmp_path, name, edit, mes
     """Checked from the 8-NPU YAML itself, before any device is touched (so also on CPU)."""
     config = edited_7b(tmp_path, name, edit)
     assert message in refused(tmp_path, tmp_path / "unused.mindrecord", config)
+
+
+def test_recompute_on_cpu_is_warned_about():
+    """MindFormers' recompute on CPU raises the peak and keeps the stock layers (docs/lora.md): one warning, naming
+    the file and key; off, or on Ascend, nothing."""
+    from mindrlhf.training.config import cpu_recompute_warning, load_config
+
+    config = load_config(str(TINY_CONFIG))
+    assert cpu_recompute_warning(config, "tiny.yaml") is None
+    config.recompute_config.recompute = True
+    message = cpu_recompute_warning(config, "tiny.yaml")
+    assert message.startswith("tiny.yaml: recompute_config.recompute: True on CPU") and "set it to False" in message
+    config.context.device_target = "Ascend"
+    assert cpu_recompute_warning(config, "tiny.yaml") is None

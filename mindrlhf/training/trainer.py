@@ -119,6 +119,9 @@ def prepare_run(config_path: str, train_dataset: Optional[str] = None, output_di
         config.runner_config.stop_step = int(stop_step)
     cfg.set_dataset(config, "train", train_dataset)
     cfg.set_packing(config, config_path)
+    warning = cfg.cpu_recompute_warning(config, config_path)
+    if warning:
+        _warn(warning)
     if config.context.get("device_target") == "CPU" and config.runner_config.get("sink_mode"):
         raise ConfigError(f"{config_path}: runner_config.sink_mode must be False on CPU "
                           "(sink mode multiplies the step count there)")
