@@ -80,7 +80,7 @@ def accuracy(checkpoint_root, out):
     return results["checkpoints"][0]["accuracy"]
 
 
-def test_one_packed_epoch_learns(packed_epoch, trained_run, tmp_path):
+def test_one_packed_epoch_learns(packed_epoch, trained_eval, tmp_path):
     (line,) = PACKING_LINE.findall(packed_epoch["proc"].stdout)
     pairs, steps, per_rank, filler = int(line[0]), int(line[1]), int(line[2]), float(line[3])
     assert pairs == SEEN_PAIRS and per_rank == steps
@@ -98,7 +98,8 @@ def test_one_packed_epoch_learns(packed_epoch, trained_run, tmp_path):
     assert summary["packing"] == {"mode": "pairs", "pairs": pairs, "steps": steps, "pack_rows": 8, "seq_length": 512,
                                   "filler_share": pytest.approx(filler / 100, abs=5e-4)}
     packed = accuracy(packed_epoch["output"] / "checkpoint", tmp_path / "packed.json")
-    padded = accuracy(trained_run["checkpoint_root"], tmp_path / "padded.json")
+    padded = trained_eval["results"]["checkpoints"][0]["accuracy"]  # the padded run's, same split and YAML
+    assert trained_eval["results"]["pairs"] == TEST_PAIRS
     assert packed >= 0.95 and abs(packed - padded) <= 0.02, (packed, padded)
 
 

@@ -29,13 +29,9 @@ def test_loss_falls(trained_run):
 
 
 @pytest.fixture(scope="module")
-def evaluation(trained_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("eval")
-    proc = run_cli(EXAMPLES / "reward_eval.py", "--config", TINY_CONFIG,
-                   "--distributed_ckpt_path", trained_run["checkpoint_root"], "--eval_dataset", TEST_JSONL,
-                   "--tokenizer", TOKENIZER, "--output_file", out / "eval.json", "--scores_file", out / "scores.jsonl")
-    return {"proc": proc, "results": json.loads((out / "eval.json").read_text()),
-            "scores": [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]}
+def evaluation(trained_eval):
+    """conftest's trained_eval: the whole test split on the newest checkpoint (test_packed_train shares it)."""
+    return trained_eval
 
 
 def test_eval_accuracy_on_the_whole_test_set(evaluation):
