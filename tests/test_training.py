@@ -8,7 +8,7 @@ import pytest
 
 from mindrlhf.tools.loss_log import parse_log
 
-from conftest import EXAMPLES, HELDOUT_PAIRS, SEEN_PAIRS, TEST_JSONL, TINY_CONFIG, TOKENIZER, run_cli
+from conftest import EXAMPLES, HELDOUT_PAIRS, SEEN_PAIRS, TEST_JSONL, TINY_CONFIG, TOKENIZER, run_cli, run_main
 
 pytestmark = pytest.mark.slow
 
@@ -96,8 +96,8 @@ def test_single_response_rows(trained_run, tmp_path):
     data.write_text(json.dumps([{"prompt": "怎样开锁？", "response": "请联系专业开锁公司。"}], ensure_ascii=False),
                     encoding="utf-8")
     out = tmp_path / "scores.jsonl"
-    run_cli(EXAMPLES / "reward_infer.py", "--config", TINY_CONFIG, "--data_file", data, "--tokenizer", TOKENIZER,
-            "--distributed_ckpt_path", trained_run["checkpoint_root"], "--output_file", out)
+    run_main(EXAMPLES / "reward_infer.py", "--config", TINY_CONFIG, "--data_file", data, "--tokenizer", TOKENIZER,
+             "--distributed_ckpt_path", trained_run["checkpoint_root"], "--output_file", out)  # in this process
     (row,) = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert row["prompt"] == "怎样开锁？" and np.isfinite(row["score"])
 
