@@ -16,7 +16,7 @@ import yaml
 
 from conftest import (CONFIGS, EXAMPLES, SCRIPTS, TEST_JSONL, TINY_CONFIG, TOKENIZER, msrun, run_cli,
                       run_main)
-from test_server import ServerProcess
+from test_server import InProcessServer, ServerProcess
 
 pytestmark = pytest.mark.slow  # trains a (short) LoRA run
 LORA_CONFIG = CONFIGS / "run_llama_2_tiny_lora_rm_cpu.yaml"
@@ -140,13 +140,23 @@ def test_three_forms_give_the_same_rewards_through_the_server(lora_run):
     pairs = [json.loads(line) for line in lora_run["eval"].read_text(encoding="utf-8").splitlines()][:8]
     items = [{"prompt": p["prompt"], "response": p["pos_resp"]} for p in pairs]
     expected = [r["score"] for r in infer(lora_run, "server_ref", *forms(lora_run)[0][1:])][0:16:2]
-    for name, config, ckpt, extra in forms(lora_run):
-        server = ServerProcess(lora_run["work"] / f"server_{name}.log", ckpt, *extra, config=config)
+    import mindspore as ms
+
+    from mindrlhf.serving.app import Limits
+    from mindrlhf.serving.server import build_service
+
+    mode = ms.get_context("mode")
+    for name, config, ckpt, extra in forms(lora_run):  # the adapter through reward_server.py, the others in-process
+        if name == "adapter":
+            server = ServerProcess(lora_run["work"] / f"server_{name}.log", ckpt, *extra, config=config)
+        else:
+            server = InProcessServer(build_service(str(config), str(ckpt), str(TOKENIZER), Limits()))
         try:
             status, body, _ = server.post("/score", {"items": items})
             health = server.get("/health")[1]
         finally:
             server.stop()
+            ms.set_context(mode=mode)
         assert status == 200, body
         assert np.abs(np.array(body["rewards"]) - expected).max() <= TOL, name
         assert health["step"] == STEP
