@@ -12,12 +12,21 @@ pytestmark = pytest.mark.slow
 
 
 def test_demo_end_to_end(tmp_path):
-    env = cli_env()
-    proc = subprocess.run([sys.executable, "-m", "mindrlhf.demo", "--workdir", str(tmp_path / "demo"),
-                           "--train_pairs", "1200", "--test_pairs", "300"], cwd=ROOT, env=env,
+    """One demo run, into a workdir that already holds an earlier demo's results: it never overwrites them (it
+    writes beside them, in a stamped workdir), and summarises its own run there."""
+    earlier = tmp_path / "demo"
+    earlier.mkdir()
+    (earlier / "summary.json").write_text('{"pairs": 300, "earlier": true}', encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "mindrlhf.demo", "--workdir", str(earlier),
+                           "--train_pairs", "1200", "--test_pairs", "300"], cwd=ROOT, env=cli_env(),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    # a second run never overwrites the first one's results
+    assert json.loads((earlier / "summary.json").read_text()) == {"pairs": 300, "earlier": True}
+    (workdir,) = [line.split(": ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("demo workdir: ")]
+    assert workdir.startswith(f"{earlier}-") and os.path.dirname(workdir) == str(tmp_path)
+    summary = json.loads(open(os.path.join(workdir, "summary.json"), encoding="utf-8").read())
+    assert summary["outputs"]["workdir"] == workdir
     assert summary["pairs"] == 300 and summary["accuracy"] >= 0.9
     # Training does not overfit: the checkpoint the summary reports (the last) is as good as the best one.
     accuracies = [accuracy for _step, accuracy in summary["checkpoints_evaluated"]]
@@ -26,12 +35,7 @@ def test_demo_end_to_end(tmp_path):
     assert summary["last_loss"] < summary["first_loss"]
     for key in ("train_log", "loss_png", "eval_results", "infer_scores"):
         assert os.path.exists(summary["outputs"][key]), key
+        assert summary["outputs"][key].startswith(workdir + os.sep), key
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(summary["outputs"]["tensorboard"]))
     assert "pairwise accuracy on 300 test pairs" in proc.stdout
     assert "every checkpoint (step: accuracy; the last one is reported above): 100: " in proc.stdout
-    # a second run never overwrites the first one's results
-    again = subprocess.run([sys.executable, "-m", "mindrlhf.demo", "--workdir", str(tmp_path / "demo"),
-                            "--train_pairs", "200", "--test_pairs", "50"], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0
-    assert json.loads((tmp_path / "demo" / "summary.json").read_text())["pairs"] == 300

@@ -8,6 +8,7 @@ Every command extracted from the Markdown is exactly one of:
   a command needs a CPU twin that runs, in its own block or the next one (same script, see `scripts_of`);
 - deliberately not run, listed with the reason in NOT_RUN.
 A new block or command therefore cannot be skipped silently: it runs, or it needs a marker or an entry here.
+The commands the book and the tutorial both start with (same text, same folder, fresh copy) run once, for both.
 """
 import json
 import os
@@ -326,12 +327,26 @@ def run_until_ready_then_ctrl_c(text, cwd, log, timeout=300):
     return output
 
 
-def run_docs(docs, tmp_path):
-    """Every command of these documents that runs, in order, in one working copy."""
-    root = working_copy(tmp_path)
-    port = free_port()
+def runs_of(docs):
+    return [c for c in ALL if c.doc in docs and c.kind == "run"]
+
+
+def same_start(*command_lists):
+    """How many leading commands every list runs alike: the same text in the same folder of a fresh working copy
+    (an msrun launch, whose port is each run's own, ends it). Run once, they stand for each document's own."""
+    count = 0
+    while all(count < len(commands) for commands in command_lists):
+        heads = {(c.key, cwd_of(c)) for c in (commands[count] for commands in command_lists)}
+        if len(heads) > 1 or re.search(MSRUN_TWO_WORKERS, command_lists[0][count].text):
+            break
+        count += 1
+    return count
+
+
+def run_commands(commands, root, port, tmp_path):
+    """Run these commands, in order, in the working copy at root; returns their timings."""
     timings = []
-    for command in [c for c in ALL if c.doc in docs and c.kind == "run"]:
+    for command in commands:
         text = substitute(command.text, port)
         cwd = root / cwd_of(command)
         started = time.time()
@@ -343,7 +358,30 @@ def run_docs(docs, tmp_path):
             assert proc.returncode == 0, (f"{command.where} exited {proc.returncode} in {cwd}:\n{text}\n"
                                           f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
         timings.append(f"{time.time() - started:6.1f}s  {command.where}  {command.key[:100]}")
-    print(f"\n{', '.join(str(doc.relative_to(ROOT)) for doc in docs)}:\n" + "\n".join(timings))
+    return timings
+
+
+@pytest.fixture(scope="module")
+def common_start(tmp_path_factory):
+    """A fresh working copy after the commands the book and the tutorial both start with (converting the train
+    split, one epoch of the tiny config: the same commands in the same folders), run once for both."""
+    tmp_path = tmp_path_factory.mktemp("docs_start")
+    root = working_copy(tmp_path)
+    count = same_start(runs_of(BOOK), runs_of([TUTORIAL]))
+    assert count >= 2, "the book and the tutorial no longer start alike: nothing to share"
+    timings = run_commands(runs_of(BOOK)[:count], root, free_port(), tmp_path)
+    return {"root": root, "count": count, "timings": timings}
+
+
+def run_docs(docs, tmp_path, common_start):
+    """Every command of these documents that runs, in order, in one working copy: a copy of common_start's (its
+    commands, the first of these documents', already run there), then the rest."""
+    root = tmp_path / "clone"
+    shutil.copytree(common_start["root"], root, symlinks=True)
+    commands = runs_of(docs)
+    timings = run_commands(commands[common_start["count"]:], root, free_port(), tmp_path)
+    print(f"\n{', '.join(str(doc.relative_to(ROOT)) for doc in docs)} (shared start run once):\n" +
+          "\n".join(common_start["timings"] + timings))
     return root
 
 
@@ -354,8 +392,8 @@ def eval_accuracy(path):
 
 
 @pytest.mark.slow
-def test_readme_and_docs_commands_run_in_order(tmp_path):
-    root = run_docs(BOOK, tmp_path)
+def test_readme_and_docs_commands_run_in_order(tmp_path, common_start):
+    root = run_docs(BOOK, tmp_path, common_start)
     tutorial = root / TUTORIAL_DIR
     assert eval_accuracy(tutorial / "output" / "eval_results.json") >= 0.9
     assert len((tutorial / "output" / "reward_infer_scores.jsonl").read_text().splitlines()) == 2 * TEST_PAIRS
@@ -369,8 +407,8 @@ def test_readme_and_docs_commands_run_in_order(tmp_path):
 
 
 @pytest.mark.slow
-def test_tutorial_commands_run_in_order(tmp_path):
-    root = run_docs([TUTORIAL], tmp_path)
+def test_tutorial_commands_run_in_order(tmp_path, common_start):
+    root = run_docs([TUTORIAL], tmp_path, common_start)
     tutorial = root / TUTORIAL_DIR
     assert eval_accuracy(tutorial / "output" / "eval_results.json") >= 0.9
     assert (root / TUTORIAL_DIR / "hccl_2p_01_127.0.0.1.json").is_file()

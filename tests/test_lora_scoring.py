@@ -3,7 +3,8 @@ give the same rewards through reward_infer.py, reward_eval.py and the server; re
 weights across the three forms; an adapter on other base weights, or a LoRA checkpoint read without its
 pet_config, is an error instead of silently wrong rewards.
 
-One short real LoRA run (50 steps of 8 pairs on a random tiny base, ~30 s) made through the CLIs is shared.
+One short real LoRA run made through the CLIs (conftest's lora_epoch: 63 steps of 8 pairs on a random tiny base,
+the run test_lora_train checks) is shared.
 """
 import json
 import shutil
@@ -13,14 +14,15 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import (CONFIGS, EXAMPLES, SCRIPTS, TEST_JSONL, TINY_CONFIG, TOKENIZER, TRAIN_JSONL, msrun, run_cli,
+from conftest import (CONFIGS, EXAMPLES, SCRIPTS, TEST_JSONL, TINY_CONFIG, TOKENIZER, msrun, run_cli,
                       run_main)
-from test_server import ServerProcess
+from test_server import InProcessServer, ServerProcess
 
 pytestmark = pytest.mark.slow  # trains a (short) LoRA run
 LORA_CONFIG = CONFIGS / "run_llama_2_tiny_lora_rm_cpu.yaml"
 ADAPTER_TOOL = SCRIPTS / "lora_adapter.py"
 TOL = 1e-5
+STEP = 63  # the LoRA run's last step: its newest checkpoint, the one every form scores
 
 def make_base(path, seed):
     """A random tiny Llama backbone (model.* only, as a converted base model is)."""
@@ -38,21 +40,16 @@ def make_base(path, seed):
 
 
 @pytest.fixture(scope="module")
-def lora_run(tmp_path_factory):
-    """Base (seed 0) and another base (seed 1); 50 LoRA steps on 400 train pairs from the base; the merged model
-    via scripts/lora_adapter.py; 30 test pairs as eval set and as rows (both responses scored)."""
-    work = tmp_path_factory.mktemp("lora")
-    base, other = make_base(work / "base.ckpt", 0), make_base(work / "other_base.ckpt", 1)
-    lines = TRAIN_JSONL.read_text(encoding="utf-8").splitlines(keepends=True)[:400]
-    (work / "train.jsonl").write_text("".join(lines), encoding="utf-8")
-    data = work / "train.mindrecord"
-    run_cli(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", work / "train.jsonl",
-            "--dst_file", data, "--seq_length", 256, "--pad_token_id", 2)
-    out = work / "output"
-    run_cli(EXAMPLES / "reward_train.py", "--config", LORA_CONFIG, "--train_dataset", data, "--load_checkpoint",
-            base, "--output_dir", out, cwd=work)
-    summary = json.loads((out / "train_summary.json").read_text())
-    checkpoint = out / "checkpoint" / "rank_0" / "llama2_tiny_lora_rm_rank_0-1_50.ckpt"
+def lora_run(lora_epoch, tmp_path_factory):
+    """conftest's lora_epoch (63 LoRA steps from a random base, shared with test_lora_train) and another base
+    (seed 1); the merged model via scripts/lora_adapter.py; 30 test pairs as eval set and as rows (both responses
+    scored). This module's outputs go to its own folder."""
+    work = tmp_path_factory.mktemp("lora_scoring")
+    base, other = lora_epoch["base"], make_base(work / "other_base.ckpt", 1)
+    out = lora_epoch["out"]
+    summary = lora_epoch["summary"]
+    checkpoint = out / "checkpoint" / "rank_0" / f"llama2_tiny_lora_rm_rank_0-1_{STEP}.ckpt"
+    assert checkpoint.is_file() and summary["checkpoints"][-1].endswith(checkpoint.name), summary["checkpoints"]
     merged = work / "merged" / "merged.ckpt"
     made = run_cli(ADAPTER_TOOL, "--config", LORA_CONFIG, "--checkpoint", out / "checkpoint", "--merge", merged,
                    "--output", work / "cli_adapter" / "adapter.safetensors")
@@ -106,7 +103,7 @@ def test_the_tool_extracts_the_adapter_training_wrote(lora_run):
         np.testing.assert_array_equal(value, trained[name])
     for key in ("base_sha256", "step", "value_head_sha256", "lora"):
         assert meta[key] == trained_meta[key], key
-    assert trained_meta["step"] == 50 and trained_meta["base_path"] == str(lora_run["base"])
+    assert trained_meta["step"] == STEP and trained_meta["base_path"] == str(lora_run["base"])
 
 
 def test_three_forms_give_the_same_rewards_through_reward_infer(lora_run):
@@ -132,10 +129,10 @@ def test_three_forms_give_the_same_rewards_through_reward_eval(lora_run):
         results[name] = (np.array([[r["chosen_score"], r["rejected_score"]] for r in rows]),
                          json.loads((lora_run["work"] / f"eval_{name}.json").read_text())["checkpoints"][0])
     full, metrics = results["full"]
-    assert full.shape == (30, 2) and metrics["step"] == 50
+    assert full.shape == (30, 2) and metrics["step"] == STEP
     for name in ("adapter", "merged"):
         assert np.abs(results[name][0] - full).max() <= TOL, name
-        assert results[name][1]["accuracy"] == metrics["accuracy"] and results[name][1]["step"] == 50
+        assert results[name][1]["accuracy"] == metrics["accuracy"] and results[name][1]["step"] == STEP
     assert results["adapter"][1]["adapter"] == str(lora_run["adapter"])
 
 
@@ -164,16 +161,26 @@ def test_three_forms_give_the_same_rewards_through_the_server(lora_run):
     pairs = [json.loads(line) for line in lora_run["eval"].read_text(encoding="utf-8").splitlines()][:8]
     items = [{"prompt": p["prompt"], "response": p["pos_resp"]} for p in pairs]
     expected = [r["score"] for r in infer(lora_run, "server_ref", *forms(lora_run)[0][1:])][0:16:2]
-    for name, config, ckpt, extra in forms(lora_run):
-        server = ServerProcess(lora_run["work"] / f"server_{name}.log", ckpt, *extra, config=config)
+    import mindspore as ms
+
+    from mindrlhf.serving.app import Limits
+    from mindrlhf.serving.server import build_service
+
+    mode = ms.get_context("mode")
+    for name, config, ckpt, extra in forms(lora_run):  # the adapter through reward_server.py, the others in-process
+        if name == "adapter":
+            server = ServerProcess(lora_run["work"] / f"server_{name}.log", ckpt, *extra, config=config)
+        else:
+            server = InProcessServer(build_service(str(config), str(ckpt), str(TOKENIZER), Limits()))
         try:
             status, body, _ = server.post("/score", {"items": items})
             health = server.get("/health")[1]
         finally:
             server.stop()
+            ms.set_context(mode=mode)
         assert status == 200, body
         assert np.abs(np.array(body["rewards"]) - expected).max() <= TOL, name
-        assert health["step"] == 50
+        assert health["step"] == STEP
         assert (health.get("adapter") == str(lora_run["adapter"])) == (name == "adapter")
 
 
@@ -182,7 +189,7 @@ def test_adapter_on_other_base_weights_is_refused(lora_run):
                  check=False, runner=run_cli)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert str(lora_run["adapter"]) in proc.stderr and "belongs to other base weights" in proc.stderr
-    assert lora_run["made"]["checkpoint"].endswith("_50.ckpt")
+    assert lora_run["made"]["checkpoint"].endswith(f"_{STEP}.ckpt")
     tool = run_main(ADAPTER_TOOL, "--config", LORA_CONFIG, "--checkpoint", lora_run["checkpoint"], "--output",
                    lora_run["work"] / "x.safetensors", "--base_path", lora_run["other"], check=False)
     assert tool.returncode == 2 and "not the base" in tool.stderr
@@ -248,7 +255,7 @@ def test_reward_stats_follow_the_weights_across_the_three_forms(lora_run, tmp_pa
         for name in ("adapter", "merged"):
             assert np.abs(normalised[name] - normalised["full"]).max() <= TOL, (source, name)
     recorded = json.loads((adapter.parent / "reward_stats.json").read_text())
-    recorded["weights"]["step"] = 49
+    recorded["weights"]["step"] = STEP - 1
     (merged.parent / "reward_stats.json").write_text(json.dumps(recorded))
     proc = infer(run, "stale", TINY_CONFIG, merged, [], "--normalize", check=False)
     assert proc.returncode == 2 and "computed for other weights" in proc.stderr
@@ -274,7 +281,7 @@ def test_merged_weights_are_w_plus_ba_alpha_over_r(lora_run):
         if not any(name == stem + "weight" for stem in adapted):
             np.testing.assert_array_equal(merged[name], value)
     np.testing.assert_array_equal(merged["v_head.weight"], full["v_head.weight"])
-    assert int(merged["global_step"].reshape(-1)[0]) == 50
+    assert int(merged["global_step"].reshape(-1)[0]) == STEP
 
 
 def test_under_msrun_every_rank_scores_the_adapter_or_refuses_it_alike(lora_run, tmp_path):

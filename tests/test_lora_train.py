@@ -12,8 +12,7 @@ import yaml
 
 import mindspore as ms
 
-from conftest import (DATA, EXAMPLES, ROOT, SCRIPTS, TEST_JSONL, TOKENIZER, TRAIN_JSONL, cli_env, msrun, run_cli,
-                      run_main)
+from conftest import DATA, EXAMPLES, ROOT, SCRIPTS, TOKENIZER, TRAIN_JSONL, cli_env, msrun, run_cli, run_main
 from test_resume import RUN_BOOKKEEPING, weights
 
 slow = pytest.mark.slow  # model training; the checks of settings and of the SiLU are fast
@@ -21,7 +20,6 @@ TRAIN = EXAMPLES / "reward_train.py"
 LORA = ROOT / "model_configs" / "llama2_config" / "run_llama_2_tiny_lora_rm_cpu.yaml"
 QWEN_LORA = ROOT / "model_configs" / "qwen2_5_config" / "run_qwen2_5_tiny_lora_rm_cpu.yaml"
 LLAMA3_LORA = ROOT / "model_configs" / "llama3_config" / "run_llama_3_tiny_lora_rm_cpu.yaml"
-EVERY = 8  # 1 train pair in 8: 507 pairs, 63 steps, 0.996 on the test split (whole split, 506 steps: 0.999)
 
 
 def is_lora(name):
@@ -45,38 +43,10 @@ def write_yaml(path, base=LORA, **model_changes):
     return path
 
 
-def random_base(path, config=LORA, **changes):
-    """A random backbone saved as a file (model.* only), as a pretrained model would be: the model of the YAML
-    without its pet_config."""
-    from families import build_reward_model
-
-    ms.set_seed(0)
-    net = build_reward_model(config, pet_config=None, **changes)
-    ms.save_checkpoint([{"name": p.name, "data": p} for p in net.get_parameters() if p.name.startswith("model.")],
-                       str(path))
-    return path
-
-
 @pytest.fixture(scope="session")
-def lora_run(tmp_path_factory):
-    """One epoch of the tiny LoRA YAML over one train pair in EVERY, from a random base file, a checkpoint every
-    16 steps (16, 32, 48, 63: all kept), then evaluated on the whole test split."""
-    work = tmp_path_factory.mktemp("lora")
-    base = random_base(work / "base.ckpt")
-    subset = work / "train_subset.jsonl"
-    subset.write_text("".join(TRAIN_JSONL.read_text(encoding="utf-8").splitlines(keepends=True)[::EVERY]),
-                      encoding="utf-8")
-    data = work / "train_256.mindrecord"
-    run_main(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", subset, "--dst_file", data,
-             "--seq_length", 256, "--pad_token_id", 2)
-    out = work / "output"
-    run_cli(TRAIN, "--config", LORA, "--train_dataset", data, "--output_dir", out, "--load_checkpoint", base,
-            "--save_steps", 16, cwd=work)
-    run_cli(EXAMPLES / "reward_eval.py", "--config", LORA, "--distributed_ckpt_path", out / "checkpoint",
-            "--eval_dataset", TEST_JSONL, "--tokenizer", TOKENIZER, "--batch_size", 32,
-            "--output_file", work / "eval.json", cwd=work)
-    return {"work": work, "base": base, "data": data, "out": out, "checkpoints": by_step(out),
-            "eval": json.loads((work / "eval.json").read_text()), "log": out / "log" / "rank_0" / "info.log"}
+def lora_run(lora_epoch):
+    """conftest's lora_epoch (shared with test_lora_scoring) with its checkpoints by step."""
+    return dict(lora_epoch, checkpoints=by_step(lora_epoch["out"]))
 
 
 @slow

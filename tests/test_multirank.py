@@ -1,6 +1,7 @@
 """Beyond one process, for real on CPU with msrun: data-parallel training on one node and on two "nodes",
-resume on one node where one rank's newest checkpoint is truncated (all ranks fall back together), and evaluation and
-inference split across ranks that give one process's results exactly."""
+resume on one node where one rank's newest checkpoint is truncated (all ranks fall back together; it resumes the
+two-node run's checkpoints), and evaluation and inference split across ranks that give one process's results
+exactly."""
 import json
 import os
 import re
@@ -15,7 +16,7 @@ import mindspore as ms
 
 from mindrlhf.tools.loss_log import parse_log
 
-from conftest import EXAMPLES, TEST_JSONL, TINY_CONFIG, TOKENIZER, msrun, run_cli
+from conftest import EXAMPLES, TEST_JSONL, TINY_CONFIG, TOKENIZER, msrun, run_main
 
 pytestmark = pytest.mark.slow
 TRAIN = EXAMPLES / "reward_train.py"
@@ -108,31 +109,43 @@ def test_two_nodes_train_data_parallel_to_identical_weights(two_node_run):
         np.testing.assert_array_equal(wa[name], wb[name], err_msg=name)
 
 
-def test_resume_under_msrun_falls_back_together_past_a_truncated_rank(test_mindrecord, tmp_path):
-    """One node, 2 ranks, no root: rank 1's newest checkpoint (step 12) is truncated, rank 0's reads back whole.
-    agree_on_step sends both ranks back to step 8, the newest both can read, and the resumed run ends bit for
-    bit where the uninterrupted one did."""
+@pytest.fixture(scope="module")
+def sixteen_steps(test_mindrecord, tmp_path_factory, request):
+    """The output folder of a finished 16-step data-parallel run of 2 ranks, a checkpoint every 4 steps: the
+    two-node run where network namespaces allow it (no second launch), else the same order on one node."""
+    try:
+        return request.getfixturevalue("two_node_run")["out"]
+    except pytest.skip.Exception:
+        work = tmp_path_factory.mktemp("one_node")
+        proc = msrun(train_order(test_mindrecord, work / "output", "--stop_step", 16), 2, work / "logs")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return work / "output"
+
+
+def test_resume_under_msrun_falls_back_together_past_a_truncated_rank(sixteen_steps, test_mindrecord, tmp_path):
+    """One node, 2 ranks, no root, resuming a finished 16-step 2-rank run's checkpoints (copied): rank 1's newest
+    (step 16) is truncated, rank 0's reads back whole. agree_on_step sends both ranks back to step 12, the newest
+    both can read, and the resumed run ends bit for bit where the uninterrupted one did."""
     out = tmp_path / "output"
-    proc = msrun(train_order(test_mindrecord, out, "--stop_step", 12), 2, tmp_path / "first")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.copytree(sixteen_steps / "checkpoint", out / "checkpoint")
     reference = {}
     for r in (0, 1):
-        assert step_of(newest(out, r)) == 12
+        assert step_of(newest(out, r)) == 16
         reference[r] = shutil.copy2(newest(out, r), tmp_path / f"uninterrupted_rank_{r}.ckpt")
-    bad = newest(out, 1)  # rank 1 was killed while writing step 12
+    bad = newest(out, 1)  # rank 1 was killed while writing step 16
     data = bad.read_bytes()
     bad.write_bytes(data[: len(data) // 2])
-    proc = msrun(train_order(test_mindrecord, out, "--stop_step", 12, "--resume", "True", "--load_checkpoint",
+    proc = msrun(train_order(test_mindrecord, out, "--stop_step", 16, "--resume", "True", "--load_checkpoint",
                              out / "checkpoint"), 2, tmp_path / "resumed")
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs = {r: (tmp_path / "resumed" / f"worker_{r}.log").read_text(encoding="utf-8") for r in (0, 1)}
     assert f"skipping corrupt or truncated checkpoint {bad}" in logs[1]
     assert "skipping corrupt" not in logs[0]
-    for r in (0, 1):  # rank 0 could read step 12, yet went back to 8 with rank 1
-        assert "not every rank can read step 12; all ranks resume from step 8" in logs[r]
+    for r in (0, 1):  # rank 0 could read step 16, yet went back to 12 with rank 1
+        assert "not every rank can read step 16; all ranks resume from step 12" in logs[r]
         assert "Unsupported op [Barrier]" not in logs[r]
-        assert len(re.findall(r"loss:\[", logs[r])) == 4, logs[r][-3000:]  # steps 9-12 only: resumed, not redone
-        assert step_of(newest(out, r)) == 12
+        assert len(re.findall(r"loss:\[", logs[r])) == 4, logs[r][-3000:]  # steps 13-16 only: resumed, not redone
+        assert step_of(newest(out, r)) == 16
         assert_same_state(newest(out, r), reference[r])
 
 
@@ -145,8 +158,9 @@ def test_evaluation_split_across_ranks_equals_one_process(trained_run, tmp_path)
     pairs = eval_pairs(tmp_path / "pairs.jsonl", 200)
     common = ["--config", TINY_CONFIG, "--distributed_ckpt_path", trained_run["checkpoint_root"], "--eval_dataset",
               pairs, "--tokenizer", TOKENIZER, "--batch_size", 8]
-    run_cli(EXAMPLES / "reward_eval.py", *common, "--output_file", tmp_path / "one.json",
-            "--scores_file", tmp_path / "one.jsonl")
+    # the one process in this process (reward_eval.py's own run_cli runs are in test_training)
+    run_main(EXAMPLES / "reward_eval.py", *common, "--output_file", tmp_path / "one.json",
+             "--scores_file", tmp_path / "one.jsonl")
     order = " ".join(map(str, [EXAMPLES / "reward_eval.py", *common, "--output_file", tmp_path / "two.json",
                                "--scores_file", tmp_path / "two.jsonl"]))
     proc = msrun(order, 2, tmp_path / "logs")
@@ -166,7 +180,7 @@ def test_inference_split_across_ranks_equals_one_process(trained_run, tmp_path):
     rows = eval_pairs(tmp_path / "rows.jsonl", 40)  # 80 responses, 5 batches of 16
     common = ["--config", TINY_CONFIG, "--data_file", rows, "--tokenizer", TOKENIZER, "--distributed_ckpt_path",
               trained_run["checkpoint_root"]]
-    run_cli(EXAMPLES / "reward_infer.py", *common, "--output_file", tmp_path / "one.jsonl")
+    run_main(EXAMPLES / "reward_infer.py", *common, "--output_file", tmp_path / "one.jsonl")  # as above
     order = " ".join(map(str, [EXAMPLES / "reward_infer.py", *common, "--output_file", tmp_path / "two.jsonl"]))
     proc = msrun(order, 2, tmp_path / "logs")
     assert proc.returncode == 0, proc.stderr[-3000:]

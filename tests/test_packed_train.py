@@ -13,7 +13,7 @@ import mindspore as ms
 
 from mindrlhf.tools.loss_log import parse_log
 
-from conftest import CONFIGS, EXAMPLES, SEEN_PAIRS, TEST_JSONL, TINY_CONFIG, TOKENIZER, msrun, run_cli
+from conftest import CONFIGS, EXAMPLES, SEEN_PAIRS, TEST_JSONL, TINY_CONFIG, TOKENIZER, msrun, run_cli, run_main
 
 pytestmark = pytest.mark.slow
 TRAIN = EXAMPLES / "reward_train.py"
@@ -80,7 +80,7 @@ def accuracy(checkpoint_root, out):
     return results["checkpoints"][0]["accuracy"]
 
 
-def test_one_packed_epoch_learns(packed_epoch, trained_run, tmp_path):
+def test_one_packed_epoch_learns(packed_epoch, trained_eval, tmp_path):
     (line,) = PACKING_LINE.findall(packed_epoch["proc"].stdout)
     pairs, steps, per_rank, filler = int(line[0]), int(line[1]), int(line[2]), float(line[3])
     assert pairs == SEEN_PAIRS and per_rank == steps
@@ -98,7 +98,8 @@ def test_one_packed_epoch_learns(packed_epoch, trained_run, tmp_path):
     assert summary["packing"] == {"mode": "pairs", "pairs": pairs, "steps": steps, "pack_rows": 8, "seq_length": 512,
                                   "filler_share": pytest.approx(filler / 100, abs=5e-4)}
     packed = accuracy(packed_epoch["output"] / "checkpoint", tmp_path / "packed.json")
-    padded = accuracy(trained_run["checkpoint_root"], tmp_path / "padded.json")
+    padded = trained_eval["results"]["checkpoints"][0]["accuracy"]  # the padded run's, same split and YAML
+    assert trained_eval["results"]["pairs"] == TEST_PAIRS
     assert packed >= 0.95 and abs(packed - padded) <= 0.02, (packed, padded)
 
 
@@ -139,20 +140,38 @@ def seen_pairs(steps):
     return found
 
 
-def test_packed_data_parallel_under_msrun(test_mindrecord, tmp_path):
-    """2 ranks, one epoch of the test split: both ranks run the same number of steps and end (no hang waiting
-    for the other), losses finite and different per rank, replicas equal; the ranks' shards are disjoint and
-    together hold every pair once."""
+MSRUN_PAIRS = 240  # about 15 packed steps a rank (the whole split's 773: about 48): enough for the checks below
+
+
+@pytest.fixture(scope="module")
+def few_pairs(tmp_path_factory):
+    """The first MSRUN_PAIRS test pairs converted at seq 256, pad 2 (in this process: the converter's own
+    subprocess runs are conftest's)."""
+    work = tmp_path_factory.mktemp("few_pairs")
+    src = work / "pairs.jsonl"
+    src.write_text("".join(TEST_JSONL.read_text(encoding="utf-8").splitlines(keepends=True)[:MSRUN_PAIRS]),
+                   encoding="utf-8")
+    out = work / "test_256.mindrecord"
+    run_main(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", src, "--dst_file", out,
+             "--seq_length", 256, "--pad_token_id", 2)
+    return out
+
+
+def test_packed_data_parallel_under_msrun(few_pairs, tmp_path):
+    """2 ranks, one epoch of MSRUN_PAIRS test pairs: both ranks run the same number of steps and end (no hang
+    waiting for the other), losses finite and different per rank, replicas equal; the ranks' shards are disjoint
+    and together hold every pair once."""
     from mindrlhf.data.dataset import create_reward_dataset, read_pairs
 
+    data = few_pairs
     out = tmp_path / "output"
-    order = " ".join(map(str, [TRAIN, "--config", PACKED_CONFIG, "--train_dataset", test_mindrecord, "--output_dir",
+    order = " ".join(map(str, [TRAIN, "--config", PACKED_CONFIG, "--train_dataset", data, "--output_dir",
                                out, "--use_parallel", "True", "--save_steps", 1000]))
     proc = msrun(order, 2, tmp_path / "logs", timeout=900)  # a hang becomes a failure
     assert proc.returncode == 0, proc.stderr[-3000:]
     (line,) = PACKING_LINE.findall((tmp_path / "logs" / "worker_0.log").read_text(encoding="utf-8"))
     pairs, steps, per_rank = int(line[0]), int(line[1]), int(line[2])
-    assert pairs == TEST_PAIRS and steps == 2 * per_rank
+    assert pairs == MSRUN_PAIRS and steps == 2 * per_rank
     logs = [parse_log(out / "log" / f"rank_{r}" / "info.log") for r in (0, 1)]
     assert [[p.step for p in points] for points in logs] == [list(range(1, per_rank + 1))] * 2
     assert all(np.isfinite(p.loss) for points in logs for p in points)
@@ -167,7 +186,7 @@ def test_packed_data_parallel_under_msrun(test_mindrecord, tmp_path):
     seed = yaml.safe_load(PACKED_CONFIG.read_text(encoding="utf-8"))["seed"]  # MindFormers copies it to the dataset
     shards = []
     for rank in (0, 1):
-        dataset = create_reward_dataset(str(test_mindrecord), batch_size=8, shuffle=True, shard_id=rank,
+        dataset = create_reward_dataset(str(data), batch_size=8, shuffle=True, shard_id=rank,
                                         num_shards=2, seed=seed, pad_token_id=2, packing="pairs", pack_rows=8,
                                         loss_type="span", seq_length=512)
         rows = [(row["input_ids"], row["attention_mask"])
@@ -175,7 +194,7 @@ def test_packed_data_parallel_under_msrun(test_mindrecord, tmp_path):
         assert len(rows) == per_rank
         shards.append(seen_pairs(rows))
     everything = Counter((tuple(p.chosen.tolist()), tuple(p.rejected.tolist()))
-                         for p in read_pairs([str(test_mindrecord)], 2)[0])
-    assert sum(everything.values()) == TEST_PAIRS
-    assert min(sum(s.values()) for s in shards) > TEST_PAIRS // 3  # both ranks train on about half
+                         for p in read_pairs([str(data)], 2)[0])
+    assert sum(everything.values()) == MSRUN_PAIRS
+    assert min(sum(s.values()) for s in shards) > MSRUN_PAIRS // 3  # both ranks train on about half
     assert shards[0] + shards[1] == everything  # each pair exactly once: the shards are disjoint

@@ -1,4 +1,5 @@
 """Resume continues bit for bit: after a clean stop, after SIGKILL, and past a corrupt checkpoint."""
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,9 +63,25 @@ def uninterrupted(dynamic_scale_config, test_mindrecord, tmp_path_factory):
     return newest(out)
 
 
-def test_resume_after_a_clean_stop_is_bit_exact(dynamic_scale_config, test_mindrecord, tmp_path, uninterrupted):
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def stopped_at_8(dynamic_scale_config, test_mindrecord, tmp_path_factory):
+    """A run stopped cleanly at step 8 (--stop_step 8, a checkpoint at 8): the start of both clean-stop resumes
+    below, each resuming its own copy."""
+    out = tmp_path_factory.mktemp("stopped") / "out"
     train(dynamic_scale_config, test_mindrecord, out, "--stop_step", 8, "--save_steps", 8)
+    return out
+
+
+def copy_of(run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(run, out)  # file times kept: the newest checkpoint stays the newest
+    assert int(weights(newest(out))["global_step"].reshape(-1)[0]) == 8
+    return out
+
+
+def test_resume_after_a_clean_stop_is_bit_exact(dynamic_scale_config, test_mindrecord, tmp_path, uninterrupted,
+                                                stopped_at_8):
+    out = copy_of(stopped_at_8, tmp_path)
     train(dynamic_scale_config, test_mindrecord, out, "--stop_step", 16, "--save_steps", 8,
           "--resume", "True", "--load_checkpoint", out / "checkpoint")
     assert int(weights(newest(out))["global_step"].reshape(-1)[0]) == 16
@@ -141,11 +158,10 @@ def test_resume_from_a_single_file_is_refused(dynamic_scale_config, test_mindrec
 
 
 def test_the_tutorials_yaml_only_resume_continues_the_run(dynamic_scale_config, test_mindrecord, tmp_path,
-                                                           uninterrupted):
+                                                           uninterrupted, stopped_at_8):
     """The tutorial resumes by pointing load_checkpoint in the YAML at the checkpoint directory and running the
     same command again (no --resume flag)."""
-    out = tmp_path / "out"
-    train(dynamic_scale_config, test_mindrecord, out, "--stop_step", 8, "--save_steps", 8)
+    out = copy_of(stopped_at_8, tmp_path)
     raw = yaml.safe_load(dynamic_scale_config.read_text(encoding="utf-8"))
     raw["load_checkpoint"] = str(out / "checkpoint")
     resumed_config = tmp_path / "resume.yaml"

@@ -18,7 +18,7 @@ import mindspore  # noqa: F401  (before transformers: MindSpore's generated prot
 import numpy as np
 import pytest
 
-from conftest import EXAMPLES, SCRIPTS, TEST_JSONL, TINY_CONFIG, TOKENIZER, cli_env, free_port, run_cli
+from conftest import EXAMPLES, SCRIPTS, TEST_JSONL, TINY_CONFIG, TOKENIZER, cli_env, free_port, run_cli, run_main
 
 pytestmark = pytest.mark.slow  # needs the trained_run fixture
 SERVER = EXAMPLES / "reward_server.py"
@@ -502,8 +502,8 @@ def test_openrlhf_verl_llamafactory_clients_score_decoded_llama2_rollouts_as_rew
     rows_file.write_text("".join(json.dumps({"query": q}, ensure_ascii=False) + "\n" for q in queries),
                          encoding="utf-8")
     out = run["work"] / "decoded_scores.jsonl"
-    run_cli(EXAMPLES / "reward_infer.py", "--config", TINY_CONFIG, "--data_file", rows_file, "--tokenizer",
-            TOKENIZER, "--distributed_ckpt_path", run["root"], "--output_file", out, "--normalize", "--overwrite")
+    run_main(EXAMPLES / "reward_infer.py", "--config", TINY_CONFIG, "--data_file", rows_file, "--tokenizer",
+             TOKENIZER, "--distributed_ckpt_path", run["root"], "--output_file", out, "--normalize", "--overwrite")
     assert [json.loads(line)["score"] for line in out.read_text(encoding="utf-8").splitlines()] == pytest.approx(
         [scored[i]["score"] for i in picks], abs=1e-5)
 
@@ -587,8 +587,8 @@ def family_run(request, hf_folders, tmp_path_factory):
     assert len(rows) == 6
     data = work / "rows.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    run_cli(EXAMPLES / "reward_infer.py", "--config", config, "--data_file", data, "--tokenizer", folder,
-            "--distributed_ckpt_path", root, "--output_file", work / "scores.jsonl")
+    run_main(EXAMPLES / "reward_infer.py", "--config", config, "--data_file", data, "--tokenizer", folder,
+             "--distributed_ckpt_path", root, "--output_file", work / "scores.jsonl")  # test_backbones: as a process
     scored = [json.loads(line)["score"] for line in (work / "scores.jsonl").read_text().splitlines()]
     assert np.std(scored) > 1e-4  # scores that differ: a wrong token would show
     server = build_inprocess(config, root, folder)

@@ -14,7 +14,7 @@ import pytest
 import mindspore as ms
 from mindspore.train.node_strategy_pb2 import ParallelStrategyMap
 
-from conftest import EXAMPLES, SCRIPTS, TEST_JSONL, TINY_CONFIG, TOKENIZER, run_cli
+from conftest import EXAMPLES, SCRIPTS, TEST_JSONL, TINY_CONFIG, TOKENIZER, run_cli, run_main
 
 pytestmark = pytest.mark.slow
 ROWS = re.compile(r"(attention\.w[qkv]|feed_forward\.w[13])\.weight$|tok_embeddings\.embedding_weight$")
@@ -78,21 +78,22 @@ def sliced(trained_run, tmp_path_factory):
     return {"run": run, "whole_file": whole_file, "whole": whole}
 
 
-def evaluate(tmp_path, name, checkpoint, *extra, check=True):
+def evaluate(tmp_path, name, checkpoint, *extra, check=True, runner=run_cli):
+    """reward_eval.py on 100 test pairs (runner run_main: in this process, for a path run_cli runs too)."""
     pairs = tmp_path / "pairs.jsonl"
     if not pairs.exists():
         pairs.write_text("\n".join(TEST_JSONL.read_text(encoding="utf-8").splitlines()[:100]) + "\n",
                          encoding="utf-8")
-    proc = run_cli(EXAMPLES / "reward_eval.py", "--config", TINY_CONFIG, "--distributed_ckpt_path", checkpoint,
-                   "--eval_dataset", pairs, "--tokenizer", TOKENIZER, "--output_file", tmp_path / f"{name}.json",
-                   "--scores_file", tmp_path / f"{name}.jsonl", *extra, check=check)
+    proc = runner(EXAMPLES / "reward_eval.py", "--config", TINY_CONFIG, "--distributed_ckpt_path", checkpoint,
+                  "--eval_dataset", pairs, "--tokenizer", TOKENIZER, "--output_file", tmp_path / f"{name}.json",
+                  "--scores_file", tmp_path / f"{name}.jsonl", *extra, check=check)
     if not check:
         return proc
     return [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()], proc
 
 
 def test_evaluation_reads_slices_with_the_runs_own_strategy(sliced, tmp_path):
-    whole, _ = evaluate(tmp_path, "whole", sliced["whole_file"])
+    whole, _ = evaluate(tmp_path, "whole", sliced["whole_file"], runner=run_main)  # the reference
     merged, proc = evaluate(tmp_path, "slices", sliced["run"] / "checkpoint")  # the tutorial's command
     assert "merged the model-parallel slices" in proc.stdout
     assert len(merged) == len(whole) == 100
@@ -105,11 +106,12 @@ def test_inference_reads_slices_with_an_explicit_strategy(sliced, tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text(TEST_JSONL.read_text(encoding="utf-8").splitlines()[0] + "\n", encoding="utf-8")
     outs = {}
-    for name, ckpt, extra in (("whole", sliced["whole_file"], []),
-                              ("slices", sliced["run"] / "checkpoint",
-                               ["--src_strategy", sliced["run"] / "strategy" / "ckpt_strategy_rank_0.ckpt"])):
+    for name, ckpt, extra, runner in (("whole", sliced["whole_file"], [], run_main),  # the reference
+                                      ("slices", sliced["run"] / "checkpoint",
+                                       ["--src_strategy", sliced["run"] / "strategy" / "ckpt_strategy_rank_0.ckpt"],
+                                       run_cli)):
         outs[name] = tmp_path / f"{name}.jsonl"
-        run_cli(EXAMPLES / "reward_infer.py", "--config", TINY_CONFIG, "--data_file", rows, "--tokenizer", TOKENIZER,
+        runner(EXAMPLES / "reward_infer.py", "--config", TINY_CONFIG, "--data_file", rows, "--tokenizer", TOKENIZER,
                 "--distributed_ckpt_path", ckpt, "--output_file", outs[name], *extra)
     scores = {n: [json.loads(line)["score"] for line in p.read_text().splitlines()] for n, p in outs.items()}
     assert scores["slices"] == pytest.approx(scores["whole"], abs=1e-6)
@@ -122,8 +124,8 @@ def test_merge_script_writes_the_whole_checkpoint(sliced, tmp_path):
     assert set(merged) == set(sliced["whole"])
     for name, array in sliced["whole"].items():
         np.testing.assert_array_equal(merged[name], array, err_msg=name)
-    again = run_cli(SCRIPTS / "merge_checkpoint.py", "--src_checkpoint", sliced["run"] / "checkpoint",
-                    "--output_path", out, check=False)
+    again = run_main(SCRIPTS / "merge_checkpoint.py", "--src_checkpoint", sliced["run"] / "checkpoint",
+                     "--output_path", out, check=False)  # its exit 2 runs as a process below
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
@@ -137,7 +139,7 @@ def test_missing_or_wrong_strategy_is_a_clear_error(sliced, tmp_path):
 
     wrong = tmp_path / "wrong_strategy.ckpt"  # a run that split wo/w2 by rows instead
     write_strategy(wrong, sliced["whole"], lambda n: 0 if split_dim(n) is not None else None)
-    proc = evaluate(tmp_path, "wrong", bare / "checkpoint", "--src_strategy", wrong, check=False)
+    proc = evaluate(tmp_path, "wrong", bare / "checkpoint", "--src_strategy", wrong, check=False, runner=run_main)
     assert proc.returncode == 2 and "is not the one of this run" in proc.stdout + proc.stderr
 
 
@@ -180,5 +182,5 @@ def test_slices_of_different_steps_are_refused_by_name(tmp_path):
     assert proc.returncode == 2 and f"{files[1]}: step 4" in proc.stderr, proc.stderr[-3000:]
 
     write_slices(run, fresh_weights(8), name, ranks=[1])  # the slices of one step merge
-    run_cli(SCRIPTS / "merge_checkpoint.py", "--src_checkpoint", run / "checkpoint", "--output_path", out)
+    run_main(SCRIPTS / "merge_checkpoint.py", "--src_checkpoint", run / "checkpoint", "--output_path", out)
     assert int(ms.load_checkpoint(str(out))["global_step"].asnumpy()[0]) == 8

@@ -8,7 +8,7 @@ import pytest
 
 from mindrlhf.tools.loss_log import parse_log
 
-from conftest import EXAMPLES, HELDOUT_PAIRS, SEEN_PAIRS, TEST_JSONL, TINY_CONFIG, TOKENIZER, run_cli
+from conftest import EXAMPLES, HELDOUT_PAIRS, SEEN_PAIRS, TEST_JSONL, TINY_CONFIG, TOKENIZER, run_cli, run_main
 
 pytestmark = pytest.mark.slow
 
@@ -29,13 +29,9 @@ def test_loss_falls(trained_run):
 
 
 @pytest.fixture(scope="module")
-def evaluation(trained_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("eval")
-    proc = run_cli(EXAMPLES / "reward_eval.py", "--config", TINY_CONFIG,
-                   "--distributed_ckpt_path", trained_run["checkpoint_root"], "--eval_dataset", TEST_JSONL,
-                   "--tokenizer", TOKENIZER, "--output_file", out / "eval.json", "--scores_file", out / "scores.jsonl")
-    return {"proc": proc, "results": json.loads((out / "eval.json").read_text()),
-            "scores": [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]}
+def evaluation(trained_eval):
+    """conftest's trained_eval: the whole test split on the newest checkpoint (test_packed_train shares it)."""
+    return trained_eval
 
 
 def test_eval_accuracy_on_the_whole_test_set(evaluation):
@@ -100,8 +96,8 @@ def test_single_response_rows(trained_run, tmp_path):
     data.write_text(json.dumps([{"prompt": "怎样开锁？", "response": "请联系专业开锁公司。"}], ensure_ascii=False),
                     encoding="utf-8")
     out = tmp_path / "scores.jsonl"
-    run_cli(EXAMPLES / "reward_infer.py", "--config", TINY_CONFIG, "--data_file", data, "--tokenizer", TOKENIZER,
-            "--distributed_ckpt_path", trained_run["checkpoint_root"], "--output_file", out)
+    run_main(EXAMPLES / "reward_infer.py", "--config", TINY_CONFIG, "--data_file", data, "--tokenizer", TOKENIZER,
+             "--distributed_ckpt_path", trained_run["checkpoint_root"], "--output_file", out)  # in this process
     (row,) = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert row["prompt"] == "怎样开锁？" and np.isfinite(row["score"])
 
