@@ -24,7 +24,7 @@ from mindrlhf.data.templates import TUTORIAL, read_run_template
 from mindrlhf.errors import ConfigError
 from mindrlhf.models.loading import checkpoint_step
 from mindrlhf.models.lora import check_lora_tensors, is_lora, lora_settings
-from mindrlhf.models.lora_files import check_run_lora, lora_dims
+from mindrlhf.models.lora_files import check_checkpoint_lora, lora_dims
 from mindrlhf.models.slices import load_whole
 from mindrlhf.training.config import checkpoint_files
 
@@ -201,9 +201,7 @@ class RewardScorer:
         if adapter:
             return self._load_adapter(checkpoint, adapter)
         dims = lora_dims(checkpoint) if checkpoint.endswith(".ckpt") and os.path.isfile(checkpoint) else {}
-        check_lora_tensors(checkpoint, dims, self.lora, self.config_where)
-        if dims:
-            check_run_lora(checkpoint, self.lora, self.config_where)
+        check_checkpoint_lora(checkpoint, dims, self.lora, self.config_where)
         if self.lora is not None and not dims and (self._network is None or self._network.lora is not None):
             self.log(f"{checkpoint} holds no LoRA tensors (a merged or plain model): scored as a plain model, "
                      f"without the pet_config of {self.config_where}")

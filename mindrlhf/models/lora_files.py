@@ -1,8 +1,8 @@
 """A LoRA run's checkpoint -> its adapter file and/or the merged whole model, and the checks that keep a LoRA
 checkpoint from being read with other LoRA settings (or none: its deltas would be dropped without a word).
 
-scripts/lora_adapter.py and the end of a LoRA training run call extract(); the scorer and the export call
-check_run_lora after lora.check_lora_tensors.
+scripts/lora_adapter.py and the end of a LoRA training run call extract(); the scorer and extract() check a
+checkpoint with check_checkpoint_lora (its tensors, then its run's lora.json).
 """
 import json
 import os
@@ -24,6 +24,14 @@ RUN_LORA_FILE = "lora.json"  # a LoRA run's settings, beside template.json
 def lora_dims(path: str) -> Dict[str, Tuple[int, ...]]:
     """{name: dims} of the LoRA tensors a .ckpt holds, read without loading it (empty for a plain model)."""
     return {n: d for n, d in tensor_dims(path, lora.is_lora).items() if lora.is_lora(n)}
+
+
+def check_checkpoint_lora(path: str, dims: Dict[str, Tuple[int, ...]], settings: Optional[dict], where: str):
+    """A checkpoint's LoRA tensors ({name: dims}) against the settings it is read with (lora.check_lora_tensors),
+    then, when it holds some, against its run's recorded settings (check_run_lora: alpha is in no tensor)."""
+    lora.check_lora_tensors(path, dims, settings, where)
+    if dims:
+        check_run_lora(path, settings, where)
 
 
 def _run_root(checkpoint: str) -> str:
@@ -132,10 +140,7 @@ def extract(checkpoint: str, settings: dict, where: str, adapter: Optional[str] 
         raise ConfigError(f"--output {adapter}: an adapter is a .safetensors file")
     if merged and not merged.endswith(".ckpt"):
         raise ConfigError(f"--merge {merged}: the merged model is a MindSpore .ckpt file")
-    dims = lora_dims(checkpoint)
-    lora.check_lora_tensors(checkpoint, dims, settings, where)
-    if dims:
-        check_run_lora(checkpoint, settings, where)
+    check_checkpoint_lora(checkpoint, lora_dims(checkpoint), settings, where)
     params = (load_whole(checkpoint, expected, src_strategy, log=log) if expected is not None
               else load_checkpoint_dict(checkpoint))
     lora.check_lora_tensors(checkpoint, {n: tuple(v.shape) for n, v in params.items() if lora.is_lora(n)}, settings,
