@@ -16,7 +16,7 @@ setup(
     version="0.1.0",
     description="Llama2 reward models on MindSpore/MindFormers: data conversion, training, evaluation, inference",
     packages=find_packages(include=["mindrlhf", "mindrlhf.*"]),
-    package_data={"mindrlhf.models": ["kernels/*.cc"]},  # compiled on first use (mindrlhf/models/native.py)
+    package_data={"mindrlhf.kernels": ["*.cc"]},  # compiled on first use (mindrlhf/kernels/native.py)
     python_requires=">=3.9",
     install_requires=requirements(),
     # interop: benchmarks/check_hf_parity.py scores the Hugging Face export with transformers on PyTorch

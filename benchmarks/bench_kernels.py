@@ -42,8 +42,8 @@ def kernel_times(repeats: int) -> dict:
     import mindspore as ms
     from mindspore import Tensor
 
-    from mindrlhf.models import native
-    from mindrlhf.models.cpu_speedups import FusedRMSNorm, FusedSwiGLU, RopeAttention
+    from mindrlhf.kernels import native
+    from mindrlhf.kernels.cpu_speedups import FusedRMSNorm, FusedSwiGLU, RopeAttention
 
     ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
     library = native.library("cpu_kernels")

@@ -2,8 +2,8 @@
 FP32StateAdamWeightDecay with MindFormerRegister, so YAML `type:` names resolve. load_config() does it for
 every YAML path; a script of your own that builds MindFormers' Trainer from our YAML imports this module."""
 from mindrlhf.data.dataset import RewardModelDataset
-from mindrlhf.models.llama_reward import LlamaRewardModel
-from mindrlhf.models.loss import CompareLoss
+from mindrlhf.model.llama_reward import LlamaRewardModel
+from mindrlhf.model.loss import CompareLoss
 from mindrlhf.training.optimizer import FP32StateAdamWeightDecay
 from mindrlhf.training.wrapper import RewardTrainOneStepCell
 

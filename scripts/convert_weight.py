@@ -25,7 +25,7 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     args = parser.parse_args(argv)
     from mindrlhf.errors import OutputExistsError
-    from mindrlhf.models.hf_import import convert_hf_to_ms
+    from mindrlhf.interop.hf_import import convert_hf_to_ms
 
     if os.path.exists(args.output_path) and not args.overwrite:
         raise OutputExistsError(f"{args.output_path} already exists; pass --overwrite to replace it")

@@ -33,8 +33,8 @@ def main(argv=None):
     import mindrlhf._mindformers  # noqa: F401  (quiet import first)
     from mindrlhf.errors import ConfigError
     from mindrlhf.evaluation.scorer import list_checkpoints
-    from mindrlhf.models.lora import lora_settings
-    from mindrlhf.models.lora_files import extract, model_shapes
+    from mindrlhf.model.lora import lora_settings
+    from mindrlhf.checkpoints.adapters import extract, model_shapes
     from mindrlhf.training.config import load_config
 
     config = load_config(args.config)

@@ -27,7 +27,7 @@ def main(argv=None):
     from mindrlhf.errors import ConfigError
     from mindrlhf.evaluation.scorer import list_checkpoints
     from mindrlhf.io import check_new_output
-    from mindrlhf.models.slices import STRATEGY_HINT, find_strategy, merge_slices
+    from mindrlhf.checkpoints.slices import STRATEGY_HINT, find_strategy, merge_slices
 
     check_new_output(args.output_path, args.overwrite)
     checkpoint = list_checkpoints(args.src_checkpoint)[-1]

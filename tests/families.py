@@ -128,7 +128,7 @@ def build_reward_model(config_path, checkpoint="", **changes):
     import mindspore as ms
     from mindformers import LlamaConfig
 
-    from mindrlhf.models.llama_reward import LlamaRewardModel
+    from mindrlhf.model.llama_reward import LlamaRewardModel
     from mindrlhf.training.config import load_config
 
     ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")

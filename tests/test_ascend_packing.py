@@ -6,7 +6,7 @@ import pytest
 
 from mindrlhf.errors import ConfigError
 from mindrlhf.data.packing import EOD_PAD_LENGTH, actual_seq_len, visible
-from mindrlhf.models.ascend_packing import MIN_SEQ_LENGTH, check_ascend_packing
+from mindrlhf.model.ascend_packing import MIN_SEQ_LENGTH, check_ascend_packing
 
 
 def codes_of(row_segments, kinds=None):

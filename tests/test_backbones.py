@@ -9,7 +9,7 @@ import pytest
 
 import mindrlhf.registry  # noqa: F401
 from mindrlhf.errors import ConfigError
-from mindrlhf.models.hf_import import convert_hf_to_ms, hf_to_ms_name
+from mindrlhf.interop.hf_import import convert_hf_to_ms, hf_to_ms_name
 from mindrlhf.training.config import load_config
 
 from conftest import EXAMPLES, ROOT, TEST_JSONL, TRAIN_JSONL, run_cli, run_main

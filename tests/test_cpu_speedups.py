@@ -29,7 +29,7 @@ def build(monkeypatch, stock, compiled=True, kv_heads=None):
     import mindrlhf.registry  # noqa: F401  (registers the model)
     from mindformers import LlamaConfig
 
-    from mindrlhf.models.llama_reward import LlamaRewardModel
+    from mindrlhf.model.llama_reward import LlamaRewardModel
     from mindrlhf.training.config import load_config
 
     cfg = dict(load_config(str(TINY_CONFIG)).model.model_config)
@@ -66,7 +66,7 @@ def batch():
 def compiled_library():
     """The compiled kernels where a C++ compiler is here (then they must build: g++ 9+ on x86-64 or aarch64);
     None where none is, and the model falls back to MindSpore's kernels (asserted by the callers)."""
-    from mindrlhf.models import native
+    from mindrlhf.kernels import native
 
     library = native.library("cpu_kernels")
     compiler = os.environ.get("CXX") or "g++"
@@ -166,7 +166,7 @@ def attention_inputs(rng, batch, seq, size, heads, groups, per_key):
 def test_compiled_attention_matches_float64(seq, size, heads, groups, per_key):
     """Odd lengths (blocks of rows and of 16 keys with tails), several head sizes, shared key heads, both mask
     forms, a padded row, a hidden key in the middle and a row that sees nothing."""
-    from mindrlhf.models.cpu_speedups import RopeAttention
+    from mindrlhf.kernels.cpu_speedups import RopeAttention
 
     library = compiled_library()
     if library is None:
@@ -195,7 +195,7 @@ def test_compiled_attention_matches_float64(seq, size, heads, groups, per_key):
 
 def test_compiled_norm_and_swiglu_match_float64():
     """Row counts that leave a partial block, an odd width; NaN propagates."""
-    from mindrlhf.models.cpu_speedups import FusedRMSNorm, FusedSwiGLU
+    from mindrlhf.kernels.cpu_speedups import FusedRMSNorm, FusedSwiGLU
 
     library = compiled_library()
     if library is None:
@@ -234,7 +234,7 @@ def test_compiled_norm_and_swiglu_match_float64():
 
 def test_kernel_build_is_cached_and_missing_compiler_falls_back(tmp_path):
     """Built once into MINDRLHF_CACHE and reused; with no compiler the model keeps MindSpore's kernels."""
-    probe = ("import os; from mindrlhf.models import native; path = native.library('cpu_kernels'); "
+    probe = ("import os; from mindrlhf.kernels import native; path = native.library('cpu_kernels'); "
              "print(path, os.path.getmtime(path) if path else '')")
     env = dict(os.environ, MINDRLHF_CACHE=str(tmp_path), MINDRLHF_COMPILED_KERNELS="1")
     first = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
@@ -246,7 +246,7 @@ def test_kernel_build_is_cached_and_missing_compiler_falls_back(tmp_path):
     env = dict(env, CXX=str(tmp_path / "no-such-compiler"), MINDRLHF_CACHE=str(tmp_path / "other"))
     fallback = ("import mindspore as ms; ms.set_context(mode=ms.GRAPH_MODE, device_target='CPU');"
                 "import mindrlhf.registry; from mindformers import LlamaConfig;"
-                "from mindrlhf.models.llama_reward import LlamaRewardModel; from mindrlhf.training.config import "
+                "from mindrlhf.model.llama_reward import LlamaRewardModel; from mindrlhf.training.config import "
                 f"load_config; cfg = dict(load_config({str(TINY_CONFIG)!r}).model.model_config); cfg.pop('type');"
                 "net = LlamaRewardModel(LlamaConfig(**cfg));"
                 "print(sorted({type(c).__name__ for _, c in net.cells_and_names() if 'Softmax' in type(c).__name__"

@@ -4,7 +4,7 @@ them and as the model builds them."""
 import pytest
 
 import mindrlhf.registry  # noqa: F401
-from mindrlhf.models.hf_import import expected_shapes, hf_model_config
+from mindrlhf.interop.hf_import import expected_shapes, hf_model_config
 from mindrlhf.training.config import check_sections, load_config
 
 from conftest import ROOT

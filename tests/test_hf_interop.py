@@ -56,7 +56,7 @@ def legacy_folder(tmp_path, name):
 def imported(request, tmp_path_factory):
     """A fixture converted as convert_weight.py does (its CLI runs in the next test) with its run YAML: shapes,
     theta and scaling checked."""
-    from mindrlhf.models.hf_import import convert_hf_to_ms
+    from mindrlhf.interop.hf_import import convert_hf_to_ms
     from mindrlhf.training.config import load_config
 
     name = request.param
@@ -71,7 +71,7 @@ def imported(request, tmp_path_factory):
 
 # -- item 5: both config layouts -------------------------------------------------------------------------------
 def test_rope_settings_are_read_from_both_layouts():
-    from mindrlhf.models.hf_import import hf_model_config, hf_rope
+    from mindrlhf.interop.hf_import import hf_model_config, hf_rope
 
     expected = {"llama3_1": (500000.0, dict(SCALING, rope_type="llama3")), "qwen2_5": (1000000.0, None)}
     for name, (theta, scaling) in expected.items():
@@ -97,7 +97,7 @@ def test_rope_settings_are_read_from_both_layouts():
 def test_transformers_5_folders_convert_with_their_rope_and_are_refused_with_another(tmp_path):
     """Before: a Qwen2 folder of transformers 5 (theta 1e6 only inside rope_parameters) was refused against a
     YAML saying 1e6, and converted silently against one saying 10000; Llama 3.1's scaling was not seen."""
-    from mindrlhf.models.hf_import import convert_hf_to_ms
+    from mindrlhf.interop.hf_import import convert_hf_to_ms
     from mindrlhf.training.config import load_config
 
     bad = write_yaml(tmp_path / "bad.yaml", "qwen2_5", theta=10000.0)
@@ -128,7 +128,7 @@ def test_imported_models_score_as_transformers(imported):
     import mindspore as ms
 
     from mindrlhf.evaluation.scorer import RewardScorer
-    from mindrlhf.models import native
+    from mindrlhf.kernels import native
 
     scorer = RewardScorer(str(imported["config"]), str(imported["ckpt"]), log=lambda *_: None)
     if native.library("cpu_kernels"):
@@ -177,7 +177,7 @@ def test_export_gives_back_what_transformers_wrote(imported):
 
 
 def test_extend_methods_without_a_hugging_face_equivalent_are_refused():
-    from mindrlhf.models.export import hf_config as export_config
+    from mindrlhf.interop.hf_folder import hf_config as export_config
     from mindrlhf.training.config import load_config
 
     base, sizes = MODELS["llama3_1"]
@@ -191,7 +191,7 @@ def test_overwrite_replaces_an_earlier_export_and_nothing_else(tmp_path):
     """export_hf.py --overwrite on a folder of the user's: exit 2, nothing touched (before: deleted). An earlier
     export (our marker, only the files it lists) is replaced; one with a file of the user's added is not."""
     from mindrlhf.errors import OutputExistsError
-    from mindrlhf.models.hf_import import convert_hf_to_ms
+    from mindrlhf.interop.hf_import import convert_hf_to_ms
     from mindrlhf.serving.share import export_run
     from mindrlhf.tools.tiny_hf import tiny_hf_tensors, write_hf
     from mindrlhf.training.config import load_config

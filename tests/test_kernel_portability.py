@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from mindrlhf import distributed, io
-from mindrlhf.models import native
+from mindrlhf.kernels import native
 
 HERE = Path(__file__).parent
 CPUINFO = HERE / "data" / "cpuinfo"

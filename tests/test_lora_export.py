@@ -33,9 +33,9 @@ def lora_run(request, tmp_path_factory):
     LoRA tensors, value head), beside the run's LoRA YAML and the plain YAML of the same model."""
     import mindspore as ms
 
-    from mindrlhf.models import lora
-    from mindrlhf.models.hf_import import convert_hf_to_ms
-    from mindrlhf.models.peft_io import peft_onto_base, read_peft_adapter
+    from mindrlhf.model import lora
+    from mindrlhf.interop.hf_import import convert_hf_to_ms
+    from mindrlhf.interop.peft import peft_onto_base, read_peft_adapter
     from mindrlhf.training.config import load_config
 
     name = request.param
@@ -107,7 +107,7 @@ def test_merged_export_is_w_plus_ba_and_scores_as_the_lora_model(lora_run):
     our LoRA model (<= 1e-5) and as peft's merged model (<= 1e-4)."""
     from safetensors.numpy import load_file
 
-    from mindrlhf.models.hf_import import convert_hf_to_ms
+    from mindrlhf.interop.hf_import import convert_hf_to_ms
     from mindrlhf.serving.share import export_run
     from mindrlhf.training.config import load_config
 
@@ -164,8 +164,8 @@ def test_lora_tensors_are_never_dropped_silently(lora_run, tmp_path):
                    form="peft", log=quiet)
     import mindspore as ms
 
-    from mindrlhf.models.loading import load_checkpoint_dict
-    from mindrlhf.models.peft_io import peft_onto_base
+    from mindrlhf.checkpoints.loading import load_checkpoint_dict
+    from mindrlhf.interop.peft import peft_onto_base
 
     narrow = load_checkpoint_dict(str(lora_run["base"]))  # a base whose o_proj is narrower than the adapter's
     narrow["model.layers.1.attention.wo.weight"] = ms.Parameter(narrow["model.layers.1.attention.wo.weight"][:, :32],
@@ -184,8 +184,8 @@ def test_scoring_merging_and_export_check_lora_tensors_alike(lora_run, tmp_path)
     """A YAML whose lora_rank is not the checkpoint's: the scorer, the adapter tool's extract and the export refuse
     it with one check's words, naming the file and the tensors (before: two checks; the scorer's named no tensor)."""
     from mindrlhf.evaluation.scorer import RewardScorer
-    from mindrlhf.models import lora
-    from mindrlhf.models.lora_files import extract
+    from mindrlhf.model import lora
+    from mindrlhf.checkpoints.adapters import extract
     from mindrlhf.serving.share import export_run
     from mindrlhf.training.config import load_config
 
@@ -208,7 +208,7 @@ def test_scoring_merging_and_export_check_lora_tensors_alike(lora_run, tmp_path)
 
 def test_lora_tensors_that_miss_a_layer_or_do_not_fit_their_weight_are_refused():
     """With the model's shapes (export, merge): every target projection of every layer, A (r, in), B (out, r)."""
-    from mindrlhf.models import lora
+    from mindrlhf.model import lora
 
     settings = {"rank": 2, "alpha": 4.0, "target_modules": ".*wq", "targets": ["wq"]}
     shapes = {f"model.layers.{i}.attention.wq.weight": (8, 6) for i in (0, 1)}
@@ -249,9 +249,9 @@ def test_base_plus_adapter_exports_as_the_lora_checkpoint(lora_run, tmp_path):
     checkpoint; onto other base weights the adapter is refused; --overwrite replaces an earlier PEFT export and
     never a folder of the user's."""
     from mindrlhf.errors import OutputExistsError
-    from mindrlhf.models import lora
-    from mindrlhf.models.identity import weights_identity
-    from mindrlhf.models.loading import load_checkpoint_dict
+    from mindrlhf.model import lora
+    from mindrlhf.checkpoints.reader import weights_identity
+    from mindrlhf.checkpoints.loading import load_checkpoint_dict
     from mindrlhf.serving.share import export_run
     from mindrlhf.training.config import load_config
 
@@ -289,7 +289,7 @@ def test_base_plus_adapter_exports_as_the_lora_checkpoint(lora_run, tmp_path):
 
 
 def test_peft_configs_beyond_plain_lora_are_refused(tmp_path):
-    from mindrlhf.models.peft_io import HF_MODULES, ms_key, peft_key, read_peft_adapter
+    from mindrlhf.interop.peft import HF_MODULES, ms_key, peft_key, read_peft_adapter
 
     assert HF_MODULES == {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj",
                           "w2": "down_proj", "w3": "up_proj"}
@@ -320,9 +320,9 @@ def test_a_lora_network_of_the_tiny_lora_yaml_exports_merged_and_as_peft(tmp_pat
     from safetensors.numpy import load_file
 
     from mindrlhf.evaluation.scorer import RewardScorer
-    from mindrlhf.models import lora
-    from mindrlhf.models.export import ms_to_hf_name
-    from mindrlhf.models.peft_io import read_peft_adapter
+    from mindrlhf.model import lora
+    from mindrlhf.interop.hf_folder import ms_to_hf_name
+    from mindrlhf.interop.peft import read_peft_adapter
     from mindrlhf.serving.share import export_run
 
     from conftest import ROOT

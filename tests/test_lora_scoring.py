@@ -93,7 +93,7 @@ def test_training_writes_the_adapter_of_its_newest_checkpoint(lora_run):
 
 
 def test_the_tool_extracts_the_adapter_training_wrote(lora_run):
-    from mindrlhf.models.lora import read_adapter
+    from mindrlhf.model.lora import read_adapter
 
     assert lora_run["made"]["adapter"] == str(lora_run["work"] / "cli_adapter" / "adapter.safetensors")
     tensors, meta = read_adapter(lora_run["made"]["adapter"])
@@ -139,7 +139,7 @@ def test_three_forms_give_the_same_rewards_through_reward_eval(lora_run):
 def test_reward_eval_builds_the_network_once_for_merged_weights_and_the_lora_yaml(lora_run, monkeypatch, tmp_path):
     """reward_eval.py with the LoRA YAML: the merged model's network is built once, without LoRA (before: with
     LoRA, then again without once the checkpoint was found to hold none), the run's checkpoint's once, with."""
-    from mindrlhf.models.llama_reward import LlamaRewardModel
+    from mindrlhf.model.llama_reward import LlamaRewardModel
 
     builds, build = [], LlamaRewardModel.__init__
 
@@ -319,8 +319,8 @@ def test_merged_bfloat16_keeps_types_and_identity(tmp_path):
     statistics are tied to) is the checkpoint's; written as float32 it was not."""
     import mindspore as ms
 
-    from mindrlhf.models import lora
-    from mindrlhf.models.identity import weights_identity
+    from mindrlhf.model import lora
+    from mindrlhf.checkpoints.reader import weights_identity
 
     def param(name, array, kind=ms.float32):
         return ms.Parameter(ms.Tensor(np.asarray(array, np.float32)).astype(kind), name=name)
@@ -373,7 +373,7 @@ def test_base_digest_reads_float16_and_bfloat16_bases_as_the_float32_network_doe
     widened: one base, one digest. Before, the file hashed as stored and the right base was refused."""
     import mindspore as ms
 
-    from mindrlhf.models.lora import base_digest
+    from mindrlhf.model.lora import base_digest
 
     rng = np.random.default_rng(0)
     values = {f"model.layers.0.attention.w{k}.weight": rng.standard_normal((8, 8)).astype(np.float32) for k in "qkv"}

@@ -104,9 +104,9 @@ def test_resume_is_bit_exact(lora_run, tmp_path):
         np.testing.assert_array_equal(resumed[name], straight[name], err_msg=name)
 
 
-# runs a CLI with mindrlhf.models.lora.lora_settings counted: the calling modules go to $LORA_SETTINGS_CALLERS
+# runs a CLI with mindrlhf.model.lora.lora_settings counted: the calling modules go to $LORA_SETTINGS_CALLERS
 COUNTED = """import atexit, os, runpy, sys
-import mindrlhf.models.lora as lora
+import mindrlhf.model.lora as lora
 real, callers = lora.lora_settings, []
 def counted(*args, **kwargs):
     callers.append(sys._getframe(1).f_globals["__name__"])
@@ -123,7 +123,7 @@ def test_a_resumed_run_names_its_base_weights_and_derives_lora_once(lora_run, tm
     """2 steps from the base file, resumed to 4: the resumed run's adapter names the base file as the first run's
     does (before: base_path empty, the resumed command names no base file), and the trainer derives the LoRA
     settings once a run (before: three times, the last after training)."""
-    from mindrlhf.models.lora import read_adapter
+    from mindrlhf.model.lora import read_adapter
 
     out, callers = tmp_path / "out", tmp_path / "callers.txt"
     common = ["--config", LORA, "--train_dataset", lora_run["data"], "--output_dir", out, "--save_steps", 2]
@@ -145,8 +145,8 @@ def test_a_resumed_run_names_its_base_weights_and_derives_lora_once(lora_run, tm
 def test_a_run_resumed_from_before_lora_json_named_the_base_finds_it_in_its_adapters(tmp_path):
     """A run whose lora.json holds the settings alone (as written before it named the base): the resumed run takes
     the base path from the newest adapter of that run that names one."""
-    from mindrlhf.models import lora
-    from mindrlhf.models.lora_files import RUN_LORA_FILE, write_run_lora
+    from mindrlhf.model import lora
+    from mindrlhf.checkpoints.adapters import RUN_LORA_FILE, write_run_lora
 
     settings = {"rank": 2, "alpha": 4.0, "dropout": 0.0, "target_modules": ".*wq", "targets": ["wq"]}
     old = tmp_path / "old" / "checkpoint"
@@ -255,7 +255,7 @@ def test_every_familys_lora_yaml_builds_lora_on_its_seven_projections(config):
 def test_the_7b_yamls_commented_lora_block_is_valid_as_uncommented(config, tmp_path):
     """Each 7B YAML carries its pet_config commented out: uncommented as the comment says, its projections are
     reachable (qkv_concat/ffn_concat off) and every key is one LoRA takes."""
-    from mindrlhf.models.lora import lora_settings
+    from mindrlhf.model.lora import lora_settings
     from mindrlhf.training.config import load_config
 
     text = config.read_text(encoding="utf-8")
@@ -294,8 +294,8 @@ def test_swiglu_kernel_applies_silu_once_under_lora(monkeypatch):
     """LoRA on w1 before the CPU SwiGLU swap (as LlamaRewardModel does) gives the stock MindFormers model's rewards;
     the other order (swap, then LoRA: the LoRA layer takes w1's SiLU and switches it back on, the kernel applies it
     too) does not, and the comparison tells."""
-    from mindrlhf.models import native
-    from mindrlhf.models.lora import apply_lora, lora_settings
+    from mindrlhf.kernels import native
+    from mindrlhf.model.lora import apply_lora, lora_settings
     from mindrlhf.training.config import load_config
 
     if not native.library("cpu_kernels"):

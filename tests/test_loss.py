@@ -5,7 +5,7 @@ import pytest
 import mindspore as ms
 
 import mindrlhf.registry  # noqa: F401
-from mindrlhf.models.loss import CompareLoss
+from mindrlhf.model.loss import CompareLoss
 
 
 def reference(rewards, mask):

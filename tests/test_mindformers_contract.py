@@ -1,4 +1,4 @@
-"""The CPU swaps' contract with MindFormers (mindrlhf.models.cpu_speedups.MINDFORMERS_CONTRACT): the pinned
+"""The CPU swaps' contract with MindFormers (mindrlhf.kernels.cpu_speedups.MINDFORMERS_CONTRACT): the pinned
 MindFormers' legacy Llama layers still carry every private name and signature the swaps rely on, so an upgrade
 that renames one fails here, by name; and a layer that lacks one keeps its stock class, the model still computes
 the stock loss, and the one log line says which name was missing."""
@@ -27,7 +27,7 @@ def layers(net, class_name):
 
 
 def test_the_pinned_mindformers_layers_carry_every_name_the_swaps_rely_on(monkeypatch):
-    from mindrlhf.models.cpu_speedups import CONTRACT_SIGNATURES, MINDFORMERS_CONTRACT, contract_gaps
+    from mindrlhf.kernels.cpu_speedups import CONTRACT_SIGNATURES, MINDFORMERS_CONTRACT, contract_gaps
 
     net = stock_model(monkeypatch)
     for swap, (class_name, _) in MINDFORMERS_CONTRACT.items():
@@ -51,7 +51,7 @@ def loss(net):
 
 
 def test_a_layer_missing_a_name_stays_stock_and_the_log_says_which(monkeypatch):
-    from mindrlhf.models.cpu_speedups import use_cpu_kernels
+    from mindrlhf.kernels.cpu_speedups import use_cpu_kernels
 
     if compiled_library() is None:
         pytest.skip("no C++ compiler here: nothing is swapped to RopeAttention (the fallback is tested in "

@@ -124,7 +124,7 @@ class Weighted(nn.Cell):
 
     def __init__(self, library, weight):
         super().__init__()
-        from mindrlhf.models.cpu_speedups import RopeAttention
+        from mindrlhf.kernels.cpu_speedups import RopeAttention
 
         self.attention = RopeAttention(library)
         self.weight = Tensor(weight)
@@ -136,7 +136,7 @@ class Weighted(nn.Cell):
 
 def run(library, inputs, weight):
     """The kernel's output and dq, dk, dv (through RopeAttention's bprop) as numpy."""
-    from mindrlhf.models.cpu_speedups import RopeAttention
+    from mindrlhf.kernels.cpu_speedups import RopeAttention
 
     tensors = [Tensor(x) for x in inputs]
     out, stats = RopeAttention(library)(*tensors)
@@ -258,7 +258,7 @@ def test_keys_before_a_span_are_not_computed(library, size):
     rng = np.random.default_rng(size)
     q, k, v = (rng.normal(size=(1, seq, heads * size)).astype(np.float32) for _ in range(3))
     v[0, 5, 1] = np.nan
-    from mindrlhf.models.cpu_speedups import RopeAttention
+    from mindrlhf.kernels.cpu_speedups import RopeAttention
 
     out, _ = RopeAttention(library)(*(Tensor(x) for x in [q, k, v, *tables(seq, size),
                                                             packed_mask(positions[None], codes[None])]))
@@ -269,7 +269,7 @@ def test_keys_before_a_span_are_not_computed(library, size):
 
 def test_results_do_not_depend_on_the_thread_count_or_the_2d_layout(library):
     """1 or 2 threads, and q, k, v as (B·S, ·) (the model's 2-D layout; the packed mask gives B): bit-identical."""
-    from mindrlhf.models.cpu_speedups import RopeAttention
+    from mindrlhf.kernels.cpu_speedups import RopeAttention
 
     _, inputs, weight, *_ = packed_case(7, 83, 16, 4, 2, batch=3)
     kernels = ctypes.CDLL(library)  # the library the Custom ops loaded: one threads setting
@@ -291,7 +291,7 @@ def test_bad_positions_codes_and_mask_shapes_are_refused(library):
     fits no form; MindSpore's AOT launcher raises a RuntimeError naming the function and that value. (A graph
     that failed refuses to run again, "An error occurred in the previous step", and takes 3 s to unwind: one case
     runs as a graph, the others op by op, each with its own cell.)"""
-    from mindrlhf.models.cpu_speedups import RopeAttention
+    from mindrlhf.kernels.cpu_speedups import RopeAttention
 
     seq = 40
     _, inputs, _, positions, codes, _ = packed_case(3, seq, 16, 2, 2)
@@ -327,7 +327,7 @@ def test_packed_cost(library):
     """Prints (does not assert: the machine is shared) the forward time of one row of S = 1024, D = 64, as one
     span of S and as 8 spans of S/8, and the same row with the per-key padded mask; one span of S computes what
     the per-key mask does."""
-    from mindrlhf.models.cpu_speedups import RopeAttention
+    from mindrlhf.kernels.cpu_speedups import RopeAttention
 
     seq, size, heads = 1024, 64, 2
     rng = np.random.default_rng(0)

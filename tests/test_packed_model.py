@@ -121,7 +121,7 @@ def pack_scoring(sequences):
 def kernel_skip_reason():
     """None when the compiled attention kernel is here (it always takes the (B, 2, 1, S) packed mask), else why
     the kernel variant is skipped."""
-    from mindrlhf.models import native
+    from mindrlhf.kernels import native
 
     if native.library("cpu_kernels") is None:
         return "no compiled kernels here (no C++ compiler, or switched off)"
@@ -133,7 +133,7 @@ def tiny_model(packing, **options):
     import mindrlhf.registry  # noqa: F401  (registers the model)
     from mindformers import LlamaConfig
 
-    from mindrlhf.models.llama_reward import LlamaRewardModel
+    from mindrlhf.model.llama_reward import LlamaRewardModel
     from mindrlhf.training.config import load_config
 
     cfg = dict(load_config(str(TINY_CONFIG)).model.model_config)
@@ -269,7 +269,7 @@ def test_sequences_do_not_see_their_row_neighbours(monkeypatch, variant):
 
 def test_layout_mask_follows_the_rule():
     """Every kind: plain, prefix + both answers with in-span pads, two spans, filler; rows shorter than max_seq."""
-    from mindrlhf.models.packed import LayoutMask
+    from mindrlhf.model.packed import LayoutMask
 
     rows = np.array([[8, 8, 8, 9, 9, 13, 10, 10, 14, 14, 16, 16, 20, 0, 0, 0],
                      [8, 8, 12, 12, 16, 16, 16, 24, 25, 26, 25, 30, 0, 0, 0, 0]], np.int32)
@@ -284,7 +284,7 @@ def test_layout_mask_follows_the_rule():
 @pytest.mark.parametrize("value", ["yes", "pair", 1, "shared-prefix"])
 def test_bad_packing_value_is_a_config_error(value):
     from mindrlhf.errors import ConfigError
-    from mindrlhf.models.packed import packing_mode
+    from mindrlhf.model.packed import packing_mode
 
     with pytest.raises(ConfigError, match=r"model_config\.packing: expected false, pairs or shared_prefix"):
         packing_mode({"packing": value})

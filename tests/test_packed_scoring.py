@@ -21,7 +21,7 @@ def user_attention():
     """What a user's CPU runs: the compiled kernel where a C++ compiler built it, else MindSpore ops. The other
     path's packed-vs-padded equality is tested on the model (tests/test_packed_model.py); scoring adds the
     passes, the batcher and the CLIs on top, the same code on either path."""
-    from mindrlhf.models import native
+    from mindrlhf.kernels import native
 
     return "kernel" if native.library("cpu_kernels") else "ops"
 
@@ -53,7 +53,7 @@ def files(tmp_path_factory):
     import mindrlhf.registry  # noqa: F401  (registers the model)
     from mindformers import LlamaConfig
 
-    from mindrlhf.models.llama_reward import LlamaRewardModel
+    from mindrlhf.model.llama_reward import LlamaRewardModel
     from mindrlhf.training.config import load_config
 
     work = tmp_path_factory.mktemp("packed_scoring")
@@ -319,7 +319,7 @@ def test_reward_infer_packed_at_512_gives_the_padded_scores(files, variant, tmp_
 
     from mindrlhf.data.templates import TUTORIAL
     from mindrlhf.data.tokenizer import load_tokenizer
-    from mindrlhf.models.llama_reward import LlamaRewardModel
+    from mindrlhf.model.llama_reward import LlamaRewardModel
     from mindrlhf.training.config import load_config
 
     tables = []

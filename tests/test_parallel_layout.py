@@ -19,7 +19,7 @@ import mindrlhf.registry
 from mindformers import LlamaConfig
 from mindformers.modules import TransformerOpParallelConfig
 from mindrlhf.training.config import load_config
-from mindrlhf.models.llama_reward import LlamaRewardModel
+from mindrlhf.model.llama_reward import LlamaRewardModel
 ms.set_context(mode=1, device_target='CPU')
 config = load_config({str(CONFIG_7B)!r})
 parallel = dict(config.parallel_config)

@@ -24,7 +24,7 @@ def untrained_root(tmp_path_factory):
     """A real reward checkpoint of the tiny config (fresh weights), laid out as <root>/rank_0/."""
     from mindformers import LlamaConfig
 
-    from mindrlhf.models.llama_reward import LlamaRewardModel
+    from mindrlhf.model.llama_reward import LlamaRewardModel
 
     ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
     cfg = dict(load_config(str(TINY_CONFIG)).model.model_config)

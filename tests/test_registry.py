@@ -101,7 +101,7 @@ import mindspore as ms
 import mindrlhf.registry
 from mindformers import LlamaConfig
 from mindrlhf.training.config import load_config
-from mindrlhf.models.llama_reward import LlamaRewardModel
+from mindrlhf.model.llama_reward import LlamaRewardModel
 ms.set_context(mode=1, device_target='CPU')
 cfg = dict(load_config({str(CONFIG_7B)!r}).model.model_config)
 cfg.pop('type'); cfg.update(num_layers=1, use_flash_attention=False, fused_rms_norm=False, seq_length=64)

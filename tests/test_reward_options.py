@@ -49,7 +49,7 @@ def test_compare_loss_is_trls_formula(loss_type, center, with_margin):
     import mindspore as ms
     from mindformers import LlamaConfig
 
-    from mindrlhf.models.loss import CompareLoss
+    from mindrlhf.model.loss import CompareLoss
 
     ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
     rng = np.random.default_rng(0)

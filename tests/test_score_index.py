@@ -17,7 +17,7 @@ def model():
     import mindrlhf.registry  # noqa: F401  (registers the model)
     from mindformers import LlamaConfig
 
-    from mindrlhf.models.llama_reward import LlamaRewardModel
+    from mindrlhf.model.llama_reward import LlamaRewardModel
     from mindrlhf.training.config import load_config
 
     ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")

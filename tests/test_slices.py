@@ -147,7 +147,7 @@ def fresh_weights(step):
     """A tiny reward model's parameters (freshly initialised) as training saves them at `step`."""
     from mindformers import LlamaConfig
 
-    from mindrlhf.models.llama_reward import LlamaRewardModel
+    from mindrlhf.model.llama_reward import LlamaRewardModel
     from mindrlhf.training.config import load_config
 
     ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")

@@ -11,7 +11,7 @@ import mindspore as ms
 
 from mindrlhf.errors import ConfigError
 from mindrlhf.evaluation.normalize import load_stats, save_stats, stats_path
-from mindrlhf.models.identity import weights_identity
+from mindrlhf.checkpoints.reader import weights_identity
 
 from conftest import EXAMPLES, SCRIPTS, TEST_JSONL, TINY_CONFIG, TOKENIZER, run_cli
 

@@ -7,7 +7,7 @@ import pytest
 import mindspore as ms
 
 import mindrlhf.registry  # noqa: F401
-from mindrlhf.models.hf_import import hf_to_ms_name
+from mindrlhf.interop.hf_import import hf_to_ms_name
 from mindrlhf.tools.tiny_hf import tiny_hf_tensors, write_hf
 from mindrlhf.training.config import load_config
 
@@ -18,7 +18,7 @@ CONVERT = ROOT / "scripts" / "convert_weight.py"
 
 def build_model(checkpoint):
     from mindformers import LlamaConfig
-    from mindrlhf.models.llama_reward import LlamaRewardModel
+    from mindrlhf.model.llama_reward import LlamaRewardModel
 
     ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
     cfg = dict(load_config(str(TINY_CONFIG)).model.model_config)

@@ -3,7 +3,7 @@
 `reward_eval.py --save_stats` writes `<checkpoint root>/reward_stats.json` (chosen and rejected rewards together,
 population std); `reward_infer.py --normalize`, the reward server's `--normalize` and the Hugging Face export
 read it, so all of them apply (r - mean) / std with the same two numbers, as OpenRLHF's `normalize_reward` does.
-The file records the weights it was computed for (models/identity.py: the step and a digest of the value head,
+The file records the weights it was computed for (checkpoints/reader.py: the step and a digest of the value head,
 read from the checkpoint), not only its name: applying it to other weights (the file under that name trained
 again, or copied in from another run) is an error saying what to rerun, not a silently shifted reward. A copy
 or rename of the same weights keeps its stats. Every consumer goes through load_stats.
@@ -16,7 +16,7 @@ import numpy as np
 
 from mindrlhf.errors import ConfigError
 from mindrlhf.io import check_new_output, write_json
-from mindrlhf.models.identity import same_weights, weights_identity
+from mindrlhf.checkpoints.reader import same_weights, weights_identity
 
 STATS_FILE = "reward_stats.json"
 

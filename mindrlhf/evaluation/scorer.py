@@ -22,10 +22,10 @@ from mindrlhf.data.buckets import bucket_length
 from mindrlhf.data.packing import EOD_PAD_LENGTH, MAX_FA_ENTRIES, actual_seq_len, pack_sequences, packing_mode
 from mindrlhf.data.templates import TUTORIAL, read_run_template
 from mindrlhf.errors import ConfigError
-from mindrlhf.models.loading import checkpoint_step
-from mindrlhf.models.lora import check_lora_tensors, is_lora, lora_settings
-from mindrlhf.models.lora_files import check_checkpoint_lora, lora_dims
-from mindrlhf.models.slices import load_whole
+from mindrlhf.checkpoints.loading import checkpoint_step
+from mindrlhf.model.lora import check_lora_tensors, is_lora, lora_settings
+from mindrlhf.checkpoints.adapters import check_checkpoint_lora, lora_dims
+from mindrlhf.checkpoints.slices import load_whole
 from mindrlhf.training.config import checkpoint_files
 
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -179,7 +179,7 @@ class RewardScorer:
 
     def _use_network(self, with_lora: bool):
         """Build the network (again) with or without the config's LoRA layers: LoRA-ness follows the weights."""
-        from mindrlhf.models.llama_reward import LlamaRewardModel
+        from mindrlhf.model.llama_reward import LlamaRewardModel
 
         if self._network is not None and (self._network.lora is not None) == with_lora:
             return
@@ -225,8 +225,8 @@ class RewardScorer:
     def _load_adapter(self, base: str, adapter: str):
         """Base weights (as training loads them: backbone, no LoRA) plus an adapter, checked against the base's
         digest and the config's LoRA settings."""
-        from mindrlhf.models.loading import load_backbone
-        from mindrlhf.models.lora import load_adapter
+        from mindrlhf.checkpoints.loading import load_backbone
+        from mindrlhf.model.lora import load_adapter
 
         if self.lora is None:
             raise ConfigError(f"--adapter {adapter}: {self.config_where} has no model.model_config.pet_config; pass "

@@ -1,4 +1,4 @@
-"""Sharing a trained reward model: the newest checkpoint of a run -> a Hugging Face folder (models/export.py).
+"""Sharing a trained reward model: the newest checkpoint of a run -> a Hugging Face folder (interop/).
 
 Resolves the checkpoint as reward_infer.py does, reads the run YAML's model_config, and takes the checkpoint's
 reward statistics (reward_eval.py --save_stats) into config.json when they are there. The run's template record
@@ -21,8 +21,8 @@ def export_run(config_path: str, ckpt_path: str, tokenizer: str, output_dir: str
     from mindrlhf.errors import ConfigError
     from mindrlhf.evaluation.normalize import load_stats, stats_path
     from mindrlhf.evaluation.scorer import checkpoint_root, list_checkpoints
-    from mindrlhf.models.export import export_checkpoint
-    from mindrlhf.models.peft_io import export_peft
+    from mindrlhf.interop.hf_folder import export_checkpoint
+    from mindrlhf.interop.peft import export_peft
     from mindrlhf.training.config import load_config
 
     if form not in ("merged", "peft"):

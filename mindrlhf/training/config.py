@@ -119,12 +119,12 @@ def cpu_recompute_warning(config, path: str) -> Optional[str]:
 
 
 def ascend_row_groups(config, path: str) -> int:
-    """Packing on Ascend: the config checked (mindrlhf.models.ascend_packing) and how many FlashAttention calls
+    """Packing on Ascend: the config checked (mindrlhf.model.ascend_packing) and how many FlashAttention calls
     a step's rows are split into, each restarting actual_seq_len's offsets: data_parallel when every rank reads
     the whole batch (semi-auto full_batch; micro batches are refused with packing, see set_packing). Each call
     takes at most MAX_FA_ENTRIES // EOD_PAD_LENGTH rows."""
     from mindrlhf.data.packing import EOD_PAD_LENGTH, MAX_FA_ENTRIES
-    from mindrlhf.models.ascend_packing import check_ascend_packing
+    from mindrlhf.model.ascend_packing import check_ascend_packing
 
     parallel = config.get("parallel_config") or {}
     check_ascend_packing(dict(config.model.model_config, parallel_config=parallel))

@@ -37,7 +37,7 @@ def readable_step(path: str) -> Optional[int]:
 
     The whole file is parsed; only the global_step tensor is materialised.
     """
-    from mindrlhf.models.loading import checkpoint_step, load_checkpoint_dict
+    from mindrlhf.checkpoints.loading import checkpoint_step, load_checkpoint_dict
 
     try:
         return checkpoint_step(load_checkpoint_dict(path, choice_func=lambda name: name == "global_step"))
@@ -90,7 +90,7 @@ def prepare_run(config_path: str, train_dataset: Optional[str] = None, output_di
                 center_rewards_coefficient: Optional[float] = None) -> Tuple[object, Optional[dict]]:
     """(the run's MindFormerConfig with CLI overrides applied and everything checkable checked, its LoRA settings or
     None): the settings are derived once, here, and passed to what needs them."""
-    from mindrlhf.models.loss import loss_options
+    from mindrlhf.model.loss import loss_options
 
     config = cfg.load_config(config_path)
     cfg.check_sections(config_path)
@@ -158,9 +158,9 @@ def prepare_run(config_path: str, train_dataset: Optional[str] = None, output_di
 
 def use_lora(config, config_path: str) -> Optional[dict]:
     """A YAML's pet_config, checked, moves to model_config.reward_lora: the model applies LoRA itself (see
-    mindrlhf.models.lora), so MindFormers' build_network must not wrap it in its PetModel. Returns the settings
+    mindrlhf.model.lora), so MindFormers' build_network must not wrap it in its PetModel. Returns the settings
     (None without LoRA)."""
-    from mindrlhf.models.lora import lora_settings
+    from mindrlhf.model.lora import lora_settings
 
     model_config = config.model.model_config
     settings = lora_settings(model_config, f"{config_path}: model.model_config.pet_config")
@@ -178,7 +178,7 @@ def train(config_path: str, train_dataset: Optional[str] = None, task: str = "te
     from mindformers.utils.file_utils import set_output_path
 
     from mindrlhf.data.dataset import resolve_mindrecord_files
-    from mindrlhf.models.lora_files import write_run_lora
+    from mindrlhf.checkpoints.adapters import write_run_lora
     from mindrlhf.tools.loss_log import parse_log
 
     config, settings = prepare_run(config_path, train_dataset, **overrides)
@@ -236,7 +236,7 @@ def lora_adapter_of_run(config, config_path: str, checkpoints, settings: dict, b
     """The end of a LoRA run: the adapter of its newest checkpoint in <output_dir>/adapter/<stem>.safetensors
     (base: the weights file the run started from, recorded in lora.json across resumes). A failure is reported in
     the summary, not raised: the checkpoints are written and scripts/lora_adapter.py can make the adapter later."""
-    from mindrlhf.models.lora_files import extract
+    from mindrlhf.checkpoints.adapters import extract
 
     info = {"settings": settings, "adapter": None}
     if not checkpoints:

@@ -26,7 +26,7 @@ import mindspore.common.dtype as mstype
 from mindspore import Tensor, nn, ops
 from mindspore.ops import operations as P
 
-from mindrlhf.models import native
+from mindrlhf.kernels import native
 
 
 class MatMulSumSoftmax(nn.Cell):

@@ -16,11 +16,11 @@ import numpy as np
 
 from mindrlhf.errors import ConfigError
 from mindrlhf.io import replaced_folder
-from mindrlhf.models import lora
-from mindrlhf.models.export import (DTYPES, check_output_dir, finish_export, ms_to_hf_name, output_array,
+from mindrlhf.model import lora
+from mindrlhf.interop.hf_folder import (DTYPES, check_output_dir, finish_export, ms_to_hf_name, output_array,
                                     output_dtype, reward_params, write_tokenizer)
-from mindrlhf.models.hf_import import HF_TO_MS, hf_to_ms_name
-from mindrlhf.models.safetensors_io import bf16_to_f32, iter_safetensors, write_safetensors
+from mindrlhf.interop.hf_import import HF_TO_MS, hf_to_ms_name
+from mindrlhf.checkpoints.safetensors_io import bf16_to_f32, iter_safetensors, write_safetensors
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -148,7 +148,7 @@ def peft_onto_base(folder: str, base_checkpoint: str) -> Tuple[Dict[str, np.ndar
     checkpoint (a Hugging Face base converted by convert_weight.py); its score head replaces the base's, as
     modules_to_save does, and every LoRA pair must fit the base weight it adapts. Saved as a .ckpt, it loads into a
     reward model built with the same pet_config (e.g. reward_infer.py with a LoRA YAML)."""
-    from mindrlhf.models.loading import load_checkpoint_dict
+    from mindrlhf.checkpoints.loading import load_checkpoint_dict
 
     tensors, settings, _ = read_peft_adapter(folder)
     params = {n: p.asnumpy() for n, p in load_checkpoint_dict(base_checkpoint).items()

@@ -1,4 +1,4 @@
-// Compiled kernels for MindSpore's CPU backend (Custom ops of func_type "aot", built by mindrlhf/models/native.py).
+// Compiled kernels for MindSpore's CPU backend (Custom ops of func_type "aot", built by mindrlhf/kernels/native.py).
 // Each replaces a chain of small MindSpore kernels whose launches and memory passes dominate a CPU step:
 // - attention with its rotary embedding: softmax(rope(q) rope(k)^T / sqrt(d) + mask) v, forward and backward, for
 //   one (batch, head) pair and one block of query rows at a time, so that the S x S scores never leave the cache

@@ -4,7 +4,7 @@ Backbone parameters are named `model.*` exactly as in LlamaForCausalLM, so a pre
 loads into it (its `lm_head.*` is simply not used). In training construct returns the CompareLoss; in
 eval mode it returns one reward per sequence, read at end_ind - 1 (the sequence's own last real token).
 With model_config.packing (pairs | shared_prefix) the inputs are PACKING.md's packed layout instead, and
-construct runs mindrlhf.models.packed's path (several sequences a row, each attending only to itself).
+construct runs mindrlhf.model.packed's path (several sequences a row, each attending only to itself).
 
 The Llama-architecture families all build from the YAML's LlamaConfig: Llama 2; Llama 3/3.x (n_kv_heads for
 GQA, theta 500000, intermediate_size; 3.1+ extend_method LLAMA3); Qwen2/Qwen2.5 (GQA, qkv_has_bias, theta
@@ -20,11 +20,11 @@ from mindformers.modules.layers import Linear
 from mindformers.tools.logger import logger
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from mindrlhf.models.loss import CompareLoss
-from mindrlhf.models.cpu_speedups import use_cpu_kernels
-from mindrlhf.models.loading import load_backbone
-from mindrlhf.models.lora import apply_lora, lora_settings
-from mindrlhf.models.packed import PackedRewards
+from mindrlhf.model.loss import CompareLoss
+from mindrlhf.kernels.cpu_speedups import use_cpu_kernels
+from mindrlhf.checkpoints.loading import load_backbone
+from mindrlhf.model.lora import apply_lora, lora_settings
+from mindrlhf.model.packed import PackedRewards
 
 VALUE_HEAD_PREFIX = "v_head."
 
@@ -34,7 +34,7 @@ class LlamaRewardModel(PackedRewards, LlamaPreTrainedModel):
     """config: a LlamaConfig. Value head: hidden_size -> 1, no bias, N(0, 1/sqrt(hidden+1)) init.
 
     model_config.checkpoint_name_or_path (a local .ckpt/.safetensors) initialises the backbone; its lm_head is
-    ignored and the value head stays freshly initialised (see mindrlhf.models.loading.load_backbone).
+    ignored and the value head stays freshly initialised (see mindrlhf.checkpoints.loading.load_backbone).
     """
 
     def __init__(self, config: LlamaConfig = None):
@@ -51,7 +51,7 @@ class LlamaRewardModel(PackedRewards, LlamaPreTrainedModel):
         self.lora = lora_settings(config)
         self.lora_counts = apply_lora(self, self.lora, log=logger.info) if self.lora else None
         # On CPU: compiled kernels for attention, RMSNorm and SwiGLU, or MindSpore ops arranged around its slow
-        # CPU paths without a compiler (same formulas; see mindrlhf.models.cpu_speedups). After LoRA: the SwiGLU
+        # CPU paths without a compiler (same formulas; see mindrlhf.kernels.cpu_speedups). After LoRA: the SwiGLU
         # swap turns w1's own SiLU off, on the layer that runs.
         use_cpu_kernels(self.model, config, log=logger.info)
         # Parallel layout, as MindFormers' LlamaForCausalLM places its lm_head: the head's input (the final norm's

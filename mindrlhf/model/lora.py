@@ -289,7 +289,7 @@ def adapter_metadata(settings: dict, base_sha256: str, step: Optional[int], valu
 
 def read_adapter(path: str) -> Tuple[Dict[str, np.ndarray], dict]:
     """(tensors, metadata with `lora` decoded) of an adapter file; a ConfigError for anything else."""
-    from mindrlhf.models.safetensors_io import iter_safetensors, read_metadata
+    from mindrlhf.checkpoints.safetensors_io import iter_safetensors, read_metadata
 
     meta = read_metadata(path)
     if meta.get("format") != ADAPTER_FORMAT:
@@ -356,7 +356,7 @@ def adapter_arrays(params: dict, settings: dict, identity: dict, base_path: str 
 
 def write_adapter(path: str, tensors: dict, meta: dict):
     from mindrlhf.io import replaced_whole
-    from mindrlhf.models.safetensors_io import write_arrays
+    from mindrlhf.checkpoints.safetensors_io import write_arrays
 
     with replaced_whole(path, suffix=".safetensors") as tmp:
         write_arrays(tmp, tensors, meta)

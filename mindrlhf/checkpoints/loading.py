@@ -10,7 +10,7 @@ from typing import Optional
 import numpy as np
 
 from mindrlhf.errors import ConfigError
-from mindrlhf.models.lora import is_lora
+from mindrlhf.model.lora import is_lora
 
 
 def load_checkpoint_dict(path: str, choice_func=None) -> dict:

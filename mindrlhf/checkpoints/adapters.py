@@ -13,9 +13,9 @@ import numpy as np
 
 from mindrlhf.errors import ConfigError
 from mindrlhf.io import check_new_output, replaced_whole
-from mindrlhf.models import lora
-from mindrlhf.models.identity import tensor_dims, weights_identity
-from mindrlhf.models.safetensors_io import read_metadata
+from mindrlhf.model import lora
+from mindrlhf.checkpoints.reader import tensor_dims, weights_identity
+from mindrlhf.checkpoints.safetensors_io import read_metadata
 
 RUN_TEMPLATE_FILE = "template.json"  # mindrlhf.data.templates.RUN_TEMPLATE_FILE (data sits above models)
 RUN_LORA_FILE = "lora.json"  # a LoRA run's settings, beside template.json
@@ -36,7 +36,7 @@ def check_checkpoint_lora(path: str, dims: Dict[str, Tuple[int, ...]], settings:
 
 def _run_root(checkpoint: str) -> str:
     """The folder holding a run's rank_N/ (and its template.json, lora.json) for one of its checkpoint files."""
-    from mindrlhf.models.slices import rank_of_checkpoint
+    from mindrlhf.checkpoints.slices import rank_of_checkpoint
 
     try:
         return rank_of_checkpoint(checkpoint)[0]
@@ -129,8 +129,8 @@ def extract(checkpoint: str, settings: dict, where: str, adapter: Optional[str] 
     """Write the adapter (LoRA tensors + value head, the base's digest) and/or the merged whole model of a LoRA
     checkpoint. expected: the model's {name: shape}, to merge model-parallel slices first (None: read as is).
     base_path, when it exists, must hold the base the checkpoint was trained on."""
-    from mindrlhf.models.loading import load_checkpoint_dict
-    from mindrlhf.models.slices import load_whole
+    from mindrlhf.checkpoints.loading import load_checkpoint_dict
+    from mindrlhf.checkpoints.slices import load_whole
 
     if not adapter and not merged:
         raise ConfigError("nothing to write: pass --output (the adapter) and/or --merge (the whole model)")
@@ -178,7 +178,7 @@ def model_shapes(config) -> dict:
     import mindrlhf._mindformers  # noqa: F401  (quiet import first)
     from mindformers import LlamaConfig
 
-    from mindrlhf.models.llama_reward import LlamaRewardModel
+    from mindrlhf.model.llama_reward import LlamaRewardModel
 
     model_cfg = dict(config.model.model_config)
     model_cfg.pop("type", None)

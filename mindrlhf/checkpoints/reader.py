@@ -63,7 +63,7 @@ def weights_identity(path: str) -> dict:
 
 def adapter_identity(path: str) -> dict:
     """The identity a LoRA adapter records (step and value-head digest of the checkpoint it came from)."""
-    from mindrlhf.models.safetensors_io import read_metadata
+    from mindrlhf.checkpoints.safetensors_io import read_metadata
 
     meta = read_metadata(path)
     if not meta.get("value_head_sha256"):

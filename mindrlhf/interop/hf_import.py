@@ -16,8 +16,8 @@ import numpy as np
 from mindrlhf.config_access import config_getter
 from mindrlhf.errors import ConfigError
 from mindrlhf.io import replaced_whole
-from mindrlhf.models.ckpt_stream import CheckpointStreamWriter
-from mindrlhf.models.safetensors_io import bf16_to_f32, iter_safetensors
+from mindrlhf.checkpoints.stream import CheckpointStreamWriter
+from mindrlhf.checkpoints.safetensors_io import bf16_to_f32, iter_safetensors
 
 HF_TO_MS = [
     (r"^model\.embed_tokens\.weight$", "model.tok_embeddings.embedding_weight"),

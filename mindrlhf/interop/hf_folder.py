@@ -11,7 +11,7 @@ folder as ours (--overwrite replaces nothing else). Tensor names are the exact i
 tests/test_hf_interop.py checks both directions against folders and scores written by transformers itself.
 
 LoRA reward models export merged here (W + B.A.alpha/r, see reward_params: LoRA tensors are never dropped) or as a
-PEFT adapter folder (models/peft_io.py), under the same marker rules.
+PEFT adapter folder (interop/peft.py), under the same marker rules.
 
 transformers reads the reward at the last token that is not pad_token_id. Our rows carry no EOS and never the
 pad id (2, also Llama 2's EOS) inside the text, so that is the same last real token we read.
@@ -28,11 +28,11 @@ from mindrlhf import __version__
 from mindrlhf.config_access import config_getter
 from mindrlhf.errors import ConfigError, OutputExistsError
 from mindrlhf.io import replaced_folder
-from mindrlhf.models import lora
-from mindrlhf.models.hf_import import HF_TO_MS, LLAMA3_SCALING, expected_shapes, ffn_hidden_size
-from mindrlhf.models.lora_files import check_run_lora
-from mindrlhf.models.safetensors_io import write_safetensors
-from mindrlhf.models.slices import load_whole
+from mindrlhf.model import lora
+from mindrlhf.interop.hf_import import HF_TO_MS, LLAMA3_SCALING, expected_shapes, ffn_hidden_size
+from mindrlhf.checkpoints.adapters import check_run_lora
+from mindrlhf.checkpoints.safetensors_io import write_safetensors
+from mindrlhf.checkpoints.slices import load_whole
 
 VALUE_HEAD = ("v_head.weight", "score.weight")
 # the dtypes an export writes: name -> (numpy type of the stored words, safetensors dtype); shared with peft_io

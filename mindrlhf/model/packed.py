@@ -24,7 +24,7 @@ from mindspore import Tensor, nn, ops
 from mindrlhf.config_access import config_getter
 from mindrlhf.data import packing as pk
 from mindrlhf.errors import ConfigError
-from mindrlhf.models.loss import loss_options
+from mindrlhf.model.loss import loss_options
 
 HIDDEN = -10000.0  # the legacy mask's adder: exp() of it is exactly 0 in float32
 
@@ -155,10 +155,10 @@ class PackedRewards:
     def _accelerator_layout(self, config, device):
         """Packing off CPU: Ascend only, through MindFormers' own packed attention (use_flash_attention +
         use_eod_attn_mask_compression: FlashAttention TND with actual_seq_len, plain packing with last_token;
-        mindrlhf.models.ascend_packing checks the config). Returns the layout name packed_backbone branches on."""
+        mindrlhf.model.ascend_packing checks the config). Returns the layout name packed_backbone branches on."""
         if device != "Ascend":
             raise ConfigError(f"model_config.packing: packing on {device} is not supported (CPU and Ascend only)")
-        from mindrlhf.models.ascend_packing import check_ascend_packing
+        from mindrlhf.model.ascend_packing import check_ascend_packing
 
         check_ascend_packing(config, training=False)  # the loss-type rule is checked when training starts
         return "ascend"

@@ -1,7 +1,7 @@
 """C++ kernels for MindSpore's CPU backend, compiled on first use and cached.
 
 MindSpore runs a user kernel on CPU as `ops.Custom(func="lib.so:Function", func_type="aot")`. The sources live
-in mindrlhf/models/kernels/ (portable C++17: no compiler builtins or intrinsics, so g++ 9 and later on x86-64
+in mindrlhf/kernels/ (portable C++17: no compiler builtins or intrinsics, so g++ 9 and later on x86-64
 and aarch64 build them); each is compiled once per machine with the system g++ and the flags of its
 architecture (`flags()`: -march=native on x86-64, -mcpu=native on aarch64, retried at the architecture's
 baseline if the compiler rejects those) into $MINDRLHF_CACHE (default ~/.cache/mindrlhf), under a name hashed
@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 from mindrlhf.distributed import local_rank_count
 from mindrlhf.io import replaced_whole
 
-KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
+KERNELS = os.path.dirname(os.path.abspath(__file__))
 # -fno-trapping-math: the exp loops (softmax, SwiGLU) hold selects GCC vectorises only if it may assume no FP trap
 # (nobody enables traps here); AVX-512's masked instructions hid that, AVX2, SSE2 and NEON ran those loops scalar
 # (attention 2x, SwiGLU 5-9x slower than the AVX-512 build). IEEE results, NaN and inf are unchanged.
