@@ -61,7 +61,7 @@ def random_lora_checkpoint(config: str, directory: Path) -> Path:
     import mindspore as ms
 
     from mindrlhf.evaluation.scorer import RewardScorer
-    from mindrlhf.model.lora import is_lora
+    from mindrlhf.checkpoints.names import is_lora
 
     ms.set_seed(0)
     network = RewardScorer(config).network
@@ -82,8 +82,8 @@ def base_folder(config: str, checkpoint: str, tokenizer: str, work: Path) -> str
     import yaml
 
     from mindrlhf.evaluation.scorer import list_checkpoints
-    from mindrlhf.checkpoints.loading import load_checkpoint_dict
-    from mindrlhf.model.lora import is_lora
+    from mindrlhf.checkpoints.reader import load_checkpoint_dict
+    from mindrlhf.checkpoints.names import is_lora
 
     params = load_checkpoint_dict(list_checkpoints(checkpoint)[-1])
     keep = [{"name": n, "data": -p if n == "v_head.weight" else p} for n, p in params.items()

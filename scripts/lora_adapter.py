@@ -34,7 +34,8 @@ def main(argv=None):
     from mindrlhf.errors import ConfigError
     from mindrlhf.evaluation.scorer import list_checkpoints
     from mindrlhf.model.lora import lora_settings
-    from mindrlhf.checkpoints.adapters import extract, model_shapes
+    from mindrlhf.checkpoints.adapters import extract
+    from mindrlhf.model.llama_reward import model_shapes
     from mindrlhf.training.config import load_config
 
     config = load_config(args.config)

@@ -33,6 +33,7 @@ def lora_run(request, tmp_path_factory):
     LoRA tensors, value head), beside the run's LoRA YAML and the plain YAML of the same model."""
     import mindspore as ms
 
+    from mindrlhf.checkpoints import adapters
     from mindrlhf.model import lora
     from mindrlhf.interop.hf_import import convert_hf_to_ms
     from mindrlhf.interop.peft import peft_onto_base, read_peft_adapter
@@ -46,7 +47,7 @@ def lora_run(request, tmp_path_factory):
     tensors, settings, _ = read_peft_adapter(str(PEFT / name))
     assert (settings["rank"], settings["alpha"], settings["dropout"]) == (4, 8.0, 0.0)
     assert settings["targets"] == ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
-    assert lora.same_settings(settings, lora.lora_settings(load_config(str(config)).model.model_config))
+    assert adapters.same_settings(settings, lora.lora_settings(load_config(str(config)).model.model_config))
     params, _ = peft_onto_base(str(PEFT / name), str(base))  # the adapter's head replaces the base's score head
     ckpt = work / "checkpoint" / "rank_0" / "lora.ckpt"
     ckpt.parent.mkdir(parents=True)
@@ -164,7 +165,7 @@ def test_lora_tensors_are_never_dropped_silently(lora_run, tmp_path):
                    form="peft", log=quiet)
     import mindspore as ms
 
-    from mindrlhf.checkpoints.loading import load_checkpoint_dict
+    from mindrlhf.checkpoints.reader import load_checkpoint_dict
     from mindrlhf.interop.peft import peft_onto_base
 
     narrow = load_checkpoint_dict(str(lora_run["base"]))  # a base whose o_proj is narrower than the adapter's
@@ -208,24 +209,24 @@ def test_scoring_merging_and_export_check_lora_tensors_alike(lora_run, tmp_path)
 
 def test_lora_tensors_that_miss_a_layer_or_do_not_fit_their_weight_are_refused():
     """With the model's shapes (export, merge): every target projection of every layer, A (r, in), B (out, r)."""
-    from mindrlhf.model import lora
+    from mindrlhf.checkpoints import adapters, names
 
     settings = {"rank": 2, "alpha": 4.0, "target_modules": ".*wq", "targets": ["wq"]}
     shapes = {f"model.layers.{i}.attention.wq.weight": (8, 6) for i in (0, 1)}
-    dims = {f"model.layers.{i}.attention.wq.{lora.LORA_A}": (2, 6) for i in (0, 1)}
-    dims.update({f"model.layers.{i}.attention.wq.{lora.LORA_B}": (8, 2) for i in (0, 1)})
-    lora.check_lora_tensors("run.ckpt", dims, settings, "the YAML", shapes)
+    dims = {f"model.layers.{i}.attention.wq.{names.LORA_A}": (2, 6) for i in (0, 1)}
+    dims.update({f"model.layers.{i}.attention.wq.{names.LORA_B}": (8, 2) for i in (0, 1)})
+    adapters.check_lora_tensors("run.ckpt", dims, settings, "the YAML", shapes)
     one_layer = {n: d for n, d in dims.items() if ".1." not in n}
     with pytest.raises(ConfigError, match=r"run.ckpt: LoRA tensors on 1 projections, the YAML pet_config's targets "
                                           r"\['wq'\] name 2 in the model \(e.g. \['model.layers.1.attention.wq"):
-        lora.check_lora_tensors("run.ckpt", one_layer, settings, "the YAML", shapes)
-    wide = dict(dims, **{f"model.layers.1.attention.wq.{lora.LORA_A}": (2, 7)})
+        adapters.check_lora_tensors("run.ckpt", one_layer, settings, "the YAML", shapes)
+    wide = dict(dims, **{f"model.layers.1.attention.wq.{names.LORA_A}": (2, 7)})
     with pytest.raises(ConfigError, match=r"run.ckpt: model.layers.1.attention.wq.mindpet_delta_lora_a \(2, 7\) "
                                           r"and .* do not fit model.layers.1.attention.wq.weight \(8, 6\)"):
-        lora.check_lora_tensors("run.ckpt", wide, settings, "the YAML", shapes)
-    lone_b = {n: d for n, d in dims.items() if n != f"model.layers.1.attention.wq.{lora.LORA_A}"}
+        adapters.check_lora_tensors("run.ckpt", wide, settings, "the YAML", shapes)
+    lone_b = {n: d for n, d in dims.items() if n != f"model.layers.1.attention.wq.{names.LORA_A}"}
     with pytest.raises(ConfigError, match=r"run.ckpt: model.layers.1.attention.wq.mindpet_delta_lora_b has no "):
-        lora.check_lora_tensors("run.ckpt", lone_b, settings, "the YAML")
+        adapters.check_lora_tensors("run.ckpt", lone_b, settings, "the YAML")
 
 
 def test_no_module_imports_another_modules_private_names():
@@ -249,9 +250,10 @@ def test_base_plus_adapter_exports_as_the_lora_checkpoint(lora_run, tmp_path):
     checkpoint; onto other base weights the adapter is refused; --overwrite replaces an earlier PEFT export and
     never a folder of the user's."""
     from mindrlhf.errors import OutputExistsError
+    from mindrlhf.checkpoints import adapters
     from mindrlhf.model import lora
     from mindrlhf.checkpoints.reader import weights_identity
-    from mindrlhf.checkpoints.loading import load_checkpoint_dict
+    from mindrlhf.checkpoints.reader import load_checkpoint_dict
     from mindrlhf.serving.share import export_run
     from mindrlhf.training.config import load_config
 
@@ -259,9 +261,9 @@ def test_base_plus_adapter_exports_as_the_lora_checkpoint(lora_run, tmp_path):
         pytest.skip("one model is enough for the file plumbing")
     config, ckpt = str(lora_run["config"]), str(lora_run["ckpt"])
     settings = lora.lora_settings(load_config(config).model.model_config)
-    tensors, meta = lora.adapter_arrays(load_checkpoint_dict(ckpt), settings, weights_identity(ckpt), "base.ckpt")
+    tensors, meta = adapters.adapter_arrays(load_checkpoint_dict(ckpt), settings, weights_identity(ckpt), "base.ckpt")
     adapter = tmp_path / "adapter.safetensors"
-    lora.write_adapter(str(adapter), tensors, meta)
+    adapters.write_adapter(str(adapter), tensors, meta)
     for form, weights in (("merged", "model.safetensors"), ("peft", "adapter_model.safetensors")):
         extra = {"base_model": "../../llama3_1"} if form == "peft" else {}
         export_run(config, ckpt, str(TOKENIZER), str(tmp_path / f"{form}_a"), form=form, log=quiet, **extra)
@@ -320,6 +322,7 @@ def test_a_lora_network_of_the_tiny_lora_yaml_exports_merged_and_as_peft(tmp_pat
     from safetensors.numpy import load_file
 
     from mindrlhf.evaluation.scorer import RewardScorer
+    from mindrlhf.checkpoints import names
     from mindrlhf.model import lora
     from mindrlhf.interop.hf_folder import ms_to_hf_name
     from mindrlhf.interop.peft import read_peft_adapter
@@ -333,29 +336,29 @@ def test_a_lora_network_of_the_tiny_lora_yaml_exports_merged_and_as_peft(tmp_pat
     params = {}
     for param in network.get_parameters():
         value = param.asnumpy()
-        if lora.is_lora(param.name):
+        if names.is_lora(param.name):
             value = rng.normal(0, 0.3, param.shape).astype(np.float32)
         params[param.name] = value
-    assert sum(lora.is_lora(n) for n in params) == 28
+    assert sum(names.is_lora(n) for n in params) == 28
     ckpt = tmp_path / "checkpoint" / "rank_0" / "lora.ckpt"
     ckpt.parent.mkdir(parents=True)
-    saved = dict(params, **{f"adam_m.{n}": np.ones_like(v) for n, v in params.items() if lora.trains(n)})
+    saved = dict(params, **{f"adam_m.{n}": np.ones_like(v) for n, v in params.items() if names.trains(n)})
     ms.save_checkpoint([{"name": n, "data": ms.Tensor(v)} for n, v in saved.items()], str(ckpt))
     export_run(str(config), str(ckpt), str(TOKENIZER), str(tmp_path / "merged"), log=quiet)
     merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
     assert len(merged) == 21
     for name, value in params.items():
-        if lora.is_lora(name):
+        if names.is_lora(name):
             continue
         stem = name[:-len("weight")]
-        if stem + lora.LORA_A in params:
-            a, b = params[stem + lora.LORA_A].astype(np.float64), params[stem + lora.LORA_B].astype(np.float64)
+        if stem + names.LORA_A in params:
+            a, b = params[stem + names.LORA_A].astype(np.float64), params[stem + names.LORA_B].astype(np.float64)
             value = (value + b @ a * 2.0).astype(np.float32)
         np.testing.assert_allclose(merged[ms_to_hf_name(name)], value, rtol=0, atol=1e-6, err_msg=name)
     export_run(str(config), str(ckpt), str(TOKENIZER), str(tmp_path / "peft"), form="peft", base_model="b",
                log=quiet)
     tensors, settings, _ = read_peft_adapter(str(tmp_path / "peft"))
     assert (settings["rank"], settings["alpha"]) == (8, 16.0)
-    assert sorted(tensors) == sorted(n for n in params if lora.trains(n))
+    assert sorted(tensors) == sorted(n for n in params if names.trains(n))
     for name, value in tensors.items():
         np.testing.assert_array_equal(value, params[name], err_msg=name)

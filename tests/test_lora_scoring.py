@@ -93,7 +93,7 @@ def test_training_writes_the_adapter_of_its_newest_checkpoint(lora_run):
 
 
 def test_the_tool_extracts_the_adapter_training_wrote(lora_run):
-    from mindrlhf.model.lora import read_adapter
+    from mindrlhf.checkpoints.adapters import read_adapter
 
     assert lora_run["made"]["adapter"] == str(lora_run["work"] / "cli_adapter" / "adapter.safetensors")
     tensors, meta = read_adapter(lora_run["made"]["adapter"])
@@ -319,7 +319,7 @@ def test_merged_bfloat16_keeps_types_and_identity(tmp_path):
     statistics are tied to) is the checkpoint's; written as float32 it was not."""
     import mindspore as ms
 
-    from mindrlhf.model import lora
+    from mindrlhf.checkpoints import adapters, names
     from mindrlhf.checkpoints.reader import weights_identity
 
     def param(name, array, kind=ms.float32):
@@ -327,14 +327,14 @@ def test_merged_bfloat16_keeps_types_and_identity(tmp_path):
 
     stem = "model.layers.0.attention.wq."
     params = {stem + "weight": param(stem + "weight", np.ones((4, 4)), ms.bfloat16),
-              stem + lora.LORA_A: param(stem + lora.LORA_A, np.ones((2, 4))),
-              stem + lora.LORA_B: param(stem + lora.LORA_B, np.ones((4, 2))),
+              stem + names.LORA_A: param(stem + names.LORA_A, np.ones((2, 4))),
+              stem + names.LORA_B: param(stem + names.LORA_B, np.ones((4, 2))),
               "v_head.weight": param("v_head.weight", np.arange(4).reshape(1, 4), ms.bfloat16),
               "global_step": ms.Parameter(ms.Tensor(np.array([7], np.int32)), name="global_step")}
     source, merged = str(tmp_path / "run.ckpt"), str(tmp_path / "merged.ckpt")
     ms.save_checkpoint([{"name": n, "data": v} for n, v in params.items()], source)
     settings = {"rank": 2, "alpha": 4.0, "dropout": 0.0, "target_modules": ".*wq", "targets": ["wq"]}
-    lora.write_merged(merged, lora.merged_params(params, settings), like=params)
+    adapters.write_merged(merged, adapters.merged_params(params, settings), like=params)
     assert weights_identity(merged) == weights_identity(source)
     back = ms.load_checkpoint(merged)
     assert back[stem + "weight"].dtype == ms.bfloat16 and back["v_head.weight"].dtype == ms.bfloat16
@@ -373,7 +373,7 @@ def test_base_digest_reads_float16_and_bfloat16_bases_as_the_float32_network_doe
     widened: one base, one digest. Before, the file hashed as stored and the right base was refused."""
     import mindspore as ms
 
-    from mindrlhf.model.lora import base_digest
+    from mindrlhf.checkpoints.adapters import base_digest
 
     rng = np.random.default_rng(0)
     values = {f"model.layers.0.attention.w{k}.weight": rng.standard_normal((8, 8)).astype(np.float32) for k in "qkv"}

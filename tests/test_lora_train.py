@@ -123,7 +123,7 @@ def test_a_resumed_run_names_its_base_weights_and_derives_lora_once(lora_run, tm
     """2 steps from the base file, resumed to 4: the resumed run's adapter names the base file as the first run's
     does (before: base_path empty, the resumed command names no base file), and the trainer derives the LoRA
     settings once a run (before: three times, the last after training)."""
-    from mindrlhf.model.lora import read_adapter
+    from mindrlhf.checkpoints.adapters import read_adapter
 
     out, callers = tmp_path / "out", tmp_path / "callers.txt"
     common = ["--config", LORA, "--train_dataset", lora_run["data"], "--output_dir", out, "--save_steps", 2]
@@ -145,7 +145,7 @@ def test_a_resumed_run_names_its_base_weights_and_derives_lora_once(lora_run, tm
 def test_a_run_resumed_from_before_lora_json_named_the_base_finds_it_in_its_adapters(tmp_path):
     """A run whose lora.json holds the settings alone (as written before it named the base): the resumed run takes
     the base path from the newest adapter of that run that names one."""
-    from mindrlhf.model import lora
+    from mindrlhf.checkpoints import adapters
     from mindrlhf.checkpoints.adapters import RUN_LORA_FILE, write_run_lora
 
     settings = {"rank": 2, "alpha": 4.0, "dropout": 0.0, "target_modules": ".*wq", "targets": ["wq"]}
@@ -155,8 +155,8 @@ def test_a_run_resumed_from_before_lora_json_named_the_base_finds_it_in_its_adap
     (tmp_path / "old" / "adapter").mkdir()
     head = {"v_head.weight": np.zeros((1, 4), np.float32)}
     for step, base in ((2, "/data/base.ckpt"), (3, "")):  # the newest names none (made without --base_path)
-        lora.write_adapter(str(tmp_path / "old" / "adapter" / f"run_{step}.safetensors"), head,
-                           lora.adapter_metadata(settings, "0" * 64, step, "0" * 64, base))
+        adapters.write_adapter(str(tmp_path / "old" / "adapter" / f"run_{step}.safetensors"), head,
+                           adapters.adapter_metadata(settings, "0" * 64, step, "0" * 64, base))
     new = tmp_path / "new" / "checkpoint"
     assert write_run_lora(str(new), settings, str(old)) == "/data/base.ckpt"
     assert json.loads((new / RUN_LORA_FILE).read_text())["base_path"] == "/data/base.ckpt"

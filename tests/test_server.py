@@ -823,7 +823,8 @@ def test_export_loads_as_llama_sequence_classification_and_round_trips(run):
     from safetensors.numpy import load_file
 
     from mindrlhf.errors import OutputExistsError
-    from mindrlhf.interop.hf_folder import export_checkpoint, ms_to_hf_name
+    from mindrlhf.interop.hf_export import export_checkpoint
+    from mindrlhf.interop.hf_folder import ms_to_hf_name
     from mindrlhf.training.config import load_config
 
     out = run["work"] / "hf"

@@ -1,11 +1,15 @@
-"""Which weights a .ckpt holds, read cheaply: the optimizer's global_step plus a digest of the value head.
+"""Reading MindSpore checkpoints: one reader for every caller. Whole reads (load_checkpoint_dict, a backbone into
+a reward model) and cheap ones that seek past tensor bytes: which weights a .ckpt holds, its step, its tensors' dims.
 
-Files derived from a checkpoint (reward_stats.json) record this identity, so a file name that now holds other
-weights (rank_N/ deleted and the run trained again, checkpoints copied in from another run) is caught. A .ckpt is
-a run of protobuf `Checkpoint` messages, one per tensor (or per 1 GiB slice of one): each message is skipped by
-its length and only `global_step` and the (1, hidden) value head are read, a few seeks even for a 7B file with its
-Adam moments. Training moves the value head every step, so the step and the value head name the weights; a copy
-or a rename keeps both.
+Loading a backbone takes `model.*`, drops the language-model head, initialises the value head, and says exactly
+which parameters came from where; any mismatch is an error naming the tensor.
+
+A .ckpt's identity is the optimizer's global_step plus a digest of the value head. Files derived from a checkpoint
+(reward_stats.json) record it, so a file name that now holds other weights (rank_N/ deleted and the run trained
+again, checkpoints copied in from another run) is caught. A .ckpt is a run of protobuf `Checkpoint` messages, one
+per tensor (or per 1 GiB slice of one): each message is skipped by its length and only `global_step` and the
+(1, hidden) value head are read, a few seeks even for a 7B file with its Adam moments. Training moves the value
+head every step, so the step and the value head name the weights; a copy or a rename keeps both.
 """
 import hashlib
 import os
@@ -13,10 +17,9 @@ from typing import BinaryIO, Optional
 
 import numpy as np
 
+from mindrlhf.checkpoints.names import STEP, VALUE_HEAD, is_lora
 from mindrlhf.errors import ConfigError
 
-VALUE_HEAD = "v_head."
-STEP = "global_step"
 _CRC_TRAILER = b"crc_num"  # save_checkpoint(crc_check=True) appends it after the last message
 _STEP_TYPES = {"Int32": np.int32, "Int64": np.int64, "Float32": np.float32, "Float16": np.float16}
 
@@ -144,3 +147,74 @@ def _tag(fh: BinaryIO, length: int, path: str) -> str:
 
 def same_weights(recorded: Optional[dict], actual: dict) -> bool:
     return bool(recorded) and all(recorded.get(k) == actual[k] for k in ("step", "value_head_sha256"))
+
+
+# ---- whole reads ---------------------------------------------------------------------------------------------
+
+def to_numpy(value) -> np.ndarray:
+    """A Parameter/Tensor as numpy in its own type, bfloat16 (which numpy lacks) widened exactly to float32; an
+    array as it is."""
+    import mindspore as ms
+
+    if isinstance(value, np.ndarray):
+        return value
+    return (value.astype(ms.float32) if value.dtype == ms.bfloat16 else value).asnumpy()
+
+
+def load_checkpoint_dict(path: str, choice_func=None) -> dict:
+    """A checkpoint's parameters, or ConfigError for a truncated/corrupt file (never half-loaded).
+
+    choice_func limits which tensors are materialised; the whole file is still parsed, so it still validates.
+    """
+    import mindspore as ms
+
+    fmt = "safetensors" if path.endswith(".safetensors") else "ckpt"
+    try:
+        return ms.load_checkpoint(path, format=fmt, choice_func=choice_func)
+    except Exception as err:  # pylint: disable=broad-except  (MindSpore raises several types for bad files)
+        raise ConfigError(f"{path}: checkpoint is corrupt or truncated ({str(err).splitlines()[0]})") from None
+
+
+def checkpoint_step(params: dict) -> Optional[int]:
+    """The optimizer's global_step saved in a checkpoint's parameters (None for weights-only files)."""
+    step = params.get(STEP)
+    if step is None:
+        return None
+    return int(np.asarray(step.asnumpy()).reshape(-1)[0])
+
+
+def load_backbone(network, path: str, log=print) -> dict:
+    """Initialise a LlamaRewardModel from a Llama (or reward-model) checkpoint; returns what went where."""
+    import mindspore as ms
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"checkpoint_name_or_path '{path}' is not a local file. mindrlhf never downloads "
+                          "weights: pass a local path to a .ckpt or .safetensors file")
+    params = load_checkpoint_dict(path)
+    own = {p.name: p for p in network.get_parameters()}
+    loaded, fresh = {}, []
+    for name, param in own.items():
+        if name not in params:
+            if name.startswith(VALUE_HEAD) or is_lora(name):
+                fresh.append(name)
+                continue
+            raise ConfigError(f"{path}: has no tensor {name} for the backbone")
+        if tuple(params[name].shape) != tuple(param.shape):
+            raise ConfigError(f"{path}: tensor {name} has shape {tuple(params[name].shape)}, "
+                              f"the model expects {tuple(param.shape)}")
+        loaded[name] = params[name]
+    unmerged = sorted(n for n in params if is_lora(n) and n not in own)
+    if unmerged:
+        raise ConfigError(f"{path}: holds LoRA tensors ({unmerged[0]}, ...) that this model has none of: its adapted "
+                          "weights are not the whole model; merge them first (scripts/lora_adapter.py --merge) or "
+                          "build the model with the run's pet_config")
+    ignored = sorted(n for n in params if n not in own and not n.startswith(("adam_", "accu_grads")))
+    not_loaded, _ = ms.load_param_into_net(network, loaded, strict_load=False)
+    if not_loaded and set(not_loaded) - set(fresh):
+        raise ConfigError(f"{path}: could not load {sorted(set(not_loaded) - set(fresh))[:5]}")
+    report = {"checkpoint": path, "loaded": sorted(loaded), "newly_initialised": fresh, "ignored": ignored}
+    lora_fresh = [n for n in fresh if is_lora(n)]
+    shown = [n for n in fresh if not is_lora(n)] + ([f"{len(lora_fresh)} LoRA tensors"] if lora_fresh else [])
+    log(f"loaded {len(loaded)} parameters from {path}; newly initialised: {shown or 'none'}; "
+        f"ignored from the checkpoint: {ignored or 'none'}")
+    return report

@@ -12,7 +12,7 @@ from typing import Dict, Optional, Tuple
 from mindrlhf.errors import ConfigError
 from mindrlhf.io import replaced_whole
 from mindrlhf.checkpoints.reader import file_step
-from mindrlhf.checkpoints.loading import load_checkpoint_dict
+from mindrlhf.checkpoints.reader import load_checkpoint_dict
 
 STRATEGY_HINT = ("pass --src_strategy with the training run's strategy file (MindFormers writes it to "
                  "<output_dir>/strategy/ckpt_strategy_rank_0.ckpt)")

@@ -22,9 +22,10 @@ from mindrlhf.data.buckets import bucket_length
 from mindrlhf.data.packing import EOD_PAD_LENGTH, MAX_FA_ENTRIES, actual_seq_len, pack_sequences, packing_mode
 from mindrlhf.data.templates import TUTORIAL, read_run_template
 from mindrlhf.errors import ConfigError
-from mindrlhf.checkpoints.loading import checkpoint_step
-from mindrlhf.model.lora import check_lora_tensors, is_lora, lora_settings
-from mindrlhf.checkpoints.adapters import check_checkpoint_lora, lora_dims
+from mindrlhf.checkpoints.reader import checkpoint_step
+from mindrlhf.checkpoints.names import is_lora
+from mindrlhf.model.lora import lora_settings
+from mindrlhf.checkpoints.adapters import check_checkpoint_lora, check_lora_tensors, load_adapter, lora_dims
 from mindrlhf.checkpoints.slices import load_whole
 from mindrlhf.training.config import checkpoint_files
 
@@ -225,8 +226,7 @@ class RewardScorer:
     def _load_adapter(self, base: str, adapter: str):
         """Base weights (as training loads them: backbone, no LoRA) plus an adapter, checked against the base's
         digest and the config's LoRA settings."""
-        from mindrlhf.checkpoints.loading import load_backbone
-        from mindrlhf.model.lora import load_adapter
+        from mindrlhf.checkpoints.reader import load_backbone
 
         if self.lora is None:
             raise ConfigError(f"--adapter {adapter}: {self.config_where} has no model.model_config.pet_config; pass "

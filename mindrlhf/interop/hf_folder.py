@@ -1,17 +1,13 @@
-"""A reward checkpoint -> a Hugging Face folder that transformers loads as LlamaForSequenceClassification (Llama
-2/3/3.1) or Qwen2ForSequenceClassification (q/k/v biases: Qwen2/2.5).
+"""A Hugging Face reward-model folder, the parts both exports write (hf_export.py: the merged model; peft.py: a
+PEFT adapter): tensor names (the exact inverse of hf_import.HF_TO_MS), config.json, tensors in an output dtype,
+the tokenizer files, a checkpoint's reward tensors with LoRA checked, and EXPORT_MARKER, which marks the folder as
+ours so that --overwrite replaces nothing else.
 
 `config.json`: num_labels 1, the pad id, every field of the run YAML's model_config with the keys transformers
 writes for that architecture (RoPE in both layouts: transformers 5's rope_parameters and 4's rope_theta and
 rope_scaling; Llama 3.1's extend_method LLAMA3 as rope_type llama3), and (when the checkpoint has reward
-statistics) OpenRLHF's `normalize_reward`, `mean`, `std`. `model.safetensors`: written tensor by tensor (header
-first, then each tensor's bytes; no second copy of the model), the value head as `score.weight` (transformers'
-head, and OpenRLHF's value_head_prefix "score"). The tokenizer files are copied. `mindrlhf_export.json` marks the
-folder as ours (--overwrite replaces nothing else). Tensor names are the exact inverse of hf_import.HF_TO_MS;
-tests/test_hf_interop.py checks both directions against folders and scores written by transformers itself.
-
-LoRA reward models export merged here (W + B.A.alpha/r, see reward_params: LoRA tensors are never dropped) or as a
-PEFT adapter folder (interop/peft.py), under the same marker rules.
+statistics) OpenRLHF's `normalize_reward`, `mean`, `std`. The value head is `score.weight` (transformers' head,
+and OpenRLHF's value_head_prefix "score").
 
 transformers reads the reward at the last token that is not pad_token_id. Our rows carry no EOS and never the
 pad id (2, also Llama 2's EOS) inside the text, so that is the same last real token we read.
@@ -25,17 +21,17 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from mindrlhf import __version__
+from mindrlhf.checkpoints.adapters import base_digest, check_adapter_fits, check_lora_tensors, check_run_lora, \
+    read_adapter
+from mindrlhf.checkpoints.names import VALUE_HEAD_WEIGHT, is_lora
+from mindrlhf.checkpoints.reader import to_numpy
+from mindrlhf.checkpoints.slices import load_whole
 from mindrlhf.config_access import config_getter
 from mindrlhf.errors import ConfigError, OutputExistsError
-from mindrlhf.io import replaced_folder
-from mindrlhf.model import lora
 from mindrlhf.interop.hf_import import HF_TO_MS, LLAMA3_SCALING, expected_shapes, ffn_hidden_size
-from mindrlhf.checkpoints.adapters import check_run_lora
-from mindrlhf.checkpoints.safetensors_io import write_safetensors
-from mindrlhf.checkpoints.slices import load_whole
+from mindrlhf.model.lora import lora_settings
 
-VALUE_HEAD = ("v_head.weight", "score.weight")
-# the dtypes an export writes: name -> (numpy type of the stored words, safetensors dtype); shared with peft_io
+# the dtypes an export writes: name -> (numpy type of the stored words, safetensors dtype); shared with peft.py
 DTYPES = {"float32": (np.float32, "F32"), "float16": (np.float16, "F16"), "bfloat16": (np.uint16, "BF16")}
 
 
@@ -53,8 +49,6 @@ _RULES = _ms_to_hf_rules()
 
 
 def ms_to_hf_name(name: str) -> Optional[str]:
-    if name == VALUE_HEAD[0]:
-        return VALUE_HEAD[1]
     for regex, template in _RULES:
         if regex.match(name):
             return regex.sub(template, name)
@@ -141,7 +135,7 @@ def output_dtype(param, dtype: Optional[str]) -> str:
 
 def output_array(param, dtype: str) -> np.ndarray:
     """One tensor as written in `dtype` (output_dtype): bfloat16 as its 16-bit words."""
-    array = lora.to_numpy(param)
+    array = to_numpy(param)
     if dtype == "bfloat16":
         return _float_to_bf16(array)
     return np.ascontiguousarray(array, DTYPES[dtype][0])
@@ -225,24 +219,25 @@ def reward_params(checkpoint: str, model_config, src_strategy: Optional[str] = N
     pet_config, or the adapter's), and a checkpoint holding some without a pet_config to give lora_alpha is refused
     (exporting its frozen base alone would silently drop what training learnt)."""
     shapes = dict(expected_shapes(model_config))
-    shapes[VALUE_HEAD[0]] = (1, int(config_getter(model_config)("hidden_size")))
+    shapes[VALUE_HEAD_WEIGHT] = (1, int(config_getter(model_config)("hidden_size")))
     if adapter:
-        params = load_whole(checkpoint, {n: s for n, s in shapes.items() if n != VALUE_HEAD[0]}, src_strategy, log=log)
-        if any(lora.is_lora(n) for n in params):
+        backbone = {n: s for n, s in shapes.items() if n != VALUE_HEAD_WEIGHT}
+        params = load_whole(checkpoint, backbone, src_strategy, log=log)
+        if any(is_lora(n) for n in params):
             raise ConfigError(f"{checkpoint}: holds LoRA tensors itself; --adapter goes with the base weights the "
                               "adapter was trained on (a LoRA run's own checkpoint needs no --adapter)")
-        tensors, meta = lora.read_adapter(adapter)
-        lora.check_adapter_fits(adapter, meta, lora.base_digest(params.items()), lora.lora_settings(model_config))
+        tensors, meta = read_adapter(adapter)
+        check_adapter_fits(adapter, meta, base_digest(params.items()), lora_settings(model_config))
         settings = meta["lora"]
-        params = {n: v for n, v in params.items() if n != VALUE_HEAD[0]}
+        params = {n: v for n, v in params.items() if n != VALUE_HEAD_WEIGHT}
         params.update(tensors)  # the LoRA tensors and the value head trained with them
         source, where = f"{checkpoint} + {adapter}", "the adapter's metadata"
     else:
         params = load_whole(checkpoint, shapes, src_strategy, log=log)
         settings, source, where = None, checkpoint, "the YAML's model_config"
-        found = sorted(n for n in params if lora.is_lora(n))
+        found = sorted(n for n in params if is_lora(n))
         if found:
-            settings = lora.lora_settings(model_config)
+            settings = lora_settings(model_config)
             if settings is None:
                 raise ConfigError(f"{checkpoint}: holds {len(found)} LoRA tensors ({found[0]}, ...) but the YAML's "
                                   "model_config has no pet_config to give their lora_alpha; pass the LoRA run's own "
@@ -257,7 +252,7 @@ def reward_params(checkpoint: str, model_config, src_strategy: Optional[str] = N
         raise ConfigError(f"{source}: tensor {wrong[0][0]} has shape {wrong[0][1]}, the config expects "
                           f"{wrong[0][2]}")
     if settings:
-        lora.check_lora_tensors(source, {n: tuple(v.shape) for n, v in params.items() if lora.is_lora(n)}, settings,
+        check_lora_tensors(source, {n: tuple(v.shape) for n, v in params.items() if is_lora(n)}, settings,
                                 where, shapes)
     return params, shapes, settings
 
@@ -291,46 +286,3 @@ def finish_export(tmp: str, output_dir: str, overwrite: bool, source: dict,
     check_output_dir(output_dir, overwrite)
     if os.path.isdir(output_dir):  # an earlier export (check_output_dir): replaced_folder renames onto its place
         shutil.rmtree(output_dir)
-
-
-def export_checkpoint(checkpoint: str, model_config, output_dir: str, tokenizer: str,
-                      stats: Optional[dict] = None, dtype: Optional[str] = None, src_strategy: Optional[str] = None,
-                      overwrite: bool = False, log=print, extra_files: Optional[Dict[str, str]] = None,
-                      adapter: Optional[str] = None) -> dict:
-    """One reward checkpoint (whole, or model-parallel slices merged with the run's strategy) -> output_dir.
-    A LoRA model (a LoRA run's checkpoint with its YAML, or base weights + `adapter`) is written merged:
-    W + B.A.alpha/r, computed in float64, each weight in its stored type, the value head the LoRA run's.
-
-    Written into a temporary folder beside output_dir and renamed when complete; extra_files ({name: source})
-    are copied in too. EXPORT_MARKER names mindrlhf, its version, the checkpoint and every file written, so that
-    --overwrite can tell an earlier export from a folder of the user's (check_output_dir)."""
-    check_output_dir(output_dir, overwrite)
-    if dtype is not None and dtype not in DTYPES:
-        raise ConfigError(f"--dtype {dtype}: choose one of {sorted(DTYPES)}")
-    config = hf_config(model_config, dtype or "float32", stats)
-    params, shapes, settings = reward_params(checkpoint, model_config, src_strategy, adapter, log)
-    names = sorted(shapes, key=lambda n: ms_to_hf_name(n))
-    types = {name: output_dtype(params[name], dtype) for name in names}
-    if settings:
-        params = lora.merged_params(params, settings)
-    entries = [(ms_to_hf_name(n), tuple(shapes[n]), DTYPES[types[n]][1],
-                int(np.prod(shapes[n])) * np.dtype(DTYPES[types[n]][0]).itemsize) for n in names]
-    config["torch_dtype"] = config["dtype"] = types[names[0]]
-
-    with replaced_folder(output_dir) as tmp:
-        write_safetensors(os.path.join(tmp, "model.safetensors"), entries,
-                          (output_array(params[n], types[n]) for n in names), {"format": "pt"})
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
-            json.dump(config, fh, indent=2)
-        copied = write_tokenizer(tmp, tokenizer, model_config)
-        source = {"checkpoint": os.path.abspath(checkpoint)}
-        if adapter:
-            source["adapter"] = os.path.abspath(adapter)
-        if settings:
-            source["lora_merged"] = {k: settings[k] for k in ("rank", "alpha", "targets")}
-        finish_export(tmp, output_dir, overwrite, source, extra_files)
-    log(f"exported {len(entries)} tensors of {checkpoint}{' + ' + adapter if adapter else ''} to {output_dir}"
-        f"{' (LoRA merged)' if settings else ''}")
-    return {"output_dir": output_dir, "checkpoint": checkpoint, "tensors": len(entries),
-            "tokenizer_files": copied, "normalize_reward": stats is not None, "dtype": config["torch_dtype"],
-            "lora_merged": bool(settings), "format": "merged"}

@@ -16,9 +16,11 @@ import numpy as np
 from mindrlhf.config_access import config_getter
 from mindrlhf.errors import ConfigError
 from mindrlhf.io import replaced_whole
-from mindrlhf.checkpoints.stream import CheckpointStreamWriter
+from mindrlhf.checkpoints.names import VALUE_HEAD_WEIGHT
 from mindrlhf.checkpoints.safetensors_io import bf16_to_f32, iter_safetensors
+from mindrlhf.checkpoints.stream import CheckpointStreamWriter
 
+HF_HEAD = "score"  # the value head in transformers (...ForSequenceClassification) and OpenRLHF (value_head_prefix)
 HF_TO_MS = [
     (r"^model\.embed_tokens\.weight$", "model.tok_embeddings.embedding_weight"),
     (r"^model\.layers\.(\d+)\.self_attn\.q_proj\.weight$", r"model.layers.\1.attention.wq.weight"),
@@ -35,7 +37,7 @@ HF_TO_MS = [
     (r"^model\.layers\.(\d+)\.post_attention_layernorm\.weight$", r"model.layers.\1.ffn_norm.weight"),
     (r"^model\.norm\.weight$", "model.norm_out.weight"),
     (r"^lm_head\.weight$", "lm_head.weight"),
-    (r"^score\.weight$", "v_head.weight"),  # a reward model's head (LlamaForSequenceClassification, OpenRLHF)
+    (rf"^{HF_HEAD}\.weight$", VALUE_HEAD_WEIGHT),  # a reward model's head
 ]
 IGNORED_HF = re.compile(r"rotary_emb\.inv_freq$")
 _MS_TYPES = {"float16": (np.float16, "Float16"), "float32": (np.float32, "Float32")}
@@ -244,10 +246,10 @@ def convert_hf_to_ms(input_path: str, output_path: str, model_config=None, dtype
                 if name == "lm_head.weight" and not keep_lm_head:
                     dropped.append(hf_name)
                     continue
-                if name == "v_head.weight" and tuple(array.shape) != (1, int(get("hidden_size"))):
+                if name == VALUE_HEAD_WEIGHT and tuple(array.shape) != (1, int(get("hidden_size"))):
                     raise ConfigError(f"{shard}: tensor {hf_name} (-> {name}) has shape {tuple(array.shape)}, a "
                                       f"reward model's one-label head is (1, {get('hidden_size')})")
-                if name not in ("lm_head.weight", "v_head.weight") and name not in expected:
+                if name not in ("lm_head.weight", VALUE_HEAD_WEIGHT) and name not in expected:
                     raise ConfigError(f"{shard}: tensor {hf_name} (-> {name}) has no place in the target config "
                                       "(q/k/v biases need model_config.qkv_has_bias: True; layers beyond num_layers "
                                       "are not read)")

@@ -16,15 +16,16 @@ import numpy as np
 
 from mindrlhf.errors import ConfigError
 from mindrlhf.io import replaced_folder
+from mindrlhf.checkpoints.adapters import lora_pairs
+from mindrlhf.checkpoints.names import BACKBONE, LORA_A, LORA_B, VALUE_HEAD_WEIGHT, is_lora, trains
 from mindrlhf.model import lora
 from mindrlhf.interop.hf_folder import (DTYPES, check_output_dir, finish_export, ms_to_hf_name, output_array,
                                     output_dtype, reward_params, write_tokenizer)
-from mindrlhf.interop.hf_import import HF_TO_MS, hf_to_ms_name
+from mindrlhf.interop.hf_import import HF_HEAD, HF_TO_MS, hf_to_ms_name
 from mindrlhf.checkpoints.safetensors_io import bf16_to_f32, iter_safetensors, write_safetensors
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-HEAD = "score"
 _LORA_KEY = re.compile(r"^(.+)\.lora_([AB])\.weight$")
 # what this module writes and reads: plain LoRA, alpha/r scaling, (out, in) weights, one rank and alpha for all
 REFUSED = {"use_rslora": False, "use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
@@ -48,9 +49,9 @@ MS_MODULES = {hf: ms for ms, hf in HF_MODULES.items()}
 
 def peft_key(name: str) -> str:
     """Our LoRA tensor or value head name -> peft's key."""
-    if name == "v_head.weight":
-        return f"{PREFIX}{HEAD}.weight"
-    for suffix, part in ((lora.LORA_A, "A"), (lora.LORA_B, "B")):
+    if name == VALUE_HEAD_WEIGHT:
+        return f"{PREFIX}{HF_HEAD}.weight"
+    for suffix, part in ((LORA_A, "A"), (LORA_B, "B")):
         if name.endswith(suffix):
             hf = ms_to_hf_name(name[:-len(suffix)] + "weight")
             if hf:
@@ -63,13 +64,13 @@ def ms_key(key: str) -> Optional[str]:
     if not key.startswith(PREFIX):
         return None
     rest = key[len(PREFIX):]
-    if rest == f"{HEAD}.weight":
-        return "v_head.weight"
+    if rest == f"{HF_HEAD}.weight":
+        return VALUE_HEAD_WEIGHT
     match = _LORA_KEY.match(rest)
     name = hf_to_ms_name(match.group(1) + ".weight") if match else None
     if not name or name.split(".")[-2] not in lora.TARGETS:
         return None
-    return name[:-len("weight")] + (lora.LORA_A if match.group(2) == "A" else lora.LORA_B)
+    return name[:-len("weight")] + (LORA_A if match.group(2) == "A" else LORA_B)
 
 
 def _alpha(value: float):
@@ -81,7 +82,7 @@ def peft_config(settings: dict, base_model: str) -> dict:
     return {"peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": base_model,
             "r": int(settings["rank"]), "lora_alpha": _alpha(settings["alpha"]),
             "lora_dropout": float(settings["dropout"]),
-            "target_modules": [HF_MODULES[t] for t in settings["targets"]], "modules_to_save": [HEAD],
+            "target_modules": [HF_MODULES[t] for t in settings["targets"]], "modules_to_save": [HF_HEAD],
             "inference_mode": True, "init_lora_weights": True, "revision": None, **REFUSED}
 
 
@@ -100,8 +101,8 @@ def peft_settings(config: dict, where: str) -> dict:
     unknown = sorted(set(modules) - set(MS_MODULES))
     if unknown:
         raise ConfigError(f"{where}: target_modules {unknown} are not among {sorted(MS_MODULES)}")
-    if HEAD not in (config.get("modules_to_save") or []):
-        raise ConfigError(f"{where}: modules_to_save {config.get('modules_to_save')} lacks '{HEAD}': the adapter "
+    if HF_HEAD not in (config.get("modules_to_save") or []):
+        raise ConfigError(f"{where}: modules_to_save {config.get('modules_to_save')} lacks '{HF_HEAD}': the adapter "
                           "holds no reward head")
     targets = [t for t in lora.TARGETS if HF_MODULES[t] in modules]
     return {"rank": int(config["r"]), "alpha": float(config["lora_alpha"]),
@@ -128,9 +129,9 @@ def read_peft_adapter(folder: str) -> Tuple[Dict[str, np.ndarray], dict, dict]:
             raise ConfigError(f"{weights}: tensor {key} has no place in a LoRA reward model")
         value = np.asarray(array)
         tensors[name] = bf16_to_f32(value) if ms_type == "BFloat16" else np.array(value)
-    if "v_head.weight" not in tensors:
-        raise ConfigError(f"{weights}: has no {PREFIX}{HEAD}.weight (the reward head)")
-    pairs = lora.lora_pairs(n for n in tensors if lora.is_lora(n))
+    if VALUE_HEAD_WEIGHT not in tensors:
+        raise ConfigError(f"{weights}: has no {PREFIX}{HF_HEAD}.weight (the reward head)")
+    pairs = lora_pairs(n for n in tensors if is_lora(n))
     present = {w.split(".")[-2] for w in pairs}
     if present != set(settings["targets"]):
         raise ConfigError(f"{weights}: LoRA tensors on {sorted(HF_MODULES[t] for t in present)}, {config_path} "
@@ -148,12 +149,12 @@ def peft_onto_base(folder: str, base_checkpoint: str) -> Tuple[Dict[str, np.ndar
     checkpoint (a Hugging Face base converted by convert_weight.py); its score head replaces the base's, as
     modules_to_save does, and every LoRA pair must fit the base weight it adapts. Saved as a .ckpt, it loads into a
     reward model built with the same pet_config (e.g. reward_infer.py with a LoRA YAML)."""
-    from mindrlhf.checkpoints.loading import load_checkpoint_dict
+    from mindrlhf.checkpoints.reader import load_checkpoint_dict
 
     tensors, settings, _ = read_peft_adapter(folder)
     params = {n: p.asnumpy() for n, p in load_checkpoint_dict(base_checkpoint).items()
-              if n.startswith("model.") and not lora.is_lora(n)}
-    for weight, (a_name, b_name) in lora.lora_pairs(n for n in tensors if lora.is_lora(n)).items():
+              if n.startswith(BACKBONE) and not is_lora(n)}
+    for weight, (a_name, b_name) in lora_pairs(n for n in tensors if is_lora(n)).items():
         if weight not in params:
             raise ConfigError(f"{folder}: {peft_key(a_name)} adapts a weight {base_checkpoint} does not hold")
         out_dim, in_dim = params[weight].shape
@@ -162,8 +163,8 @@ def peft_onto_base(folder: str, base_checkpoint: str) -> Tuple[Dict[str, np.ndar
                               f"{tensors[b_name].shape} do not fit {weight} {params[weight].shape} of "
                               f"{base_checkpoint}: another base model's adapter")
     hidden = params["model.norm_out.weight"].shape[0] if "model.norm_out.weight" in params else None
-    if tensors["v_head.weight"].shape != (1, hidden):
-        raise ConfigError(f"{folder}: {PREFIX}{HEAD}.weight has shape {tensors['v_head.weight'].shape}, a reward "
+    if tensors[VALUE_HEAD_WEIGHT].shape != (1, hidden):
+        raise ConfigError(f"{folder}: {PREFIX}{HF_HEAD}.weight has shape {tensors[VALUE_HEAD_WEIGHT].shape}, a reward "
                           f"head on {base_checkpoint} is (1, {hidden})")
     params.update(tensors)
     return params, settings
@@ -186,7 +187,7 @@ def export_peft(checkpoint: str, model_config, output_dir: str, base_model: str,
     if settings is None:
         raise ConfigError(f"{checkpoint}: holds no LoRA tensors: not a LoRA run's checkpoint (nor given --adapter); "
                           "export it whole, without --peft")
-    names = sorted((n for n in params if lora.trains(n)), key=peft_key)
+    names = sorted((n for n in params if trains(n)), key=peft_key)
     types = {n: output_dtype(params[n], dtype) for n in names}
     entries = [(peft_key(n), tuple(params[n].shape), DTYPES[types[n]][1],
                 int(np.prod(params[n].shape)) * np.dtype(DTYPES[types[n]][0]).itemsize) for n in names]

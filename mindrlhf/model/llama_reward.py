@@ -20,13 +20,12 @@ from mindformers.modules.layers import Linear
 from mindformers.tools.logger import logger
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from mindrlhf.model.loss import CompareLoss
+from mindrlhf.checkpoints.names import VALUE_HEAD
+from mindrlhf.checkpoints.reader import load_backbone
 from mindrlhf.kernels.cpu_speedups import use_cpu_kernels
-from mindrlhf.checkpoints.loading import load_backbone
 from mindrlhf.model.lora import apply_lora, lora_settings
+from mindrlhf.model.loss import CompareLoss
 from mindrlhf.model.packed import PackedRewards
-
-VALUE_HEAD_PREFIX = "v_head."
 
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
@@ -34,7 +33,7 @@ class LlamaRewardModel(PackedRewards, LlamaPreTrainedModel):
     """config: a LlamaConfig. Value head: hidden_size -> 1, no bias, N(0, 1/sqrt(hidden+1)) init.
 
     model_config.checkpoint_name_or_path (a local .ckpt/.safetensors) initialises the backbone; its lm_head is
-    ignored and the value head stays freshly initialised (see mindrlhf.checkpoints.loading.load_backbone).
+    ignored and the value head stays freshly initialised (see mindrlhf.checkpoints.reader.load_backbone).
     """
 
     def __init__(self, config: LlamaConfig = None):
@@ -47,6 +46,7 @@ class LlamaRewardModel(PackedRewards, LlamaPreTrainedModel):
         self.v_head = Linear(in_channels=config.hidden_size, out_channels=1, has_bias=False,
                              compute_dtype=config.compute_dtype, param_init_type=config.param_init_type,
                              weight_init=Normal(sigma=1.0 / (config.hidden_size + 1) ** 0.5))
+        assert self.v_head.weight.name == VALUE_HEAD + "weight"  # the checkpoints' name for it (auto_prefix)
         # LoRA (pet_config): the target projections get low-rank deltas; only they and the value head train.
         self.lora = lora_settings(config)
         self.lora_counts = apply_lora(self, self.lora, log=logger.info) if self.lora else None
@@ -103,3 +103,12 @@ class LlamaRewardModel(PackedRewards, LlamaPreTrainedModel):
             scores = self.last_token_rewards(rewards, end_ind) if self.loss.needs_scores else None
             return self.loss(rewards, loss_mask, scores, margin)
         return self.last_token_rewards(rewards, end_ind).reshape((-1,))
+
+
+def model_shapes(config) -> dict:
+    """{name: shape} of the config's reward model (LoRA included), to merge model-parallel slices against."""
+    model_cfg = dict(config.model.model_config)
+    model_cfg.pop("type", None)
+    model_cfg["checkpoint_name_or_path"] = ""
+    network = LlamaRewardModel(LlamaConfig(**model_cfg))
+    return {p.name: tuple(p.shape) for p in network.get_parameters()}

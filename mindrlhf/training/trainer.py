@@ -37,7 +37,7 @@ def readable_step(path: str) -> Optional[int]:
 
     The whole file is parsed; only the global_step tensor is materialised.
     """
-    from mindrlhf.checkpoints.loading import checkpoint_step, load_checkpoint_dict
+    from mindrlhf.checkpoints.reader import checkpoint_step, load_checkpoint_dict
 
     try:
         return checkpoint_step(load_checkpoint_dict(path, choice_func=lambda name: name == "global_step"))
