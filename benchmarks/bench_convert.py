@@ -166,7 +166,7 @@ def main():
     parser.add_argument("--seq_length", type=int, default=1024)
     args = parser.parse_args()
     require_inputs()
-    import mindrlhf.registry  # noqa: F401  (imports MindSpore/MindFormers before any timing)
+    import mindrlhf.training.registry  # noqa: F401  (imports MindSpore/MindFormers before any timing)
 
     work = tempfile.mkdtemp(prefix="bench_convert_")
     try:

@@ -32,7 +32,7 @@ def main():
     require_inputs()
     import mindspore as ms
 
-    import mindrlhf.registry  # noqa: F401
+    import mindrlhf.training.registry  # noqa: F401
     from mindrlhf.data.pairs import read_pairs
     from mindrlhf.data.prompt import format_prompt
     from mindrlhf.data.tokenizer import load_tokenizer

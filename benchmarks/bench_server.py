@@ -48,7 +48,7 @@ def free_port() -> int:
 def random_checkpoint(config: str, directory: Path) -> str:
     import mindspore as ms
 
-    import mindrlhf.registry  # noqa: F401
+    import mindrlhf.training.registry  # noqa: F401
     from mindrlhf.evaluation.scorer import RewardScorer
 
     ms.set_seed(0)
@@ -61,7 +61,7 @@ def random_checkpoint(config: str, directory: Path) -> str:
 def model_ceiling(config: str, ckpt: str, items: list, clients: int) -> dict:
     """The same texts scored in-process, no HTTP: one per forward pass vs rounds of `clients` batched as the
     server batches them (DynamicBatcher.score). Bounds what the server can gain from batching on this machine."""
-    import mindrlhf.registry  # noqa: F401
+    import mindrlhf.training.registry  # noqa: F401
     from mindrlhf.data.tokenizer import load_tokenizer
     from mindrlhf.evaluation.run import run_template
     from mindrlhf.evaluation.scorer import RewardScorer, list_checkpoints

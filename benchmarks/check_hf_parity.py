@@ -127,7 +127,7 @@ def lora_main(args) -> int:
         print(f"check_hf_parity --lora: skipped: no peer interpreter at {args.peer_python} (make peer-venv, then "
               f"{args.peer_python} -m pip install peft); nothing was compared")
         return 0
-    import mindrlhf.registry  # noqa: F401
+    import mindrlhf.training.registry  # noqa: F401
     from mindrlhf.training.config import load_config
 
     work = Path(tempfile.mkdtemp(prefix="hf_parity_lora_"))
@@ -194,7 +194,7 @@ def main():
         return 0
     from torch_batches import padded
 
-    import mindrlhf.registry  # noqa: F401
+    import mindrlhf.training.registry  # noqa: F401
 
     work = Path(tempfile.mkdtemp(prefix="hf_parity_"))
     ckpt = args.distributed_ckpt_path or str(random_checkpoint(args.config, work))

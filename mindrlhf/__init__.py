@@ -1,7 +1,7 @@
 """mindrlhf: the Llama2 reward-model suite on MindSpore/MindFormers.
 
 `import mindrlhf` is light: conversion, the rank-table tool and the loss plots never import MindFormers.
-`import mindrlhf.registry` (done by load_config for every YAML path, and on first use of a class named below)
+`import mindrlhf.training.registry` (done by load_config for every YAML path, and on first use of a class named below)
 registers RewardModelDataset, LlamaRewardModel, CompareLoss, RewardTrainOneStepCell and
 FP32StateAdamWeightDecay with MindFormerRegister, so YAML `type:` names resolve.
 """
@@ -19,7 +19,7 @@ _REGISTERED = ("RewardModelDataset", "LlamaRewardModel", "CompareLoss", "RewardT
 def __getattr__(name):
     """The registered classes, imported (and registered) on first use."""
     if name in _REGISTERED:
-        return getattr(_importlib.import_module("mindrlhf.registry"), name)
+        return getattr(_importlib.import_module("mindrlhf.training.registry"), name)
     raise AttributeError(f"module 'mindrlhf' has no attribute {name!r}")
 
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-import mindrlhf.registry  # noqa: F401
+import mindrlhf.training.registry  # noqa: F401
 from mindrlhf.errors import ConfigError
 from mindrlhf.interop.hf_import import convert_hf_to_ms, hf_to_ms_name
 from mindrlhf.training.config import load_config

@@ -59,7 +59,7 @@ def test_conversion_prints_and_records_a_suggestion(tmp_path):
     assert f"suggested train_dataset.bucket_boundaries for 4 pairs a batch: {boundaries}" in proc.stdout
 
     # bucket_boundaries: auto (the tiny CPU YAMLs) trains on exactly that suggestion
-    import mindrlhf.registry  # noqa: F401
+    import mindrlhf.training.registry  # noqa: F401
     from mindrlhf.data.dataset import create_reward_dataset
 
     said = []

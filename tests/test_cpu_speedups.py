@@ -26,7 +26,7 @@ def graph_mode():
 
 
 def build(monkeypatch, stock, compiled=True, kv_heads=None):
-    import mindrlhf.registry  # noqa: F401  (registers the model)
+    import mindrlhf.training.registry  # noqa: F401  (registers the model)
     from mindformers import LlamaConfig
 
     from mindrlhf.model.llama_reward import LlamaRewardModel
@@ -245,7 +245,7 @@ def test_kernel_build_is_cached_and_missing_compiler_falls_back(tmp_path):
 
     env = dict(env, CXX=str(tmp_path / "no-such-compiler"), MINDRLHF_CACHE=str(tmp_path / "other"))
     fallback = ("import mindspore as ms; ms.set_context(mode=ms.GRAPH_MODE, device_target='CPU');"
-                "import mindrlhf.registry; from mindformers import LlamaConfig;"
+                "import mindrlhf.training.registry; from mindformers import LlamaConfig;"
                 "from mindrlhf.model.llama_reward import LlamaRewardModel; from mindrlhf.training.config import "
                 f"load_config; cfg = dict(load_config({str(TINY_CONFIG)!r}).model.model_config); cfg.pop('type');"
                 "net = LlamaRewardModel(LlamaConfig(**cfg));"

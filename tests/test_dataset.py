@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from mindspore.mindrecord import FileReader
 
-import mindrlhf.registry  # noqa: F401
+import mindrlhf.training.registry  # noqa: F401
 from mindrlhf.data.dataset import create_reward_dataset
 from mindrlhf.training.config import load_config
 

@@ -3,7 +3,7 @@ explicit, every type resolves, and the 7B shapes are Qwen2.5-7B's (published con
 them and as the model builds them."""
 import pytest
 
-import mindrlhf.registry  # noqa: F401
+import mindrlhf.training.registry  # noqa: F401
 from mindrlhf.interop.hf_import import expected_shapes, hf_model_config
 from mindrlhf.training.config import check_sections, load_config
 

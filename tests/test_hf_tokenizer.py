@@ -10,7 +10,7 @@ import pytest
 from mindspore.mindrecord import FileReader
 from tokenizers import Tokenizer
 
-import mindrlhf.registry  # noqa: F401
+import mindrlhf.training.registry  # noqa: F401
 from mindrlhf.data.convert import convert_file
 from mindrlhf.data.templates import resolve_template
 from mindrlhf.data.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer

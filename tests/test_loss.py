@@ -4,7 +4,7 @@ import pytest
 
 import mindspore as ms
 
-import mindrlhf.registry  # noqa: F401
+import mindrlhf.training.registry  # noqa: F401
 from mindrlhf.model.loss import CompareLoss
 
 

@@ -5,7 +5,7 @@ import pytest
 import mindspore as ms
 from mindspore import Parameter, Tensor
 
-import mindrlhf.registry  # noqa: F401
+import mindrlhf.training.registry  # noqa: F401
 from mindrlhf.training.optimizer import FP32StateAdamWeightDecay
 
 LR, BETA1, BETA2, EPS = 1e-3, 0.9, 0.95, 1e-8

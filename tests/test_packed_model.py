@@ -130,7 +130,7 @@ def kernel_skip_reason():
 
 def tiny_model(packing, **options):
     """The tiny Llama 2 reward model at SEQ, float32, seed 0 (the env chooses its CPU layers)."""
-    import mindrlhf.registry  # noqa: F401  (registers the model)
+    import mindrlhf.training.registry  # noqa: F401  (registers the model)
     from mindformers import LlamaConfig
 
     from mindrlhf.model.llama_reward import LlamaRewardModel

@@ -50,7 +50,7 @@ def write_yaml(path, packing=None, seq_length=SEQ):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A checkpoint root (rank_0/) of fresh seeded tiny weights; the padded YAML and packed YAMLs beside it."""
-    import mindrlhf.registry  # noqa: F401  (registers the model)
+    import mindrlhf.training.registry  # noqa: F401  (registers the model)
     from mindformers import LlamaConfig
 
     from mindrlhf.model.llama_reward import LlamaRewardModel
@@ -314,7 +314,7 @@ def test_server_service_scores_packed(files, scorers, variant):
 def test_reward_infer_packed_at_512_gives_the_padded_scores(files, variant, tmp_path):
     """reward_infer.py with packing: pairs and seq_length 512 (a subprocess) against the padded tiny YAML at 256
     (in this process) on rows of at most 256 tokens: the rotary table rows both use are the same."""
-    import mindrlhf.registry  # noqa: F401  (registers the model)
+    import mindrlhf.training.registry  # noqa: F401  (registers the model)
     from mindformers import LlamaConfig
 
     from mindrlhf.data.templates import TUTORIAL

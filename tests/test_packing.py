@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mindspore.mindrecord import FileReader
 
-import mindrlhf.registry  # noqa: F401
+import mindrlhf.training.registry  # noqa: F401
 from mindrlhf.data import packing as pk
 from mindrlhf.data.convert import convert_file
 from mindrlhf.data.dataset import create_reward_dataset, packing_plan_check, read_pairs

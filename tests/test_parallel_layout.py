@@ -15,7 +15,7 @@ from conftest import CONFIG_7B, cli_env
 LAYOUT = f"""
 import json, sys
 import mindspore as ms
-import mindrlhf.registry
+import mindrlhf.training.registry
 from mindformers import LlamaConfig
 from mindformers.modules import TransformerOpParallelConfig
 from mindrlhf.training.config import load_config

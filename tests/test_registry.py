@@ -1,4 +1,4 @@
-"""Importing mindrlhf.registry registers every YAML type (plain `import mindrlhf` and the tools that need no model
+"""Importing mindrlhf.training.registry registers every YAML type (plain `import mindrlhf` and the tools that need no model
 stay free of MindFormers); the 7B Ascend YAML resolves and its model builds on CPU."""
 import subprocess
 import sys
@@ -17,7 +17,7 @@ def run_python(code, timeout=300):
 
 
 def test_import_registers_everything():
-    code = ("import mindrlhf.registry\n"
+    code = ("import mindrlhf.training.registry\n"
             "from mindformers.tools.register import MindFormerRegister as R, MindFormerModuleType as T\n"
             "for t, n in [(T.MODELS, 'LlamaRewardModel'), (T.DATASET, 'RewardModelDataset'),\n"
             "             (T.WRAPPER, 'RewardTrainOneStepCell'), (T.LOSS, 'CompareLoss'),\n"
@@ -34,10 +34,10 @@ def test_light_tools_do_not_import_mindformers():
             "import mindrlhf\n"
             "import mindrlhf.data.convert, mindrlhf.data.tokenizer, mindrlhf.data.buckets, mindrlhf.tools.loss_plot\n"
             "import mindrlhf.tools.hccl_tools, mindrlhf.cli\n"
-            "heavy = sorted(m for m in ('mindformers', 'mindrlhf.registry') if m in sys.modules)\n"
+            "heavy = sorted(m for m in ('mindformers', 'mindrlhf.training.registry') if m in sys.modules)\n"
             "print(heavy)\n"
             "mindrlhf.LlamaRewardModel  # first use registers\n"
-            "print('mindformers' in sys.modules, 'mindrlhf.registry' in sys.modules)\n")
+            "print('mindformers' in sys.modules, 'mindrlhf.training.registry' in sys.modules)\n")
     proc = run_python(code)
     assert proc.stdout.split() == ["[]", "True", "True"]
 
@@ -65,7 +65,7 @@ def _types(config_path):
 
 
 def test_every_yaml_type_resolves():
-    import mindrlhf.registry  # noqa: F401
+    import mindrlhf.training.registry  # noqa: F401
     from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
     for config in (CONFIG_7B, TINY_CONFIG):
@@ -98,7 +98,7 @@ def test_7b_model_builds_on_cpu_with_one_layer():
     """
     code = f"""
 import mindspore as ms
-import mindrlhf.registry
+import mindrlhf.training.registry
 from mindformers import LlamaConfig
 from mindrlhf.training.config import load_config
 from mindrlhf.model.llama_reward import LlamaRewardModel

@@ -9,7 +9,7 @@ import pytest
 import sentencepiece as spm
 from mindspore.mindrecord import FileReader
 
-import mindrlhf.registry  # noqa: F401
+import mindrlhf.training.registry  # noqa: F401
 from mindrlhf.data.convert import SKIP_OVERLONG, convert_file
 from mindrlhf.data.dataset import create_reward_dataset
 from mindrlhf.data.records import RECORD_COLUMNS

@@ -14,7 +14,7 @@ PAD = 2
 
 @pytest.fixture(scope="module")
 def model():
-    import mindrlhf.registry  # noqa: F401  (registers the model)
+    import mindrlhf.training.registry  # noqa: F401  (registers the model)
     from mindformers import LlamaConfig
 
     from mindrlhf.model.llama_reward import LlamaRewardModel

@@ -149,7 +149,7 @@ def test_bucketed_training_reaches_the_same_accuracy(bucketed_run, evaluation, t
 
 
 def test_bucketed_scoring_equals_full_length_scoring(trained_run):
-    import mindrlhf.registry  # noqa: F401
+    import mindrlhf.training.registry  # noqa: F401
     from mindrlhf.data.pairs import read_pairs
     from mindrlhf.data.prompt import format_prompt
     from mindrlhf.data.tokenizer import load_tokenizer

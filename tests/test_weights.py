@@ -6,7 +6,7 @@ import pytest
 
 import mindspore as ms
 
-import mindrlhf.registry  # noqa: F401
+import mindrlhf.training.registry  # noqa: F401
 from mindrlhf.interop.hf_import import hf_to_ms_name
 from mindrlhf.tools.tiny_hf import tiny_hf_tensors, write_hf
 from mindrlhf.training.config import load_config

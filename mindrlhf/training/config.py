@@ -18,7 +18,7 @@ REQUIRED_SECTIONS = ("runner_config", "runner_wrapper", "optimizer", "lr_schedul
 def load_config(path: str):
     """A MindFormerConfig from a YAML path, with a clear error for a missing or unreadable file. Registers our
     YAML types first, so whatever the config builds resolves."""
-    import mindrlhf.registry  # noqa: F401
+    import mindrlhf.training.registry  # noqa: F401
     from mindformers import MindFormerConfig
 
     if not path or not os.path.isfile(path):
