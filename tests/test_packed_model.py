@@ -301,3 +301,18 @@ def test_compiled_kernel_runs_the_packed_layout(monkeypatch):
     if reason:
         pytest.skip(reason)
     assert tiny_model("pairs").packed_layout == "kernel"
+
+
+def test_the_packed_path_names_the_host_cells_it_lacks():
+    """PackedRewards runs its host's cells: a host without them is refused at build, by name."""
+    from mindspore import nn
+
+    from mindrlhf.model.packed import PackedRewards
+
+    class Host(PackedRewards, nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.model = nn.Dense(2, 2)
+
+    with pytest.raises(TypeError, match="v_head, cast"):
+        Host().init_packing(None)

@@ -517,16 +517,19 @@ def test_packing_refuses_micro_batches(where, value):
 
 def test_the_trainers_check_and_the_dataset_read_the_pairs_once(test_mindrecord, monkeypatch):
     """The trainer plans early (packing_plan_check), then MindFormers builds the dataset with the same settings:
-    the pairs are read once and both see one plan; another setting plans again."""
+    within the run the pairs are read once and both see one plan; another setting plans again; after it, nothing
+    is kept."""
     import mindrlhf.data.dataset as dataset_module
 
     reads = []
     real = dataset_module.read_pairs
     monkeypatch.setattr(dataset_module, "read_pairs", lambda *a, **k: reads.append(a) or real(*a, **k))
-    monkeypatch.setattr(dataset_module, "_LAST_PLAN", {})
     cfg = {"packing": "pairs", "seq_length": 512, "seed": 5, "batch_size": 2, "pad_token_id": 2, "loss_type": "span"}
-    checked = dataset_module.packing_plan_check(str(test_mindrecord), cfg)
-    dataset = create_reward_dataset(str(test_mindrecord), 2, shuffle=True, packing="pairs", seq_length=512, seed=5)
-    assert len(reads) == 1 and dataset.get_dataset_size() == checked["steps"]
-    dataset_module.packing_plan_check(str(test_mindrecord), dict(cfg, seed=6))
-    assert len(reads) == 2
+    with dataset_module.PackingPlans():  # what trainer.train holds open for its run
+        checked = dataset_module.packing_plan_check(str(test_mindrecord), cfg)
+        dataset = create_reward_dataset(str(test_mindrecord), 2, shuffle=True, packing="pairs", seq_length=512, seed=5)
+        assert len(reads) == 1 and dataset.get_dataset_size() == checked["steps"]
+        dataset_module.packing_plan_check(str(test_mindrecord), dict(cfg, seed=6))
+        assert len(reads) == 2
+    dataset_module.packing_plan_check(str(test_mindrecord), dict(cfg, seed=6))  # the run is over: nothing kept
+    assert len(reads) == 3

@@ -5,6 +5,7 @@
 Registered with MindFormers so YAML `train_dataset_task.type: RewardModelDataset` resolves. Optional length
 bucketing trims each batch to the smallest boundary that holds its longest pair, so padding costs no compute.
 """
+import contextvars
 import copy
 import os
 import re
@@ -198,7 +199,33 @@ class PackedSteps:
         return tuple(arrays[name] for name in self.columns)
 
 
-_LAST_PLAN: dict = {}  # (files with size and mtime, every planning argument) -> the plan, read-only to callers
+class PackingPlans:
+    """The packed plans of one training run, kept from the trainer's early check (packing_plan_check) to the dataset
+    MindFormers builds, so the pairs are read once. A run holds it open (`with PackingPlans():`); outside one, every
+    call plans anew. It keeps one plan, the one being trained on; callers only read it."""
+
+    _open = contextvars.ContextVar("mindrlhf_packing_plans", default=None)
+
+    def __init__(self):
+        self.key, self.plan, self._token = None, None, None
+
+    def __enter__(self):
+        self._token = PackingPlans._open.set(self)
+        return self
+
+    def __exit__(self, *exc):
+        PackingPlans._open.reset(self._token)
+        self.key = self.plan = None
+
+    @classmethod
+    def current(cls) -> Optional["PackingPlans"]:
+        return cls._open.get()
+
+    def get(self, key) -> Optional[dict]:
+        return self.plan if key == self.key else None
+
+    def keep(self, key, plan: dict):
+        self.key, self.plan = key, plan
 
 
 def plan_packed(files, packing: str, pack_rows: Optional[int], seq_length: Optional[int] = None,
@@ -217,8 +244,9 @@ def plan_packed(files, packing: str, pack_rows: Optional[int], seq_length: Optio
     files = resolve_mindrecord_files(files)
     key = (tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files), mode, pack_rows, seq_length,
            loss_type, num_samples, num_shards, seed, pad_token_id, batch_size, ascend_row_groups)
-    if key in _LAST_PLAN:  # the trainer's early check, then the dataset MindFormers builds: one read of the pairs
-        return _LAST_PLAN[key]
+    plans = PackingPlans.current()
+    if plans is not None and plans.get(key) is not None:  # the trainer's check, then the dataset it trains on
+        return plans.get(key)
     pairs, margin, data_length = read_pairs(files, pad_token_id, num_samples)
     if not pairs:
         raise ConfigError(f"{files[0]}: no pairs to pack")
@@ -237,8 +265,8 @@ def plan_packed(files, packing: str, pack_rows: Optional[int], seq_length: Optio
     plan = {"mode": mode, "pairs": pairs, "steps": steps, "pack_rows": int(pack_rows), "seq_length": seq_length,
             "shared_prefix": shared_prefix, "margin": margin,
             "filler_share": pk.filler_share(lengths, len(steps), int(pack_rows), seq_length)}
-    _LAST_PLAN.clear()  # one plan kept: the one being trained on
-    _LAST_PLAN[key] = plan
+    if plans is not None:
+        plans.keep(key, plan)
     return plan
 
 

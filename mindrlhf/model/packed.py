@@ -125,12 +125,22 @@ class PackedCompareLoss(nn.Cell):
 
 
 class PackedRewards:
-    """The packed path of LlamaRewardModel (a mixin: its methods use the model's own backbone `self.model`,
-    value head and cast ops, so no parameter is registered twice). init_packing at build, packed_construct in
-    construct when model_config.packing is set."""
+    """The packed path of LlamaRewardModel: init_packing at build, packed_construct in construct when
+    model_config.packing is set. A mixin, so that it runs the host's own cells and no parameter is registered twice;
+    its host (an nn.Cell) must set HOST_CELLS before init_packing: `model` (MindFormers' LlamaModel, after the CPU
+    kernel swaps), `v_head` (hidden -> 1) and `cast` (to float32, sharded as the head's output)."""
+
+    HOST_CELLS = ("model", "v_head", "cast")
+    model: nn.Cell
+    v_head: nn.Cell
+    cast: ops.Primitive
 
     def init_packing(self, config):
         """Choose the layout ("kernel" or "adder"), refuse what cannot run, build the loss and mask cells."""
+        missing = [name for name in self.HOST_CELLS if getattr(self, name, None) is None]
+        if missing:
+            raise TypeError(f"{type(self).__name__}: PackedRewards needs its host's {', '.join(missing)} set before "
+                            "init_packing")
         self.packing = packing_mode(config)
         self.packed_layout = None
         if not self.packing:

@@ -177,7 +177,7 @@ def train(config_path: str, train_dataset: Optional[str] = None, task: str = "te
     from mindformers.trainer import Trainer
     from mindformers.utils.file_utils import set_output_path
 
-    from mindrlhf.data.dataset import resolve_mindrecord_files
+    from mindrlhf.data.dataset import PackingPlans, resolve_mindrecord_files
     from mindrlhf.checkpoints.adapters import write_run_lora
     from mindrlhf.tools.loss_log import parse_log
 
@@ -193,23 +193,24 @@ def train(config_path: str, train_dataset: Optional[str] = None, task: str = "te
     collective = bool(config.use_parallel) and rank_size > 1
     if collective and cpu:
         use_cpu_barrier()
-    with distributed.same_verdict(collective):  # a failed check (a template mismatch on rank 0) stops every rank
-        info = cfg.check_data_against_model(config, files, "train", rank_size if config.use_parallel else 1)
-        if template is not None and rank_id == 0:
-            record_run_template(os.path.join(config.output_dir, "checkpoint"), template,
-                                config.load_checkpoint if config.resume_training else None)
-        base = ""
-        if settings and rank_id == 0:  # alpha is in no tensor: scoring and merging read it from here
-            base = write_run_lora(os.path.join(config.output_dir, "checkpoint"), settings,
-                                  config.load_checkpoint if config.resume_training else None,
-                                  config.model.model_config.get("backbone_checkpoint") or "")
-    if config.resume_training:
-        config.resume_training = resume_file(config.load_checkpoint, rank_id, collective, warn=_warn)
-    stop_step = config.runner_config.pop("stop_step", None)
-    trainer = Trainer(args=config, task=task, callbacks=[stop_at(int(stop_step))] if stop_step else None)
-    # On CPU the graph compile's freed host memory would stay resident under the step's tensors (see host_memory)
-    with host_memory.trimming(host_memory.trim_interval() if cpu else None):
-        trainer.train()
+    with PackingPlans():  # the plan checked here is the one the dataset MindFormers builds trains on
+        with distributed.same_verdict(collective):  # a failed check (a template mismatch on rank 0) stops every rank
+            info = cfg.check_data_against_model(config, files, "train", rank_size if config.use_parallel else 1)
+            if template is not None and rank_id == 0:
+                record_run_template(os.path.join(config.output_dir, "checkpoint"), template,
+                                    config.load_checkpoint if config.resume_training else None)
+            base = ""
+            if settings and rank_id == 0:  # alpha is in no tensor: scoring and merging read it from here
+                base = write_run_lora(os.path.join(config.output_dir, "checkpoint"), settings,
+                                      config.load_checkpoint if config.resume_training else None,
+                                      config.model.model_config.get("backbone_checkpoint") or "")
+        if config.resume_training:
+            config.resume_training = resume_file(config.load_checkpoint, rank_id, collective, warn=_warn)
+        stop_step = config.runner_config.pop("stop_step", None)
+        trainer = Trainer(args=config, task=task, callbacks=[stop_at(int(stop_step))] if stop_step else None)
+        # On CPU the graph compile's freed host memory would stay resident under the step's tensors (see host_memory)
+        with host_memory.trimming(host_memory.trim_interval() if cpu else None):
+            trainer.train()
     log_file = os.path.join(config.output_dir, "log", f"rank_{rank_id}", "info.log")
     points = parse_log(log_file) if os.path.isfile(log_file) else []
     ckpt_dir = os.path.join(config.output_dir, "checkpoint", f"rank_{rank_id}")
