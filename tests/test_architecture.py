@@ -120,6 +120,18 @@ def test_imports_follow_the_layers_in_docs_architecture():
     assert check(ROOT / PACKAGE, layers) == []
 
 
+def test_no_module_imports_another_modules_private_names():
+    """What two modules share is public in the module that owns it: an underscore name is free to change without
+    looking for users in other files."""
+    reached = []
+    for path in sorted((ROOT / PACKAGE).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(PACKAGE):
+                reached += [f"{path.relative_to(ROOT)}: {node.module}.{alias.name}" for alias in node.names
+                            if alias.name.startswith("_") and not alias.name.startswith("__")]
+    assert not reached
+
+
 def write_package(root: Path, files: dict) -> Path:
     for rel, text in files.items():
         path = root / PACKAGE / rel

@@ -229,22 +229,6 @@ def test_lora_tensors_that_miss_a_layer_or_do_not_fit_their_weight_are_refused()
         adapters.check_lora_tensors("run.ckpt", lone_b, settings, "the YAML")
 
 
-def test_no_module_imports_another_modules_private_names():
-    """What two modules share is public in the module that owns it (peft_io took export's _DTYPES, _as_numpy and
-    _target): an underscore name is free to change without looking for users in other files."""
-    import ast
-
-    from conftest import ROOT
-
-    reached = []
-    for path in sorted((ROOT / "mindrlhf").rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mindrlhf"):
-                reached += [f"{path.relative_to(ROOT)}: {node.module}.{alias.name}" for alias in node.names
-                            if alias.name.startswith("_") and not alias.name.startswith("__")]
-    assert not reached
-
-
 def test_base_plus_adapter_exports_as_the_lora_checkpoint(lora_run, tmp_path):
     """Base weights + --adapter (a mindrlhf adapter file) give the same folders, byte for byte, as the LoRA run's
     checkpoint; onto other base weights the adapter is refused; --overwrite replaces an earlier PEFT export and

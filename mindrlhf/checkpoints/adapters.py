@@ -20,7 +20,7 @@ from mindrlhf.checkpoints.names import BACKBONE, LORA_A, LORA_B, STEP, VALUE_HEA
 from mindrlhf.checkpoints.reader import load_checkpoint_dict, tensor_dims, to_numpy, weights_identity
 from mindrlhf.checkpoints.safetensors_io import iter_safetensors, read_metadata, write_arrays
 from mindrlhf.checkpoints.slices import load_whole, rank_of_checkpoint
-from mindrlhf.data.templates import RUN_TEMPLATE_FILE
+from mindrlhf.data.templates import run_template_path
 from mindrlhf.errors import ConfigError
 from mindrlhf.io import check_new_output, replaced_whole
 
@@ -114,7 +114,7 @@ def check_run_lora(checkpoint: str, settings: dict, where: str):
 def _copy_template(checkpoint: str, out_dir: str, log: Callable, overwrite: bool = False):
     """The run's template.json beside the outputs (scoring reads it beside the weights). Another template already
     there (another run's) is an error unless overwrite: scoring would render with it."""
-    src, dst = os.path.join(_run_root(checkpoint), RUN_TEMPLATE_FILE), os.path.join(out_dir, RUN_TEMPLATE_FILE)
+    src, dst = run_template_path(_run_root(checkpoint)), run_template_path(out_dir)
     if not os.path.isfile(src) or os.path.abspath(src) == os.path.abspath(dst):
         return
     if os.path.exists(dst) and not overwrite:

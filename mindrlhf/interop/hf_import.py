@@ -1,10 +1,10 @@
 """Hugging Face Llama 2/3 or Qwen2 (safetensors + config.json) -> a MindSpore checkpoint of the reward model's
 backbone.
 
-In reading order: the tensor names (HF_TO_MS, which export.py turns around), the shapes a config gives each
+In reading order: the tensor names (HF_TO_MS, which hf_folder.py turns around), the shapes a config gives each
 tensor, config.json read in either transformers layout (RoPE theta and scaling, norm epsilon) and checked against
 the run YAML, the safetensors files read memory-mapped (no PyTorch), and the conversion itself: tensor by tensor,
-every shape checked against the target config, streamed into the checkpoint (models.ckpt_stream).
+every shape checked against the target config, streamed into the checkpoint (checkpoints/stream.py).
 """
 import json
 import os
