@@ -83,11 +83,11 @@ def base_folder(config: str, checkpoint: str, tokenizer: str, work: Path) -> str
 
     from mindrlhf.evaluation.scorer import list_checkpoints
     from mindrlhf.checkpoints.reader import load_checkpoint_dict
-    from mindrlhf.checkpoints.names import is_lora
+    from mindrlhf.checkpoints.names import BACKBONE, VALUE_HEAD, VALUE_HEAD_WEIGHT, is_lora
 
     params = load_checkpoint_dict(list_checkpoints(checkpoint)[-1])
-    keep = [{"name": n, "data": -p if n == "v_head.weight" else p} for n, p in params.items()
-            if n.startswith(("model.", "v_head.")) and not is_lora(n)]
+    keep = [{"name": n, "data": -p if n == VALUE_HEAD_WEIGHT else p} for n, p in params.items()
+            if n.startswith((BACKBONE, VALUE_HEAD)) and not is_lora(n)]
     base_ckpt = work / "base" / "rank_0" / "base.ckpt"
     base_ckpt.parent.mkdir(parents=True)
     ms.save_checkpoint(keep, str(base_ckpt))
