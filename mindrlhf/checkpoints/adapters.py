@@ -19,7 +19,7 @@ import numpy as np
 from mindrlhf.checkpoints.names import BACKBONE, LORA_A, LORA_B, STEP, VALUE_HEAD, is_lora, trains
 from mindrlhf.checkpoints.reader import load_checkpoint_dict, tensor_dims, to_numpy, weights_identity
 from mindrlhf.checkpoints.safetensors_io import iter_safetensors, read_metadata, write_arrays
-from mindrlhf.checkpoints.slices import load_whole, rank_of_checkpoint
+from mindrlhf.checkpoints.slices import checkpoint_root, load_whole
 from mindrlhf.data.templates import run_template_path
 from mindrlhf.errors import ConfigError
 from mindrlhf.io import check_new_output, replaced_whole
@@ -39,14 +39,6 @@ def check_checkpoint_lora(path: str, dims: Dict[str, Tuple[int, ...]], settings:
     check_lora_tensors(path, dims, settings, where)
     if dims:
         check_run_lora(path, settings, where)
-
-
-def _run_root(checkpoint: str) -> str:
-    """The folder holding a run's rank_N/ (and its template.json, lora.json) for one of its checkpoint files."""
-    try:
-        return rank_of_checkpoint(checkpoint)[0]
-    except ConfigError:
-        return os.path.dirname(os.path.abspath(checkpoint))
 
 
 def write_run_lora(root: str, settings: dict, resumed_from: Optional[str] = None, base_path: str = "") -> str:
@@ -104,17 +96,18 @@ def _describe(settings: dict) -> str:
 
 def check_run_lora(checkpoint: str, settings: dict, where: str):
     """The YAML's LoRA settings against those the run recorded beside its checkpoints (when it did)."""
-    recorded = _read_run_lora(_run_root(checkpoint))
+    root = checkpoint_root(checkpoint)
+    recorded = _read_run_lora(root)
     if recorded is not None and not same_settings(recorded, settings):
         raise ConfigError(f"{checkpoint}: its run trained LoRA {_describe(recorded)} "
-                          f"({os.path.join(_run_root(checkpoint), RUN_LORA_FILE)}), {where} has {_describe(settings)}: "
+                          f"({os.path.join(root, RUN_LORA_FILE)}), {where} has {_describe(settings)}: "
                           "its rewards and merge would be wrong; pass the run's own YAML")
 
 
 def _copy_template(checkpoint: str, out_dir: str, log: Callable, overwrite: bool = False):
     """The run's template.json beside the outputs (scoring reads it beside the weights). Another template already
     there (another run's) is an error unless overwrite: scoring would render with it."""
-    src, dst = run_template_path(_run_root(checkpoint)), run_template_path(out_dir)
+    src, dst = run_template_path(checkpoint_root(checkpoint)), run_template_path(out_dir)
     if not os.path.isfile(src) or os.path.abspath(src) == os.path.abspath(dst):
         return
     if os.path.exists(dst) and not overwrite:

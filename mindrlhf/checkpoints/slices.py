@@ -28,6 +28,14 @@ def rank_of_checkpoint(path: str) -> Tuple[str, int]:
     return os.path.dirname(rank_dir), int(name[len("rank_"):])
 
 
+def checkpoint_root(path: str) -> str:
+    """The folder holding rank_N/ (and the run's template.json) for --distributed_ckpt_path: a .ckpt, a rank_N
+    directory, or the root itself. Works for paths that do not exist (then nothing is found there)."""
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path) if os.path.isfile(path) or path.endswith(".ckpt") else path
+    return os.path.dirname(folder) if re.fullmatch(r"rank_\d+", os.path.basename(folder)) else folder
+
+
 def find_strategy(checkpoint: str, src_strategy: Optional[str] = None) -> Optional[str]:
     """The strategy file (or folder of them) for a sliced checkpoint: the one given, else the run's own
     <output_dir>/strategy/ beside <output_dir>/checkpoint/rank_N/; None when there is none."""

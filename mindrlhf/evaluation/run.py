@@ -17,7 +17,8 @@ from mindrlhf.data.templates import (JINJA, TUTORIAL, choose_template, client_te
                                      run_template_path)
 from mindrlhf.errors import ConfigError
 from mindrlhf.evaluation.metrics import pairwise_metrics
-from mindrlhf.evaluation.scorer import (RewardScorer, base_file, checkpoint_root, length_batches, list_checkpoints,
+from mindrlhf.checkpoints.slices import checkpoint_root
+from mindrlhf.evaluation.scorer import (RewardScorer, base_file, length_batches, list_checkpoints,
                                         set_scoring_context)
 from mindrlhf.io import check_new_output, write_json, write_jsonl
 

@@ -13,7 +13,6 @@ ends of rows and of the last pass.
 """
 import copy
 import os
-import re
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -26,7 +25,7 @@ from mindrlhf.checkpoints.reader import checkpoint_step
 from mindrlhf.checkpoints.names import is_lora
 from mindrlhf.model.lora import lora_settings
 from mindrlhf.checkpoints.adapters import check_checkpoint_lora, check_lora_tensors, load_adapter, lora_dims
-from mindrlhf.checkpoints.slices import load_whole
+from mindrlhf.checkpoints.slices import checkpoint_root, load_whole
 from mindrlhf.training.config import checkpoint_files
 
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -52,14 +51,6 @@ def list_checkpoints(path: str) -> List[str]:
     if not files:
         raise ConfigError(f"{path}: no .ckpt files (looked in {directory})")
     return files
-
-
-def checkpoint_root(path: str) -> str:
-    """The folder holding rank_N/ (and the run's template.json) for --distributed_ckpt_path: a .ckpt, a rank_N
-    directory, or the root itself. Works for paths that do not exist (then nothing is found there)."""
-    path = os.path.abspath(path)
-    folder = os.path.dirname(path) if os.path.isfile(path) or path.endswith(".ckpt") else path
-    return os.path.dirname(folder) if re.fullmatch(r"rank_\d+", os.path.basename(folder)) else folder
 
 
 def base_file(ckpt_path: str, adapter: str) -> str:

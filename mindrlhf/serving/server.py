@@ -53,7 +53,8 @@ def build_service(config_path: str, ckpt_path: str, tokenizer: str, limits: Limi
     from mindrlhf.data.tokenizer import load_tokenizer
     from mindrlhf.evaluation.normalize import load_stats
     from mindrlhf.evaluation.run import run_template
-    from mindrlhf.evaluation.scorer import RewardScorer, base_file, checkpoint_root, list_checkpoints
+    from mindrlhf.checkpoints.slices import checkpoint_root
+    from mindrlhf.evaluation.scorer import RewardScorer, base_file, list_checkpoints
     from mindrlhf.training.config import load_config
 
     limits.check()

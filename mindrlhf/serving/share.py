@@ -20,7 +20,8 @@ def export_run(config_path: str, ckpt_path: str, tokenizer: str, output_dir: str
     from mindrlhf.data.templates import run_template_path
     from mindrlhf.errors import ConfigError
     from mindrlhf.evaluation.normalize import load_stats, stats_path
-    from mindrlhf.evaluation.scorer import checkpoint_root, list_checkpoints
+    from mindrlhf.checkpoints.slices import checkpoint_root
+    from mindrlhf.evaluation.scorer import list_checkpoints
     from mindrlhf.interop.hf_export import export_checkpoint
     from mindrlhf.interop.peft import export_peft
     from mindrlhf.training.config import load_config
