@@ -18,6 +18,7 @@ from typing import BinaryIO, Optional
 import numpy as np
 
 from mindrlhf.checkpoints.names import STEP, VALUE_HEAD, is_lora
+from mindrlhf.checkpoints.safetensors_io import read_metadata
 from mindrlhf.errors import ConfigError
 
 _CRC_TRAILER = b"crc_num"  # save_checkpoint(crc_check=True) appends it after the last message
@@ -66,8 +67,6 @@ def weights_identity(path: str) -> dict:
 
 def adapter_identity(path: str) -> dict:
     """The identity a LoRA adapter records (step and value-head digest of the checkpoint it came from)."""
-    from mindrlhf.checkpoints.safetensors_io import read_metadata
-
     meta = read_metadata(path)
     if not meta.get("value_head_sha256"):
         raise ConfigError(f"{path}: not a LoRA adapter with a recorded identity (no value_head_sha256 in its "
