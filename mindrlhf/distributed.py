@@ -164,14 +164,14 @@ def first_error(err: Optional[BaseException]) -> Optional[BaseException]:
     row[0, :len(mine)] = mine
     messages = all_gather(row)  # every rank takes part, the failing one too
     first = failing[0]
-    mine = first == rank_and_size()[0] and err is not None
-    if mine and isinstance(err, errors.MindRLHFError):
+    own = first == rank_and_size()[0] and err is not None
+    if own and isinstance(err, errors.MindRLHFError):
         return err
     kind, _, text = bytes(messages[first, :int(lengths[first])].astype(np.uint8)).decode("utf-8").partition("\n")
     cls = getattr(errors, kind, None)
     if not (isinstance(cls, type) and issubclass(cls, errors.MindRLHFError)) or cls is errors.InputError:
         cls = errors.ConfigError  # InputError's message is already whole; a crash elsewhere is named by its type
-    if mine:
+    if own:
         traceback.print_exception(err)
     return cls(text)
 
