@@ -1,4 +1,6 @@
 """Writing results safely: never over an existing output unless asked, and never half a file."""
+import ctypes
+import errno
 import json
 import os
 import secrets
@@ -11,6 +13,8 @@ from typing import Callable, List, Optional, Sequence
 from mindrlhf.errors import OutputExistsError
 
 KILL_AT = "MINDRLHF_TEST_KILL_AT"
+NO_EXCHANGE = "MINDRLHF_TEST_NO_EXCHANGE"  # test hook: take the aside-then-move path, as on a file system without exchange
+AT_FDCWD, RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
 
 
 def kill_point(name: str):
@@ -66,6 +70,24 @@ def _staging_folder(path: str):
         raise
 
 
+def exchange(a: str, b: str) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 with RENAME_EXCHANGE), so no moment has neither at
+    either name. False where the C library or the file system lacks it; the paths are then untouched."""
+    if os.environ.get(NO_EXCHANGE):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), a, None, b)
+
+
 @contextmanager
 def replaced_folder(path: str, replace: bool = False):
     """Yield a new empty folder beside `path` and rename it onto `path` when the block succeeds, so a reader
@@ -73,13 +95,18 @@ def replaced_folder(path: str, replace: bool = False):
 
     Without `replace` an empty folder at `path` is replaced and anything else there makes the rename fail. With
     `replace` the caller has checked that what is at `path` may go (export: only an earlier export, with
-    --overwrite): it is moved aside under a hidden name, the new folder moved in, then the old one deleted. A kill
-    at any moment leaves the old folder whole (at `path`, or aside between the two renames) or the new one."""
+    --overwrite): the two folders are exchanged in one step and the old one, now under the hidden name, deleted,
+    so a kill at any moment leaves the old folder or the new one at `path`. Where the file system cannot exchange,
+    the old folder is moved aside under a hidden name first (a kill between the two renames leaves it whole there)."""
     target = os.path.abspath(path)
     with _staging_folder(path) as tmp:
         yield tmp
         if not (replace and os.path.isdir(target)):
             os.replace(tmp, target)
+            return
+        if exchange(tmp, target):
+            kill_point("replaced_folder:exchanged")
+            shutil.rmtree(tmp)
             return
         aside = temporary_name(target, ".old", hidden=True)
         os.rename(target, aside)

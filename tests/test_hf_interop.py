@@ -261,11 +261,13 @@ def whole_export(folder):
     return json.loads((folder / "config.json").read_text())["torch_dtype"]
 
 
-@pytest.mark.parametrize("point", ["replaced_folder:aside", "replaced_folder:moved_in"])
+@pytest.mark.parametrize("point", ["replaced_folder:exchanged", "replaced_folder:aside"])
 def test_a_kill_during_overwrite_leaves_the_old_export_or_the_new_one(tmp_path, point):
-    """export_hf.py --overwrite (a float16 export over a float32 one) killed at each step of the swap: the old
-    export is whole (at its place, or moved aside under a hidden name before the new one comes in) or the new one
-    is at its place. Before: the old export was deleted first, and a kill then left neither."""
+    """export_hf.py --overwrite (a float16 export over a float32 one) killed during the swap: the new export is
+    whole at its place once the folders are exchanged; on a file system without exchange (forced here) a kill
+    between the two renames leaves the old export whole under a hidden name. Before: the old export was deleted
+    first, and a kill then left neither."""
+    from mindrlhf.io import NO_EXCHANGE
     from mindrlhf.models.hf_import import convert_hf_to_ms
     from mindrlhf.serving.share import export_run
     from mindrlhf.tools.tiny_hf import tiny_hf_tensors, write_hf
@@ -278,9 +280,11 @@ def test_a_kill_during_overwrite_leaves_the_old_export_or_the_new_one(tmp_path, 
     out = tmp_path / "export"
     export_run(str(TINY_CONFIG), str(ckpt), str(TOKENIZER), str(out), dtype="float32", log=lambda *_: None)
     run_killed(EXPORT, point, "--config", TINY_CONFIG, "--distributed_ckpt_path", ckpt, "--tokenizer", TOKENIZER,
-               "--output_dir", out, "--dtype", "float16", "--overwrite")
-    aside = list(tmp_path.glob(".export.tmp-*.old"))
+               "--output_dir", out, "--dtype", "float16", "--overwrite",
+               env={NO_EXCHANGE: "1"} if point == "replaced_folder:aside" else None)
     if point == "replaced_folder:aside":
+        aside = list(tmp_path.glob(".export.tmp-*.old"))
         assert not out.exists() and len(aside) == 1 and whole_export(aside[0]) == "float32"
     else:
-        assert whole_export(out) == "float16"
+        staged = list(tmp_path.glob(".export.tmp-*"))  # the old export, exchanged into the staging name
+        assert whole_export(out) == "float16" and len(staged) == 1 and whole_export(staged[0]) == "float32"
