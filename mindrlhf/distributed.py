@@ -7,6 +7,7 @@ Imports MindSpore lazily, so rank lookups cost nothing for tools that never comm
 """
 import json
 import os
+import traceback
 from contextlib import contextmanager
 from typing import Callable, Iterable, List, Optional, Sequence
 
@@ -148,7 +149,9 @@ def first_error(err: Optional[BaseException]) -> Optional[BaseException]:
     """Every rank passes its own error (or None); every rank gets the lowest failing rank's, or None.
 
     Two AllGathers: the lengths of the encoded messages (0: no error), then the messages padded to the longest.
-    The failing rank keeps its own exception; the others get a MindRLHFError with the same message.
+    The failing rank keeps its own MindRLHFError; the others get one with the same message. Any other exception
+    (a crash) becomes that same MindRLHFError on every rank, the failing one too, so all leave with one line;
+    the failing rank's log keeps the crash's traceback.
     """
     from mindrlhf import errors
 
@@ -161,12 +164,15 @@ def first_error(err: Optional[BaseException]) -> Optional[BaseException]:
     row[0, :len(mine)] = mine
     messages = all_gather(row)  # every rank takes part, the failing one too
     first = failing[0]
-    if first == rank_and_size()[0] and err is not None:
+    own = first == rank_and_size()[0] and err is not None
+    if own and isinstance(err, errors.MindRLHFError):
         return err
     kind, _, text = bytes(messages[first, :int(lengths[first])].astype(np.uint8)).decode("utf-8").partition("\n")
     cls = getattr(errors, kind, None)
     if not (isinstance(cls, type) and issubclass(cls, errors.MindRLHFError)) or cls is errors.InputError:
         cls = errors.ConfigError  # InputError's message is already whole; a crash elsewhere is named by its type
+    if own:
+        traceback.print_exception(err)
     return cls(text)
 
 

@@ -1,13 +1,27 @@
 """Writing results safely: never over an existing output unless asked, and never half a file."""
+import ctypes
+import errno
 import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 from contextlib import contextmanager
-from typing import Sequence
+from typing import Callable, List, Optional, Sequence
 
 from mindrlhf.errors import OutputExistsError
+
+KILL_AT = "MINDRLHF_TEST_KILL_AT"
+NO_EXCHANGE = "MINDRLHF_TEST_NO_EXCHANGE"  # test hook: take the aside-then-move path, as on a file system without exchange
+AT_FDCWD, RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
+
+
+def kill_point(name: str):
+    """Test hook, inert unless the environment variable KILL_AT names this point: then the process is killed here
+    with SIGKILL (nothing cleans up), so a test can see what a reader finds after a kill at that very moment."""
+    if os.environ.get(KILL_AT) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def check_new_output(path: str, overwrite: bool = False, flag: str = "--overwrite") -> str:
@@ -56,28 +70,75 @@ def _staging_folder(path: str):
         raise
 
 
+def exchange(a: str, b: str) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 with RENAME_EXCHANGE), so no moment has neither at
+    either name. False where the C library or the file system lacks it; the paths are then untouched."""
+    if os.environ.get(NO_EXCHANGE):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), a, None, b)
+
+
 @contextmanager
-def replaced_folder(path: str):
+def replaced_folder(path: str, replace: bool = False):
     """Yield a new empty folder beside `path` and rename it onto `path` when the block succeeds, so a reader
     sees the whole folder or none of it; on an error the temporary folder and all it holds are removed.
 
-    An empty folder at `path` is replaced; anything else there makes the rename fail. Whether an existing output
-    may go is the caller's rule (export: only an earlier export, with --overwrite), so the caller removes it at the
-    end of the block."""
+    Without `replace` an empty folder at `path` is replaced and anything else there makes the rename fail. With
+    `replace` the caller has checked that what is at `path` may go (export: only an earlier export, with
+    --overwrite): the two folders are exchanged in one step and the old one, now under the hidden name, deleted,
+    so a kill at any moment leaves the old folder or the new one at `path`. Where the file system cannot exchange,
+    the old folder is moved aside under a hidden name first (a kill between the two renames leaves it whole there)."""
+    target = os.path.abspath(path)
     with _staging_folder(path) as tmp:
         yield tmp
-        os.replace(tmp, os.path.abspath(path))
+        if not (replace and os.path.isdir(target)):
+            os.replace(tmp, target)
+            return
+        if exchange(tmp, target):
+            kill_point("replaced_folder:exchanged")
+            shutil.rmtree(tmp)
+            return
+        aside = temporary_name(target, ".old", hidden=True)
+        os.rename(target, aside)
+        kill_point("replaced_folder:aside")
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            os.rename(aside, target)
+            raise
+        kill_point("replaced_folder:moved_in")
+        shutil.rmtree(aside)
 
 
 @contextmanager
-def replaced_together(paths: Sequence[str]):
+def replaced_together(paths: Sequence[str], check: Optional[Callable[[List[str]], None]] = None):
     """Files that must appear together (a MindRecord and its .db): yield a hidden staging folder beside the
-    first path, in which the block writes each file under its own base name; when the block succeeds each is
-    renamed onto its path and the folder removed, on an error the folder and all it holds are removed."""
+    first path, in which the block writes each file under its own base name. When the block succeeds, every
+    staged file must be there and pass `check` (given the staged paths) before the first rename; then each is
+    renamed onto its path in the order given, so list last the file that makes the set readable (the index).
+    On an error the folder and all it holds are removed and nothing is replaced."""
     with _staging_folder(paths[0]) as tmp:
         yield tmp
-        for path in paths:
-            os.replace(os.path.join(tmp, os.path.basename(path)), path)
+        staged = [os.path.join(tmp, os.path.basename(path)) for path in paths]
+        missing = [path for path, name in zip(paths, staged) if not os.path.isfile(name)]
+        if missing:
+            raise FileNotFoundError(f"{missing[0]} was not written: none of {list(paths)} is replaced")
+        if check is not None:
+            check(staged)
+        for i, (path, name) in enumerate(zip(paths, staged)):
+            if i:
+                kill_point("replaced_together:renamed_first")
+            os.replace(name, path)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

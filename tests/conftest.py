@@ -40,6 +40,18 @@ def run_cli(script, *args, cwd=None, check=True, timeout=1800):
     return proc
 
 
+def run_killed(script, point, *args, env=None):
+    """The script run as a user would, killed (SIGKILL) at the named point of mindrlhf.io.kill_point; asserts the
+    kill happened there."""
+    from mindrlhf.io import KILL_AT
+
+    cmd = [sys.executable, str(script)] + [str(a) for a in args]
+    proc = subprocess.run(cmd, env={**cli_env(), **(env or {}), KILL_AT: point}, capture_output=True, text=True,
+                          timeout=1800)
+    assert proc.returncode == -9, f"not killed at {point}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    return proc
+
+
 def run_main(script, *args, check=True):
     """The same script's main() called in this process, as its CLI would call it (argv, stdout, stderr, exit code),
     without a new interpreter importing MindSpore and MindFormers (seconds a run). For the many cases of one exit

@@ -6,7 +6,10 @@ import pytest
 import sentencepiece as spm
 from mindspore.mindrecord import FileReader
 
-from conftest import EXAMPLES, TEST_JSONL, TOKENIZER, run_cli
+from mindrlhf.data.dataset import create_reward_dataset, resolve_mindrecord_files
+from mindrlhf.errors import ConfigError
+
+from conftest import EXAMPLES, TEST_JSONL, TOKENIZER, run_cli, run_killed, run_main
 
 TEMPLATE = "根据以下问题，写一个合适的回答。\n\n### 问题：\n{instruction}\n\n### 回答：\n{response}"
 
@@ -84,6 +87,27 @@ def test_existing_output_is_kept_without_overwrite(tmp_path, test_mindrecord):
             "--dst_file", dst, "--seq_length", 128, "--pad_token_id", 2, "--overwrite")
     assert len(read_records(dst)[0]["chosen_input_ids"]) == 128
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+
+def test_a_kill_between_the_two_renames_leaves_a_pair_readers_refuse(tmp_path):
+    """--overwrite killed after the new data file took its place and before its index did: the data file is the
+    new write's, the index the earlier one's. Training and evaluation refuse the pair, naming the file (before:
+    read as it was, the new rows through the old index)."""
+    dst = tmp_path / "pairs.mindrecord"
+    args = ("--model", TOKENIZER, "--src_file", TEST_JSONL, "--dst_file", dst, "--pad_token_id", 2)
+    run_main(EXAMPLES / "cvalues_comparison.py", *args, "--seq_length", 96)
+    earlier_index = (tmp_path / "pairs.mindrecord.db").read_bytes()
+    run_killed(EXAMPLES / "cvalues_comparison.py", "replaced_together:renamed_first", *args, "--seq_length", 128,
+               "--overwrite")
+    assert (tmp_path / "pairs.mindrecord.db").read_bytes() == earlier_index  # the index comes last
+    refusal = f"{dst}: its index {dst}.db comes from another write"
+    with pytest.raises(ConfigError, match=refusal):
+        resolve_mindrecord_files(str(tmp_path))
+    with pytest.raises(ConfigError, match=refusal):
+        create_reward_dataset(str(dst), batch_size=2)
+    run_main(EXAMPLES / "cvalues_comparison.py", *args, "--seq_length", 128, "--overwrite")
+    assert resolve_mindrecord_files(str(tmp_path)) == [str(dst)]
+    assert len(read_records(dst)[0]["chosen_input_ids"]) == 128
 
 
 @pytest.mark.parametrize("model", ["llama2_7b", "/nonexistent/tokenizer.model"])

@@ -13,7 +13,7 @@ import yaml
 
 from mindrlhf.errors import ConfigError
 
-from conftest import DATA, ROOT, SCRIPTS, TINY_CONFIG, TOKENIZER, run_cli
+from conftest import DATA, ROOT, SCRIPTS, TINY_CONFIG, TOKENIZER, run_cli, run_killed
 
 HF_MODELS = DATA / "hf_models"
 RECORD = json.loads((HF_MODELS / "scores.json").read_text())
@@ -243,3 +243,48 @@ def test_overwrite_replaces_an_earlier_export_and_nothing_else(tmp_path):
         export_here(out)
     assert (out / "eval_notes.md").read_text() == "mine" and (out / "model.safetensors").stat().st_size > 1000
     assert not list(tmp_path.glob(".*.tmp-*"))
+
+
+def whole_export(folder):
+    """The dtype of the export in folder when it is whole (every file its marker lists, as written, and no other),
+    else None."""
+    try:
+        marker = json.loads((folder / "mindrlhf_export.json").read_text())
+    except (OSError, ValueError):
+        return None
+    files = marker["files"]
+    if sorted(p.name for p in folder.iterdir()) != sorted([*files, "mindrlhf_export.json"]):
+        return None
+    if any({"size": (folder / n).stat().st_size, "mtime_ns": (folder / n).stat().st_mtime_ns} != files[n]
+           for n in files):
+        return None
+    return json.loads((folder / "config.json").read_text())["torch_dtype"]
+
+
+@pytest.mark.parametrize("point", ["replaced_folder:exchanged", "replaced_folder:aside"])
+def test_a_kill_during_overwrite_leaves_the_old_export_or_the_new_one(tmp_path, point):
+    """export_hf.py --overwrite (a float16 export over a float32 one) killed during the swap: the new export is
+    whole at its place once the folders are exchanged; on a file system without exchange (forced here) a kill
+    between the two renames leaves the old export whole under a hidden name. Before: the old export was deleted
+    first, and a kill then left neither."""
+    from mindrlhf.io import NO_EXCHANGE
+    from mindrlhf.interop.hf_import import convert_hf_to_ms
+    from mindrlhf.serving.share import export_run
+    from mindrlhf.tools.tiny_hf import tiny_hf_tensors, write_hf
+    from mindrlhf.training.config import load_config
+
+    ckpt = tmp_path / "checkpoint" / "llama2.ckpt"
+    tensors = dict(tiny_hf_tensors(), **{"score.weight": np.full((1, 64), 0.01, np.float32)})
+    convert_hf_to_ms(str(write_hf(tmp_path / "tiny-hf", tensors)), str(ckpt),
+                     load_config(str(TINY_CONFIG)).model.model_config, log=lambda *_: None)
+    out = tmp_path / "export"
+    export_run(str(TINY_CONFIG), str(ckpt), str(TOKENIZER), str(out), dtype="float32", log=lambda *_: None)
+    run_killed(EXPORT, point, "--config", TINY_CONFIG, "--distributed_ckpt_path", ckpt, "--tokenizer", TOKENIZER,
+               "--output_dir", out, "--dtype", "float16", "--overwrite",
+               env={NO_EXCHANGE: "1"} if point == "replaced_folder:aside" else None)
+    if point == "replaced_folder:aside":
+        aside = list(tmp_path.glob(".export.tmp-*.old"))
+        assert not out.exists() and len(aside) == 1 and whole_export(aside[0]) == "float32"
+    else:
+        staged = list(tmp_path.glob(".export.tmp-*"))  # the old export, exchanged into the staging name
+        assert whole_export(out) == "float16" and len(staged) == 1 and whole_export(staged[0]) == "float32"

@@ -59,6 +59,18 @@ def test_replaced_together_stages_out_of_sight_of_dataset_discovery(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["pairs.mindrecord", "pairs.mindrecord.db"]
 
 
+def test_replaced_together_replaces_nothing_unless_every_file_is_staged(tmp_path):
+    """A writer that staged the data file but not its index: the earlier pair stays as it was, both files."""
+    dst = tmp_path / "pairs.mindrecord"
+    for path in (dst, tmp_path / "pairs.mindrecord.db"):
+        path.write_text("earlier")
+    with pytest.raises(FileNotFoundError, match=f"{dst}.db was not written"):
+        with replaced_together([str(dst), f"{dst}.db"]) as stage:
+            open(os.path.join(stage, "pairs.mindrecord"), "w", encoding="utf-8").write("new")
+    assert [p.read_text() for p in (dst, tmp_path / "pairs.mindrecord.db")] == ["earlier", "earlier"]
+    assert leftovers(tmp_path) == []
+
+
 def test_replaced_whole_removes_its_temporary_file(tmp_path):
     target = tmp_path / "x.ckpt"
     with pytest.raises(KeyError):

@@ -99,3 +99,41 @@ def test_template_mismatch_on_resume_stops_every_training_rank(test_mindrecord, 
     assert_every_rank_says(proc, tmp_path / "logs", "the checkpoints there were trained with the template 'qa'",
                            started)
     assert json.loads((earlier / "template.json").read_text())["name"] == "qa"
+
+
+# A script as msrun starts it on every rank: it runs the CLI in this rank's own folder (node_0/ or node_1/), as on
+# nodes that each hold a copy of the checkpoint at the same relative path.
+PER_NODE = """
+import os, runpy, sys
+from mindrlhf.distributed import rank_and_size
+os.chdir(os.path.join({work!r}, f"node_{{min(rank_and_size()[0], 1)}}"))
+sys.argv[0] = {script!r}
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script", ["reward_eval.py", "reward_infer.py"])
+def test_a_crash_loading_weights_on_one_rank_stops_every_rank_alike(untrained_root, tmp_path, script):
+    """Rank 1's copy of the checkpoint holds float16 tensors: MindSpore's load_param_into_net raises a
+    RuntimeError there, not a ConfigError, while rank 0 loads its copy. Every rank leaves with the same error
+    (before: rank 1 crashed alone and rank 0 waited in its AllGather until msrun killed it, saying nothing)."""
+    original = next((untrained_root / "rank_0").glob("*.ckpt"))
+    for node in (0, 1):
+        (tmp_path / f"node_{node}" / "checkpoint" / "rank_0").mkdir(parents=True)
+    copy = tmp_path / "node_1" / "checkpoint" / "rank_0" / original.name
+    ms.save_checkpoint([{"name": n, "data": ms.Tensor(v.asnumpy().astype(np.float16)) if v.dtype == ms.float32
+                         else v} for n, v in ms.load_checkpoint(str(original)).items()], str(copy))
+    (tmp_path / "node_0" / "checkpoint" / "rank_0" / original.name).write_bytes(original.read_bytes())
+    launcher = tmp_path / "per_node.py"
+    launcher.write_text(PER_NODE.format(script=str(EXAMPLES / script), work=str(tmp_path)), encoding="utf-8")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(TEST_JSONL.read_text(encoding="utf-8").splitlines()[:4]) + "\n", encoding="utf-8")
+    data = ["--eval_dataset", rows] if script == "reward_eval.py" else ["--data_file", rows]
+    order = " ".join(map(str, [launcher, "--config", TINY_CONFIG, "--tokenizer", TOKENIZER, "--distributed_ckpt_path",
+                               "checkpoint", "--output_file", tmp_path / "out.json", *data]))
+    started = time.monotonic()
+    proc = msrun(order, 2, tmp_path / "logs", timeout=HANG_GUARD)
+    loaded = "cannot be loaded (RuntimeError: " if script == "reward_eval.py" else "RuntimeError: "
+    assert_every_rank_says(proc, tmp_path / "logs", loaded + "For 'load_param_into_net'", started)
+    assert "Traceback" in worker_logs(tmp_path / "logs")[1]  # the crash's own trace stays in its rank's log
+    assert not (tmp_path / "out.json").exists()

@@ -7,6 +7,7 @@ the over-long policy are recorded in the sidecar; rows with a `margin` add an ei
 """
 import itertools
 import os
+import secrets
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional
 
@@ -14,7 +15,8 @@ import numpy as np
 
 from mindrlhf.data.buckets import suggest_buckets
 from mindrlhf.data.pairs import PreferencePair, SkipReport, read_pairs
-from mindrlhf.data.records import COMPACT_SCHEMA, LAYOUTS, MARGIN_COLUMN, MARGIN_SCHEMA, RECORD_SCHEMA
+from mindrlhf.data.records import (COMPACT_SCHEMA, LAYOUTS, MARGIN_COLUMN, MARGIN_SCHEMA, RECORD_SCHEMA,
+                                   check_record_pair, schema_description, stamp_index)
 from mindrlhf.data.templates import TUTORIAL, Template
 from mindrlhf.errors import ConfigError, InputError, OutputExistsError
 from mindrlhf.io import replaced_together, write_json
@@ -92,8 +94,9 @@ def build_samples(chosen_ids: List[List[int]], rejected_ids: List[List[int]], se
 
 class AtomicMindRecordWriter:
     """A FileWriter into a private staging folder beside the destination (mindrlhf.io.replaced_together), used as
-    a context manager: the .mindrecord and its .db are moved into place together when the block ends after
-    commit(), and removed on an error. An existing output is kept unless overwrite.
+    a context manager: the .mindrecord and its .db (last) are moved into place when the block ends after
+    commit(), and removed on an error. Both carry one write id (records.check_record_pair), checked before the
+    first rename. An existing output is kept unless overwrite.
     The schema may be changed until the first write (conversion learns from the first row whether there are
     margins).
     """
@@ -102,7 +105,8 @@ class AtomicMindRecordWriter:
         self.dst_file = os.path.abspath(dst_file)
         if not overwrite and (os.path.exists(self.dst_file) or os.path.exists(self.dst_file + ".db")):
             raise OutputExistsError(f"{dst_file} already exists; pass --overwrite to replace it")
-        self._staged = replaced_together([self.dst_file, self.dst_file + ".db"])
+        self.write_id = secrets.token_hex(8)
+        self._staged = replaced_together([self.dst_file, self.dst_file + ".db"], self._check_staged)
         self.tmp_file = None
         self.schema = schema or RECORD_SCHEMA
         self.writer = None
@@ -113,7 +117,7 @@ class AtomicMindRecordWriter:
             from mindspore.mindrecord import FileWriter
 
             self.writer = FileWriter(file_name=self.tmp_file, shard_num=1, overwrite=True)
-            self.writer.add_schema(self.schema, "reward_model_pairs")
+            self.writer.add_schema(self.schema, schema_description(self.write_id))
         return self.writer
 
     def write(self, rows: List[dict]):
@@ -122,8 +126,14 @@ class AtomicMindRecordWriter:
             self.rows += len(rows)
 
     def commit(self):
-        """Finish both files; they move into place when the with block ends."""
+        """Finish both files and stamp the index with the write id; they move into place when the block ends."""
         self._open().commit()
+        stamp_index(self.tmp_file, self.write_id)
+
+    def _check_staged(self, staged):
+        if check_record_pair(staged[0]) != self.write_id:
+            raise ConfigError(f"{staged[0]}: written without this write's id {self.write_id}; not replacing "
+                              f"{self.dst_file}")
 
     def __enter__(self):
         self.tmp_file = os.path.join(self._staged.__enter__(), os.path.basename(self.dst_file))

@@ -19,7 +19,7 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from mindrlhf.data.buckets import boundaries_for, bucket_length
 from mindrlhf.data import packing as pk
-from mindrlhf.data.records import MARGIN_COLUMN, MODEL_COLUMNS, RECORD_COLUMNS
+from mindrlhf.data.records import MARGIN_COLUMN, MODEL_COLUMNS, RECORD_COLUMNS, check_record_pair
 from mindrlhf.distributed import is_writer
 from mindrlhf.errors import ConfigError
 
@@ -27,7 +27,8 @@ _MINDRECORD = re.compile(r"\.mindrecord\d*$")
 
 
 def resolve_mindrecord_files(source) -> List[str]:
-    """A .mindrecord file, a list of them, or a directory searched recursively -> sorted file list."""
+    """A .mindrecord file, a list of them, or a directory searched recursively -> sorted file list, each with
+    its index from the same write (records.check_record_pair)."""
     if isinstance(source, (list, tuple)):
         files = []
         for item in source:
@@ -41,12 +42,17 @@ def resolve_mindrecord_files(source) -> List[str]:
                        for name in names if _MINDRECORD.search(name) and not root.split(os.sep)[-1].startswith("."))
         if not found:
             raise ConfigError(f"{source}: directory holds no .mindrecord files")
-        return found
+        return [_whole_mindrecord(path) for path in found]
     if not os.path.isfile(source):
         raise ConfigError(f"{source}: dataset file does not exist")
-    if not os.path.isfile(source + ".db"):
-        raise ConfigError(f"{source}: MindRecord index {source}.db is missing (incomplete or not a MindRecord)")
-    return [source]
+    return [_whole_mindrecord(source)]
+
+
+def _whole_mindrecord(path: str) -> str:
+    if not os.path.isfile(path + ".db"):
+        raise ConfigError(f"{path}: MindRecord index {path}.db is missing (incomplete or not a MindRecord)")
+    check_record_pair(path)
+    return path
 
 
 def make_batch_map(boundaries: Optional[Sequence[int]] = None):

@@ -7,6 +7,7 @@ scores of one process bit for bit; rank 0 alone checks and writes the outputs, a
 verdict (distributed.same_verdict), so no rank waits in an AllGather for one that has stopped.
 """
 import os
+import traceback
 from typing import Callable, List, Optional
 
 import numpy as np
@@ -15,7 +16,7 @@ from mindrlhf import distributed
 from mindrlhf.data.pairs import SkipReport, read_pairs, read_rows
 from mindrlhf.data.templates import (JINJA, TUTORIAL, choose_template, client_texts, read_run_template,
                                      run_template_path)
-from mindrlhf.errors import ConfigError
+from mindrlhf.errors import ConfigError, MindRLHFError
 from mindrlhf.evaluation.metrics import pairwise_metrics
 from mindrlhf.checkpoints.slices import checkpoint_root
 from mindrlhf.evaluation.scorer import (RewardScorer, base_file, length_batches, list_checkpoints,
@@ -166,8 +167,11 @@ def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_data
         failed = None
         try:
             scorer.load_weights(ckpt, src_strategy, adapter)
-        except ConfigError as err:
+        except MindRLHFError as err:
             failed = err
+        except Exception as err:  # pylint: disable=broad-except  (MindSpore's own errors: every rank must hear)
+            log(traceback.format_exc())
+            failed = ConfigError(f"{ckpt}: cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0]})")
         if parts > 1:  # a file one rank cannot read is skipped by all, or they would gather different batches
             failed = distributed.first_error(failed)
         if failed is not None:

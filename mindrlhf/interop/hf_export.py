@@ -44,7 +44,7 @@ def export_checkpoint(checkpoint: str, model_config, output_dir: str, tokenizer:
                 int(np.prod(shapes[n])) * np.dtype(DTYPES[types[n]][0]).itemsize) for n in names]
     config["torch_dtype"] = config["dtype"] = types[names[0]]
 
-    with replaced_folder(output_dir) as tmp:
+    with replaced_folder(output_dir, replace=overwrite) as tmp:
         write_safetensors(os.path.join(tmp, "model.safetensors"), entries,
                           (output_array(params[n], types[n]) for n in names), {"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:

@@ -274,9 +274,9 @@ def write_tokenizer(folder: str, tokenizer: str, model_config) -> List[str]:
 
 def finish_export(tmp: str, output_dir: str, overwrite: bool, source: dict,
                   extra_files: Optional[Dict[str, str]] = None):
-    """Inside replaced_folder: copy extra_files, write EXPORT_MARKER (mindrlhf, its version, `source` and every
-    file written), check output_dir again (it may have changed while we wrote) and remove an earlier export so that
-    the rename can take its place."""
+    """Inside replaced_folder(output_dir, replace=overwrite): copy extra_files, write EXPORT_MARKER (mindrlhf, its
+    version, `source` and every file written) and check output_dir again (it may have changed while we wrote):
+    replaced_folder then swaps an earlier export for the new one, deleting it only once the new one is in place."""
     for file_name, src in (extra_files or {}).items():
         shutil.copyfile(src, os.path.join(tmp, file_name))
     written = {name: _stamp(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
@@ -284,5 +284,3 @@ def finish_export(tmp: str, output_dir: str, overwrite: bool, source: dict,
         json.dump({"written_by": "mindrlhf", "mindrlhf_version": __version__, **source, "files": written}, fh,
                   indent=2)
     check_output_dir(output_dir, overwrite)
-    if os.path.isdir(output_dir):  # an earlier export (check_output_dir): replaced_folder renames onto its place
-        shutil.rmtree(output_dir)

@@ -191,7 +191,7 @@ def export_peft(checkpoint: str, model_config, output_dir: str, base_model: str,
     types = {n: output_dtype(params[n], dtype) for n in names}
     entries = [(peft_key(n), tuple(params[n].shape), DTYPES[types[n]][1],
                 int(np.prod(params[n].shape)) * np.dtype(DTYPES[types[n]][0]).itemsize) for n in names]
-    with replaced_folder(output_dir) as tmp:
+    with replaced_folder(output_dir, replace=overwrite) as tmp:
         write_safetensors(os.path.join(tmp, WEIGHTS_FILE), entries, (output_array(params[n], types[n]) for n in names),
                           {"format": "pt"})
         with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as fh:
