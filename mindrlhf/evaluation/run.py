@@ -12,7 +12,8 @@ from typing import Callable, List, Optional
 import numpy as np
 
 from mindrlhf import distributed
-from mindrlhf.data.pairs import SkipReport, read_pairs, read_rows
+from mindrlhf.data.formats import encode_pairs, read_preference_pairs
+from mindrlhf.data.pairs import SkipReport, read_rows
 from mindrlhf.data.templates import (JINJA, TUTORIAL, choose_template, client_texts, read_run_template,
                                      run_template_path)
 from mindrlhf.errors import ConfigError
@@ -37,6 +38,13 @@ def start_ranks(config, log: Callable) -> tuple:
 
 
 def _is_jsonl(path: str) -> bool:
+    """Preference rows (any layout of mindrlhf.data.formats), not MindRecord."""
+    path = str(path)
+    return path.endswith((".jsonl", ".json", ".parquet")) or (
+        os.path.isdir(path) and os.path.isfile(os.path.join(path, "state.json")))
+
+
+def _is_jsonl_file(path: str) -> bool:
     return str(path).endswith((".jsonl", ".json"))
 
 
@@ -60,18 +68,18 @@ def run_template(ckpt_path: str, requested: Optional[str], tokenizer, eval_sourc
 
 
 def load_eval_pairs(source: str, seq_length: int, tokenizer=None, skip_invalid: bool = False,
-                    template=TUTORIAL) -> dict:
-    """{'chosen': [ids], 'rejected': [ids], 'pos_type': [...], 'neg_type': [...]} from jsonl or MindRecord."""
+                    template=TUTORIAL, fmt: Optional[str] = None) -> dict:
+    """{'chosen': [ids], 'rejected': [ids], 'pos_type': [...], 'neg_type': [...]} from preference rows (any
+    layout, `fmt` or read from the columns) or MindRecord."""
     if _is_jsonl(source):
         if tokenizer is None:
             raise ConfigError(f"{source}: a jsonl eval set needs --tokenizer (a local tokenizer.model or tokenizer "
                               "folder)")
         report = SkipReport()
-        pairs = list(read_pairs(source, skip_invalid=skip_invalid, report=report))
+        pairs = list(read_preference_pairs(source, fmt, skip_invalid=skip_invalid, report=report))
         if not pairs:
             raise ConfigError(f"{source}: no pairs to evaluate")
-        ids = template.encode(tokenizer, [p.prompt for p in pairs] * 2,
-                              [p.chosen for p in pairs] + [p.rejected for p in pairs])
+        ids = encode_pairs(template, tokenizer, pairs)
         n = len(pairs)
         return {"chosen": [x[:seq_length] for x in ids[:n]], "rejected": [x[:seq_length] for x in ids[n:]],
                 "pos_type": [p.pos_type for p in pairs], "neg_type": [p.neg_type for p in pairs],
@@ -218,19 +226,29 @@ def _write_scores(path, chosen, rejected):
     write_jsonl(path, rows)
 
 
-def read_infer_rows(path: str, skip_invalid: bool = False, report: Optional[SkipReport] = None):
-    """(prompt, response) items from rows with prompt+response, or prompt+pos_resp/neg_resp (both scored), or
-    {"query": full text} items as an RL loop sends them to the server (normalised as the server does)."""
+def read_infer_rows(path: str, skip_invalid: bool = False, report: Optional[SkipReport] = None,
+                    fmt: Optional[str] = None):
+    """(prompt, response) items from rows with prompt+response, or preference rows of any layout (both sides
+    scored), or {"query": full text} items as an RL loop sends them to the server (normalised as the server does)."""
     from mindrlhf.data.pairs import iter_json_rows
 
     items = []
-    first = next((row for _, row in iter_json_rows(path) if isinstance(row, dict)), {})
+    first = {} if fmt or not _is_jsonl_file(path) else next(
+        (row for _, row in iter_json_rows(path) if isinstance(row, dict)), {})
+    if fmt:
+        first = {"chosen": None}
     if "query" in first:
         for line, row in read_rows(path, ("query",), (), skip_invalid, report):
             items.append({"line": line, "query": row["query"]})
     elif "response" in first:
         for line, row in read_rows(path, ("prompt", "response"), (), skip_invalid, report):
             items.append({"line": line, "prompt": row["prompt"], "response": row["response"]})
+    elif "chosen" in first or str(path).endswith(".parquet") or os.path.isdir(str(path)):
+        for pair in read_preference_pairs(path, fmt, skip_invalid, report):  # every layout: both sides scored
+            for kind in ("chosen", "rejected"):
+                messages = getattr(pair, f"{kind}_messages")
+                items.append({"line": pair.line, "prompt": pair.prompt, "response": getattr(pair, kind), "kind": kind,
+                              **({"messages": messages} if messages else {})})
     else:
         for line, row in read_rows(path, ("prompt", "pos_resp", "neg_resp"), (), skip_invalid, report):
             items.append({"line": line, "prompt": row["prompt"], "response": row["pos_resp"], "kind": "pos_resp"})
@@ -241,8 +259,9 @@ def read_infer_rows(path: str, skip_invalid: bool = False, report: Optional[Skip
 def infer(config_path: str, data_file: str, tokenizer: str, ckpt_path: str, output_file: Optional[str] = None,
           batch_size: int = 16, skip_invalid: bool = False, log: Callable = print, overwrite: bool = False,
           src_strategy: Optional[str] = None, template: Optional[str] = None, normalize: bool = False,
-          adapter: Optional[str] = None) -> dict:
-    """normalize: score = (raw - mean) / std with the checkpoint's reward_stats.json; raw_score keeps the raw.
+          adapter: Optional[str] = None, fmt: Optional[str] = None) -> dict:
+    """fmt: the preference layout of data_file (default: read from its columns).
+    normalize: score = (raw - mean) / std with the checkpoint's reward_stats.json; raw_score keeps the raw.
     adapter: a LoRA adapter scored on the base weights file ckpt_path; its folder holds the template and stats."""
     from mindrlhf.data.tokenizer import load_tokenizer
     from mindrlhf.evaluation.normalize import load_stats, normalize as apply_stats
@@ -258,7 +277,7 @@ def infer(config_path: str, data_file: str, tokenizer: str, ckpt_path: str, outp
         tok = load_tokenizer(tokenizer)
         chosen_template = run_template(adapter or ckpt_path, template, tok)
         report = SkipReport()
-        items = read_infer_rows(data_file, skip_invalid, report)
+        items = read_infer_rows(data_file, skip_invalid, report, fmt)
         if not items:
             raise ConfigError(f"{data_file}: nothing to score")
         checkpoint = base_file(ckpt_path, adapter) if adapter else list_checkpoints(ckpt_path)[-1]
@@ -267,8 +286,9 @@ def infer(config_path: str, data_file: str, tokenizer: str, ckpt_path: str, outp
         scorer = RewardScorer(config, checkpoint, batch_size=batch_size, src_strategy=src_strategy, log=log,
                               config_name=config_path, adapter=adapter)
     normalise = client_texts(chosen_template, tok) if "query" in items[0] else None
-    texts = [normalise(it["query"]) if normalise else chosen_template.render(it["prompt"], it["response"])
-             for it in items]
+    texts = [normalise(it["query"]) if normalise else
+             chosen_template.render_messages(it["messages"], f"{data_file}:{it['line']}") if "messages" in it else
+             chosen_template.render(it["prompt"], it["response"]) for it in items]
     scores = scorer.score_ids(tok.encode(texts, special_tokens=chosen_template.special_tokens), part, parts)
     mine = np.flatnonzero(~np.isnan(scores))
     for i in mine:  # each rank logs what it scored
