@@ -16,7 +16,7 @@ from mindrlhf.data.templates import resolve_template
 from mindrlhf.data.tokenizer import load_tokenizer
 from mindrlhf.errors import ConfigError, InputError
 
-from conftest import EXAMPLES, run_cli
+from conftest import EXAMPLES, run_cli, run_main
 from families import FAMILIES, train_tokenizer
 
 Q1, Q2 = "怎么学习编程？", "那数学呢？"
@@ -232,12 +232,56 @@ def test_scorer_reads_past_earlier_eos_when_pad_is_eos():
     assert reward != pytest.approx(per_token[first_eos - 1], abs=1e-4)
 
 
-def test_the_layouts_train_together(converted):
+
+
+@pytest.fixture(scope="module")
+def trained(converted):
     """One short run over every layout's MindRecord (a folder of them), with the Qwen2 tiny config."""
     work = converted["work"]
     out = work / "output"
     run_cli(EXAMPLES / "reward_train.py", "--config", FAMILIES["qwen2"]["config"], "--train_dataset", work / "data",
             "--output_dir", out, "--batch_size", 2, "--stop_step", 2, "--epochs", 1, cwd=work)
-    summary = json.loads((out / "train_summary.json").read_text())
+    return {**converted, "output": out, "summary": json.loads((out / "train_summary.json").read_text())}
+
+
+def test_the_layouts_train_together(trained):
+    summary = trained["summary"]
     assert summary["pairs"] == 8 and summary["template"] == "chat"
     assert np.isfinite(summary["last_loss"])
+
+
+def test_rewardbench_benchmarks_and_layouts_evaluate_and_infer(trained, tmp_path):
+    """reward_eval --benchmark on v1 rows (jsonl) and v2 rows (a datasets folder): the per-checkpoint scores are the
+    benchmark's rules over the pair rewards it wrote; a conversational Parquet file is scored by reward_infer."""
+    from mindrlhf.evaluation.rewardbench import benchmark_scores
+
+    config, ckpt, tok = FAMILIES["qwen2"]["config"], trained["output"] / "checkpoint", trained["tokenizer"].folder
+    v1 = write_rows(tmp_path / "rb1.jsonl", [
+        {"prompt": Q1, "chosen": GOOD, "rejected": BAD, "subset": "alpacaeval-easy", "id": 0},
+        {"prompt": Q2, "chosen": "先学基础。", "rejected": BAD, "subset": "math-prm", "id": 1},
+        {"prompt": Q2, "chosen": "先学基础。", "rejected": "随便。", "subset": "hep-go", "id": 2}])
+    v2 = write_rows(tmp_path / "rb2", [
+        {"prompt": Q1, "chosen": [GOOD], "rejected": [BAD, "随便。", "不知道。"], "subset": "Focus", "id": "7"},
+        {"prompt": Q2, "chosen": ["先学基础。", "多做题。"], "rejected": [BAD], "subset": "Ties", "id": "tied:1"},
+        {"prompt": Q2, "chosen": ["先学基础。"], "rejected": [BAD], "subset": "Ties", "id": "ref:1"}])
+    for name, src, pairs in (("rewardbench", v1, 3), ("rewardbench2", v2, 3 + 2 + 1)):
+        out = tmp_path / f"{name}.json"
+        proc = run_main(EXAMPLES / "reward_eval.py", "--config", config, "--distributed_ckpt_path", ckpt,
+                        "--eval_dataset", src, "--tokenizer", tok, "--benchmark", name, "--output_file", out,
+                        "--scores_file", tmp_path / f"{name}.scores.jsonl")
+        result = json.loads(out.read_text())
+        assert result["pairs"] == pairs and f"{name}:" in proc.stdout and "calibration: ECE" in proc.stdout
+        scores = [json.loads(line) for line in (tmp_path / f"{name}.scores.jsonl").read_text().splitlines()]
+        newest = result["checkpoints"][-1]
+        info = {"name": name, "subsets": ["alpacaeval-easy", "math-prm", "hep-go"],
+                "groups": [{"subset": "Focus", "id": "7", "start": 0, "chosen": 1, "rejected": 3},
+                           {"subset": "Ties", "id": "tied:1", "start": 3, "chosen": 2, "rejected": 1},
+                           {"subset": "Ties", "id": "ref:1", "start": 5, "chosen": 1, "rejected": 1}]}
+        expected = benchmark_scores(info, [s["chosen_score"] for s in scores], [s["rejected_score"] for s in scores])
+        assert newest[name] == json.loads(json.dumps(expected))  # the scores file's floats are the rewards
+        assert (tmp_path / f"{name}_report" / "report.md").is_file()
+    infer_out = tmp_path / "conv_scores.jsonl"
+    run_main(EXAMPLES / "reward_infer.py", "--config", config, "--data_file", trained["layouts"]["conversational"]["src"],
+             "--tokenizer", tok, "--distributed_ckpt_path", ckpt, "--output_file", infer_out)
+    scored = [json.loads(line) for line in infer_out.read_text(encoding="utf-8").splitlines()]
+    assert [s["kind"] for s in scored] == ["chosen", "rejected"] * 2 and all(np.isfinite(s["score"]) for s in scored)

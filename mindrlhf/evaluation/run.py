@@ -17,6 +17,7 @@ from mindrlhf.data.pairs import SkipReport, read_rows
 from mindrlhf.data.templates import (JINJA, TUTORIAL, choose_template, client_texts, read_run_template,
                                      run_template_path)
 from mindrlhf.errors import ConfigError
+from mindrlhf.evaluation import report, rewardbench
 from mindrlhf.evaluation.metrics import pairwise_metrics
 from mindrlhf.evaluation.scorer import (RewardScorer, base_file, checkpoint_root, length_batches, list_checkpoints,
                                         set_scoring_context)
@@ -139,8 +140,11 @@ def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_data
              tokenizer: Optional[str] = None, output_file: Optional[str] = None, batch_size: Optional[int] = None,
              scores_file: Optional[str] = None, skip_invalid: bool = False, log: Callable = print,
              progress: bool = True, overwrite: bool = False, src_strategy: Optional[str] = None,
-             template: Optional[str] = None, save_stats: bool = False, adapter: Optional[str] = None) -> dict:
-    """save_stats: also write the newest evaluated checkpoint's reward mean/std beside it (normalize.py).
+             template: Optional[str] = None, save_stats: bool = False, adapter: Optional[str] = None,
+             fmt: Optional[str] = None, benchmark: Optional[str] = None, report_dir: Optional[str] = None) -> dict:
+    """fmt: the preference layout of a rows file; benchmark: rewardbench or rewardbench2 (rewardbench.py), scored
+    per checkpoint; report_dir: the report (report.py; default <output_file without .json>_report/).
+    save_stats: also write the newest evaluated checkpoint's reward mean/std beside it (normalize.py).
     adapter: a LoRA adapter scored on the base weights file ckpt_path; its folder holds the template and stats."""
     from mindrlhf.data.tokenizer import load_tokenizer
     from mindrlhf.evaluation import normalize
@@ -154,6 +158,7 @@ def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_data
         if rank == 0:
             check_new_output(output_file, overwrite)
             check_new_output(scores_file, overwrite)
+            report.check_report_dir(report_dir or _report_dir(output_file), overwrite)
             if save_stats:
                 normalize.check_stats_output(checkpoint_root(adapter or ckpt_path), overwrite)
         source = eval_dataset or dataset_source(config, "eval")
@@ -161,14 +166,17 @@ def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_data
             raise ConfigError("no eval dataset: pass --eval_dataset or set eval_dataset.data_loader.dataset_dir")
         tok = load_tokenizer(tokenizer) if tokenizer else None
         chosen_template = run_template(adapter or ckpt_path, template, tok, source)
-        data = load_eval_pairs(source, int(config.model.model_config.seq_length), tok, skip_invalid,
-                               chosen_template)
+        seq_length = int(config.model.model_config.seq_length)
+        if benchmark:
+            data = rewardbench.load_benchmark(source, benchmark, tok, chosen_template, seq_length, skip_invalid)
+        else:
+            data = load_eval_pairs(source, seq_length, tok, skip_invalid, chosen_template, fmt)
         checkpoints = [base_file(ckpt_path, adapter)] if adapter else list_checkpoints(ckpt_path)
         if not load_all:
             checkpoints = checkpoints[-1:]
         pairs_per_batch = int(batch_size or config.eval_dataset.get("batch_size") or 8)
         scorer = RewardScorer(config, batch_size=2 * pairs_per_batch, log=log, config_name=config_path)
-    results = []
+    results, report_scores = [], []
     for ckpt in checkpoints:
         failed = None
         try:
@@ -184,8 +192,15 @@ def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_data
         chosen, rejected = score_pairs(scorer, data, pairs_per_batch, log, progress, part, parts)
         metrics = pairwise_metrics(chosen, rejected, data["pos_type"], data["neg_type"])
         metrics.update(checkpoint=ckpt, step=scorer.step, **({"adapter": adapter} if adapter else {}))
+        if benchmark:
+            metrics[benchmark] = rewardbench.benchmark_scores(data["benchmark"], chosen, rejected)
+            for line in rewardbench.format_benchmark(benchmark, metrics[benchmark]):
+                log(line)
+        metrics.update(report.pair_figures(chosen, rejected, data["chosen"], data["rejected"]))
+        report_scores.append((scorer.step, chosen, rejected))
         results.append(metrics)
         log(f"{ckpt} acc: [{metrics['accuracy']:.6f}]")
+        log(report.format_figures(metrics))
         newest_scores = (adapter or ckpt, scorer.step, chosen, rejected)
     good = [r for r in results if "error" not in r]
     if not good:
@@ -204,9 +219,17 @@ def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_data
                                                          overwrite)
             log(f"reward statistics of {newest_scores[0]}: {summary['stats_file']}")
         if rank == 0:
+            summary["report"] = report.write_report(report_dir or _report_dir(output_file), summary, report_scores,
+                                                    data["chosen"], data["rejected"], overwrite)
+            log(f"report: {summary['report']}")
             write_json(output_file, summary)
     summary["output_file"] = output_file
     return summary
+
+
+def _report_dir(output_file: str) -> str:
+    root, ext = os.path.splitext(output_file)
+    return (root if ext == ".json" else output_file) + "_report"
 
 
 def format_table(results: List[dict]) -> str:
