@@ -126,12 +126,12 @@ def test_report_writes_pngs_events_and_markdown(tmp_path):
     for step in (10, 20):
         c, r = rng.normal(1, 1, 50), rng.normal(0, 1, 50)
         metrics = {"checkpoint": f"/x/rank_0/rm_{step}.ckpt", "step": step, "accuracy": float((c > r).mean()),
-                   **report.pair_figures(c, r, chosen_ids, rejected_ids)}
+                   **report.pair_figures(c, r, report.response_lengths(chosen_ids, rejected_ids))}
         checkpoints.append(metrics)
         scores.append((step, c, r))
     summary = {"eval_dataset": "test.jsonl", "pairs": 50, "template": "tutorial", "checkpoints": checkpoints}
     folder = tmp_path / "eval_report"
-    path = report.write_report(str(folder), summary, scores, chosen_ids, rejected_ids)
+    path = report.write_report(str(folder), summary, scores)
     text = (folder / "report.md").read_text(encoding="utf-8")
     assert path == str(folder / "report.md")
     for name in report.FIGURES:
@@ -148,12 +148,12 @@ def test_report_writes_pngs_events_and_markdown(tmp_path):
     assert events.Scalars("eval/ece")[-1].value == pytest.approx(checkpoints[-1]["calibration"]["ece"], abs=1e-6)
     assert {f"eval/{name}" for name in report.FIGURES} <= set(events.Tags()["images"])
     with pytest.raises(OutputExistsError):
-        report.write_report(str(folder), summary, scores, chosen_ids, rejected_ids)
-    report.write_report(str(folder), summary, scores, chosen_ids, rejected_ids, overwrite=True)
+        report.write_report(str(folder), summary, scores)
+    report.write_report(str(folder), summary, scores, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval_report"]  # no staging folder left
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(OutputExistsError, match="not a report"):
-        report.write_report(str(tmp_path / "mine"), summary, scores, chosen_ids, rejected_ids, overwrite=True)
+        report.write_report(str(tmp_path / "mine"), summary, scores, overwrite=True)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
     json.dumps(checkpoints)  # the figures go into eval_results.json as they are

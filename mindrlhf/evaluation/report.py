@@ -31,14 +31,12 @@ FIGURES = {"reward_histogram": "chosen vs rejected rewards", "length_buckets": "
 
 
 def response_lengths(chosen_ids: Sequence[Sequence[int]], rejected_ids: Sequence[Sequence[int]]):
-    """Tokens after the prefix each pair's two sequences share."""
+    """Tokens after the prefix each pair's two sequences share (computed once per eval set)."""
     c_len, r_len = np.zeros(len(chosen_ids), np.int64), np.zeros(len(chosen_ids), np.int64)
     for i, (c, r) in enumerate(zip(chosen_ids, rejected_ids)):
-        shared = 0
-        for a, b in zip(c, r):
-            if a != b:
-                break
-            shared += 1
+        n = min(len(c), len(r))
+        differ = np.flatnonzero(np.asarray(c[:n]) != np.asarray(r[:n]))
+        shared = int(differ[0]) if differ.size else n
         c_len[i], r_len[i] = len(c) - shared, len(r) - shared
     return c_len, r_len
 
@@ -111,9 +109,10 @@ def length_buckets(chosen, rejected, c_len, r_len) -> List[dict]:
     return out
 
 
-def pair_figures(chosen, rejected, chosen_ids, rejected_ids) -> dict:
-    """The report's numbers for one checkpoint: {'length_bias': .., 'calibration': .., 'length_buckets': ..}."""
-    c_len, r_len = response_lengths(chosen_ids, rejected_ids)
+def pair_figures(chosen, rejected, lengths) -> dict:
+    """The report's numbers for one checkpoint: {'length_bias': .., 'calibration': .., 'length_buckets': ..};
+    lengths: response_lengths of the eval set."""
+    c_len, r_len = lengths
     return {"length_bias": length_bias(chosen, rejected, c_len, r_len),
             "calibration": calibration(chosen, rejected),
             "length_buckets": length_buckets(chosen, rejected, c_len, r_len)}
@@ -252,8 +251,7 @@ def check_report_dir(folder: str, overwrite: bool = False) -> str:
     return folder
 
 
-def write_report(folder: str, summary: dict, scores: List[tuple], chosen_ids, rejected_ids,
-                 overwrite: bool = False) -> str:
+def write_report(folder: str, summary: dict, scores: List[tuple], overwrite: bool = False) -> str:
     """report.md, the PNGs and a TensorBoard event file in `folder`, written whole (a staging folder renamed
     into place); returns report.md's path. scores: (step, chosen rewards, rejected rewards) per checkpoint."""
     import shutil

@@ -177,6 +177,7 @@ def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_data
         pairs_per_batch = int(batch_size or config.eval_dataset.get("batch_size") or 8)
         scorer = RewardScorer(config, batch_size=2 * pairs_per_batch, log=log, config_name=config_path)
     results, report_scores = [], []
+    lengths = report.response_lengths(data["chosen"], data["rejected"])
     for ckpt in checkpoints:
         failed = None
         try:
@@ -196,7 +197,7 @@ def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_data
             metrics[benchmark] = rewardbench.benchmark_scores(data["benchmark"], chosen, rejected)
             for line in rewardbench.format_benchmark(benchmark, metrics[benchmark]):
                 log(line)
-        metrics.update(report.pair_figures(chosen, rejected, data["chosen"], data["rejected"]))
+        metrics.update(report.pair_figures(chosen, rejected, lengths))
         report_scores.append((scorer.step, chosen, rejected))
         results.append(metrics)
         log(f"{ckpt} acc: [{metrics['accuracy']:.6f}]")
@@ -220,7 +221,7 @@ def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_data
             log(f"reward statistics of {newest_scores[0]}: {summary['stats_file']}")
         if rank == 0:
             summary["report"] = report.write_report(report_dir or _report_dir(output_file), summary, report_scores,
-                                                    data["chosen"], data["rejected"], overwrite)
+                                                    overwrite)
             log(f"report: {summary['report']}")
             write_json(output_file, summary)
     summary["output_file"] = output_file
