@@ -285,3 +285,16 @@ def test_rewardbench_benchmarks_and_layouts_evaluate_and_infer(trained, tmp_path
              "--tokenizer", tok, "--distributed_ckpt_path", ckpt, "--output_file", infer_out)
     scored = [json.loads(line) for line in infer_out.read_text(encoding="utf-8").splitlines()]
     assert [s["kind"] for s in scored] == ["chosen", "rejected"] * 2 and all(np.isfinite(s["score"]) for s in scored)
+
+
+def test_a_datasets_dict_folder_reads_its_splits_in_turn(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    rows = layout_rows()["standard"]
+    DatasetDict({"train": Dataset.from_list(rows[:1]), "test": Dataset.from_list(rows[1:])}).save_to_disk(
+        str(tmp_path / "dd"))
+    pairs = list(read_preference_pairs(str(tmp_path / "dd")))
+    assert [(p.line, p.prompt) for p in pairs] == [(1, Q1), (2, Q2)]
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(InputError, match="save_to_disk"):
+        list(read_preference_pairs(str(tmp_path / "plain")))

@@ -31,13 +31,25 @@ HH_ASSISTANT = "\n\nAssistant:"
 ROLES = ("system", "user", "assistant", "tool")
 
 
+def is_rows_source(path) -> bool:
+    """Preference rows (.jsonl, .json, .parquet, a datasets folder), not MindRecord."""
+    path = str(path)
+    return path.endswith((".jsonl", ".json", ".parquet")) or _is_datasets_folder(path)
+
+
+def _is_datasets_folder(path: str) -> bool:
+    """A Dataset (state.json) or DatasetDict (dataset_dict.json) that save_to_disk wrote."""
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, name))
+                                       for name in ("state.json", "dataset_dict.json"))
+
+
 def iter_table_rows(path) -> Iterator[tuple]:
     """(line, row) for .json/.jsonl (line numbers), .parquet and save_to_disk folders (1-based row numbers)."""
     path = str(path)
     if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "dataset_info.json")) and \
-                not os.path.isfile(os.path.join(path, "state.json")):
-            raise InputError(path, reason="a folder must be one written by datasets' save_to_disk (no state.json)")
+        if not _is_datasets_folder(path):
+            raise InputError(path, reason="a folder must be one written by datasets' save_to_disk (it holds no "
+                             "state.json or dataset_dict.json)")
         from datasets import load_from_disk
 
         try:

@@ -132,7 +132,7 @@ def load_benchmark(source: str, benchmark: str, tokenizer, template, seq_length:
                    skip_invalid: bool = False) -> dict:
     """The eval data of a benchmark file as load_eval_pairs returns it (every v2 prompt as its chosen x rejected
     pairs), plus 'benchmark': what benchmark_scores needs to put the pair rewards back together."""
-    from mindrlhf.data.formats import encode_pairs, iter_table_rows, read_bestofn, row_pairs
+    from mindrlhf.data.formats import encode_pairs, is_rows_source, iter_table_rows, read_bestofn, row_pairs
     from mindrlhf.data.pairs import SkipReport, check_text_field
     from mindrlhf.errors import InputError
 
@@ -140,6 +140,9 @@ def load_benchmark(source: str, benchmark: str, tokenizer, template, seq_length:
         raise ConfigError(f"--benchmark must be one of {', '.join(BENCHMARKS)}, got {benchmark!r}")
     if tokenizer is None:
         raise ConfigError(f"{source}: --benchmark {benchmark} needs --tokenizer")
+    if not is_rows_source(source):
+        raise ConfigError(f"{source}: --benchmark {benchmark} reads the benchmark's rows (.jsonl, .json, .parquet or "
+                          "a datasets folder), not MindRecord")
     report, pairs, subsets, groups = SkipReport(), [], [], []
     for line, row in iter_table_rows(source):
         try:

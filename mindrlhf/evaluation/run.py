@@ -12,7 +12,7 @@ from typing import Callable, List, Optional
 import numpy as np
 
 from mindrlhf import distributed
-from mindrlhf.data.formats import encode_pairs, read_preference_pairs
+from mindrlhf.data.formats import encode_pairs, is_rows_source, read_preference_pairs
 from mindrlhf.data.pairs import SkipReport, read_rows
 from mindrlhf.data.templates import (JINJA, TUTORIAL, choose_template, client_texts, read_run_template,
                                      run_template_path)
@@ -38,14 +38,7 @@ def start_ranks(config, log: Callable) -> tuple:
     return rank, 0, 1
 
 
-def _is_jsonl(path: str) -> bool:
-    """Preference rows (any layout of mindrlhf.data.formats), not MindRecord."""
-    path = str(path)
-    return path.endswith((".jsonl", ".json", ".parquet")) or (
-        os.path.isdir(path) and os.path.isfile(os.path.join(path, "state.json")))
-
-
-def _is_jsonl_file(path: str) -> bool:
+def _is_json_file(path: str) -> bool:
     return str(path).endswith((".jsonl", ".json"))
 
 
@@ -57,7 +50,7 @@ def run_template(ckpt_path: str, requested: Optional[str], tokenizer, eval_sourc
     root = checkpoint_root(ckpt_path)
     recorded = read_run_template(root)
     data = None
-    if eval_source and not _is_jsonl(eval_source):
+    if eval_source and not is_rows_source(eval_source):
         from mindrlhf.data.dataset import resolve_mindrecord_files
 
         data = data_template(resolve_mindrecord_files(eval_source))
@@ -72,7 +65,7 @@ def load_eval_pairs(source: str, seq_length: int, tokenizer=None, skip_invalid: 
                     template=TUTORIAL, fmt: Optional[str] = None) -> dict:
     """{'chosen': [ids], 'rejected': [ids], 'pos_type': [...], 'neg_type': [...]} from preference rows (any
     layout, `fmt` or read from the columns) or MindRecord."""
-    if _is_jsonl(source):
+    if is_rows_source(source):
         if tokenizer is None:
             raise ConfigError(f"{source}: a jsonl eval set needs --tokenizer (a local tokenizer.model or tokenizer "
                               "folder)")
@@ -257,7 +250,7 @@ def read_infer_rows(path: str, skip_invalid: bool = False, report: Optional[Skip
     from mindrlhf.data.pairs import iter_json_rows
 
     items = []
-    first = {} if fmt or not _is_jsonl_file(path) else next(
+    first = {} if fmt or not _is_json_file(path) else next(
         (row for _, row in iter_json_rows(path) if isinstance(row, dict)), {})
     if fmt:
         first = {"chosen": None}
