@@ -119,6 +119,18 @@ def test_each_layout_renders_the_whole_conversation(converted):
             assert row["chosen_input_ids"][:n].tolist() == list(want)[:128], fmt  # truncated at seq_length
 
 
+def test_ultrafeedback_binarized_rows_prompt_text_and_whole_conversations(tmp_path):
+    """UltraFeedback-binarized keeps the prompt's text beside whole conversations; a text prompt with only the final
+    turns becomes the user turn."""
+    whole = {"prompt": Q1, "chosen": [msg("user", Q1), msg("assistant", GOOD)],
+             "rejected": [msg("user", Q1), msg("assistant", BAD)], "score_chosen": 8.0, "score_rejected": 2.0}
+    turns = {"prompt": Q1, "chosen": [msg("assistant", GOOD)], "rejected": [msg("assistant", BAD)]}
+    src = write_rows(tmp_path / "uf.jsonl", [whole, turns])
+    first, second = read_preference_pairs(str(src))
+    assert first.chosen_messages == second.chosen_messages == [msg("user", Q1), msg("assistant", GOOD)]
+    assert first.rejected_messages == second.rejected_messages == [msg("user", Q1), msg("assistant", BAD)]
+
+
 def test_implicit_prompt_is_the_shared_prefix():
     assert shared_prefix_prompt("\n\nHuman: hi\n\nAssistant: Also yes", "\n\nHuman: hi\n\nAssistant: Also no") == \
         "\n\nHuman: hi\n\nAssistant:"  # cut at the marker: the shared 'Also' stays in both responses

@@ -10,8 +10,9 @@ InputError naming file, line (row number for Parquet and datasets folders) and f
 | cvalues | prompt, pos_resp, neg_resp (pos_type, neg_type) |
 | standard | prompt, chosen, rejected: strings (TRL) |
 | implicit | chosen, rejected: strings sharing a prefix, the prompt (HH-RLHF) |
-| conversational | prompt: messages, chosen/rejected: the final assistant turn(s); or whole conversations in chosen/rejected
-  differing only in the last assistant turn (UltraFeedback-binarized, Skywork) |
+| conversational | prompt: messages (or its text), chosen/rejected: the final assistant turn(s); or whole conversations in
+  chosen/rejected differing only in the last assistant turn, with or without the prompt's text (UltraFeedback-binarized,
+  Skywork) |
 | bestofn | prompt, chosen: strings, rejected: strings, subset (RewardBench 2) |
 
 Each may carry a numeric `margin`. Conversations render with a chat template only (the run's `--template chat` or a
@@ -209,8 +210,13 @@ def row_pairs(fmt: str, path, line, row) -> List[PreferencePair]:
 def _conversation_pair(path, line, row, margin) -> PreferencePair:
     chosen = _messages(path, line, "chosen", row.get("chosen"))
     rejected = _messages(path, line, "rejected", row.get("rejected"))
-    if row.get("prompt") is not None:
-        prompt = _messages(path, line, "prompt", row["prompt"])
+    prompt = row.get("prompt")
+    if isinstance(prompt, str) and chosen[0]["role"] != "assistant":
+        prompt = None  # UltraFeedback-binarized: the prompt's text, and whole conversations holding it
+    elif isinstance(prompt, str):
+        prompt = [{"role": "user", "content": _text(path, line, row, "prompt")}]
+    if prompt is not None:
+        prompt = _messages(path, line, "prompt", prompt)
         chosen, rejected = prompt + chosen, prompt + rejected
     else:  # whole conversations: everything before the last turn is shared
         if chosen[:-1] != rejected[:-1]:
