@@ -49,6 +49,15 @@ def add_adapter_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def add_format_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--format: the preference layout of the rows read (mindrlhf.data.formats)."""
+    from mindrlhf.data.formats import FORMATS
+
+    parser.add_argument("--format", default=None, choices=FORMATS,
+                        help="the rows' preference layout (docs/data.md); default: read from the first row's columns")
+    return parser
+
+
 def main_guard(func):
     """Run a CLI main; project errors become 'error: ...' on stderr and exit code 2, without a traceback."""
 

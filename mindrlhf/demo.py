@@ -52,6 +52,10 @@ def _display(line: str):
     return line.rstrip()[:160] if any(k in line for k in keys) else None
 
 
+def _num(value) -> str:
+    return "-" if value is None or value != value else f"{value:.4f}"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workdir", default=os.path.join(os.getcwd(), "demo_output"))
@@ -115,12 +119,15 @@ def main(argv=None):
         "accuracy": newest["accuracy"], "pairs": newest["pairs"], "ties": newest["ties"],
         "per_type_accuracy": {k: v["accuracy"] for k, v in newest.get("per_type", {}).items()},
         "checkpoints_evaluated": [(c.get("step"), c.get("accuracy")) for c in results["checkpoints"]],
+        "length_bias": newest["length_bias"],
+        "calibration": {k: v for k, v in newest["calibration"].items() if k != "bins"},
         "first_loss": train_summary["first_loss"], "last_loss": train_summary["last_loss"],
         "infer_chosen_minus_rejected": [round(a - b, 4) for a, b in zip(scores[:3], scores[3:])],
         "seconds": {k: round(v, 1) for k, v in times.items()}, "total_seconds": round(time.time() - start, 1),
         "outputs": {"workdir": work, "train_log": train_summary["log_file"],
                     "checkpoints": train_summary["checkpoint_dir"], "tensorboard": loss_dir,
                     "loss_png": os.path.join(loss_dir, "loss.png"), "eval_results": eval_json,
+                    "eval_report": results["report"],
                     "infer_scores": infer_out, "logs": logs},
     }
     write_json(os.path.join(work, "summary.json"), summary)
@@ -130,6 +137,13 @@ def main(argv=None):
         print(f"     {kind}: {acc:.4f}")
     print("   every checkpoint (step: accuracy; the last one is reported above): " +
           ", ".join(f"{step}: {acc:.4f}" for step, acc in summary["checkpoints_evaluated"]))
+    lb, cal = summary["length_bias"], summary["calibration"]
+    print(f"   length bias: accuracy {_num(lb['accuracy_chosen_longer'])} where the chosen answer is longer "
+          f"({lb['pairs_chosen_longer']} pairs), {_num(lb['accuracy_chosen_shorter'])} where it is shorter "
+          f"({lb['pairs_chosen_shorter']}); 'always pick the longer' {_num(lb['always_longer_accuracy'])}; "
+          f"Spearman(reward, length) {_num(lb['spearman_reward_length'])}")
+    print(f"   calibration: ECE {_num(cal['ece'])}, Bradley-Terry log-loss {_num(cal['bt_log_loss'])}")
+    print(f"   report with figures: {results['report']}")
     print(f"   loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}; "
           f"total {summary['total_seconds']:.0f}s")
     for name, path in summary["outputs"].items():

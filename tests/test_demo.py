@@ -33,9 +33,11 @@ def test_demo_end_to_end(tmp_path):
     assert len(accuracies) >= 2 and accuracies[-1] >= max(accuracies) - 0.005, summary["checkpoints_evaluated"]
     assert len(summary["per_type_accuracy"]) == 3
     assert summary["last_loss"] < summary["first_loss"]
-    for key in ("train_log", "loss_png", "eval_results", "infer_scores"):
+    for key in ("train_log", "loss_png", "eval_results", "eval_report", "infer_scores"):
         assert os.path.exists(summary["outputs"][key]), key
         assert summary["outputs"][key].startswith(workdir + os.sep), key
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(summary["outputs"]["tensorboard"]))
     assert "pairwise accuracy on 300 test pairs" in proc.stdout
+    assert "length bias: accuracy" in proc.stdout and "calibration: ECE" in proc.stdout
+    assert summary["calibration"]["bt_log_loss"] > 0 and summary["length_bias"]["always_longer_accuracy"] is not None
     assert "every checkpoint (step: accuracy; the last one is reported above): 100: " in proc.stdout

@@ -28,7 +28,7 @@ README = ROOT / "README.md"
 # The English docs are one book: the README, then its pages in the order the README lists them. Their commands
 # run in that order in one working copy (the serving page scores the checkpoint the tutorial page trained).
 PAGES = [ROOT / "docs" / f"{name}.md"
-         for name in ("tutorial", "backbones", "serving", "lora", "packing", "configs", "performance")]
+         for name in ("tutorial", "backbones", "serving", "data", "lora", "packing", "configs", "performance")]
 BOOK = [README, *PAGES]
 TUTORIAL = EXAMPLES / "README.md"
 TUTORIAL_DIR = "examples/reward_model_train_tutorial"  # relative to the working copy's root, as in the clone
@@ -41,10 +41,11 @@ CWD = {
     PAGES[0]: {None: TUTORIAL_DIR, "Starting from pretrained Llama2 weights": "."},
     PAGES[1]: {None: TUTORIAL_DIR},
     PAGES[2]: {None: TUTORIAL_DIR},
-    PAGES[3]: {None: "."},
+    PAGES[3]: {None: TUTORIAL_DIR},
     PAGES[4]: {None: "."},
     PAGES[5]: {None: "."},
     PAGES[6]: {None: "."},
+    PAGES[7]: {None: "."},
     TUTORIAL: {None: TUTORIAL_DIR},
 }
 

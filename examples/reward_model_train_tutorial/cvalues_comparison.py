@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
-from mindrlhf.cli import main_guard  # noqa: E402
+from mindrlhf.cli import add_format_arg, main_guard  # noqa: E402
 
 
 def get_args(argv=None):
@@ -27,7 +27,9 @@ def get_args(argv=None):
                              "drop (counted and reported by line), or error (stop, naming file and line)")
     parser.add_argument("--padding_side", default="right", choices=["right"],
                         help="padding side; loss_mask and end_ind are defined for right padding only")
-    parser.add_argument("--src_file", required=True, help="CValues-Comparison .jsonl file")
+    parser.add_argument("--src_file", required=True,
+                        help="preference rows: .jsonl, .json, .parquet, or a datasets save_to_disk folder")
+    add_format_arg(parser)
     parser.add_argument("--dst_file", required=True, help="output .mindrecord path (a .db index is written beside it)")
     parser.add_argument("--seq_length", type=int, default=1024, help="tokens per sequence after truncation/padding")
     parser.add_argument("--pad_token_id", type=int, default=None,
@@ -57,7 +59,7 @@ def main(argv=None):
     result = convert_file(args.src_file, tokenizer, args.dst_file, args.seq_length, args.pad_token_id,
                           overwrite=args.overwrite, skip_invalid=args.skip_invalid, layout=args.layout,
                           template=resolve_template(args.template, tokenizer), overlong=args.overlong,
-                          batch_pairs=args.batch_size)
+                          batch_pairs=args.batch_size, fmt=args.format)
     print(json.dumps(result["stats"], ensure_ascii=False))
     skipped = result["skipped"]
     print(f"skipped: {skipped['total']}")

@@ -9,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
-from mindrlhf.cli import add_scoring_args, main_guard, str2bool  # noqa: E402
+from mindrlhf.cli import add_format_arg, add_scoring_args, main_guard, str2bool  # noqa: E402
 
 
 def get_args(argv=None):
@@ -31,6 +31,14 @@ def get_args(argv=None):
     parser.add_argument("--save_stats", action="store_true",
                         help="also write the reward mean/std over the eval set (chosen and rejected) to "
                              "<checkpoint root>/reward_stats.json, for --normalize in reward_infer.py / the server")
+    parser.add_argument("--benchmark", default=None, choices=["rewardbench", "rewardbench2"],
+                        help="score --eval_dataset as RewardBench (v1 rows: prompt, chosen, rejected, subset, id) or "
+                             "RewardBench 2 (prompt, chosen: [..], rejected: [..], subset, id): subsets, sections, "
+                             "overall as published (docs/data.md)")
+    parser.add_argument("--report_dir", default=None,
+                        help="length bias, calibration and figures: report.md, PNGs and TensorBoard events "
+                             "(default: <output_file without .json>_report/)")
+    add_format_arg(parser)
     add_scoring_args(parser)
     return parser.parse_args(argv)
 
@@ -44,8 +52,9 @@ def main(argv=None):
                        eval_dataset=args.eval_dataset, tokenizer=args.tokenizer, output_file=args.output_file,
                        batch_size=args.batch_size, scores_file=args.scores_file, skip_invalid=args.skip_invalid,
                        overwrite=args.overwrite, src_strategy=args.src_strategy, template=args.template,
-                       save_stats=args.save_stats, adapter=args.adapter)
-    print(f"evaluated {summary['pairs']} pairs; results: {summary['output_file']}")
+                       save_stats=args.save_stats, adapter=args.adapter, fmt=args.format,
+                       benchmark=args.benchmark, report_dir=args.report_dir)
+    print(f"evaluated {summary['pairs']} pairs; results: {summary['output_file']}; report: {summary['report']}")
 
 
 if __name__ == "__main__":

@@ -11,13 +11,16 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
-from mindrlhf.cli import add_run_args, add_scoring_args, main_guard  # noqa: E402
+from mindrlhf.cli import add_format_arg, add_run_args, add_scoring_args, main_guard  # noqa: E402
 
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_args(parser)
-    parser.add_argument("--data_file", required=True, help=".json or .jsonl rows to score")
+    parser.add_argument("--data_file", required=True,
+                        help="rows to score: .json, .jsonl, .parquet or a datasets folder (prompt + response, "
+                             "query, or preference rows of any layout: both sides scored)")
+    add_format_arg(parser)
     parser.add_argument("--batch_size", type=int, default=16, help="sequences per forward pass")
     parser.add_argument("--output_file", default=None,
                         help="jsonl of {prompt, response, score} (default: <output_dir>/reward_infer_scores.jsonl)")
@@ -38,7 +41,7 @@ def main(argv=None):
     result = infer(args.config, args.data_file, args.tokenizer, args.distributed_ckpt_path,
                    output_file=args.output_file, batch_size=args.batch_size, skip_invalid=args.skip_invalid,
                    overwrite=args.overwrite, src_strategy=args.src_strategy, template=args.template,
-                   normalize=args.normalize, adapter=args.adapter)
+                   normalize=args.normalize, adapter=args.adapter, fmt=args.format)
     print(f"scored {result['scored']} responses with {result['checkpoint']}; scores: {result['output_file']}")
 
 

@@ -94,6 +94,7 @@ def boundaries_for(setting, files: Sequence[str], batch_pairs: int, log: Callabl
         try:
             with open(stats, encoding="utf-8") as fh:
                 suggestion = json.load(fh)["buckets"]
+            suggestion["bucket_boundaries"]  # pylint: disable=pointless-statement  (None: fewer pairs than a batch)
         except (OSError, ValueError, KeyError, TypeError):
             log(f"bucket_boundaries: {AUTO}: {stats} holds no suggestion (convert again to get one); every batch "
                 "is padded to seq_length")

@@ -14,7 +14,8 @@ from typing import Dict, Iterable, List, Optional
 import numpy as np
 
 from mindrlhf.data.buckets import suggest_buckets
-from mindrlhf.data.pairs import PreferencePair, SkipReport, read_pairs
+from mindrlhf.data.formats import encode_pairs, read_preference_pairs, resolve_format
+from mindrlhf.data.pairs import PreferencePair, SkipReport
 from mindrlhf.data.records import (COMPACT_SCHEMA, LAYOUTS, MARGIN_COLUMN, MARGIN_SCHEMA, RECORD_SCHEMA,
                                    check_record_pair, schema_description, stamp_index)
 from mindrlhf.data.templates import TUTORIAL, Template
@@ -175,6 +176,7 @@ class ChunkOptions:
     margin: bool = False
     source: str = "input"
     skip_invalid: bool = False
+    sides: tuple = ("pos_resp", "neg_resp")  # the chosen and rejected columns, as errors name them
 
 
 def _check_margin(pair: PreferencePair, options: ChunkOptions):
@@ -199,7 +201,7 @@ def _usable(chunk, full_c, full_r, seq_length: int, options: ChunkOptions):
             continue
         longest = max(len(full_c[i]), len(full_r[i]))
         if longest > seq_length and options.overlong == "error":
-            side = "pos_resp" if len(full_c[i]) >= len(full_r[i]) else "neg_resp"
+            side = options.sides[0] if len(full_c[i]) >= len(full_r[i]) else options.sides[1]
             raise InputError(options.source, pair.line, side,
                              f"{longest} tokens with the template, longer than --seq_length {seq_length} "
                              "(--overlong error; use --overlong truncate or drop to go on)")
@@ -213,8 +215,8 @@ def _usable(chunk, full_c, full_r, seq_length: int, options: ChunkOptions):
 def _check_pad(samples, keep, chunk, usable, pad_token_id: int, options: ChunkOptions):
     """The model masks every pad id as padding (MindFormers builds the attention mask from ids != pad), so a
     pad id inside the text would silently vanish from the model's view."""
-    for side, ids, mask in (("pos_resp", "chosen_input_ids", "chosen_attention_mask"),
-                            ("neg_resp", "rejected_input_ids", "rejected_attention_mask")):
+    for side, ids, mask in ((options.sides[0], "chosen_input_ids", "chosen_attention_mask"),
+                            (options.sides[1], "rejected_input_ids", "rejected_attention_mask")):
         inside = ((samples[ids] == pad_token_id) & (samples[mask] == 1)).any(axis=1) & keep
         if inside.any():
             line = chunk[usable[int(np.argmax(inside))]].line
@@ -232,8 +234,7 @@ def _prepare_chunk(chunk: List[PreferencePair], tokenizer, seq_length: int, pad_
     n = len(chunk)
     raw = tokenizer.encode([p.prompt.strip() for p in chunk] + [p.chosen.strip() for p in chunk] +
                            [p.rejected.strip() for p in chunk], special_tokens=False)
-    full = options.template.encode(tokenizer, [p.prompt for p in chunk] * 2,
-                                   [p.chosen for p in chunk] + [p.rejected for p in chunk])
+    full = encode_pairs(options.template, tokenizer, chunk)
     prompt_ids, chosen_ids, reject_ids = raw[:n], raw[n:2 * n], raw[2 * n:]
     full_c, full_r = full[:n], full[n:]
     overlong = sum(max(len(c), len(r)) > seq_length for c, r in zip(full_c, full_r))
@@ -267,7 +268,7 @@ def convert_pairs(pairs: Iterable[PreferencePair], tokenizer, dst_file: str, seq
                   pad_token_id: Optional[int] = None, overwrite: bool = False, chunk_size: int = 2048,
                   report: Optional[SkipReport] = None, progress: bool = True, layout: str = "padded",
                   template: Optional[Template] = None, overlong: str = "truncate", source: str = "input",
-                  skip_invalid: bool = False, batch_pairs: int = 8) -> dict:
+                  skip_invalid: bool = False, batch_pairs: int = 8, sides=("pos_resp", "neg_resp")) -> dict:
     """Write the MindRecord and return {'stats', 'skipped', 'rows', 'dst_file', 'template', 'buckets', ...}.
 
     'buckets': train_dataset.bucket_boundaries that fit these lengths for batches of `batch_pairs` pairs
@@ -307,7 +308,7 @@ def convert_pairs(pairs: Iterable[PreferencePair], tokenizer, dst_file: str, seq
             tqdm(desc="converting pairs", unit="pair", disable=not progress) as bar:
         first = next(pairs, None)
         options = ChunkOptions(template, overlong, first is not None and first.margin is not None, str(source),
-                               skip_invalid)
+                               skip_invalid, tuple(sides))
         if options.margin:
             writer.schema = dict(writer.schema, **MARGIN_SCHEMA)
         chunks = _chunks(itertools.chain([first] if first is not None else [], pairs), chunk_size)
@@ -349,9 +350,14 @@ def convert_pairs(pairs: Iterable[PreferencePair], tokenizer, dst_file: str, seq
 def convert_file(src_file: str, tokenizer, dst_file: str, seq_length: int, pad_token_id: Optional[int] = None,
                  overwrite: bool = False, skip_invalid: bool = False, progress: bool = True,
                  layout: str = "padded", template: Optional[Template] = None, overlong: str = "truncate",
-                 batch_pairs: int = 8) -> dict:
+                 batch_pairs: int = 8, fmt: Optional[str] = None) -> dict:
+    """fmt: the preference layout (mindrlhf.data.formats.FORMATS), default read from the columns."""
     report = SkipReport()
-    pairs = read_pairs(src_file, skip_invalid=skip_invalid, report=report)
-    return convert_pairs(pairs, tokenizer, dst_file, seq_length, pad_token_id, overwrite=overwrite,
-                         report=report, progress=progress, layout=layout, template=template, overlong=overlong,
-                         source=src_file, skip_invalid=skip_invalid, batch_pairs=batch_pairs)
+    fmt = resolve_format(src_file, fmt)
+    pairs = read_preference_pairs(src_file, fmt, skip_invalid=skip_invalid, report=report)
+    result = convert_pairs(pairs, tokenizer, dst_file, seq_length, pad_token_id, overwrite=overwrite,
+                           report=report, progress=progress, layout=layout, template=template, overlong=overlong,
+                           source=src_file, skip_invalid=skip_invalid, batch_pairs=batch_pairs,
+                           sides=("pos_resp", "neg_resp") if fmt == "cvalues" else ("chosen", "rejected"))
+    result["format"] = fmt
+    return result

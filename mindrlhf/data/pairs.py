@@ -25,6 +25,9 @@ class PreferencePair:
     neg_type: Optional[str] = None
     line: int = 0
     margin: Optional[float] = None
+    # Conversational layouts (mindrlhf.data.formats): the whole conversation ending in each final turn
+    chosen_messages: Optional[list] = None
+    rejected_messages: Optional[list] = None
 
 
 @dataclass

@@ -54,6 +54,15 @@ class Template:
         return compiled.render(messages=messages, tools=None, documents=None, add_generation_prompt=False,
                                **self.variables)
 
+    def render_messages(self, messages: Sequence[dict], where: str = "a conversation") -> str:
+        """A whole conversation (every turn) as the chat template renders it; a format template has no turns."""
+        if self.kind == FORMAT:
+            raise ConfigError(f"{where}: conversational rows need a chat template (--template chat or a .jinja "
+                              f"file); the template '{self.name}' only renders one prompt and one response")
+        messages = [dict(m, content=m["content"].strip()) for m in messages]
+        return _compile(self.source, self.date).render(messages=messages, tools=None, documents=None,
+                                                       add_generation_prompt=False, **self.variables)
+
     def encode(self, tokenizer, prompts: Sequence[str], responses: Sequence[str]) -> List[List[int]]:
         """Token ids of the rendered pairs, batched."""
         return tokenizer.encode([self.render(p, r) for p, r in zip(prompts, responses)],

@@ -13,10 +13,12 @@ from typing import Callable, List, Optional
 import numpy as np
 
 from mindrlhf import distributed
-from mindrlhf.data.pairs import SkipReport, read_pairs, read_rows
+from mindrlhf.data.formats import encode_pairs, is_rows_source, read_preference_pairs
+from mindrlhf.data.pairs import SkipReport, read_rows
 from mindrlhf.data.templates import (JINJA, TUTORIAL, choose_template, client_texts, read_run_template,
                                      run_template_path)
 from mindrlhf.errors import ConfigError, MindRLHFError
+from mindrlhf.evaluation import report, rewardbench
 from mindrlhf.evaluation.metrics import pairwise_metrics
 from mindrlhf.checkpoints.slices import checkpoint_root
 from mindrlhf.evaluation.scorer import (RewardScorer, base_file, length_batches, list_checkpoints,
@@ -38,7 +40,7 @@ def start_ranks(config, log: Callable) -> tuple:
     return rank, 0, 1
 
 
-def _is_jsonl(path: str) -> bool:
+def _is_json_file(path: str) -> bool:
     return str(path).endswith((".jsonl", ".json"))
 
 
@@ -50,7 +52,7 @@ def run_template(ckpt_path: str, requested: Optional[str], tokenizer, eval_sourc
     root = checkpoint_root(ckpt_path)
     recorded = read_run_template(root)
     data = None
-    if eval_source and not _is_jsonl(eval_source):
+    if eval_source and not is_rows_source(eval_source):
         from mindrlhf.data.dataset import resolve_mindrecord_files
 
         data = data_template(resolve_mindrecord_files(eval_source))
@@ -62,18 +64,18 @@ def run_template(ckpt_path: str, requested: Optional[str], tokenizer, eval_sourc
 
 
 def load_eval_pairs(source: str, seq_length: int, tokenizer=None, skip_invalid: bool = False,
-                    template=TUTORIAL) -> dict:
-    """{'chosen': [ids], 'rejected': [ids], 'pos_type': [...], 'neg_type': [...]} from jsonl or MindRecord."""
-    if _is_jsonl(source):
+                    template=TUTORIAL, fmt: Optional[str] = None) -> dict:
+    """{'chosen': [ids], 'rejected': [ids], 'pos_type': [...], 'neg_type': [...]} from preference rows (any
+    layout, `fmt` or read from the columns) or MindRecord."""
+    if is_rows_source(source):
         if tokenizer is None:
             raise ConfigError(f"{source}: a jsonl eval set needs --tokenizer (a local tokenizer.model or tokenizer "
                               "folder)")
         report = SkipReport()
-        pairs = list(read_pairs(source, skip_invalid=skip_invalid, report=report))
+        pairs = list(read_preference_pairs(source, fmt, skip_invalid=skip_invalid, report=report))
         if not pairs:
             raise ConfigError(f"{source}: no pairs to evaluate")
-        ids = template.encode(tokenizer, [p.prompt for p in pairs] * 2,
-                              [p.chosen for p in pairs] + [p.rejected for p in pairs])
+        ids = encode_pairs(template, tokenizer, pairs)
         n = len(pairs)
         return {"chosen": [x[:seq_length] for x in ids[:n]], "rejected": [x[:seq_length] for x in ids[n:]],
                 "pos_type": [p.pos_type for p in pairs], "neg_type": [p.neg_type for p in pairs],
@@ -133,8 +135,11 @@ def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_data
              tokenizer: Optional[str] = None, output_file: Optional[str] = None, batch_size: Optional[int] = None,
              scores_file: Optional[str] = None, skip_invalid: bool = False, log: Callable = print,
              progress: bool = True, overwrite: bool = False, src_strategy: Optional[str] = None,
-             template: Optional[str] = None, save_stats: bool = False, adapter: Optional[str] = None) -> dict:
-    """save_stats: also write the newest evaluated checkpoint's reward mean/std beside it (normalize.py).
+             template: Optional[str] = None, save_stats: bool = False, adapter: Optional[str] = None,
+             fmt: Optional[str] = None, benchmark: Optional[str] = None, report_dir: Optional[str] = None) -> dict:
+    """fmt: the preference layout of a rows file; benchmark: rewardbench or rewardbench2 (rewardbench.py), scored
+    per checkpoint; report_dir: the report (report.py; default <output_file without .json>_report/).
+    save_stats: also write the newest evaluated checkpoint's reward mean/std beside it (normalize.py).
     adapter: a LoRA adapter scored on the base weights file ckpt_path; its folder holds the template and stats."""
     from mindrlhf.data.tokenizer import load_tokenizer
     from mindrlhf.evaluation import normalize
@@ -148,6 +153,7 @@ def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_data
         if rank == 0:
             check_new_output(output_file, overwrite)
             check_new_output(scores_file, overwrite)
+            report.check_report_dir(report_dir or _report_dir(output_file), overwrite)
             if save_stats:
                 normalize.check_stats_output(checkpoint_root(adapter or ckpt_path), overwrite)
         source = eval_dataset or dataset_source(config, "eval")
@@ -155,14 +161,18 @@ def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_data
             raise ConfigError("no eval dataset: pass --eval_dataset or set eval_dataset.data_loader.dataset_dir")
         tok = load_tokenizer(tokenizer) if tokenizer else None
         chosen_template = run_template(adapter or ckpt_path, template, tok, source)
-        data = load_eval_pairs(source, int(config.model.model_config.seq_length), tok, skip_invalid,
-                               chosen_template)
+        seq_length = int(config.model.model_config.seq_length)
+        if benchmark:
+            data = rewardbench.load_benchmark(source, benchmark, tok, chosen_template, seq_length, skip_invalid)
+        else:
+            data = load_eval_pairs(source, seq_length, tok, skip_invalid, chosen_template, fmt)
         checkpoints = [base_file(ckpt_path, adapter)] if adapter else list_checkpoints(ckpt_path)
         if not load_all:
             checkpoints = checkpoints[-1:]
         pairs_per_batch = int(batch_size or config.eval_dataset.get("batch_size") or 8)
         scorer = RewardScorer(config, batch_size=2 * pairs_per_batch, log=log, config_name=config_path)
-    results = []
+    results, report_scores = [], []
+    lengths = report.response_lengths(data["chosen"], data["rejected"])
     for ckpt in checkpoints:
         failed = None
         try:
@@ -181,8 +191,15 @@ def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_data
         chosen, rejected = score_pairs(scorer, data, pairs_per_batch, log, progress, part, parts)
         metrics = pairwise_metrics(chosen, rejected, data["pos_type"], data["neg_type"])
         metrics.update(checkpoint=ckpt, step=scorer.step, **({"adapter": adapter} if adapter else {}))
+        if benchmark:
+            metrics[benchmark] = rewardbench.benchmark_scores(data["benchmark"], chosen, rejected)
+            for line in rewardbench.format_benchmark(benchmark, metrics[benchmark]):
+                log(line)
+        metrics.update(report.pair_figures(chosen, rejected, lengths))
+        report_scores.append((scorer.step, chosen, rejected))
         results.append(metrics)
         log(f"{ckpt} acc: [{metrics['accuracy']:.6f}]")
+        log(report.format_figures(metrics))
         newest_scores = (adapter or ckpt, scorer.step, chosen, rejected)
     good = [r for r in results if "error" not in r]
     if not good:
@@ -201,9 +218,17 @@ def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_data
                                                          overwrite)
             log(f"reward statistics of {newest_scores[0]}: {summary['stats_file']}")
         if rank == 0:
+            summary["report"] = report.write_report(report_dir or _report_dir(output_file), summary, report_scores,
+                                                    overwrite)
+            log(f"report: {summary['report']}")
             write_json(output_file, summary)
     summary["output_file"] = output_file
     return summary
+
+
+def _report_dir(output_file: str) -> str:
+    root, ext = os.path.splitext(output_file)
+    return (root if ext == ".json" else output_file) + "_report"
 
 
 def format_table(results: List[dict]) -> str:
@@ -223,19 +248,29 @@ def _write_scores(path, chosen, rejected):
     write_jsonl(path, rows)
 
 
-def read_infer_rows(path: str, skip_invalid: bool = False, report: Optional[SkipReport] = None):
-    """(prompt, response) items from rows with prompt+response, or prompt+pos_resp/neg_resp (both scored), or
-    {"query": full text} items as an RL loop sends them to the server (normalised as the server does)."""
+def read_infer_rows(path: str, skip_invalid: bool = False, report: Optional[SkipReport] = None,
+                    fmt: Optional[str] = None):
+    """(prompt, response) items from rows with prompt+response, or preference rows of any layout (both sides
+    scored), or {"query": full text} items as an RL loop sends them to the server (normalised as the server does)."""
     from mindrlhf.data.pairs import iter_json_rows
 
     items = []
-    first = next((row for _, row in iter_json_rows(path) if isinstance(row, dict)), {})
+    first = {} if fmt or not _is_json_file(path) else next(
+        (row for _, row in iter_json_rows(path) if isinstance(row, dict)), {})
+    if fmt:
+        first = {"chosen": None}
     if "query" in first:
         for line, row in read_rows(path, ("query",), (), skip_invalid, report):
             items.append({"line": line, "query": row["query"]})
     elif "response" in first:
         for line, row in read_rows(path, ("prompt", "response"), (), skip_invalid, report):
             items.append({"line": line, "prompt": row["prompt"], "response": row["response"]})
+    elif "chosen" in first or str(path).endswith(".parquet") or os.path.isdir(str(path)):
+        for pair in read_preference_pairs(path, fmt, skip_invalid, report):  # every layout: both sides scored
+            for kind in ("chosen", "rejected"):
+                messages = getattr(pair, f"{kind}_messages")
+                items.append({"line": pair.line, "prompt": pair.prompt, "response": getattr(pair, kind), "kind": kind,
+                              **({"messages": messages} if messages else {})})
     else:
         for line, row in read_rows(path, ("prompt", "pos_resp", "neg_resp"), (), skip_invalid, report):
             items.append({"line": line, "prompt": row["prompt"], "response": row["pos_resp"], "kind": "pos_resp"})
@@ -246,8 +281,9 @@ def read_infer_rows(path: str, skip_invalid: bool = False, report: Optional[Skip
 def infer(config_path: str, data_file: str, tokenizer: str, ckpt_path: str, output_file: Optional[str] = None,
           batch_size: int = 16, skip_invalid: bool = False, log: Callable = print, overwrite: bool = False,
           src_strategy: Optional[str] = None, template: Optional[str] = None, normalize: bool = False,
-          adapter: Optional[str] = None) -> dict:
-    """normalize: score = (raw - mean) / std with the checkpoint's reward_stats.json; raw_score keeps the raw.
+          adapter: Optional[str] = None, fmt: Optional[str] = None) -> dict:
+    """fmt: the preference layout of data_file (default: read from its columns).
+    normalize: score = (raw - mean) / std with the checkpoint's reward_stats.json; raw_score keeps the raw.
     adapter: a LoRA adapter scored on the base weights file ckpt_path; its folder holds the template and stats."""
     from mindrlhf.data.tokenizer import load_tokenizer
     from mindrlhf.evaluation.normalize import load_stats, normalize as apply_stats
@@ -263,7 +299,7 @@ def infer(config_path: str, data_file: str, tokenizer: str, ckpt_path: str, outp
         tok = load_tokenizer(tokenizer)
         chosen_template = run_template(adapter or ckpt_path, template, tok)
         report = SkipReport()
-        items = read_infer_rows(data_file, skip_invalid, report)
+        items = read_infer_rows(data_file, skip_invalid, report, fmt)
         if not items:
             raise ConfigError(f"{data_file}: nothing to score")
         checkpoint = base_file(ckpt_path, adapter) if adapter else list_checkpoints(ckpt_path)[-1]
@@ -272,8 +308,9 @@ def infer(config_path: str, data_file: str, tokenizer: str, ckpt_path: str, outp
         scorer = RewardScorer(config, checkpoint, batch_size=batch_size, src_strategy=src_strategy, log=log,
                               config_name=config_path, adapter=adapter)
     normalise = client_texts(chosen_template, tok) if "query" in items[0] else None
-    texts = [normalise(it["query"]) if normalise else chosen_template.render(it["prompt"], it["response"])
-             for it in items]
+    texts = [normalise(it["query"]) if normalise else
+             chosen_template.render_messages(it["messages"], f"{data_file}:{it['line']}") if "messages" in it else
+             chosen_template.render(it["prompt"], it["response"]) for it in items]
     scores = scorer.score_ids(tok.encode(texts, special_tokens=chosen_template.special_tokens), part, parts)
     mine = np.flatnonzero(~np.isnan(scores))
     for i in mine:  # each rank logs what it scored
