@@ -221,7 +221,7 @@ def test_scorer_reads_past_earlier_eos_when_pad_is_eos():
     import mindspore as ms
     from mindformers import LlamaConfig
 
-    from mindrlhf.models.llama_reward import LlamaRewardModel
+    from mindrlhf.model.llama_reward import LlamaRewardModel
     from mindrlhf.training.config import load_config
 
     from conftest import TINY_CONFIG
