@@ -1,4 +1,5 @@
 """Writing results safely: never over an existing output unless asked, and never half a file."""
+import errno
 import json
 import os
 import secrets
@@ -7,7 +8,7 @@ import socket
 from contextlib import contextmanager
 from typing import Sequence
 
-from mindrlhf.errors import OutputExistsError
+from mindrlhf.errors import OutputExistsError, OutputWriteError
 
 
 def check_new_output(path: str, overwrite: bool = False, flag: str = "--overwrite") -> str:
@@ -15,6 +16,32 @@ def check_new_output(path: str, overwrite: bool = False, flag: str = "--overwrit
     if path and os.path.exists(path) and not overwrite:
         raise OutputExistsError(f"{path} already exists; pass {flag} to replace it or choose another path")
     return path
+
+
+DISK_FAULTS = (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG)
+
+
+def is_disk_fault(err: BaseException) -> bool:
+    """A write failed for the disk's sake (full, quota, I/O error), not for a bug; also MindRecord's C++ writer,
+    which reports it as a RuntimeError naming the condition."""
+    if isinstance(err, OSError):
+        return err.errno in DISK_FAULTS
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("no space left" in text or "input/output error" in text
+                                              or "failed to write" in text)
+
+
+def disk_fault_error(err: BaseException, path: str, needed: int = 0) -> OutputWriteError:
+    """One clear error for a failed write: the folder, its free space, and what the output needed."""
+    folder = os.path.dirname(os.path.abspath(path)) if not os.path.isdir(path) else os.path.abspath(path)
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:.1f} MB are free"
+    except OSError:
+        free = "its free space is unknown"
+    need = f"it needs about {needed / 2**20:.1f} MB free there, " if needed else ""
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+    return OutputWriteError(f"{folder}: writing {os.path.basename(path)} failed ({reason}); {need}{free}; "
+                            "nothing partial was left")
 
 
 def temporary_name(path: str, suffix: str = "", hidden: bool = False) -> str:
@@ -35,9 +62,11 @@ def replaced_whole(path: str, suffix: str = ""):
     tmp = temporary_name(path, suffix)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if is_disk_fault(err):
+            raise disk_fault_error(err, path) from err
         raise
     os.replace(tmp, path)
 
@@ -51,8 +80,10 @@ def _staging_folder(path: str):
     os.makedirs(tmp)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_fault(err):
+            raise disk_fault_error(err, target) from err
         raise
 
 
