@@ -27,8 +27,8 @@ def is_disk_fault(err: BaseException) -> bool:
     if isinstance(err, OSError):
         return err.errno in DISK_FAULTS
     text = str(err).lower()
-    return isinstance(err, RuntimeError) and ("no space left" in text or "input/output error" in text
-                                              or "failed to write" in text)
+    return isinstance(err, RuntimeError) and any(sign in text for sign in ("no space left", "no free disk",
+                                                                           "input/output error"))
 
 
 def disk_fault_error(err: BaseException, path: str, needed: int = 0) -> OutputWriteError:
@@ -39,7 +39,11 @@ def disk_fault_error(err: BaseException, path: str, needed: int = 0) -> OutputWr
     except OSError:
         free = "its free space is unknown"
     need = f"it needs about {needed / 2**20:.1f} MB free there, " if needed else ""
-    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+    if isinstance(err, OSError) and err.strerror:
+        reason = err.strerror
+    else:  # MindSpore's C++ errors put the message on an "[ERROR] ..." line among banners
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next((line[len("[ERROR]"):].strip() for line in lines if line.startswith("[ERROR]")), lines[0])
     return OutputWriteError(f"{folder}: writing {os.path.basename(path)} failed ({reason}); {need}{free}; "
                             "nothing partial was left")
 
