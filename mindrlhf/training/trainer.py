@@ -245,6 +245,8 @@ def train(config_path: str, train_dataset: Optional[str] = None, task: str = "te
     if rank_id == 0:
         with open(os.path.join(config.output_dir, TRAIN_SUMMARY), "w", encoding="utf-8") as fh:
             json.dump(summary, fh, indent=2)
+    if collective and state.stop_step is not None:
+        distributed.barrier()  # msrun kills the other workers once one exits non-zero: all are done here
     return summary
 
 
