@@ -205,7 +205,7 @@ def test_sigterm_to_one_rank_stops_both_after_the_same_step_and_resumes_bit_exac
     for r in (0, 1):
         assert step_of(newest(out, r)) == 6
         info = (out / "log" / f"rank_{r}" / "info.log").read_text(encoding="utf-8")
-        print(f"rank {r}: " + re.search(r"stop check at \d+ step ends: mean [\d.]+ ms", info).group(0))
+        print(f"rank {r}: " + re.search(r"stop check at \d+ step ends: median [\d.]+ ms", info).group(0))
     monkeypatch.delenv("MINDRLHF_TEST_SIGNALS")
     proc = msrun(train_order(test_mindrecord, out, "--stop_step", 16, "--resume"), 2, tmp_path / "resumed")
     assert proc.returncode == 0, proc.stderr[-3000:]

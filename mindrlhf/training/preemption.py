@@ -65,6 +65,26 @@ class StopState:
             self.reason = name
             self.log(f"{name} received: stopping after the current step with a checkpoint")
 
+    def check_ms(self) -> float:
+        """The median cost of the step-end check in milliseconds, past the first (which sets the collective up)."""
+        later = self.check_seconds[1:] or self.check_seconds
+        return 1000 * float(np.median(later)) if later else 0.0
+
+    def report(self) -> dict:
+        """The summary entry of a stopped run; its `message` (for the log) names the step and how to resume."""
+        command = resume_command()
+        if self.stop_file:
+            command = f"rm {shlex.quote(self.stop_file)} && {command}"
+        if self.skip_save:
+            saved = "no checkpoint saved (over --save_time_limit); resume goes back to the newest whole one"
+        else:
+            saved = f"checkpoint {self.saved_file or 'of that step saved'}"
+        message = (f"stopped after step {self.stop_step} ({self.reason}): {saved}; exit code {PREEMPTED_EXIT_CODE}; "
+                   f"resume with: {command}  (under a launcher: the same launch with --resume)")
+        return {"step": self.stop_step, "reason": self.reason, "checkpoint": self.saved_file,
+                "saved": not self.skip_save, "resume_command": command, "exit_code": PREEMPTED_EXIT_CODE,
+                "check_ms_median": self.check_ms(), "message": message}
+
     def local_request(self) -> bool:
         if self.reason is None and self.stop_file and os.path.exists(self.stop_file):
             self.reason = f"stop file {self.stop_file}"

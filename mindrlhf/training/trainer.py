@@ -222,8 +222,7 @@ def train(config_path: str, train_dataset: Optional[str] = None, task: str = "te
             trainer.train()
     finally:
         preemption.end()
-    checks = state.check_seconds
-    _info(f"stop check at {len(checks)} step ends: mean {1000 * sum(checks) / max(len(checks), 1):.3f} ms")
+    _info(f"stop check at {len(state.check_seconds)} step ends: median {state.check_ms():.3f} ms")
     log_file = os.path.join(config.output_dir, "log", f"rank_{rank_id}", "info.log")
     points = parse_log(log_file) if os.path.isfile(log_file) else []
     ckpt_dir = os.path.join(config.output_dir, "checkpoint", f"rank_{rank_id}")
@@ -239,7 +238,8 @@ def train(config_path: str, train_dataset: Optional[str] = None, task: str = "te
         "packing": dict(info["packing"], mode=config.train_dataset.packing) if info.get("packing") else False,
     }
     if state.stop_step is not None:
-        summary["stopped"] = stop_report(state, config.output_dir)
+        summary["stopped"] = state.report()
+        _warn(summary["stopped"]["message"])
     if rank_id == 0 and settings and state.stop_step is None:
         summary["lora"] = lora_adapter_of_run(config, config_path, summary["checkpoints"], settings, base)
     if rank_id == 0:
@@ -248,24 +248,6 @@ def train(config_path: str, train_dataset: Optional[str] = None, task: str = "te
     if collective and state.stop_step is not None:
         distributed.barrier()  # msrun kills the other workers once one exits non-zero: all are done here
     return summary
-
-
-def stop_report(state, output_dir: str) -> dict:
-    """The log lines and summary entry of a run stopped on request: the step, its checkpoint, how to resume."""
-    from mindrlhf.training.preemption import PREEMPTED_EXIT_CODE, resume_command
-
-    command = resume_command()
-    if state.stop_file:
-        command = f"rm {state.stop_file} && {command}"
-    if state.skip_save:
-        saved = "no checkpoint saved (over --save_time_limit); resume goes back to the newest whole one"
-    else:
-        saved = f"checkpoint {state.saved_file or 'of that step saved'}"
-    _warn(f"stopped after step {state.stop_step} ({state.reason}): {saved}; exit code {PREEMPTED_EXIT_CODE}; "
-          f"resume with: {command}  (under a launcher: the same launch with --resume)")
-    return {"step": state.stop_step, "reason": state.reason, "checkpoint": state.saved_file,
-            "saved": not state.skip_save, "resume_command": command, "exit_code": PREEMPTED_EXIT_CODE,
-            "check_ms_mean": 1000 * sum(state.check_seconds) / max(len(state.check_seconds), 1)}
 
 
 def lora_adapter_of_run(config, config_path: str, checkpoints, settings: dict, base: str = "") -> dict:
