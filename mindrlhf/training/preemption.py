@@ -16,6 +16,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 import time
 from typing import List, Optional
 
@@ -45,8 +46,13 @@ class StopState:
         self._previous = {}
 
     def install(self):
+        """Handle SIGTERM and SIGINT, except one the process was started ignoring (a background job's SIGINT)
+        and off the main thread, where Python cannot set handlers (the stop file works everywhere)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
         for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._on_signal)
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
 
     def uninstall(self):
         for sig, handler in self._previous.items():
