@@ -201,6 +201,18 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_bit_exactly(
     assert_same(newest(out), uninterrupted)
 
 
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint(dynamic_scale_config, test_mindrecord, tmp_path, monkeypatch):
+    """Ctrl-C at the end of step 5 and again as its checkpoint starts: step 5 is saved whole and the run exits 75.
+    (While a graph runs MindSpore's own SIGINT guard takes the signal and passes it on as SIGTERM.)"""
+    out = tmp_path / "out"
+    monkeypatch.setenv("MINDRLHF_TEST_SIGNALS", "INT@5,INT@save")
+    proc = train(dynamic_scale_config, test_mindrecord, out, "--stop_step", 16, "--save_steps", 4, check=False)
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    assert re.search(r"stopped after step 5 \(SIG(INT|TERM)\): checkpoint ", proc.stderr)
+    assert steps_saved(out) == [4, 5]
+    assert not [p for p in (out / "checkpoint" / "rank_0").iterdir() if p.suffix == ".tmp"]
+
+
 # reward_train.py as a user runs it, with --stop_step's callback replaced by one that creates the --stop_file at
 # that step (a scheduler's hook, at a known step).
 TOUCH_STOP_FILE_AT_STOP_STEP = """import pathlib, runpy, sys

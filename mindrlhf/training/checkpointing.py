@@ -67,7 +67,7 @@ class SafeCheckpointMonitor(CheckpointMonitor):
             if os.path.exists(tmp):
                 os.remove(tmp)
             if not isinstance(failure, Exception):
-                raise failure  # a second Ctrl-C: the save is abandoned, nothing partial is left
+                raise failure  # KeyboardInterrupt, SystemExit: the save is abandoned, nothing partial is left
             if is_disk_fault(failure):
                 failure = disk_fault_error(failure, target, self._needed_bytes(cb_params))
         if self.collective:

@@ -5,8 +5,9 @@ A signal only sets a flag; the step in progress finishes. At every step end each
 AllGather of three numbers (flag, global step, last save seconds), so all ranks stop after the same step even when
 only one was signalled; CheckpointMonitor's end-of-training save (checkpointing.SafeCheckpointMonitor) then writes
 that step's checkpoint, optimizer state, data position and loss scale included, as a regular one.
-A second SIGTERM during that save is logged and ignored (the save is a rename of a whole file, so the scheduler's
-SIGKILL after its grace period leaves the previous checkpoint the newest whole one); a second SIGINT aborts it.
+A second signal during that save is logged and ignored (the save is a rename of a whole file, so the scheduler's
+SIGKILL after its grace period leaves the previous checkpoint the newest whole one). While a graph runs,
+MindSpore's own SIGINT guard takes a Ctrl-C and passes it on as SIGTERM: the same stop.
 
 MINDRLHF_TEST_SIGNALS (tests only) sends signals to the process itself at known points, so tests stop at a known
 step without timing: comma-separated SIG@WHEN[/rankN], WHEN a global step (sent at that step's end, before the
@@ -62,8 +63,6 @@ class StopState:
     def _on_signal(self, signum, _frame):
         name = signal.Signals(signum).name
         if self.saving:
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl-C: abandon the save (its temporary file is removed)
             self.log(f"{name} received while saving the stop checkpoint of step {self.stop_step}: finishing the "
                      "save (a SIGKILL now leaves the previous checkpoint the newest whole one)")
             return
