@@ -27,3 +27,7 @@ class ConfigError(MindRLHFError):
 
 class OutputExistsError(MindRLHFError):
     """Refusing to overwrite an existing output without --overwrite."""
+
+
+class OutputWriteError(MindRLHFError):
+    """An output could not be written (disk full, I/O error): names the folder and the space it needed."""

@@ -10,7 +10,7 @@ import socket
 from contextlib import contextmanager
 from typing import Callable, List, Optional, Sequence
 
-from mindrlhf.errors import OutputExistsError
+from mindrlhf.errors import OutputExistsError, OutputWriteError
 
 KILL_AT = "MINDRLHF_TEST_KILL_AT"
 NO_EXCHANGE = "MINDRLHF_TEST_NO_EXCHANGE"  # test hook: take the aside-then-move path, as on a file system without exchange
@@ -31,6 +31,36 @@ def check_new_output(path: str, overwrite: bool = False, flag: str = "--overwrit
     return path
 
 
+DISK_FAULTS = (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG)
+
+
+def is_disk_fault(err: BaseException) -> bool:
+    """A write failed for the disk's sake (full, quota, I/O error), not for a bug; also MindRecord's C++ writer,
+    which reports it as a RuntimeError naming the condition."""
+    if isinstance(err, OSError):
+        return err.errno in DISK_FAULTS
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(sign in text for sign in ("no space left", "no free disk",
+                                                                           "input/output error"))
+
+
+def disk_fault_error(err: BaseException, path: str, needed: int = 0) -> OutputWriteError:
+    """One clear error for a failed write: the folder, its free space, and what the output needed."""
+    folder = os.path.dirname(os.path.abspath(path)) if not os.path.isdir(path) else os.path.abspath(path)
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:.1f} MB are free"
+    except OSError:
+        free = "its free space is unknown"
+    need = f"it needs about {needed / 2**20:.1f} MB free there, " if needed else ""
+    if isinstance(err, OSError) and err.strerror:
+        reason = err.strerror
+    else:  # MindSpore's C++ errors put the message on an "[ERROR] ..." line among banners
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next((line[len("[ERROR]"):].strip() for line in lines if line.startswith("[ERROR]")), lines[0])
+    return OutputWriteError(f"{folder}: writing {os.path.basename(path)} failed ({reason}); {need}{free}; "
+                            "nothing partial was left")
+
+
 def temporary_name(path: str, suffix: str = "", hidden: bool = False) -> str:
     """A name beside `path` no other writer picks: host, pid and a random token, since processes on two hosts
     sharing a folder over NFS can have the same pid. `hidden` starts it with a dot, so that folder walks that
@@ -49,9 +79,11 @@ def replaced_whole(path: str, suffix: str = ""):
     tmp = temporary_name(path, suffix)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if is_disk_fault(err):
+            raise disk_fault_error(err, path) from err
         raise
     os.replace(tmp, path)
 
@@ -65,8 +97,10 @@ def _staging_folder(path: str):
     os.makedirs(tmp)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_fault(err):
+            raise disk_fault_error(err, target) from err
         raise
 
 

@@ -13,12 +13,13 @@
 # Defaults: WORKER_NUM 8, MASTER_PORT 8118, LOG_DIR output/msrun_log, LOCAL_WORKER_NUM = WORKER_NUM (one node),
 # MASTER_ADDR 127.0.0.1, NODE_RANK 0, JOIN True, CLUSTER_TIME_OUT 600 s.
 # msrun starts `python` from PATH in every worker, so this puts the project's .venv first on PATH when it exists.
-# With JOIN True it waits for this node's workers and exits non-zero when any fails; worker logs are
+# With JOIN True it waits for this node's workers and exits non-zero when any fails, 75 when every worker here
+# stopped with a checkpoint (SIGTERM to the workers or reward_train.py's --stop_file; docs/tutorial.md); worker logs are
 # LOG_DIR/worker_N.log (N is the global rank), msrun's own LOG_DIR/scheduler.log on node 0.
 set -eu
 
 usage() {
-  sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -72,6 +73,17 @@ echo "msrun: node $NODE_RANK of $NODES, $LOCAL_WORKER_NUM of $WORKER_NUM workers
 # msrun exports only the job's MS_WORKER_NUM; the ranks on this host share its cores (mindrlhf.distributed)
 export LOCAL_RANK_SIZE=$LOCAL_WORKER_NUM
 # shellcheck disable=SC2086  # EXECUTE_ORDER is a script path followed by its arguments
-exec msrun --worker_num="$WORKER_NUM" --local_worker_num="$LOCAL_WORKER_NUM" --master_addr="$MASTER_ADDR" \
+status=0
+msrun --worker_num="$WORKER_NUM" --local_worker_num="$LOCAL_WORKER_NUM" --master_addr="$MASTER_ADDR" \
   --master_port="$MASTER_PORT" --node_rank="$NODE_RANK" --log_dir="$LOG_DIR" --join="$JOIN" \
-  --cluster_time_out="$CLUSTER_TIME_OUT" $EXECUTE_ORDER
+  --cluster_time_out="$CLUSTER_TIME_OUT" $EXECUTE_ORDER || status=$?
+# Workers stopped on SIGTERM/SIGINT/--stop_file exit 75 after saving (msrun reports any non-zero exit as a
+# failure): when every worker of this node logged its stop, this node exits 75 too (run it again with --resume).
+if [ "$status" -ne 0 ] && [ "$JOIN" = True ]; then
+  stopped=$(grep -l "^stopped after step" "$LOG_DIR"/worker_*.log 2>/dev/null | wc -l)
+  if [ "$stopped" -eq "$LOCAL_WORKER_NUM" ]; then
+    echo "msrun: every worker here stopped with a checkpoint; run the same launch with --resume to continue" >&2
+    exit 75
+  fi
+fi
+exit "$status"

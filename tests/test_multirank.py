@@ -188,3 +188,26 @@ def test_inference_split_across_ranks_equals_one_process(trained_run, tmp_path):
     scored = [(tmp_path / "logs" / f"worker_{r}.log").read_text(encoding="utf-8").count("reward score: [[")
               for r in (0, 1)]
     assert scored == [48, 32]  # batches 0, 2, 4 on rank 0; 1, 3 on rank 1
+
+
+def test_sigterm_to_one_rank_stops_both_after_the_same_step_and_resumes_bit_exactly(sixteen_steps, test_mindrecord,
+                                                                                  tmp_path, monkeypatch):
+    """SIGTERM reaches rank 1 alone at the end of step 6 (the test hook): the step-end AllGather stops both ranks
+    after step 6, each saves it, and the launcher exits 75; the same launch with --resume ends at step 16 bit for
+    bit where the uninterrupted run did."""
+    out = tmp_path / "output"
+    monkeypatch.setenv("MINDRLHF_TEST_SIGNALS", "TERM@6/rank1")
+    proc = msrun(train_order(test_mindrecord, out, "--stop_step", 16), 2, tmp_path / "stopped")
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    logs = {r: (tmp_path / "stopped" / f"worker_{r}.log").read_text(encoding="utf-8") for r in (0, 1)}
+    assert "stopped after step 6 (rank 1's request): checkpoint " in logs[0]
+    assert "stopped after step 6 (SIGTERM): checkpoint " in logs[1]
+    for r in (0, 1):
+        assert step_of(newest(out, r)) == 6
+        info = (out / "log" / f"rank_{r}" / "info.log").read_text(encoding="utf-8")
+        print(f"rank {r}: " + re.search(r"stop check at \d+ step ends: median [\d.]+ ms", info).group(0))
+    monkeypatch.delenv("MINDRLHF_TEST_SIGNALS")
+    proc = msrun(train_order(test_mindrecord, out, "--stop_step", 16, "--resume"), 2, tmp_path / "resumed")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for r in (0, 1):
+        assert_same_state(newest(out, r), newest(sixteen_steps, r))

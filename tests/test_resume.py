@@ -1,4 +1,8 @@
-"""Resume continues bit for bit: after a clean stop, after SIGKILL, and past a corrupt checkpoint."""
+"""Resume continues bit for bit: after a clean stop, after SIGKILL, after SIGTERM, and past a corrupt checkpoint;
+the stop file and the save time limit."""
+import json
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -169,3 +173,79 @@ def test_the_tutorials_yaml_only_resume_continues_the_run(dynamic_scale_config, 
     train(resumed_config, test_mindrecord, out, "--stop_step", 16, "--save_steps", 8)
     assert int(weights(newest(out))["global_step"].reshape(-1)[0]) == 16
     assert_same(newest(out), uninterrupted)
+
+
+def steps_saved(out):
+    return sorted(int(weights(p)["global_step"].reshape(-1)[0]) for p in (out / "checkpoint" / "rank_0").glob("*.ckpt"))
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_bit_exactly(
+        dynamic_scale_config, test_mindrecord, tmp_path, uninterrupted, monkeypatch):
+    """SIGTERM at the end of step 5 (the test hook sends it) and again while step 5's checkpoint is written: the
+    run saves step 5 whole, exits 75 and logs the resume command, which continues to step 16 bit-exactly."""
+    out = tmp_path / "out"
+    monkeypatch.setenv("MINDRLHF_TEST_SIGNALS", "TERM@5,TERM@save")
+    proc = train(dynamic_scale_config, test_mindrecord, out, "--stop_step", 16, "--save_steps", 4, check=False)
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    assert "SIGTERM received while saving the stop checkpoint of step 5: finishing the save" in proc.stderr
+    assert steps_saved(out) == [4, 5]
+    assert not list((out / "checkpoint" / "rank_0").glob("*.tmp"))
+    stopped = json.loads((out / "train_summary.json").read_text())["stopped"]
+    assert stopped["step"] == 5 and stopped["reason"] == "SIGTERM" and stopped["exit_code"] == 75
+    line = next(l for l in proc.stderr.splitlines() if l.startswith("stopped after step 5 (SIGTERM): checkpoint "))
+    command = shlex.split(re.search(r"resume with: (.*?)  \(under a launcher", line).group(1))
+    assert command[0] == "python" and command[-1] == "--resume"
+    monkeypatch.delenv("MINDRLHF_TEST_SIGNALS")
+    subprocess.run([sys.executable, *command[1:]], env=cli_env(), check=True, capture_output=True)
+    assert steps_saved(out)[-1] == 16
+    assert_same(newest(out), uninterrupted)
+
+
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint(dynamic_scale_config, test_mindrecord, tmp_path, monkeypatch):
+    """Ctrl-C at the end of step 5 and again as its checkpoint starts: step 5 is saved whole and the run exits 75.
+    (While a graph runs MindSpore's own SIGINT guard takes the signal and passes it on as SIGTERM.)"""
+    out = tmp_path / "out"
+    monkeypatch.setenv("MINDRLHF_TEST_SIGNALS", "INT@5,INT@save")
+    proc = train(dynamic_scale_config, test_mindrecord, out, "--stop_step", 16, "--save_steps", 4, check=False)
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    assert re.search(r"stopped after step 5 \(SIG(INT|TERM)\): checkpoint ", proc.stderr)
+    assert steps_saved(out) == [4, 5]
+    assert not [p for p in (out / "checkpoint" / "rank_0").iterdir() if p.suffix == ".tmp"]
+
+
+# reward_train.py as a user runs it, with --stop_step's callback replaced by one that creates the --stop_file at
+# that step (a scheduler's hook, at a known step).
+TOUCH_STOP_FILE_AT_STOP_STEP = """import pathlib, runpy, sys
+from mindspore.train.callback import Callback
+from mindrlhf.training import trainer
+sys.argv = sys.argv[1:]  # python -c CODE reward_train.py ARGS...
+stop_file = pathlib.Path(sys.argv[sys.argv.index("--stop_file") + 1])
+
+def touch_at(step):
+    class TouchAtStep(Callback):
+        def on_train_step_end(self, run_context):
+            optimizer = run_context.original_args().train_network.optimizer
+            if int(optimizer.global_step.asnumpy().reshape(-1)[0]) >= step:
+                stop_file.touch()
+    return TouchAtStep()
+
+trainer.stop_at = touch_at
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_stop_file_stops_and_save_time_limit_skips_a_slow_save(dynamic_scale_config, test_mindrecord, tmp_path):
+    """The stop file appears at step 3; with --save_time_limit 0 the save of step 2 already took longer, so the
+    run stops without a checkpoint (resume goes back to step 2), exits 75, and names the file to remove."""
+    out, stop = tmp_path / "out", tmp_path / "stop"
+    cmd = [sys.executable, "-c", TOUCH_STOP_FILE_AT_STOP_STEP, str(TRAIN), "--config", str(dynamic_scale_config),
+           "--train_dataset", str(test_mindrecord), "--output_dir", str(out), "--batch_size", "4",
+           "--save_steps", "2", "--stop_step", "3", "--stop_file", str(stop), "--save_time_limit", "0"]
+    proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True)
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    assert f"stopped after step 3 (stop file {stop}): no checkpoint saved" in proc.stderr
+    assert f"resume with: rm {stop} && python " in proc.stderr
+    assert steps_saved(out) == [2]
+    again = run_main(TRAIN, "--config", dynamic_scale_config, "--train_dataset", test_mindrecord, "--output_dir", out,
+                     "--resume", "--stop_file", stop, check=False)
+    assert again.returncode == 2 and f"{stop}: the stop file exists already" in again.stderr

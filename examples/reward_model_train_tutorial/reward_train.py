@@ -3,6 +3,7 @@
     python reward_train.py --config ../../model_configs/llama2_config/run_llama_2_7b_rm.yaml \
         --train_dataset data/mindrecord/train_4096.mindrecord
 Resume an interrupted run:  ... --resume True --load_checkpoint output/checkpoint
+On SIGTERM, SIGINT or --stop_file it stops after the current step with a checkpoint and exits 75 (resume it).
 """
 import argparse
 import json
@@ -31,6 +32,12 @@ def get_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=None, help="override the pairs per step")
     parser.add_argument("--save_steps", type=int, default=None, help="override CheckpointMonitor.save_checkpoint_steps")
     parser.add_argument("--stop_step", type=int, default=None, help="stop after this global step (checkpoint kept)")
+    parser.add_argument("--stop_file", default=None,
+                        help="stop after the step in which this file appears, with a checkpoint (as on SIGTERM); "
+                             "exit code 75")
+    parser.add_argument("--save_time_limit", type=float, default=None,
+                        help="seconds the stop checkpoint may take (a scheduler's grace period): when the last "
+                             "save of this run took longer, stop without one (resume from the previous)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start a new run in an output_dir that holds an earlier run's checkpoints")
     parser.add_argument("--loss_type", default=None, choices=["span", "last_token"],
@@ -51,9 +58,12 @@ def main(argv=None):
                     load_checkpoint=args.load_checkpoint, resume=args.resume, use_parallel=args.use_parallel,
                     epochs=args.epochs, batch_size=args.batch_size, save_steps=args.save_steps,
                     stop_step=args.stop_step, overwrite=args.overwrite, loss_type=args.loss_type,
-                    center_rewards_coefficient=args.center_rewards_coefficient)
+                    center_rewards_coefficient=args.center_rewards_coefficient, stop_file=args.stop_file,
+                    save_time_limit=args.save_time_limit)
     print(json.dumps({k: summary[k] for k in ("output_dir", "log_file", "checkpoint_dir", "steps_logged",
                                               "first_loss", "last_loss")}, indent=2))
+    if summary.get("stopped"):
+        sys.exit(summary["stopped"]["exit_code"])  # stopped on SIGTERM/SIGINT/--stop_file: run with --resume
 
 
 if __name__ == "__main__":

@@ -180,7 +180,12 @@ def train(config_path: str, train_dataset: Optional[str] = None, task: str = "te
     from mindrlhf.data.dataset import PackingPlans, resolve_mindrecord_files
     from mindrlhf.checkpoints.adapters import write_run_lora
     from mindrlhf.tools.loss_log import parse_log
+    from mindrlhf.training import checkpointing, preemption
 
+    stop_file, save_time_limit = overrides.pop("stop_file", None), overrides.pop("save_time_limit", None)
+    if stop_file and os.path.exists(stop_file):
+        raise ConfigError(f"{stop_file}: the stop file exists already, so the run would stop after its first step; "
+                          "remove it (the scheduler's hook creates it to stop the run)")
     config, settings = prepare_run(config_path, train_dataset, **overrides)
     files = resolve_mindrecord_files(cfg.dataset_source(config, "train"))
     template, margin = cfg.data_template_and_margin(config, files)
@@ -207,10 +212,18 @@ def train(config_path: str, train_dataset: Optional[str] = None, task: str = "te
         if config.resume_training:
             config.resume_training = resume_file(config.load_checkpoint, rank_id, collective, warn=_warn)
         stop_step = config.runner_config.pop("stop_step", None)
-        trainer = Trainer(args=config, task=task, callbacks=[stop_at(int(stop_step))] if stop_step else None)
-        # On CPU the graph compile's freed host memory would stay resident under the step's tensors (see host_memory)
-        with host_memory.trimming(host_memory.trim_interval() if cpu else None):
-            trainer.train()
+        checkpointing.SafeCheckpointMonitor.collective = collective
+        state = preemption.begin(stop_file, save_time_limit, log=_warn)
+        callbacks = ([stop_at(int(stop_step))] if stop_step else []) + [preemption.stop_callback(state, collective,
+                                                                                                 rank_id)]
+        try:
+            trainer = Trainer(args=config, task=task, callbacks=callbacks)
+            # On CPU the graph compile's freed host memory would stay resident under the step's tensors (host_memory)
+            with host_memory.trimming(host_memory.trim_interval() if cpu else None):
+                trainer.train()
+        finally:
+            preemption.end()
+    _info(f"stop check at {len(state.check_seconds)} step ends: median {state.check_ms():.3f} ms")
     log_file = os.path.join(config.output_dir, "log", f"rank_{rank_id}", "info.log")
     points = parse_log(log_file) if os.path.isfile(log_file) else []
     ckpt_dir = os.path.join(config.output_dir, "checkpoint", f"rank_{rank_id}")
@@ -225,11 +238,16 @@ def train(config_path: str, train_dataset: Optional[str] = None, task: str = "te
         "center_rewards_coefficient": float(config.model.model_config.get("center_rewards_coefficient") or 0.0),
         "packing": dict(info["packing"], mode=config.train_dataset.packing) if info.get("packing") else False,
     }
-    if rank_id == 0 and settings:
+    if state.stop_step is not None:
+        summary["stopped"] = state.report()
+        _warn(summary["stopped"]["message"])
+    if rank_id == 0 and settings and state.stop_step is None:
         summary["lora"] = lora_adapter_of_run(config, config_path, summary["checkpoints"], settings, base)
     if rank_id == 0:
         with open(os.path.join(config.output_dir, TRAIN_SUMMARY), "w", encoding="utf-8") as fh:
             json.dump(summary, fh, indent=2)
+    if collective and state.stop_step is not None:
+        distributed.barrier()  # msrun kills the other workers once one exits non-zero: all are done here
     return summary
 
 
