@@ -88,6 +88,7 @@ def set_packing(config, path: str):
     dataset needs (loss_type, seq_length, pad_token_id) into train_dataset, the dataset's config: one source of
     truth. Packing replaces length buckets. Returns the mode (None when off)."""
     from mindrlhf.data.packing import packing_mode
+    from mindrlhf.models.ascend_packing import on_flash_attention
 
     model_cfg, dataset_cfg = config.model.model_config, config.train_dataset
     mode = packing_mode(model_cfg.get("packing"), f"{path}: model.model_config.packing")
@@ -117,7 +118,7 @@ def set_packing(config, path: str):
                               f"({key}: {value}): its loss inputs index the whole step's rows; set it to 1 and "
                               "raise train_dataset.pack_rows instead")
     dataset_cfg.packing = mode
-    if config.context.get("device_target", "CPU") != "CPU":
+    if on_flash_attention(model_cfg):  # Ascend's FlashAttention: the spans go to it as actual_seq_len
         dataset_cfg.ascend_row_groups = ascend_row_groups(config, path)
     dataset_cfg.loss_type = model_cfg.get("loss_type") or "span"
     dataset_cfg.seq_length = int(model_cfg.seq_length)
