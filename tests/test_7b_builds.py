@@ -79,11 +79,8 @@ def build(path, variant, tmp_path):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def pynative():
-    mode = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
+def builds_take_under_a_minute(pynative_mode):
     yield
-    ms.set_context(mode=mode)
     total = sum(BUILD_SECONDS.values())
     print(f"\n7B builds: {', '.join(f'{k} {v:.1f}s' for k, v in BUILD_SECONDS.items())}; total {total:.1f}s")
     assert total < 60

@@ -11,18 +11,13 @@ from fa_standin import ContractError, use_stand_in
 from test_packed_model import padded_batch, make_pairs, loss_and_grads, same_weights, worst_errors, tiny_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def pynative():
-    mode = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
-    yield
-    ms.set_context(mode=mode)
+pytestmark = pytest.mark.usefixtures("pynative_mode")
 
 
 def pair_of_models(packing=False, train=True, **flash):
     """(our CPU model, the same weights on MindFormers' FlashAttention with the stand-in kernel)."""
-    cpu = tiny_model(packing, **{k: v for k, v in flash.items() if k in ("loss_type",)})
-    fa = tiny_model(packing, use_flash_attention=True, **flash)
+    cpu = tiny_model(packing, num_layers=1, **{k: v for k, v in flash.items() if k in ("loss_type",)})
+    fa = tiny_model(packing, num_layers=1, use_flash_attention=True, **flash)
     assert use_stand_in(fa, float32=True) == fa.config.num_layers
     same_weights(fa, cpu)
     cpu.set_train(train)

@@ -11,12 +11,7 @@ COMPRESSED = np.triu(np.ones((2048, 2048), np.uint8), 1)  # what MindFormers pas
 RNG = np.random.default_rng(0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def pynative():
-    mode = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    yield
-    ms.set_context(mode=mode)
+pytestmark = pytest.mark.usefixtures("pynative_mode")
 
 
 def t(x, dtype=ms.float32):
