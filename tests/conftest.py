@@ -101,6 +101,17 @@ def msrun(order, workers, log_dir, *node, port=None, timeout=900, prefix=()):
     return subprocess.run(args, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.fixture(scope="module")
+def pynative_mode():
+    """PyNative for one module (the FlashAttention stand-in checks the values it is given), then back."""
+    import mindspore as ms
+
+    mode = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
+    yield
+    ms.set_context(mode=mode)
+
+
 @pytest.fixture(scope="session")
 def test_mindrecord(tmp_path_factory):
     """The test split converted at seq 256, pad 2."""

@@ -247,3 +247,60 @@ def test_ascend_run_gets_actual_seq_len_column_and_argument(test_mindrecord, tmp
     config.model.model_config.packing = "shared_prefix"
     with pytest.raises(ConfigError, match="shared_prefix cannot run on Ascend"):
         set_packing(config, "x.yaml")
+
+
+def test_default_pack_rows_is_capped_per_flash_attention_call(test_mindrecord):
+    """Without pack_rows the padded step's tokens decide the rows (batch 16 of 256-token pairs in 512-token rows:
+    16); on Ascend a FlashAttention call takes at most 8 rows, so the default is capped there and the first
+    step's actual_seq_len is built (it raised in the pipeline when only an explicit pack_rows was checked)."""
+    from mindrlhf.data.dataset import create_reward_dataset, plan_packed
+    from mindrlhf.data.packing import ACTUAL_SEQ_LEN, MAX_ROWS_PER_FA_CALL
+
+    files = [str(test_mindrecord)]
+    assert plan_packed(files, "pairs", None, 512, "last_token", batch_size=16)["pack_rows"] == 16  # CPU: no cap
+    for groups in (1, 2):
+        plan = plan_packed(files, "pairs", None, 512, "last_token", batch_size=16, ascend_row_groups=groups)
+        assert plan["pack_rows"] == min(16, MAX_ROWS_PER_FA_CALL * groups)
+    dataset = create_reward_dataset(files, 16, packing="pairs", loss_type="last_token", seq_length=512,
+                                    ascend_row_groups=1)
+    step = next(dataset.create_dict_iterator(output_numpy=True))
+    assert step[ACTUAL_SEQ_LEN].shape == (MAX_ROWS_PER_FA_CALL, EOD_PAD_LENGTH)
+    with pytest.raises(ConfigError, match=r"pack_rows \(16\) gives 16 rows a FlashAttention call"):
+        plan_packed(files, "pairs", 16, 512, "last_token", ascend_row_groups=1)
+
+
+@pytest.mark.parametrize("mode", [1, "SEMI_AUTO_PARALLEL", "semi_auto_parallel", 2, "AUTO_PARALLEL"])
+def test_parallel_mode_read_through_mindformers_table(mode, test_mindrecord):
+    """Every spelling MindFormers takes for semi-auto/auto parallel gives one row group per data-parallel shard
+    under full_batch (otherwise actual_seq_len's offsets run on across shards), the full_batch check, and the
+    Trainer's batch x dp pairs a step; 0 and DATA_PARALLEL give none of them; an unknown one is refused."""
+    from conftest import ROOT
+
+    from mindrlhf.training.config import check_data_against_model, check_parallel, load_config, set_packing
+
+    def config_with(value, full_batch=True):
+        config = load_config(str(ROOT / "model_configs" / "llama2_config" / "run_llama_2_tiny_rm_cpu.yaml"))
+        config.context.device_target = "Ascend"
+        config.model.model_config.update(packing="pairs", loss_type="last_token", seq_length=MIN_SEQ_LENGTH,
+                                         use_flash_attention=True, use_eod_attn_mask_compression=True)
+        config.use_parallel, config.parallel.parallel_mode, config.parallel.full_batch = True, value, full_batch
+        config.parallel_config.data_parallel = 2
+        config.train_dataset.pack_rows = 2
+        return config
+
+    config = config_with(mode)
+    set_packing(config, "x.yaml")
+    assert config.train_dataset.ascend_row_groups == 2
+    with pytest.raises(ConfigError, match="full_batch must be True"):
+        check_parallel(config_with(mode, full_batch=False), "x.yaml")
+    padded = config_with(mode)
+    padded.model.model_config.update(packing=False, seq_length=256)
+    padded.runner_config.batch_size = 1000  # x dp 2 from one reader: more than the file holds
+    with pytest.raises(ConfigError, match="a step takes 2000 pair"):
+        check_data_against_model(padded, [str(test_mindrecord)], rank_size=2)
+    for plain in (0, "DATA_PARALLEL"):
+        config = config_with(plain)
+        set_packing(config, "x.yaml")
+        assert config.train_dataset.ascend_row_groups == 1
+    with pytest.raises(ConfigError, match=r"x.yaml: parallel.parallel_mode must be one of .*got 'SEMI'"):
+        set_packing(config_with("SEMI"), "x.yaml")

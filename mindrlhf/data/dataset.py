@@ -259,8 +259,11 @@ def plan_packed(files, packing: str, pack_rows: Optional[int], seq_length: Optio
     seq_length = int(seq_length or data_length)
     if pack_rows is None:
         pack_rows = max(1, 2 * int(batch_size) * int(data_length) // seq_length)
-        if ascend_row_groups:  # whole FlashAttention calls
-            pack_rows = -(-pack_rows // int(ascend_row_groups)) * int(ascend_row_groups)
+        if ascend_row_groups:  # whole FlashAttention calls, each of at most MAX_ROWS_PER_FA_CALL rows
+            groups = int(ascend_row_groups)
+            pack_rows = min(-(-pack_rows // groups), pk.MAX_ROWS_PER_FA_CALL) * groups
+    if ascend_row_groups:  # the resolved value, default or explicit, is what the pipeline feeds FlashAttention
+        pk.check_ascend_pack_rows(pack_rows, ascend_row_groups)
     shared_prefix = mode == "shared_prefix"
     lengths = pk.pair_row_lengths(pairs, seq_length, shared_prefix, loss_type)
     steps = pk.plan_steps(lengths, int(pack_rows), seq_length, 0 if seed is None else int(seed),

@@ -366,6 +366,19 @@ def pack_sequences(sequences, rows: int, width: int, pad_token_id: int = 0,
 EOD_PAD_LENGTH = 128
 MAX_FA_ENTRIES = 1024
 ACTUAL_SEQ_LEN = "actual_seq_len"  # the dataset column and the model's construct argument
+MAX_ROWS_PER_FA_CALL = MAX_FA_ENTRIES // EOD_PAD_LENGTH
+
+
+def check_ascend_pack_rows(pack_rows: int, row_groups: int, where: str = "train_dataset.pack_rows") -> None:
+    """ConfigError unless pack_rows splits into row_groups whole FlashAttention calls of at most
+    MAX_ROWS_PER_FA_CALL rows each (actual_seq_len: EOD_PAD_LENGTH entries a row, MAX_FA_ENTRIES a call)."""
+    rows, groups = int(pack_rows), int(row_groups)
+    if rows % groups:
+        raise ConfigError(f"{where} ({rows}) must be a multiple of {groups}, the FlashAttention calls a step is "
+                          "split into (data_parallel under full_batch)")
+    if rows // groups > MAX_ROWS_PER_FA_CALL:
+        raise ConfigError(f"{where} ({rows}) gives {rows // groups} rows a FlashAttention call; its actual_seq_len "
+                          f"takes at most {MAX_ROWS_PER_FA_CALL} ({MAX_FA_ENTRIES} entries, {EOD_PAD_LENGTH} a row)")
 
 
 def actual_seq_len(codes, pad_length: int = EOD_PAD_LENGTH, row_groups: int = 1) -> np.ndarray:

@@ -21,6 +21,7 @@ from mindrlhf.data.buckets import bucket_length
 from mindrlhf.data.packing import EOD_PAD_LENGTH, MAX_FA_ENTRIES, actual_seq_len, pack_sequences, packing_mode
 from mindrlhf.data.templates import TUTORIAL, read_run_template
 from mindrlhf.errors import ConfigError
+from mindrlhf.model.ascend_packing import on_flash_attention
 from mindrlhf.checkpoints.reader import checkpoint_step
 from mindrlhf.checkpoints.names import is_lora
 from mindrlhf.model.lora import lora_settings
@@ -145,7 +146,7 @@ class RewardScorer:
         self.device = set_scoring_context(config)
         # Ascend: actual_seq_len takes EOD_PAD_LENGTH entries a row (spans + the filler block) and one
         # FlashAttention call at most MAX_FA_ENTRIES, so a pass has at most MAX_FA_ENTRIES // EOD_PAD_LENGTH rows
-        ascend = self.packing and self.device != "CPU"
+        ascend = self.packing and on_flash_attention(self.model_config)
         self.max_spans = EOD_PAD_LENGTH - 1 if ascend else None
         self.max_pass_rows = min(batch_size, MAX_FA_ENTRIES // EOD_PAD_LENGTH) if ascend else batch_size
         self.pass_sizes = pass_sizes(self.max_pass_rows) if self.packing else None
@@ -265,7 +266,7 @@ class RewardScorer:
         import mindspore as ms
 
         extra = ()
-        if self.device != "CPU":  # Ascend: MindFormers' packed attention reads the spans as actual_seq_len
+        if self.max_spans is not None:  # Ascend: MindFormers' packed attention reads the spans as actual_seq_len
             extra = (None, ms.Tensor(actual_seq_len(packed["attention_mask"])))
         out = self.network(ms.Tensor(packed["input_ids"]), ms.Tensor(packed["position_id"]),
                            ms.Tensor(packed["attention_mask"]), None, ms.Tensor(packed["end_ind"]), *extra)

@@ -17,6 +17,21 @@ from mindrlhf.errors import ConfigError
 MIN_SEQ_LENGTH = 2048
 
 
+def on_flash_attention(model_config) -> bool:
+    """Whether attention runs through MindFormers' FlashAttention (model_config.use_flash_attention), whose
+    FlashAttentionScore kernel exists on Ascend only: the config, not the device, selects the Ascend branches
+    (packed actual_seq_len, scoring passes of at most 8 rows), so tests run them on CPU with the kernel replaced
+    by tests/fa_standin.py. A CPU run with it on is refused by the trainer and the scorer (check_flash_device)."""
+    return bool(config_getter(model_config)("use_flash_attention", False))
+
+
+def check_flash_device(model_config, device: str, where: str) -> None:
+    """ConfigError for use_flash_attention on a device without FlashAttentionScore (CPU)."""
+    if device == "CPU" and on_flash_attention(model_config):
+        raise ConfigError(f"{where}: model.model_config.use_flash_attention: True needs Ascend (FlashAttentionScore "
+                          "has no CPU kernel); set it to False on CPU")
+
+
 def _parallel(config, key, default):
     parallel = config_getter(config)("parallel_config", None)
     if parallel is None:

@@ -21,6 +21,7 @@ from mindrlhf.config_access import config_getter
 from mindrlhf.errors import ConfigError
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+LORA_DTYPES = ("float32", "float16", "bfloat16")
 _KEYS = {"pet_type", "lora_rank", "lora_alpha", "lora_dropout", "target_modules", "param_init_type",
          "compute_dtype", "exclude_layers", "freeze_include", "freeze_exclude", "lora_a_init", "lora_b_init"}
 
@@ -72,7 +73,19 @@ def lora_settings(model_config, where: str = "model.model_config.pet_config") ->
         raise ConfigError(f"{where}.target_modules: '{pattern}' names {sorted(names & set(targets))}, which "
                           f"model_config.{flag}: True fuses into one projection that LoRA cannot reach; set "
                           f"{flag}: False")
-    return {"rank": rank, "alpha": alpha, "dropout": dropout, "target_modules": pattern, "targets": targets}
+    for key in ("lora_a_init", "lora_b_init"):  # MindFormers' recursive_replace_dense_cell never passes them on
+        if raw.get(key) is not None:
+            raise ConfigError(f"{where}.{key}: {raw[key]!r} would be ignored: MindFormers' LoRA layer replacement "
+                              "builds mindpet's LoRADense with its own initialisers (A: HeUniform(sqrt(5)), B: zeros, "
+                              "so the model starts as the base model); remove the key")
+    dtypes = {}
+    for key in ("param_init_type", "compute_dtype"):  # LoRADense's, forwarded through MindFormers' LoraConfig
+        value = raw.get(key)
+        if value is not None and str(value) not in LORA_DTYPES:
+            raise ConfigError(f"{where}.{key}: {value!r}; expected one of {', '.join(LORA_DTYPES)} (or leave it out: "
+                              "the adapted projection's own)")
+        dtypes[key] = None if value is None else str(value)
+    return {"rank": rank, "alpha": alpha, "dropout": dropout, "target_modules": pattern, "targets": targets, **dtypes}
 
 
 def apply_lora(network, settings: dict, log=print) -> dict:
@@ -85,7 +98,8 @@ def apply_lora(network, settings: dict, log=print) -> dict:
 
     exact = "|".join(f"{name}$" for name in settings["targets"])  # short names only: no container matches
     config = LoraConfig(lora_rank=settings["rank"], lora_alpha=settings["alpha"],
-                        lora_dropout=settings["dropout"], target_modules=exact)
+                        lora_dropout=settings["dropout"], target_modules=exact,
+                        param_init_type=settings.get("param_init_type"), compute_dtype=settings.get("compute_dtype"))
     layers = list(network.model.layers)
     for layer in layers:
         for block in (layer.attention, layer.feed_forward):

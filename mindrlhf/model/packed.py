@@ -145,11 +145,10 @@ class PackedRewards:
         self.packed_layout = None
         if not self.packing:
             return
-        from mindspore import context
+        from mindrlhf.model.ascend_packing import on_flash_attention
 
-        device = context.get_context("device_target")
-        if device != "CPU":
-            self.packed_layout = self._accelerator_layout(config, device)
+        if on_flash_attention(config):
+            self.packed_layout = self._accelerator_layout(config)
         elif uses_packed_kernel(self.model):  # the library is built from the tree's source (its cache key)
             self.packed_layout = "kernel"
         else:
@@ -162,12 +161,10 @@ class PackedRewards:
         self.gather_freqs = ops.Gather()
         self.gather_rewards = ops.Gather().shard(((1,), (1,)))
 
-    def _accelerator_layout(self, config, device):
-        """Packing off CPU: Ascend only, through MindFormers' own packed attention (use_flash_attention +
+    def _accelerator_layout(self, config):
+        """Packing on FlashAttention (Ascend), through MindFormers' own packed attention (use_flash_attention +
         use_eod_attn_mask_compression: FlashAttention TND with actual_seq_len, plain packing with last_token;
         mindrlhf.model.ascend_packing checks the config). Returns the layout name packed_backbone branches on."""
-        if device != "Ascend":
-            raise ConfigError(f"model_config.packing: packing on {device} is not supported (CPU and Ascend only)")
         from mindrlhf.model.ascend_packing import check_ascend_packing
 
         check_ascend_packing(config, training=False)  # the loss-type rule is checked when training starts

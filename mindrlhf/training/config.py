@@ -54,10 +54,33 @@ def check_parallel(config, path: str):
         raise ConfigError(f"{path}: train_dataset.bucket_boundaries changes the batch shape from step to step, "
                           "which data sink with sink_size > 1 (or pipeline stages) cannot take; set sink_size: 1 "
                           "(one graph per bucket) or bucket_boundaries: []")
-    if config.get("use_parallel") and parallel.get("parallel_mode", 0) in (1, 2) \
-            and parallel.get("full_batch") is False and not parallel.get("dataset_strategy"):
+    if semi_auto(config, path) and parallel.get("full_batch") is False and not parallel.get("dataset_strategy"):
         raise ConfigError(f"{path}: parallel.full_batch must be True under semi-auto/auto parallel: CompareLoss "
                           "pairs the first half of the global batch (chosen) with the second (rejected)")
+
+
+def parallel_mode(config, path: str) -> str:
+    """parallel.parallel_mode as MindSpore's ParallelMode name, read through MindFormers' own table (the integers
+    0-3 and the names DATA_PARALLEL, SEMI_AUTO_PARALLEL, ...; MindFormers' validator stores the result back, so
+    that form is taken too); anything else a ConfigError."""
+    from mindformers.tools.utils import PARALLEL_MODE
+
+    value = (config.get("parallel") or {}).get("parallel_mode", 0)
+    if isinstance(value, str) and value in PARALLEL_MODE.values():
+        return value
+    if isinstance(value, bool) or value not in PARALLEL_MODE:
+        names = ", ".join(str(k) for k in PARALLEL_MODE)
+        raise ConfigError(f"{path}: parallel.parallel_mode must be one of {names}, got {value!r}")
+    return PARALLEL_MODE[value]
+
+
+def semi_auto(config, path: str) -> bool:
+    """Semi-auto or auto parallel under use_parallel: the layouts where full_batch makes every rank read the
+    whole global batch and the Trainer takes batch_size x data_parallel pairs a step."""
+    from mindspore.context import ParallelMode
+
+    return bool(config.get("use_parallel")) and parallel_mode(config, path) in (ParallelMode.SEMI_AUTO_PARALLEL,
+                                                                                 ParallelMode.AUTO_PARALLEL)
 
 
 def set_packing(config, path: str):
@@ -65,6 +88,7 @@ def set_packing(config, path: str):
     dataset needs (loss_type, seq_length, pad_token_id) into train_dataset, the dataset's config: one source of
     truth. Packing replaces length buckets. Returns the mode (None when off)."""
     from mindrlhf.data.packing import packing_mode
+    from mindrlhf.model.ascend_packing import on_flash_attention
 
     model_cfg, dataset_cfg = config.model.model_config, config.train_dataset
     mode = packing_mode(model_cfg.get("packing"), f"{path}: model.model_config.packing")
@@ -94,7 +118,7 @@ def set_packing(config, path: str):
                               f"({key}: {value}): its loss inputs index the whole step's rows; set it to 1 and "
                               "raise train_dataset.pack_rows instead")
     dataset_cfg.packing = mode
-    if config.context.get("device_target", "CPU") != "CPU":
+    if on_flash_attention(model_cfg):  # Ascend's FlashAttention: the spans go to it as actual_seq_len
         dataset_cfg.ascend_row_groups = ascend_row_groups(config, path)
     dataset_cfg.loss_type = model_cfg.get("loss_type") or "span"
     dataset_cfg.seq_length = int(model_cfg.seq_length)
@@ -122,24 +146,18 @@ def ascend_row_groups(config, path: str) -> int:
     """Packing on Ascend: the config checked (mindrlhf.model.ascend_packing) and how many FlashAttention calls
     a step's rows are split into, each restarting actual_seq_len's offsets: data_parallel when every rank reads
     the whole batch (semi-auto full_batch; micro batches are refused with packing, see set_packing). Each call
-    takes at most MAX_FA_ENTRIES // EOD_PAD_LENGTH rows."""
-    from mindrlhf.data.packing import EOD_PAD_LENGTH, MAX_FA_ENTRIES
+    takes at most MAX_ROWS_PER_FA_CALL rows."""
+    from mindrlhf.data.packing import check_ascend_pack_rows
     from mindrlhf.model.ascend_packing import check_ascend_packing
 
     parallel = config.get("parallel_config") or {}
     check_ascend_packing(dict(config.model.model_config, parallel_config=parallel))
     groups = 1
-    if config.get("use_parallel") and config.parallel.get("parallel_mode", 0) in (1, 2) \
-            and config.parallel.get("full_batch"):
+    if semi_auto(config, path) and config.parallel.get("full_batch"):
         groups = int(parallel.get("data_parallel", 1) or 1)
     rows = config.train_dataset.get("pack_rows")
-    if rows is not None and int(rows) % groups:
-        raise ConfigError(f"{path}: train_dataset.pack_rows ({rows}) must be a multiple of {groups}, the "
-                          "FlashAttention calls a step is split into (data_parallel under full_batch)")
-    if rows is not None and int(rows) // groups * EOD_PAD_LENGTH > MAX_FA_ENTRIES:
-        raise ConfigError(f"{path}: train_dataset.pack_rows ({rows}) gives {int(rows) // groups} rows a "
-                          f"FlashAttention call; its actual_seq_len takes at most {MAX_FA_ENTRIES // EOD_PAD_LENGTH} "
-                          f"({MAX_FA_ENTRIES} entries, {EOD_PAD_LENGTH} a row)")
+    if rows is not None:  # early, with the file named; the dataset checks the resolved value (default too)
+        check_ascend_pack_rows(rows, groups, f"{path}: train_dataset.pack_rows")
     return groups
 
 
@@ -223,7 +241,7 @@ def check_data_against_model(config, files, role: str = "train", rank_size: int 
         return info
     batch = int(config.runner_config.batch_size or dataset_cfg.batch_size or 1)
     readers, per_step = max(rank_size, 1), batch
-    if rank_size > 1 and config.parallel.get("parallel_mode", 0) in (1, 2):
+    if rank_size > 1 and semi_auto(config, config.get("config_path", "config")):
         # semi-auto/auto parallel with full_batch: every rank reads all pairs, B x dp of them a step
         readers, per_step = 1, batch * int(config.parallel_config.get("data_parallel", 1) or 1)
     per_rank = info["rows"] // readers

@@ -90,6 +90,7 @@ def prepare_run(config_path: str, train_dataset: Optional[str] = None, output_di
                 center_rewards_coefficient: Optional[float] = None) -> Tuple[object, Optional[dict]]:
     """(the run's MindFormerConfig with CLI overrides applied and everything checkable checked, its LoRA settings or
     None): the settings are derived once, here, and passed to what needs them."""
+    from mindrlhf.model.ascend_packing import check_flash_device
     from mindrlhf.model.loss import loss_options
 
     config = cfg.load_config(config_path)
@@ -118,6 +119,7 @@ def prepare_run(config_path: str, train_dataset: Optional[str] = None, output_di
     if stop_step:
         config.runner_config.stop_step = int(stop_step)
     cfg.set_dataset(config, "train", train_dataset)
+    check_flash_device(config.model.model_config, config.context.get("device_target", "CPU"), config_path)
     cfg.set_packing(config, config_path)
     warning = cfg.cpu_recompute_warning(config, config_path)
     if warning:
