@@ -139,7 +139,7 @@ def test_planner_reserve_keeps_every_row_listable():
     to 3980 (two pairs, 4 spans, 116 filler tokens: too few) and pairs of 20 + 20 to 204 spans: without the
     reserve neither lists; with it (tnd_entries) every step does, every pair placed once."""
     entries = pk.tnd_row_entries(4096)
-    assert entries == 128 and pk.tnd_rows_per_call(4096) == 8 and pk.tnd_row_entries(64) == 8
+    assert entries == 128 and pk.tnd_rows_per_call(4096) == 8 and pk.tnd_row_entries(512) == 32
     for chosen, rejected, match in ((1000, 990, "4 spans and 116 filler tokens.*at least 124"),
                                     (20, 20, "204 spans")):
         pairs = [pk.Pair(np.full(chosen, 5, np.int32), np.full(rejected, 6, np.int32), 0, max(chosen, rejected))
@@ -441,8 +441,8 @@ def test_packing_plan_check_plans_as_the_dataset_and_names_the_row(test_mindreco
         packing_plan_check(str(test_mindrecord), dict(cfg, seq_length=256), num_shards=1)
     ascend = packing_plan_check(str(test_mindrecord), dict(cfg, seq_length=1024, ascend_row_groups=1), num_shards=1)
     assert ascend["pairs"] == plan["pairs"]
-    with pytest.raises(ConfigError, match=re.escape(f"{test_mindrecord}: row 0 needs 476 tokens; on Ascend a row of "
-                                                    "512 holds at most 450 with one pair")):  # the TND reserve
+    with pytest.raises(ConfigError, match=re.escape(f"{test_mindrecord}: row 2 needs 512 tokens; on Ascend a row of "
+                                                    "512 holds at most 482 with one pair")):  # the TND reserve
         packing_plan_check(str(test_mindrecord), dict(cfg, ascend_row_groups=1), num_shards=1)
 
 

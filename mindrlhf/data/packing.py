@@ -388,14 +388,15 @@ def pack_sequences(sequences, rows: int, width: int, pad_token_id: int = 0,
 # A static shape needs a fixed count: each row lists exactly tnd_row_entries(S) blocks, its spans then its filler
 # split into blocks (one token each, the last one the rest), so a row of k spans keeps that many minus k filler
 # tokens (the planner's reserve). docs/packing.md cites the docstring.
-TND_ROW_ENTRIES = 128  # a row's entries at seq_length >= 8 * 128; shorter rows list seq_length // 8
+TND_ROW_ENTRIES = 128  # a row's entries at seq_length >= 16 * 128; shorter rows list seq_length // 16
 MAX_FA_ENTRIES = 1024
 ACTUAL_SEQ_LEN = "actual_seq_len"  # the dataset column and the model's construct argument
 
 
 def tnd_row_entries(seq_length: int) -> int:
-    """actual_seq_len's entries a row of seq_length: the reserve costs at most an eighth of a row (3% at 4096)."""
-    return min(TND_ROW_ENTRIES, max(3, int(seq_length) // 8))
+    """actual_seq_len's entries a row of seq_length: the reserve costs at most a sixteenth of a row (3% at
+    4096), and a row holds up to that many spans less one."""
+    return min(TND_ROW_ENTRIES, max(3, int(seq_length) // 16))
 
 
 def tnd_rows_per_call(seq_length: int) -> int:
