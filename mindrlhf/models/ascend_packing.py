@@ -96,7 +96,7 @@ def use_tnd_attention(backbone, parallel_config=None) -> None:
     """Rebuild every layer's FlashAttention of a legacy LlamaModel (built with use_flash_attention) as TND with
     sparse_mode 3 and actual_seq_qlen/kvlen; the layers then take (x, per-token freqs_cis, compressed mask,
     actual_seq_len=...). parallel_config: shard the op as MindFormers shards its TND call (batch by dp, heads by
-    mp; the mask whole; the lists by dp) under semi-auto parallel."""
+    mp; the mask whole; the lists by dp); the strategy counts only under (semi-)auto parallel."""
     from mindformers.modules.flash_attention import FlashAttention
 
     for layer in backbone.layers:

@@ -156,14 +156,10 @@ class PackedRewards:
         """Packing on FlashAttention (Ascend): every layer's FlashAttention rebuilt as TND, sparse_mode 3
         (mindrlhf.models.ascend_packing checks the config: plain packing, last_token to train). Returns the
         layout name packed_backbone branches on."""
-        from mindspore.context import ParallelMode
-        from mindspore.parallel._utils import _get_parallel_mode
-
         from mindrlhf.models.ascend_packing import check_ascend_packing, compressed_causal_mask, use_tnd_attention
 
         check_ascend_packing(config, training=False)  # the loss-type rule is checked when training starts
-        semi = _get_parallel_mode() in (ParallelMode.AUTO_PARALLEL, ParallelMode.SEMI_AUTO_PARALLEL)
-        use_tnd_attention(self.model, config.parallel_config if semi else None)
+        use_tnd_attention(self.model, config.parallel_config)  # a strategy counts only under (semi-)auto parallel
         self.tnd_mask = Tensor(compressed_causal_mask())
         return "ascend"
 
