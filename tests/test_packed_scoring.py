@@ -194,6 +194,19 @@ def test_ascend_limits_apply_to_the_scorers_passes(scorers, monkeypatch):
         assert (np.diff(np.r_[0, actual_seq_len(p["attention_mask"], 4).reshape(-1)]) > 0).all()
     with pytest.raises(ConfigError, match=f"sequence 1 holds pad_token_id {PAD}"):
         packed.packed_passes([[5, 6], [5, PAD, 6]])
+    from mindrlhf.serving.batcher import DynamicBatcher
+
+    class Planned(Exception):
+        pass
+
+    def stop(rows):  # the server's warm-up passes are planned (the CPU model takes no wider rows: stop there)
+        assert len(rows[0]) == packed.seq_length and PAD not in rows[0]
+        raise Planned()
+
+    batcher = DynamicBatcher(packed, max_batch=2)
+    batcher.before_pass = stop
+    with pytest.raises(Planned):
+        batcher.warmup()
 
 
 def test_bad_packing_value_names_the_yaml_and_field(files, tmp_path):
