@@ -47,15 +47,15 @@ def yaml_text(path, variant):
         text = yaml_text(path, "lora").replace("target_modules:", "param_init_type: bfloat16\n      compute_dtype: "
                                                "bfloat16\n      target_modules:", 1)
     if variant == "packing":
-        text, n = re.subn(r"^(\s*)# (packing|use_eod_attn_mask_compression|pack_rows):", r"\1\2:", text, flags=re.M)
-        assert n == 3
+        text, n = re.subn(r"^(\s*)# (packing|pack_rows):", r"\1\2:", text, flags=re.M)
+        assert n == 2
         text = re.sub(r'loss_type: "span"', "loss_type: last_token", text)
         text = re.sub(r"(\n    seq_length:) \d+", r"\1 8192", text)
     return text
 
 
 def build(path, variant, tmp_path):
-    import mindrlhf.registry  # noqa: F401
+    import mindrlhf.training.registry  # noqa: F401
     from mindformers import LlamaConfig
     from mindformers.modules import TransformerOpParallelConfig
     from mindspore.nn.utils import no_init_parameters
@@ -129,7 +129,9 @@ def test_7b_yaml_builds_whole(path, variant, tmp_path):
     assert net.loss.sub.in_strategy == ((dp, 1), (dp, 1))
     attention = net.model.layers[0].attention
     if variant == "packing":
-        assert net.packed_layout == "ascend" and (attention.input_layout, attention.sparse_mode) == ("TND", 8)
+        assert net.packed_layout == "ascend" and (attention.input_layout, attention.sparse_mode) == ("TND", 3)
+        # the op's strategy: batch by dp, heads by mp, the compressed mask whole, the block lists by dp
+        assert attention.flash_attention.flash_attention.in_strategy == ((dp, 4, 1),) * 3 + ((1, 1), (dp,), (dp,))
     else:
         assert (attention.input_layout, attention.sparse_mode) == ("BNSD", 0)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mindspore.mindrecord import FileReader
 
-import mindrlhf.registry  # noqa: F401
+import mindrlhf.training.registry  # noqa: F401
 from mindrlhf.data.convert import convert_file
 from mindrlhf.data.formats import detect_format, read_preference_pairs, shared_prefix_prompt
 from mindrlhf.data.templates import resolve_template

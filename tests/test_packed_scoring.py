@@ -122,10 +122,10 @@ def test_packed_passes_use_few_row_counts_and_hold_every_sequence_once():
     assert len(lone) == 1 and lone[0]["input_ids"].shape == (1, SEQ) and lone[0]["end_ind"].shape == (SEQ // 2,)
     tiny = packed_passes([[9]] * 300, 1, SEQ, PAD)  # 1-token sequences: at most P = 128 a 1-row pass
     assert [len(p["index"]) for p in tiny] == [128, 128, 44]
-    # Ascend: at most EOD_PAD_LENGTH - 1 sequences a row (actual_seq_len's entries less the filler block)
-    capped = packed_passes([[9]] * 300, 2, SEQ, PAD, max_spans=127)
+    # Ascend: a row of k sequences keeps tnd_entries - k filler tokens (actual_seq_len's blocks, none empty)
+    capped = packed_passes([[9]] * 300, 2, SEQ, PAD, tnd_entries=16)
     assert sorted(np.concatenate([p["index"] for p in capped]).tolist()) == list(range(300))
-    assert max(int((p["attention_mask"] // 8).max()) for p in capped) == 127
+    assert max(int((p["attention_mask"] // 8).max()) for p in capped) == 15
 
 
 # -- RewardScorer ------------------------------------------------------------------------------------------------
@@ -174,20 +174,39 @@ def test_packed_scorer_equals_padded_and_splits_bit_identically(files, scorers, 
 
 
 def test_ascend_limits_apply_to_the_scorers_passes(scorers, monkeypatch):
-    """What RewardScorer sets off CPU (max_spans EOD_PAD_LENGTH - 1, at most MAX_FA_ENTRIES // EOD_PAD_LENGTH rows
-    a pass), here smaller on the CPU scorer: its passes keep to them, and a text holding the pad id is refused
-    (actual_seq_len's plain causal spans cannot hide it as the padded scorer does)."""
+    """What RewardScorer sets on FlashAttention (tnd_entries a row and its reserve, rows tnd_entries - 1 wider
+    than seq_length, at most tnd_rows_per_call rows a pass), here smaller on the CPU scorer: its passes keep to
+    them, a sequence of seq_length tokens still fits, and a text holding the pad id is refused (the TND blocks'
+    plain causal spans cannot hide it as the padded scorer does)."""
+    from mindrlhf.data.packing import actual_seq_len
     from mindrlhf.errors import ConfigError
 
     packed = scorers["packed"]
-    assert packed.device == "CPU" and packed.max_spans is None and packed.max_pass_rows == 4
-    monkeypatch.setattr(packed, "max_spans", 3)
+    assert packed.device == "CPU" and packed.tnd_entries is None and packed.max_pass_rows == 4
+    assert packed.pass_width == packed.seq_length
+    monkeypatch.setattr(packed, "tnd_entries", 4)
+    monkeypatch.setattr(packed, "pass_width", packed.seq_length + 3)
     monkeypatch.setattr(packed, "max_pass_rows", 2)
-    passes = packed.packed_passes([[5, 6, 7, 8]] * 20)
-    assert sorted(np.concatenate([p["index"] for p in passes]).tolist()) == list(range(20))
+    passes = packed.packed_passes([[5, 6, 7, 8]] * 20 + [[5] * packed.seq_length])
+    assert sorted(np.concatenate([p["index"] for p in passes]).tolist()) == list(range(21))
     assert all(p["input_ids"].shape[0] <= 2 and (p["attention_mask"] // 8).max() <= 3 for p in passes)
+    for p in passes:
+        assert (np.diff(np.r_[0, actual_seq_len(p["attention_mask"], 4).reshape(-1)]) > 0).all()
     with pytest.raises(ConfigError, match=f"sequence 1 holds pad_token_id {PAD}"):
         packed.packed_passes([[5, 6], [5, PAD, 6]])
+    from mindrlhf.serving.batcher import DynamicBatcher
+
+    class Planned(Exception):
+        pass
+
+    def stop(rows):  # the server's warm-up passes are planned (the CPU model takes no wider rows: stop there)
+        assert len(rows[0]) == packed.seq_length and PAD not in rows[0]
+        raise Planned()
+
+    batcher = DynamicBatcher(packed, max_batch=2)
+    batcher.before_pass = stop
+    with pytest.raises(Planned):
+        batcher.warmup()
 
 
 def test_bad_packing_value_names_the_yaml_and_field(files, tmp_path):

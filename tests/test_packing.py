@@ -126,46 +126,56 @@ def test_errors_name_the_pairs_file_and_row():
         pk.plan_steps([20, 80], 2, 64, names=["a.mindrecord: row 0", "b.mindrecord: row 1"])
 
 
-def blocks_per_row(codes):
-    """actual_seq_len's causal blocks of each row: its spans, plus the filler block when the row is not full."""
-    seg = pk.segment_of(codes)
-    return seg.max(1) + (seg[:, -1] == 0)
+def assert_tnd_lists(asl, rows_per_call, seq_length):
+    """FlashAttentionScore's TND rules on each call's flattened list: increasing (no empty block), last entry T,
+    at most 1024 entries."""
+    for call in asl.reshape(-1, rows_per_call * asl.shape[1]):
+        assert len(call) <= 1024 and (np.diff(np.r_[0, call]) > 0).all() and call[-1] == rows_per_call * seq_length
 
 
-def test_max_spans_keeps_rows_within_actual_seq_len():
-    """Ascend: actual_seq_len lists EOD_PAD_LENGTH blocks a row (spans + filler). 300 pairs of 20 + 20 tokens
-    (last_token) fill a 4096-token row with 102 pairs = 204 spans + filler, too many; max_spans keeps every row
-    at most EOD_PAD_LENGTH - 1 spans, and actual_seq_len then takes every step."""
-    pairs = [pk.Pair(np.full(20, 5, np.int32), np.full(20, 6, np.int32), 0, 20) for _ in range(300)]
-    lengths = pk.pair_row_lengths(pairs, 4096, False, pk.LAST_TOKEN)
-    unlimited = pk.plan_steps(lengths, 2, 4096)
-    step = pk.pack_step(pairs, unlimited[0], 2, 4096, PAD, pk.LAST_TOKEN)
-    assert blocks_per_row(step["attention_mask"]).max() > pk.EOD_PAD_LENGTH  # the problem: 205 blocks in row 0
-    with pytest.raises(ValueError, match="causal blocks"):
-        pk.actual_seq_len(step["attention_mask"])
-    limit = pk.EOD_PAD_LENGTH - 1
-    steps = pk.plan_steps(lengths, 2, 4096, max_spans=limit, spans_per_pair=pk.pair_spans(False))
-    assert sorted(i for s in steps for _, i in s) == list(range(300))
-    for placement in steps:
-        per_row = Counter(r for r, _ in placement)
-        assert max(per_row.values()) * 2 <= limit
-        codes = pk.pack_step(pairs, placement, 2, 4096, PAD, pk.LAST_TOKEN)["attention_mask"]
-        assert pk.segment_of(codes).max() <= limit
-        assert pk.actual_seq_len(codes).shape == (2, pk.EOD_PAD_LENGTH)
-    shared = pk.plan_steps(lengths, 2, 4096, max_spans=limit, spans_per_pair=pk.pair_spans(True))
-    assert max(Counter(r for r, _ in s).most_common(1)[0][1] for s in shared) <= limit
-    with pytest.raises(ConfigError, match="max_spans 1 per row cannot hold one pair"):
-        pk.plan_steps(lengths, 2, 4096, max_spans=1, spans_per_pair=2)
+def test_planner_reserve_keeps_every_row_listable():
+    """Ascend: actual_seq_len lists tnd_row_entries(S) = 128 blocks a row at S = 4096, the filler split so that
+    no block is empty, so a row of k spans needs 128 - k filler tokens. Pairs of 1000 + 990 tokens fill a row
+    to 3980 (two pairs, 4 spans, 116 filler tokens: too few) and pairs of 20 + 20 to 204 spans: without the
+    reserve neither lists; with it (tnd_entries) every step does, every pair placed once."""
+    entries = pk.tnd_row_entries(4096)
+    assert entries == 128 and pk.tnd_rows_per_call(4096) == 8 and pk.tnd_row_entries(512) == 32
+    for chosen, rejected, match in ((1000, 990, "4 spans and 116 filler tokens.*at least 124"),
+                                    (20, 20, "204 spans")):
+        pairs = [pk.Pair(np.full(chosen, 5, np.int32), np.full(rejected, 6, np.int32), 0, max(chosen, rejected))
+                 for _ in range(300)]
+        lengths = pk.pair_row_lengths(pairs, 4096, False, pk.LAST_TOKEN)
+        unlimited = pk.plan_steps(lengths, 2, 4096)
+        step = pk.pack_step(pairs, unlimited[0], 2, 4096, PAD, pk.LAST_TOKEN)
+        with pytest.raises(ValueError, match=match):
+            pk.actual_seq_len(step["attention_mask"], entries)
+        steps = pk.plan_steps(lengths, 2, 4096, tnd_entries=entries, spans_per_pair=pk.pair_spans(False))
+        assert sorted(i for s in steps for _, i in s) == list(range(300))
+        for placement in steps:
+            codes = pk.pack_step(pairs, placement, 2, 4096, PAD, pk.LAST_TOKEN)["attention_mask"]
+            seg = pk.segment_of(codes)
+            assert ((seg == 0).sum(1) >= entries - seg.max(1)).all()  # the reserve
+            asl = pk.actual_seq_len(codes, entries)
+            assert asl.shape == (2, entries)
+            assert_tnd_lists(asl, 2, 4096)
+    shared = pk.plan_steps(lengths, 2, 4096, tnd_entries=entries, spans_per_pair=pk.pair_spans(True))
+    assert max(Counter(r for r, _ in s).most_common(1)[0][1] for s in shared) < entries
+    with pytest.raises(ConfigError, match="2 TND entries a row cannot hold one pair"):
+        pk.plan_steps(lengths, 2, 4096, tnd_entries=2, spans_per_pair=2)
+    with pytest.raises(ConfigError, match=r"pair 1 needs 4000 tokens; on Ascend a row of 4096 holds at most 3970"):
+        pk.plan_steps([20, 4000], 2, 4096, tnd_entries=entries)
 
 
-def test_pack_sequences_max_spans():
-    seqs = [np.full(20, 5, np.int32)] * 300
-    assert max(pk.segment_of(p["attention_mask"]).max() for p in pk.pack_sequences(seqs, 2, 4096, PAD)) > 127
-    passes = pk.pack_sequences(seqs, 2, 4096, PAD, max_spans=pk.EOD_PAD_LENGTH - 1)
-    assert sorted(i for p in passes for i in p["index"]) == list(range(300))
-    for p in passes:
-        assert pk.segment_of(p["attention_mask"]).max() <= pk.EOD_PAD_LENGTH - 1
-        assert pk.actual_seq_len(p["attention_mask"]).shape == (2, pk.EOD_PAD_LENGTH)
+def test_pack_sequences_keeps_the_reserve():
+    entries = pk.tnd_row_entries(4096)
+    for seqs in ([np.full(20, 5, np.int32)] * 300, [np.full(2000, 5, np.int32)] * 9 + [np.full(4000, 5, np.int32)]):
+        passes = pk.pack_sequences(seqs, 2, 4096 + entries - 1, PAD, tnd_entries=entries)
+        assert sorted(i for p in passes for i in p["index"]) == list(range(len(seqs)))
+        for p in passes:
+            asl = pk.actual_seq_len(p["attention_mask"], entries)
+            assert_tnd_lists(asl, 2, 4096 + entries - 1)
+    with pytest.raises(ConfigError, match="sequence 0 has 4000 tokens; packing takes 1 to 3969 .*127 filler"):
+        pk.pack_sequences([np.full(4000, 5, np.int32)], 2, 4096, PAD, tnd_entries=entries)
 
 
 def test_pack_sequences_hides_pad_tokens_inside_a_text():
@@ -429,8 +439,11 @@ def test_packing_plan_check_plans_as_the_dataset_and_names_the_row(test_mindreco
         [str(test_mindrecord)], PAD)[0]) and 0 < plan["filler_share"] < 1
     with pytest.raises(ConfigError, match=re.escape(f"{test_mindrecord}: row 0 (chosen")):
         packing_plan_check(str(test_mindrecord), dict(cfg, seq_length=256), num_shards=1)
-    ascend = packing_plan_check(str(test_mindrecord), dict(cfg, ascend_row_groups=1), num_shards=1)
+    ascend = packing_plan_check(str(test_mindrecord), dict(cfg, seq_length=1024, ascend_row_groups=1), num_shards=1)
     assert ascend["pairs"] == plan["pairs"]
+    with pytest.raises(ConfigError, match=re.escape(f"{test_mindrecord}: row 2 needs 512 tokens; on Ascend a row of "
+                                                    "512 holds at most 482 with one pair")):  # the TND reserve
+        packing_plan_check(str(test_mindrecord), dict(cfg, ascend_row_groups=1), num_shards=1)
 
 
 def test_trainer_config_copies_packing_to_the_dataset(test_mindrecord):

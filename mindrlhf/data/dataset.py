@@ -190,7 +190,7 @@ class PackedSteps:
         self.pairs, self.steps, self.rows, self.seq_length = pairs, steps, rows, seq_length
         self.pad_token_id, self.loss_type = pad_token_id, loss_type
         self.shared_prefix, self.margin = shared_prefix, margin
-        self.ascend_row_groups = ascend_row_groups  # Ascend: MindFormers' actual_seq_len column, per FA call
+        self.ascend_row_groups = ascend_row_groups  # Ascend: the actual_seq_len column, per FlashAttention call
         self.columns = list(MODEL_COLUMNS) + ([MARGIN_COLUMN] if margin else []) \
             + ([pk.ACTUAL_SEQ_LEN] if ascend_row_groups else [])
 
@@ -201,7 +201,8 @@ class PackedSteps:
         arrays = pk.pack_step(self.pairs, self.steps[int(index)], self.rows, self.seq_length, self.pad_token_id,
                               self.loss_type, self.shared_prefix, self.margin)
         if self.ascend_row_groups:
-            arrays[pk.ACTUAL_SEQ_LEN] = pk.actual_seq_len(arrays["attention_mask"], row_groups=self.ascend_row_groups)
+            arrays[pk.ACTUAL_SEQ_LEN] = pk.actual_seq_len(arrays["attention_mask"], pk.tnd_row_entries(self.seq_length),
+                                                          row_groups=self.ascend_row_groups)
         return tuple(arrays[name] for name in self.columns)
 
 
@@ -240,8 +241,8 @@ def plan_packed(files, packing: str, pack_rows: Optional[int], seq_length: Optio
                 ascend_row_groups: Optional[int] = None) -> dict:
     """Read the pairs and plan the packed steps as create_packed_dataset serves them: ConfigError/InputError
     naming the file and row of a bad or too long pair. Returns the pairs, steps, the resolved pack_rows and
-    seq_length, shared_prefix, margin and the filler share. On Ascend (ascend_row_groups) a row holds at most
-    EOD_PAD_LENGTH - 1 spans: actual_seq_len lists each, plus the filler block."""
+    seq_length, shared_prefix, margin and the filler share. On Ascend (ascend_row_groups) each row keeps the
+    planner's reserve of filler tokens for its actual_seq_len entries (plan_steps' tnd_entries)."""
     mode = pk.packing_mode(packing, "packing")
     if loss_type not in (pk.SPAN, pk.LAST_TOKEN):
         raise ConfigError(f"loss_type must be {pk.SPAN} or {pk.LAST_TOKEN}, got {loss_type!r}")
@@ -259,16 +260,16 @@ def plan_packed(files, packing: str, pack_rows: Optional[int], seq_length: Optio
     seq_length = int(seq_length or data_length)
     if pack_rows is None:
         pack_rows = max(1, 2 * int(batch_size) * int(data_length) // seq_length)
-        if ascend_row_groups:  # whole FlashAttention calls, each of at most MAX_ROWS_PER_FA_CALL rows
+        if ascend_row_groups:  # whole FlashAttention calls, each of at most tnd_rows_per_call rows
             groups = int(ascend_row_groups)
-            pack_rows = min(-(-pack_rows // groups), pk.MAX_ROWS_PER_FA_CALL) * groups
+            pack_rows = min(-(-pack_rows // groups), pk.tnd_rows_per_call(seq_length)) * groups
     if ascend_row_groups:  # the resolved value, default or explicit, is what the pipeline feeds FlashAttention
-        pk.check_ascend_pack_rows(pack_rows, ascend_row_groups)
+        pk.check_ascend_pack_rows(pack_rows, ascend_row_groups, seq_length)
     shared_prefix = mode == "shared_prefix"
     lengths = pk.pair_row_lengths(pairs, seq_length, shared_prefix, loss_type)
     steps = pk.plan_steps(lengths, int(pack_rows), seq_length, 0 if seed is None else int(seed),
                           multiple_of=int(num_shards or 1),
-                          max_spans=pk.EOD_PAD_LENGTH - 1 if ascend_row_groups else None,
+                          tnd_entries=pk.tnd_row_entries(seq_length) if ascend_row_groups else None,
                           spans_per_pair=pk.pair_spans(shared_prefix),
                           names=[p.label(i) for i, p in enumerate(pairs)])
     plan = {"mode": mode, "pairs": pairs, "steps": steps, "pack_rows": int(pack_rows), "seq_length": seq_length,

@@ -141,7 +141,7 @@ def pair_row_lengths(pairs: Sequence[Pair], seq_length: int, shared_prefix: bool
 
 
 def plan_steps(pair_lengths: Sequence[int], rows: int, seq_length: int, seed: int = 0,
-               open_rows: Optional[int] = None, multiple_of: int = 1, max_spans: Optional[int] = None,
+               open_rows: Optional[int] = None, multiple_of: int = 1, tnd_entries: Optional[int] = None,
                spans_per_pair: int = 2, names: Optional[Sequence[str]] = None) -> List[List[Tuple[int, int]]]:
     """Place every pair once into rows of seq_length tokens, R = `rows` rows a step: list of steps, each a list
     of (row, pair index) in row order, then order within the row.
@@ -150,17 +150,20 @@ def plan_steps(pair_lengths: Sequence[int], rows: int, seq_length: int, seed: in
     one is needed): the order stays random, the long tail fills with short pairs. Rows are then spread evenly
     over ceil(rows needed / R) steps, rounded up to `multiple_of` (data-parallel shards: every rank gets the
     same number of steps, no pair dropped). Deterministic for a seed.
-    max_spans: at most this many spans a row (None: no limit; Ascend: EOD_PAD_LENGTH - 1, actual_seq_len's
-    entries less the filler block), each pair taking spans_per_pair (pair_spans). names: how errors name pair i
-    (default "pair i"; the dataset passes "file: row i").
+    tnd_entries: Ascend (None: no limit): actual_seq_len's entries a row (tnd_row_entries), so a row of k spans
+    keeps the planner reserve, at least tnd_entries - k filler tokens, one TND block each (k < tnd_entries),
+    each pair taking spans_per_pair spans (pair_spans). names: how errors name pair i (default "pair i"; the
+    dataset passes "file: row i").
     """
     lengths = np.asarray(pair_lengths, dtype=np.int64).reshape(-1)
 
     def name(i):
         return names[i] if names is not None else f"pair {i}"
 
-    if max_spans is not None and int(max_spans) < spans_per_pair:
-        raise ConfigError(f"packing: max_spans {max_spans} per row cannot hold one pair ({spans_per_pair} spans)")
+    entries = None if tnd_entries is None else int(tnd_entries)
+    if entries is not None and entries <= spans_per_pair:
+        raise ConfigError(f"packing: {entries} TND entries a row cannot hold one pair ({spans_per_pair} spans) "
+                          "and a filler block")
     if rows < 1 or seq_length < 1:
         raise ConfigError(f"packing needs rows >= 1 and seq_length >= 1, got rows {rows}, seq_length {seq_length}")
     if lengths.size == 0:
@@ -170,6 +173,15 @@ def plan_steps(pair_lengths: Sequence[int], rows: int, seq_length: int, seed: in
         i = int(over[0])
         raise ConfigError(f"{name(i)} needs {int(lengths[i])} tokens in one row, more than seq_length {seq_length}; "
                           f"a pair never crosses a row: use seq_length >= {int(lengths.max())} or shared_prefix")
+    if entries is not None:
+        room = seq_length - (entries - spans_per_pair)
+        over = np.flatnonzero(lengths > room)
+        if over.size:
+            i = int(over[0])
+            raise ConfigError(f"{name(i)} needs {int(lengths[i])} tokens; on Ascend a row of {seq_length} holds at "
+                              f"most {room} with one pair: it keeps {entries - spans_per_pair} filler tokens as "
+                              f"FlashAttention blocks (actual_seq_len: {entries} entries a row, none empty); use "
+                              f"seq_length >= {int(lengths.max()) + entries - spans_per_pair}")
     if (lengths < 1).any():
         raise ConfigError(f"{name(int(np.flatnonzero(lengths < 1)[0]))} has no tokens")
     width = int(open_rows or max(16, 2 * rows))
@@ -181,6 +193,9 @@ def plan_steps(pair_lengths: Sequence[int], rows: int, seq_length: int, seed: in
     for index in rng.permutation(lengths.size):
         need = lengths[index]
         fits = remaining >= need
+        if entries is not None:  # the reserve: entries - (spans after this pair) filler tokens stay free
+            spans = np.array([len(c) + 1 for c in content]) * spans_per_pair
+            fits &= remaining - need >= entries - spans
         if fits.any():
             slot = int(np.argmin(np.where(fits, remaining, big)))
         else:
@@ -193,8 +208,8 @@ def plan_steps(pair_lengths: Sequence[int], rows: int, seq_length: int, seed: in
             content[slot], remaining[slot] = [], seq_length
         content[slot].append(int(index))
         remaining[slot] -= need
-        if max_spans is not None and (len(content[slot]) + 1) * spans_per_pair > int(max_spans):
-            closed.append(content[slot])  # no room for another pair's spans: done
+        if entries is not None and (len(content[slot]) + 1) * spans_per_pair >= entries:
+            closed.append(content[slot])  # no entry left for another pair's spans: done
             content[slot], remaining[slot] = [], -1
     used = np.flatnonzero(remaining >= 0)
     closed.extend(content[s] for s in used[np.argsort(remaining[used], kind="stable")])
@@ -294,32 +309,39 @@ def pack_step(pairs: Sequence[Pair], placement: Sequence[Tuple[int, int]], rows:
 
 
 def pack_sequences(sequences, rows: int, width: int, pad_token_id: int = 0,
-                   max_spans: Optional[int] = None) -> List[Dict[str, np.ndarray]]:
+                   tnd_entries: Optional[int] = None) -> List[Dict[str, np.ndarray]]:
     """Scoring: first-fit-decreasing of sequences (token arrays, or bare lengths for the layout only) into
     passes of `rows` rows of `width`. Per pass: input_ids, position_id, attention_mask (codes) (R, width);
     end_ind (P,) the flat index of each packed sequence's last token (P = R * width // 2, unused 0); index (n,)
     the sequences' indices in end_ind order; start (n,) each one's flat start.
     A token equal to pad_token_id inside a sequence gets the pad kind (+4): hidden as a key, as the padded
-    scorer's mask hides every key equal to pad_token_id. max_spans: at most this many sequences a row (None: no
-    limit; Ascend: EOD_PAD_LENGTH - 1)."""
+    scorer's mask hides every key equal to pad_token_id. tnd_entries: Ascend (None: no limit): actual_seq_len's
+    entries a row, so a row of k sequences keeps at least tnd_entries - k filler tokens (plan_steps' reserve)."""
     items = list(sequences)
     tokens = None if all(np.ndim(s) == 0 for s in items) else [np.asarray(s, dtype=np.int32) for s in items]
     lengths = np.array([int(s) for s in items] if tokens is None else [len(t) for t in tokens], dtype=np.int64)
-    if max_spans is not None and int(max_spans) < 1:
-        raise ConfigError(f"packing: max_spans must be >= 1, got {max_spans}")
-    bad = np.flatnonzero((lengths > width) | (lengths < 1))
+    entries = None if tnd_entries is None else int(tnd_entries)
+    if entries is not None and entries < 2:
+        raise ConfigError(f"packing: {entries} TND entries a row cannot hold a sequence and a filler block")
+    longest = width if entries is None else width - (entries - 1)
+    bad = np.flatnonzero((lengths > longest) | (lengths < 1))
     if bad.size:
         i = int(bad[0])
-        raise ConfigError(f"sequence {i} has {int(lengths[i])} tokens; packing takes 1 to {width} (the row width)")
+        reserve = "" if entries is None else f" less {entries - 1} filler tokens kept as FlashAttention blocks"
+        raise ConfigError(f"sequence {i} has {int(lengths[i])} tokens; packing takes 1 to {longest} (the row "
+                          f"width {width}{reserve})")
     slots = rows * width // 2
-    cap = slots if max_spans is None else min(slots, int(max_spans))
+    reserve = 0 if entries is None else entries
     remaining: List[int] = []
     content: List[List[int]] = []
     for index in np.argsort(-lengths, kind="stable"):
         need = int(lengths[index])
-        # a row never holds more sequences than a pass has slots (binds only for rows=1: many 1-token sequences)
-        # nor than max_spans
-        row = next((r for r, left in enumerate(remaining) if left >= need and len(content[r]) < cap), None)
+        # a row never holds more sequences than a pass has slots (binds only for rows=1: many 1-token sequences),
+        # and on Ascend keeps the reserve
+        row = next((r for r, left in enumerate(remaining)
+                    if left - need >= (reserve - len(content[r]) - 1 if entries else 0)
+                    and len(content[r]) < (slots if entries is None else min(slots, entries - 1))),
+                   None)
         if row is None:
             remaining.append(width)
             content.append([])
@@ -360,54 +382,70 @@ def pack_sequences(sequences, rows: int, width: int, pad_token_id: int = 0,
     return out
 
 
-# ---- Ascend: MindFormers' packed attention (FlashAttention TND, sparse_mode 8) takes the spans as actual_seq_len.
-# Its default static length of one row's list (eod_pad_length / compressed_eod_mask_length), and the most entries
-# FlashAttentionScore's TND layout takes per call (MindSpore's doc). docs/packing.md cites the code.
-EOD_PAD_LENGTH = 128
+# ---- Ascend: our packed attention calls FlashAttentionScore in its documented variable-length mode (TND,
+# sparse_mode 3) with actual_seq_qlen = actual_seq_kvlen = the cumulative block ends of one call's flattened rows.
+# MindSpore 2.9's docstring: no zero-length block, increasing ends, the last one T, at most MAX_FA_ENTRIES entries.
+# A static shape needs a fixed count: each row lists exactly tnd_row_entries(S) blocks, its spans then its filler
+# split into blocks (one token each, the last one the rest), so a row of k spans keeps that many minus k filler
+# tokens (the planner's reserve). docs/packing.md cites the docstring.
+TND_ROW_ENTRIES = 128  # a row's entries at seq_length >= 16 * 128; shorter rows list seq_length // 16
 MAX_FA_ENTRIES = 1024
 ACTUAL_SEQ_LEN = "actual_seq_len"  # the dataset column and the model's construct argument
-MAX_ROWS_PER_FA_CALL = MAX_FA_ENTRIES // EOD_PAD_LENGTH
 
 
-def check_ascend_pack_rows(pack_rows: int, row_groups: int, where: str = "train_dataset.pack_rows") -> None:
+def tnd_row_entries(seq_length: int) -> int:
+    """actual_seq_len's entries a row of seq_length: the reserve costs at most a sixteenth of a row (3% at
+    4096), and a row holds up to that many spans less one."""
+    return min(TND_ROW_ENTRIES, max(3, int(seq_length) // 16))
+
+
+def tnd_rows_per_call(seq_length: int) -> int:
+    """The most rows one FlashAttention call takes: MAX_FA_ENTRIES entries, tnd_row_entries a row."""
+    return MAX_FA_ENTRIES // tnd_row_entries(seq_length)
+
+
+def check_ascend_pack_rows(pack_rows: int, row_groups: int, seq_length: int,
+                           where: str = "train_dataset.pack_rows") -> None:
     """ConfigError unless pack_rows splits into row_groups whole FlashAttention calls of at most
-    MAX_ROWS_PER_FA_CALL rows each (actual_seq_len: EOD_PAD_LENGTH entries a row, MAX_FA_ENTRIES a call)."""
-    rows, groups = int(pack_rows), int(row_groups)
+    tnd_rows_per_call rows each."""
+    rows, groups, most = int(pack_rows), int(row_groups), tnd_rows_per_call(seq_length)
     if rows % groups:
         raise ConfigError(f"{where} ({rows}) must be a multiple of {groups}, the FlashAttention calls a step is "
                           "split into (data_parallel under full_batch)")
-    if rows // groups > MAX_ROWS_PER_FA_CALL:
+    if rows // groups > most:
         raise ConfigError(f"{where} ({rows}) gives {rows // groups} rows a FlashAttention call; its actual_seq_len "
-                          f"takes at most {MAX_ROWS_PER_FA_CALL} ({MAX_FA_ENTRIES} entries, {EOD_PAD_LENGTH} a row)")
+                          f"takes at most {most} ({MAX_FA_ENTRIES} entries, {tnd_row_entries(seq_length)} a row "
+                          f"of {seq_length})")
 
 
-def actual_seq_len(codes, pad_length: int = EOD_PAD_LENGTH, row_groups: int = 1) -> np.ndarray:
-    """(R, S) layout codes -> (R, pad_length) int32 actual_seq_len, MindFormers' format.
+def actual_seq_len(codes, entries: int, row_groups: int = 1) -> np.ndarray:
+    """(R, S) layout codes -> (R, entries) int32: the cumulative block ends FlashAttentionScore takes as
+    actual_seq_qlen and actual_seq_kvlen (TND, sparse_mode 3), one call's rows flattened.
 
-    Row r lists the END offset of each span (segment 1, 2, ...), then the end of the filler (the row end S, as
-    one more causal block: filler outputs are never read and filler and spans never see each other), each plus
-    the row's offset in its FlashAttention call, then repeats the row end up to pad_length (MindFormers pads with
-    seq_length the same way; a repeated value is an empty block). No leading 0.
+    Row r lists the END offset of each span (segment 1, 2, ...), then its filler (the unused end) as
+    entries - spans blocks: one token each, the last one the rest (filler outputs are never read, and filler and
+    spans never see each other), each plus the row's offset in its call. No leading 0, no empty block, the last
+    entry of a call its T.
     row_groups: how many FlashAttention calls the R rows are split into, as contiguous equal blocks (data_parallel
     under full_batch; 1 when each rank reads its own rows; packing refuses micro batches): offsets restart at 0
-    in each block, as asl_batch_wrapper restarts them per micro batch and per rank, because MindSpore splits the
-    flattened list by dp without rebasing it.
+    in each block, because MindSpore splits the flattened list by dp without rebasing it.
     Raises ValueError for a layout the TND path cannot run exactly (shared_prefix answers, in-span pads,
-    spans out of order, filler before a span, too many spans for pad_length).
+    spans out of order, filler before a span, a row without its reserve of filler tokens).
     """
     codes = np.asarray(codes)
     if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer):
         raise ValueError(f"codes must be a 2-D integer array (rows, seq_length), got {codes.dtype} {codes.shape}")
     rows, seq = codes.shape
-    if pad_length < 1:
-        raise ValueError(f"pad_length must be >= 1, got {pad_length}")
+    entries = int(entries)
+    if entries < 1:
+        raise ValueError(f"entries must be >= 1, got {entries}")
     if row_groups < 1 or rows % row_groups:
         raise ValueError(f"row_groups ({row_groups}) must divide the {rows} rows into equal blocks")
     per_call = rows // row_groups
-    if per_call * pad_length > MAX_FA_ENTRIES:
-        raise ValueError(f"one FlashAttention call would get {per_call} rows x {pad_length} = "
-                         f"{per_call * pad_length} actual_seq_len entries; the TND layout allows {MAX_FA_ENTRIES}: "
-                         f"lower pad_length or the rows per call")
+    if per_call * entries > MAX_FA_ENTRIES:
+        raise ValueError(f"one FlashAttention call would get {per_call} rows x {entries} = "
+                         f"{per_call * entries} actual_seq_len entries; the TND layout allows {MAX_FA_ENTRIES}: "
+                         f"fewer rows per call")
     if (codes < 0).any():
         r, c = np.argwhere(codes < 0)[0]
         raise ValueError(f"negative layout code {codes[r, c]} at row {r}, column {c}")
@@ -418,7 +456,7 @@ def actual_seq_len(codes, pad_length: int = EOD_PAD_LENGTH, row_groups: int = 1)
         raise ValueError(f"row {r}, column {c} holds {what}: FlashAttention with actual_seq_len gives each span "
                          "plain causal attention, which cannot hide pad keys or keep two answers apart")
     segments = codes // SEGMENT
-    out = np.empty((rows, pad_length), dtype=np.int64)
+    out = np.empty((rows, entries), dtype=np.int64)
     for r in range(rows):
         seg = segments[r]
         used = int(np.count_nonzero(seg))
@@ -427,13 +465,15 @@ def actual_seq_len(codes, pad_length: int = EOD_PAD_LENGTH, row_groups: int = 1)
         steps = np.diff(seg[:used])
         if used and (seg[0] != 1 or ((steps != 0) & (steps != 1)).any()):
             raise ValueError(f"row {r}: spans must be numbered 1, 2, ... in order, each one contiguous run")
-        ends = np.append(np.flatnonzero(np.diff(seg)) + 1, seq)
-        if len(ends) > pad_length:
-            raise ValueError(f"row {r} has {len(ends)} causal blocks (spans + filler) but pad_length is "
-                             f"{pad_length}: pack fewer sequences per row or raise pad_length")
+        spans = np.append(np.flatnonzero(np.diff(seg[:used])) + 1, used) if used else np.zeros(0, np.int64)
+        blocks = entries - len(spans)
+        if blocks < 1 or seq - used < blocks:
+            raise ValueError(f"row {r} holds {len(spans)} spans and {seq - used} filler tokens; its {entries} "
+                             f"actual_seq_len entries need at least {max(blocks, 1)} filler tokens and fewer than "
+                             f"{entries} spans (the planner's reserve: no block may be empty)")
+        filler = np.append(used + np.arange(1, blocks), seq)
         offset = (r % per_call) * seq
-        out[r, :len(ends)] = ends + offset
-        out[r, len(ends):] = seq + offset
+        out[r] = np.concatenate([spans, filler]) + offset
     if out.max(initial=0) > np.iinfo(np.int32).max:
         raise ValueError("actual_seq_len offsets overflow int32")
     return out.astype(np.int32)

@@ -18,7 +18,8 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from mindrlhf.data.buckets import bucket_length
-from mindrlhf.data.packing import EOD_PAD_LENGTH, MAX_FA_ENTRIES, actual_seq_len, pack_sequences, packing_mode
+from mindrlhf.data.packing import (actual_seq_len, pack_sequences, packing_mode, tnd_row_entries,
+                                   tnd_rows_per_call)
 from mindrlhf.data.templates import TUTORIAL, read_run_template
 from mindrlhf.errors import ConfigError
 from mindrlhf.model.ascend_packing import on_flash_attention
@@ -94,15 +95,14 @@ def pass_sizes(max_rows: int) -> List[int]:
 
 
 def packed_passes(sequences: Sequence[Sequence[int]], max_rows: int, width: int,
-                  pad_token_id: int, max_spans: Optional[int] = None) -> List[dict]:
+                  pad_token_id: int, tnd_entries: Optional[int] = None) -> List[dict]:
     """pack_sequences' passes of at most max_rows rows of `width`, each cut to the smallest of pass_sizes(max_rows)
     that holds its used rows and whose P = rows * width // 2 slots hold its sequences. The packing depends only
     on the list (not on rank or pass sizes): split whole passes across ranks and every score is one process's.
-    max_spans: at most this many sequences a row (Ascend: actual_seq_len's EOD_PAD_LENGTH entries less the
-    filler block)."""
+    tnd_entries: Ascend: actual_seq_len's entries a row (pack_sequences keeps their reserve of filler tokens)."""
     sizes = pass_sizes(max_rows)
     out = []
-    for packed in pack_sequences(sequences, sizes[-1], width, pad_token_id, max_spans):
+    for packed in pack_sequences(sequences, sizes[-1], width, pad_token_id, tnd_entries):
         used = int(np.count_nonzero(packed["attention_mask"][:, 0]))  # rows are filled from row 0
         count = len(packed["index"])
         rows = next(s for s in sizes if s >= used and s * width // 2 >= count)
@@ -144,15 +144,17 @@ class RewardScorer:
         self.buckets = [self.seq_length] if self.packing else \
             sorted(b for b in buckets if b < self.seq_length) + [self.seq_length]
         self.device = set_scoring_context(config)
-        # Ascend: actual_seq_len takes EOD_PAD_LENGTH entries a row (spans + the filler block) and one
-        # FlashAttention call at most MAX_FA_ENTRIES, so a pass has at most MAX_FA_ENTRIES // EOD_PAD_LENGTH rows
+        # Ascend: actual_seq_len takes tnd_entries a row (spans, then filler blocks of at least one token) and
+        # one FlashAttention call tnd_rows_per_call rows; a row is tnd_entries - 1 tokens wider than seq_length,
+        # so a sequence of seq_length tokens still leaves its reserve of filler tokens
         ascend = self.packing and on_flash_attention(self.model_config)
-        self.max_spans = EOD_PAD_LENGTH - 1 if ascend else None
-        self.max_pass_rows = min(batch_size, MAX_FA_ENTRIES // EOD_PAD_LENGTH) if ascend else batch_size
+        self.tnd_entries = tnd_row_entries(self.seq_length) if ascend else None
+        self.pass_width = self.seq_length + self.tnd_entries - 1 if ascend else self.seq_length
+        self.max_pass_rows = min(batch_size, tnd_rows_per_call(self.seq_length)) if ascend else batch_size
         self.pass_sizes = pass_sizes(self.max_pass_rows) if self.packing else None
         if self.packing:
             log(f"scoring packed ({self.config_where}: model.model_config.packing: {self.packing}): rows of "
-                f"{self.seq_length} tokens, {self.pass_sizes} rows a pass")
+                f"{self.pass_width} tokens, {self.pass_sizes} rows a pass")
         self._network = None
         self.checkpoint = None
         self.adapter = None
@@ -251,23 +253,23 @@ class RewardScorer:
     def packed_passes(self, sequences: Sequence[Sequence[int]], max_rows: Optional[int] = None) -> List[dict]:
         """The packed passes (see packed_passes) of these sequences (1 to seq_length tokens each), at most
         max_rows (default batch_size; on Ascend never more than max_pass_rows) rows each."""
-        if self.max_spans is not None:  # Ascend
+        if self.tnd_entries is not None:  # Ascend
             held = next((i for i, s in enumerate(sequences) if self.pad_token_id in s), None)
             if held is not None:
                 raise ConfigError(f"sequence {held} holds pad_token_id {self.pad_token_id} ({self.config_where}: "
                                   "model.model_config.pad_token_id): the padded scorer hides such keys, which "
-                                  "packed scoring on Ascend (FlashAttention actual_seq_len: plain causal spans) "
+                                  "packed scoring on Ascend (FlashAttention's TND blocks: plain causal spans) "
                                   "cannot; score with model.model_config.packing: false")
         rows = min(max_rows or self.batch_size, self.max_pass_rows)
-        return packed_passes(sequences, rows, self.seq_length, self.pad_token_id, self.max_spans)
+        return packed_passes(sequences, rows, self.pass_width, self.pad_token_id, self.tnd_entries)
 
     def score_pass(self, packed: dict) -> np.ndarray:
         """One packed forward pass: the rewards of packed["index"]'s sequences, in that order."""
         import mindspore as ms
 
         extra = ()
-        if self.max_spans is not None:  # Ascend: MindFormers' packed attention reads the spans as actual_seq_len
-            extra = (None, ms.Tensor(actual_seq_len(packed["attention_mask"])))
+        if self.tnd_entries is not None:  # Ascend: the TND attention reads the blocks as actual_seq_len
+            extra = (None, ms.Tensor(actual_seq_len(packed["attention_mask"], self.tnd_entries)))
         out = self.network(ms.Tensor(packed["input_ids"]), ms.Tensor(packed["position_id"]),
                            ms.Tensor(packed["attention_mask"]), None, ms.Tensor(packed["end_ind"]), *extra)
         return out.asnumpy().reshape(-1)[:len(packed["index"])]

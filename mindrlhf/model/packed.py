@@ -12,7 +12,9 @@ Two ways to feed the attention layers, chosen once at build:
   (B, 2, 1, S) = [positions; codes] and cos/sin the usual (S, D) tables; the kernel finds spans and rotary rows.
 - "adder": stock layers or the MatMulSumSoftmax fallback: a (B, 1, S, S) adder (0 visible, -10000 hidden) built
   in-graph from the codes, and cos/sin gathered per token into (B, 1, S, D) (RotaryEmbedding broadcasts them).
-- "ascend": MindFormers' own LlamaModel.construct with actual_seq_len (PackedRewards._accelerator_layout).
+- "ascend": FlashAttention (use_flash_attention) rebuilt as TND, sparse_mode 3: the compressed (2048, 2048)
+  causal mask, actual_seq_len (the block ends) as actual_seq_qlen/kvlen, and the adder path's per-token cos/sin
+  (mindrlhf.model.ascend_packing).
 """
 from typing import Optional
 
@@ -162,22 +164,21 @@ class PackedRewards:
         self.gather_rewards = ops.Gather().shard(((1,), (1,)))
 
     def _accelerator_layout(self, config):
-        """Packing on FlashAttention (Ascend), through MindFormers' own packed attention (use_flash_attention +
-        use_eod_attn_mask_compression: FlashAttention TND with actual_seq_len, plain packing with last_token;
-        mindrlhf.model.ascend_packing checks the config). Returns the layout name packed_backbone branches on."""
-        from mindrlhf.model.ascend_packing import check_ascend_packing
+        """Packing on FlashAttention (Ascend): every layer's FlashAttention rebuilt as TND, sparse_mode 3
+        (mindrlhf.model.ascend_packing checks the config: plain packing, last_token to train). Returns the
+        layout name packed_backbone branches on."""
+        from mindrlhf.model.ascend_packing import check_ascend_packing, compressed_causal_mask, use_tnd_attention
 
         check_ascend_packing(config, training=False)  # the loss-type rule is checked when training starts
+        use_tnd_attention(self.model, config.parallel_config)  # a strategy counts only under (semi-)auto parallel
+        self.tnd_mask = Tensor(compressed_causal_mask())
         return "ascend"
 
     def packed_backbone(self, input_ids, positions, codes, actual_seq_len=None):
         """LlamaModel.construct with per-token positions and the layout mask: (B, S) -> (B, S, hidden).
-        Ascend: MindFormers' own construct given actual_seq_len (positions are row positions there: RoPE is
-        relative, so each span's attention is the same up to rounding of the angles)."""
+        Ascend: the layout is actual_seq_len (the TND block ends), the mask the compressed causal one."""
         model = self.model
         batch, seq = input_ids.shape
-        if self.packed_layout == "ascend":  # LlamaModel.construct, positionally as LlamaForCausalLM calls it
-            return model(input_ids, None, None, None, None, None, None, None, None, None, None, None, actual_seq_len)
         if self.packed_layout == "kernel":
             freqs_cis = model.freqs_mgr(seq)
             mask = ops.stack((ops.cast(positions, mstype.float32), ops.cast(codes, mstype.float32)), 1)
@@ -188,13 +189,16 @@ class PackedRewards:
             cos = self.gather_freqs(self.freqs_cos, positions, 0).reshape((batch, 1, seq, head_dim))
             sin = self.gather_freqs(self.freqs_sin, positions, 0).reshape((batch, 1, seq, head_dim))
             freqs_cis = (cos, sin, self.swap_mask)
-            mask = self.layout_mask(codes)
+            mask = self.tnd_mask if self.packed_layout == "ascend" else self.layout_mask(codes)
         compute_2d = self.training and model.rmsnorm_compute_2d
         h = ops.cast(model.tok_embeddings(input_ids), model.dtype)
         if not compute_2d:
             h = h.reshape((batch, seq, model.hidden_size))
         for i in range(model.num_layers):
-            h = model.layers[i](h, freqs_cis, mask)
+            if self.packed_layout == "ascend":  # one FlashAttention call's list: the rows' entries flattened
+                h = model.layers[i](h, freqs_cis, mask, actual_seq_len=actual_seq_len.reshape((-1,)))
+            else:
+                h = model.layers[i](h, freqs_cis, mask)
         if compute_2d:
             h = h.reshape((batch * seq, -1))
         return model.norm_out(h)

@@ -89,9 +89,10 @@ class DynamicBatcher:
         """Compile every (batch size, bucket) shape (packed: every pass's row count) now instead of on the first
         request that needs it."""
         pad = self.scorer.pad_token_id
-        if self.packing:
+        if self.packing:  # not the pad id: packed scoring on FlashAttention refuses texts holding it
+            token = 1 if pad == 0 else 0
             for size in self.sizes:  # size full rows: one pass of exactly `size` rows
-                self.score([[pad] * self.scorer.seq_length] * size)
+                self.score([[token] * self.scorer.seq_length] * size)
             return
         for width in self.scorer.buckets:
             for size in self.sizes:

@@ -146,7 +146,7 @@ def ascend_row_groups(config, path: str) -> int:
     """Packing on Ascend: the config checked (mindrlhf.model.ascend_packing) and how many FlashAttention calls
     a step's rows are split into, each restarting actual_seq_len's offsets: data_parallel when every rank reads
     the whole batch (semi-auto full_batch; micro batches are refused with packing, see set_packing). Each call
-    takes at most MAX_ROWS_PER_FA_CALL rows."""
+    takes at most tnd_rows_per_call rows."""
     from mindrlhf.data.packing import check_ascend_pack_rows
     from mindrlhf.model.ascend_packing import check_ascend_packing
 
@@ -157,7 +157,8 @@ def ascend_row_groups(config, path: str) -> int:
         groups = int(parallel.get("data_parallel", 1) or 1)
     rows = config.train_dataset.get("pack_rows")
     if rows is not None:  # early, with the file named; the dataset checks the resolved value (default too)
-        check_ascend_pack_rows(rows, groups, f"{path}: train_dataset.pack_rows")
+        check_ascend_pack_rows(rows, groups, int(config.model.model_config.seq_length),
+                               f"{path}: train_dataset.pack_rows")
     return groups
 
 
