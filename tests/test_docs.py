@@ -366,8 +366,8 @@ def shared_launches(count, *command_lists):
         assert data and out, f"{command.where}: an msrun launch without --train_dataset and --output_dir"
         if not any(data in c.text and cwd_of(c) == cwd_of(command) for c in first[:count]):
             continue
-        before = [c for commands in command_lists for c in commands[count:commands.index(
-            next(x for x in commands if x.key == command.key))]]
+        before = [c for commands in command_lists
+                  for c in commands[count:next(i for i, x in enumerate(commands) if x.key == command.key)]]
         if any(re.search(rf"(^|[\s/\"]){re.escape(out)}(/|\s|\"|$)", c.text) for c in before):
             continue
         shared.append(command)
