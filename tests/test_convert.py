@@ -75,16 +75,17 @@ def test_identical_after_truncation_is_skipped_and_counted(tmp_path):
 
 
 def test_existing_output_is_kept_without_overwrite(tmp_path, test_mindrecord):
+    # in this process: the converter's success runs as a process in conftest, its exit 2 in test_bad_input
     dst = tmp_path / "keep.mindrecord"
-    run_cli(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", TEST_JSONL,
-            "--dst_file", dst, "--seq_length", 96, "--pad_token_id", 2)
+    run_main(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", TEST_JSONL,
+             "--dst_file", dst, "--seq_length", 96, "--pad_token_id", 2)
     before = dst.read_bytes()
-    proc = run_cli(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", TEST_JSONL,
-                   "--dst_file", dst, "--seq_length", 128, "--pad_token_id", 2, check=False)
+    proc = run_main(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", TEST_JSONL,
+                    "--dst_file", dst, "--seq_length", 128, "--pad_token_id", 2, check=False)
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
     assert dst.read_bytes() == before
-    run_cli(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", TEST_JSONL,
-            "--dst_file", dst, "--seq_length", 128, "--pad_token_id", 2, "--overwrite")
+    run_main(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", TEST_JSONL,
+             "--dst_file", dst, "--seq_length", 128, "--pad_token_id", 2, "--overwrite")
     assert len(read_records(dst)[0]["chosen_input_ids"]) == 128
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
 

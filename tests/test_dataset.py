@@ -78,12 +78,19 @@ def test_bucketing_trims_each_batch_to_a_boundary(test_mindrecord):
     assert len(widths) > 1
 
 
-def test_compact_layout_gives_identical_batches(test_mindrecord, tmp_path):
+@pytest.fixture(scope="module")
+def compact(tmp_path_factory):
+    """The test split converted at seq 256, pad 2 in the compact layout, via the CLI: shared by the tests below,
+    which only read it."""
     from conftest import EXAMPLES, TEST_JSONL, TOKENIZER, run_cli
 
-    compact = tmp_path / "test_compact.mindrecord"
-    run_cli(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", TEST_JSONL, "--dst_file", compact,
+    path = tmp_path_factory.mktemp("compact") / "c.mindrecord"
+    run_cli(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", TEST_JSONL, "--dst_file", path,
             "--seq_length", 256, "--pad_token_id", 2, "--layout", "compact")
+    return path
+
+
+def test_compact_layout_gives_identical_batches(test_mindrecord, compact):
     rows = records(compact)
     assert len(rows) == 773 and all(r["seq_length"] == 256 for r in rows)
     assert any(len(r["chosen_input_ids"]) < 256 for r in rows)  # stored unpadded
@@ -99,29 +106,25 @@ def test_compact_layout_gives_identical_batches(test_mindrecord, tmp_path):
         assert count == 194
 
 
-def test_preflight_reads_compact_files(test_mindrecord, tmp_path):
+def test_preflight_reads_compact_files(test_mindrecord, compact):
     from mindrlhf.training.config import mindrecord_info
 
-    from conftest import EXAMPLES, TEST_JSONL, TOKENIZER, run_cli
-
-    compact = tmp_path / "c.mindrecord"
-    run_cli(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", TEST_JSONL, "--dst_file", compact,
-            "--seq_length", 256, "--pad_token_id", 2, "--layout", "compact")
-    (tmp_path / "c.mindrecord.stats.json").unlink()  # the layout is read from the file itself
-    info = mindrecord_info([str(compact)])
+    stats = compact.with_name(compact.name + ".stats.json")
+    aside = stats.rename(stats.with_name("aside.json"))  # the layout is read from the file itself
+    try:
+        info = mindrecord_info([str(compact)])
+    finally:
+        aside.rename(stats)
     assert info["seq_length"] == 256 and info["rows"] == 773
     assert info == {**mindrecord_info([str(test_mindrecord)]), "pad_token_id": info["pad_token_id"]}
 
 
 @pytest.mark.slow
-def test_training_runs_on_compact_files(tmp_path):
+def test_training_runs_on_compact_files(compact, tmp_path):
     from mindrlhf.tools.loss_log import parse_log
 
-    from conftest import EXAMPLES, TEST_JSONL, TOKENIZER, run_cli
+    from conftest import EXAMPLES, run_cli
 
-    compact = tmp_path / "c.mindrecord"
-    run_cli(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", TEST_JSONL, "--dst_file", compact,
-            "--seq_length", 256, "--pad_token_id", 2, "--layout", "compact")
     out = tmp_path / "output"
     run_cli(EXAMPLES / "reward_train.py", "--config", TINY_CONFIG, "--train_dataset", compact, "--output_dir", out,
             "--stop_step", 6)

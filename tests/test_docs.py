@@ -8,7 +8,8 @@ Every command extracted from the Markdown is exactly one of:
   a command needs a CPU twin that runs, in its own block or the next one (same script, see `scripts_of`);
 - deliberately not run, listed with the reason in NOT_RUN.
 A new block or command therefore cannot be skipped silently: it runs, or it needs a marker or an entry here.
-The commands the book and the tutorial both start with (same text, same folder, fresh copy) run once, for both.
+The commands the book and the tutorial both start with (same text, same folder, fresh copy), and the msrun
+training both then run on their data, run once, for both.
 """
 import json
 import os
@@ -344,6 +345,36 @@ def same_start(*command_lists):
     return count
 
 
+def option(text, name):
+    found = re.search(rf"--{name}\s+(\S+?)\"?(?:\s|$)", text)
+    return found.group(1) if found else None
+
+
+def shared_launches(count, *command_lists):
+    """The msrun trainings every list runs alike after its first `count` commands (same text, same folder) whose
+    run depends on those commands alone: the data they train on is written by one of them, and no command of any
+    list before the launch names its output folder. Run once after the shared start, they stand for each
+    document's own (the two-worker training is the slowest command of both)."""
+    first = command_lists[0]
+    shared = []
+    for command in first[count:]:
+        if not re.search(MSRUN_TWO_WORKERS, command.text):
+            continue
+        if not all(any((c.key, cwd_of(c)) == (command.key, cwd_of(command)) for c in commands[count:])
+                   for commands in command_lists[1:]):
+            continue
+        data, out = option(command.text, "train_dataset"), option(command.text, "output_dir")
+        assert data and out, f"{command.where}: an msrun launch without --train_dataset and --output_dir"
+        if not any(data in c.text and cwd_of(c) == cwd_of(command) for c in first[:count]):
+            continue
+        before = [c for commands in command_lists
+                  for c in commands[count:next(i for i, x in enumerate(commands) if x.key == command.key)]]
+        if any(re.search(rf"(^|[\s/\"]){re.escape(out)}(/|\s|\"|$)", c.text) for c in before):
+            continue
+        shared.append(command)
+    return shared
+
+
 def run_commands(commands, root, port, tmp_path):
     """Run these commands, in order, in the working copy at root; returns their timings."""
     timings = []
@@ -365,24 +396,29 @@ def run_commands(commands, root, port, tmp_path):
 @pytest.fixture(scope="module")
 def common_start(tmp_path_factory):
     """A fresh working copy after the commands the book and the tutorial both start with (converting the train
-    split, one epoch of the tiny config: the same commands in the same folders), run once for both."""
+    split, one epoch of the tiny config: the same commands in the same folders), then the msrun training both run
+    on that data (shared_launches), run once for both."""
     tmp_path = tmp_path_factory.mktemp("docs_start")
     root = working_copy(tmp_path)
-    count = same_start(runs_of(BOOK), runs_of([TUTORIAL]))
+    book, tutorial = runs_of(BOOK), runs_of([TUTORIAL])
+    count = same_start(book, tutorial)
     assert count >= 2, "the book and the tutorial no longer start alike: nothing to share"
-    timings = run_commands(runs_of(BOOK)[:count], root, free_port(), tmp_path)
-    return {"root": root, "count": count, "timings": timings}
+    launches = shared_launches(count, book, tutorial)
+    assert launches, "the book and the tutorial no longer share their msrun training: nothing to share"
+    timings = run_commands(book[:count] + launches, root, free_port(), tmp_path)
+    return {"root": root, "count": count, "launches": {(c.key, cwd_of(c)) for c in launches}, "timings": timings}
 
 
 def run_docs(docs, tmp_path, common_start):
     """Every command of these documents that runs, in order, in one working copy: a copy of common_start's (its
-    commands, the first of these documents', already run there), then the rest."""
+    commands, the first of these documents' and their shared msrun training, already run there), then the rest."""
     root = tmp_path / "clone"
     shutil.copytree(common_start["root"], root, symlinks=True)
-    commands = runs_of(docs)
-    timings = run_commands(commands[common_start["count"]:], root, free_port(), tmp_path)
-    print(f"\n{', '.join(str(doc.relative_to(ROOT)) for doc in docs)} (shared start run once):\n" +
-          "\n".join(common_start["timings"] + timings))
+    commands = [c for c in runs_of(docs)[common_start["count"]:] if (c.key, cwd_of(c)) not in common_start["launches"]]
+    assert len(commands) == len(runs_of(docs)) - common_start["count"] - len(common_start["launches"])
+    timings = run_commands(commands, root, free_port(), tmp_path)
+    print(f"\n{', '.join(str(doc.relative_to(ROOT)) for doc in docs)} (shared start and msrun training run once):\n"
+          + "\n".join(common_start["timings"] + timings))
     return root
 
 

@@ -58,8 +58,10 @@ def test_every_backbone_tensor_equals_its_source(converted, hf_tensors):
 
 
 def test_sharded_safetensors_convert_the_same(converted, hf_tensors):
+    from conftest import run_main  # in this process: convert_weight.py runs as a process in `converted`
+
     out = converted["work"] / "sharded.ckpt"
-    run_cli(CONVERT, "--input_path", write_hf(converted["work"] / "sharded", hf_tensors, shards=3),
+    run_main(CONVERT, "--input_path", write_hf(converted["work"] / "sharded", hf_tensors, shards=3),
             "--output_path", out, "--config", TINY_CONFIG)
     single, sharded = ms.load_checkpoint(str(converted["ckpt"])), ms.load_checkpoint(str(out))
     assert set(single) == set(sharded)
@@ -68,9 +70,11 @@ def test_sharded_safetensors_convert_the_same(converted, hf_tensors):
 
 
 def test_mismatched_hidden_size_names_the_tensor(tmp_path):
+    from conftest import run_main  # in this process: convert_weight.py's exit 2 runs as a process in test_hf_interop
+
     src = write_hf(tmp_path / "wide", tiny_hf_tensors(hidden=48, ffn=144), hidden=48)
     out = tmp_path / "bad.ckpt"
-    proc = run_cli(CONVERT, "--input_path", src, "--output_path", out, "--config", TINY_CONFIG, check=False)
+    proc = run_main(CONVERT, "--input_path", src, "--output_path", out, "--config", TINY_CONFIG, check=False)
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()[-1]
     assert "model.embed_tokens.weight" in err or "self_attn" in err or "model.norm.weight" in err, err
