@@ -13,7 +13,7 @@ import numpy as np
 
 from mindrlhf import distributed
 from mindrlhf.data.pairs import SkipReport, read_pairs, read_rows
-from mindrlhf.data.templates import (JINJA, TUTORIAL, choose_template, client_texts, read_run_template,
+from mindrlhf.data.templates import (JINJA, TUTORIAL, FullTextNormaliser, choose_template, read_run_template,
                                      run_template_path)
 from mindrlhf.errors import ConfigError
 from mindrlhf.evaluation.metrics import pairwise_metrics
@@ -266,7 +266,7 @@ def infer(config_path: str, data_file: str, tokenizer: str, ckpt_path: str, outp
         stats = load_stats(checkpoint_root(weights), weights) if normalize else None
         scorer = RewardScorer(config, checkpoint, batch_size=batch_size, src_strategy=src_strategy, log=log,
                               config_name=config_path, adapter=adapter)
-    normalise = client_texts(chosen_template, tok) if "query" in items[0] else None
+    normalise = FullTextNormaliser.build(chosen_template, tok) if "query" in items[0] else None
     texts = [normalise(it["query"]) if normalise else chosen_template.render(it["prompt"], it["response"])
              for it in items]
     scores = scorer.score_ids(tok.encode(texts, special_tokens=chosen_template.special_tokens), part, parts)
