@@ -36,6 +36,7 @@ import math
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -45,7 +46,8 @@ from mindrlhf.errors import ConfigError
 
 LOG = logging.getLogger("mindrlhf.serving")
 DRAIN_CAP = 8 << 20  # a rejected request's body is read (and dropped) up to this size, so the answer arrives
-INLINE_TOKENIZE_CHARS = 16384  # smaller requests are tokenized on the event loop, larger ones in a thread
+INLINE_BODY_BYTES = 16384  # smaller bodies are parsed and tokenized on the event loop, larger ones on a thread
+ENCODE_THREADS = 2  # threads parsing and tokenizing large bodies: how many hold a parsed payload at once
 PATH_FIELDS = ("checkpoint", "adapter", "config", "tokenizer")  # what /health shows only by name beyond loopback without the key
 
 
@@ -201,6 +203,7 @@ class RewardService:  # pylint: disable=too-many-instance-attributes
 
         self.scorer, self.tokenizer, self.template, self.batcher = scorer, tokenizer, template, batcher
         self.full_text_normaliser = FullTextNormaliser.build(template, tokenizer)
+        self.encoder = ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="reward-encode")
         self.vocab_size = int(scorer.model_config.vocab_size)
         self.limits = limits.check()
         self._key = api_key.encode("utf-8") if api_key else None
@@ -231,15 +234,12 @@ class RewardService:  # pylint: disable=too-many-instance-attributes
                                              f", outside the model's vocabulary of {self.vocab_size}: the tokenizer "
                                              "does not belong to this model")
 
-    async def token_ids(self, texts: List[str], full_texts: bool, field: str,
-                        max_tokens: Optional[int] = None) -> Tuple[List[np.ndarray], List[int]]:
+    def token_ids(self, texts: List[str], full_texts: bool, field: str,
+                  max_tokens: Optional[int] = None) -> Tuple[List[np.ndarray], List[int]]:
         """(ids cut to seq_length as training and reward_infer.py cut them, each text's token count). Empties
-        `texts`: from here on the request holds only its ids."""
+        `texts`: from here on only the ids are held."""
         try:
-            if sum(len(t) for t in texts) <= INLINE_TOKENIZE_CHARS:  # a thread hand-off costs more than this
-                ids = self.encode(texts, full_texts)
-            else:
-                ids = await asyncio.get_running_loop().run_in_executor(None, self.encode, texts, full_texts)
+            ids = self.encode(texts, full_texts)
         except Exception as err:  # pylint: disable=broad-except  (the tokenizer's own error, answered as a 400)
             raise Rejected(400, "encoding", f"field '{field}': the tokenizer cannot encode it: "
                                             f"{type(err).__name__}: {str(err)[:200]}") from None
@@ -249,17 +249,40 @@ class RewardService:  # pylint: disable=too-many-instance-attributes
         seq_length = min(self.scorer.seq_length, max_tokens or self.scorer.seq_length)
         return [x[:seq_length].copy() for x in ids], [len(x) for x in ids]
 
+    def prepare(self, body: bytes, kind: str) -> Tuple[List[np.ndarray], List[int], dict, str]:
+        """A request's body -> (token ids, token counts, options, field): parsed, checked, encoded. The parsed
+        payload and texts live only inside this call."""
+        payload = parse_json(body)
+        options, field, full = {}, "query", True
+        if kind == "get_reward":
+            texts = query_texts(payload, self.limits)
+        elif kind in ("classify", "embeddings"):
+            (texts, options), field = input_request(payload, self.limits), "input"
+        elif kind == "evaluation":
+            (texts, options), field = evaluation_request(payload, self.limits), "messages"
+        else:
+            texts, field, full = [self.template.render(p, r) for p, r in score_items(payload, self.limits)], "items", \
+                False
+        del payload
+        ids, lengths = self.token_ids(texts, full, field, options.get("max_length"))
+        return ids, lengths, options, field
+
     async def rewards(self, texts: List[str], full_texts: bool = False, field: str = "query",
                       max_tokens: Optional[int] = None) -> dict:
         """Rewards of these texts (the list is emptied once they are encoded)."""
-        ids, lengths = await self.token_ids(texts, full_texts, field, max_tokens)
+        ids, lengths = self.token_ids(texts, full_texts, field, max_tokens)
+        return await self.score(ids, lengths, field, max_tokens)
+
+    async def score(self, ids: List[np.ndarray], lengths: List[int], field: str,
+                    max_tokens: Optional[int] = None) -> dict:
+        """Rewards of encoded texts, through the batcher; the ids list is emptied once the batcher has them."""
         seq_length = min(self.scorer.seq_length, max_tokens or self.scorer.seq_length)
         truncated = [i for i, n in enumerate(lengths) if n > seq_length]
         if not self.batcher.thread.is_alive():
             raise Rejected(503, "batcher", "the scoring thread has stopped (see the server log); nothing can be "
                                            "scored until the server is restarted")
-        job = self.batcher.submit(ids)
-        del ids
+        job = self.batcher.submit(list(ids))
+        ids.clear()
         try:
             raw = await asyncio.wrap_future(job.future)
         except asyncio.CancelledError:  # request_timeout: the batcher skips what is left of this job
@@ -331,21 +354,15 @@ class RewardService:  # pylint: disable=too-many-instance-attributes
         except asyncio.TimeoutError:
             raise Rejected(408, "request_timeout", f"request body not received within request_timeout="
                                                    f"{self.limits.request_timeout}s") from None
-        payload = parse_json(body)
-        del body  # from here the request holds its texts, then (rewards()) only their token ids
-        options, field, full = {}, "query", True
-        if kind == "get_reward":
-            texts = query_texts(payload, self.limits)
-        elif kind in ("classify", "embeddings"):
-            (texts, options), field = input_request(payload, self.limits), "input"
-        elif kind == "evaluation":
-            (texts, options), field = evaluation_request(payload, self.limits), "messages"
+        # parsing and encoding a large body runs on ENCODE_THREADS threads: the requests waiting for them hold
+        # only their body, and at most ENCODE_THREADS hold a parsed payload and a tokenizer's output at once
+        if len(body) <= INLINE_BODY_BYTES:  # a thread hand-off costs more than this
+            ids, lengths, options, field = self.prepare(body, kind)
         else:
-            texts, field, full = [self.template.render(p, r) for p, r in score_items(payload, self.limits)], "items", \
-                False
-        del payload
+            ids, lengths, options, field = await loop.run_in_executor(self.encoder, self.prepare, body, kind)
+        del body
         try:
-            answer = await asyncio.wait_for(self.rewards(texts, full, field, options.get("max_length")),
+            answer = await asyncio.wait_for(self.score(ids, lengths, field, options.get("max_length")),
                                             max(0.0, deadline - loop.time()))
         except asyncio.TimeoutError:
             raise Rejected(503, "request_timeout", f"not scored within request_timeout="
