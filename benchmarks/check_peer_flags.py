@@ -1,8 +1,10 @@
 """Check the reward-server settings docs/serving.md gives each RL framework against the framework installed in the
-peers' venv (`make peer-venv`, then `.venv-peer/bin/pip install openrlhf verl`): not part of `make test`.
+peers' venv (`make peer-venv`, then `.venv-peer/bin/pip install openrlhf verl`; `pip install --no-deps openrlhf verl
+pyyaml` in any venv is enough for the source checks): not part of `make test`.
 
-- OpenRLHF: its PPO CLI (`python -m openrlhf.cli.train_ppo_ray --help`) must list `--reward.remote_url`, and must
-  refuse `--remote_rm_url` (the name before 0.11).
+- OpenRLHF: its PPO CLI's parser (openrlhf/cli/train_ppo_ray.py) must define `--reward.remote_url` and not
+  `--remote_rm_url` (the name before 0.11); installed with its dependencies, the CLI itself must list the one in
+  --help and refuse the other.
 - verl: its trainer config must hold `reward.reward_model.rollout.name` and `reward.reward_model.model_path` (or,
   in older versions, `reward_model.rollout.name` and `reward_model.model.path`), and its reward loop must post to
   `classify` and `v1/embeddings`.
@@ -19,30 +21,40 @@ from common import ROOT, save
 
 OPENRLHF = """
 import importlib.metadata, subprocess, sys
-version = importlib.metadata.version("openrlhf")
+dist = importlib.metadata.distribution("openrlhf")
+source = dist.locate_file("openrlhf/cli/train_ppo_ray.py").read_text(encoding="utf-8")
+result = {"version": dist.version, "reward.remote_url in the parser": 'add_argument("--reward.remote_url"' in source,
+          "remote_rm_url absent from the parser": '"--remote_rm_url"' not in source}
 cli = [sys.executable, "-m", "openrlhf.cli.train_ppo_ray"]
 listed = subprocess.run(cli + ["--help"], capture_output=True, text=True)
-old = subprocess.run(cli + ["--remote_rm_url", "http://127.0.0.1:5000/get_reward"], capture_output=True, text=True)
-print(json.dumps({"version": version, "help_exit": listed.returncode,
-                  "reward.remote_url listed": "--reward.remote_url" in listed.stdout,
-                  "remote_rm_url refused": old.returncode == 2 and "unrecognized arguments" in old.stderr}))
+if listed.returncode == 0:  # installed with its dependencies: the CLI itself
+    old = subprocess.run(cli + ["--remote_rm_url", "x"], capture_output=True, text=True)
+    result.update({"reward.remote_url in --help": "--reward.remote_url" in listed.stdout,
+                   "remote_rm_url refused": old.returncode == 2 and "unrecognized arguments" in old.stderr})
+else:
+    result["cli"] = "not runnable (installed without its dependencies): its parser's source was read"
+print(json.dumps(result))
 """
 
 VERL = """
-import importlib.metadata, importlib.util, pathlib
-from omegaconf import OmegaConf
-version = importlib.metadata.version("verl")
-root = pathlib.Path(importlib.util.find_spec("verl").origin).parent
+import importlib.metadata
+import yaml
+dist = importlib.metadata.distribution("verl")
 found = {}
-for path in sorted((root / "trainer" / "config").glob("*ppo_trainer.yaml")):
-    config = OmegaConf.load(path)
-    for key in ("reward.reward_model.rollout.name", "reward.reward_model.model_path", "reward_model.rollout.name",
-                "reward_model.model.path"):
-        if OmegaConf.select(config, key, default="<absent>") != "<absent>":
-            found.setdefault(key, path.name)
-loop = (root / "experimental" / "reward_loop" / "reward_loop.py").read_text(encoding="utf-8")
-print(json.dumps({"version": version, "keys": found,
-                  "posts classify": '"classify"' in loop, "posts v1/embeddings": '"v1/embeddings"' in loop,
+for file in dist.files:
+    name = str(file)
+    if name.startswith("verl/trainer/config/") and name.endswith("ppo_trainer.yaml"):
+        config = yaml.safe_load(dist.locate_file(file).read_text(encoding="utf-8"))
+        for key in ("reward.reward_model.rollout.name", "reward.reward_model.model_path",
+                    "reward_model.rollout.name", "reward_model.model.path"):
+            node = config
+            for part in key.split("."):
+                node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
+            if node is not KeyError:
+                found.setdefault(key, name)
+loop = dist.locate_file("verl/experimental/reward_loop/reward_loop.py").read_text(encoding="utf-8")
+print(json.dumps({"version": dist.version, "keys": found, "posts classify": '"classify"' in loop,
+                  "posts v1/embeddings": '"v1/embeddings"' in loop,
                   "sends use_activation": '"use_activation"' in loop}))
 """
 
@@ -63,7 +75,7 @@ def main():
         print(f"{args.python} does not exist: build the peers' venv (make peer-venv), install openrlhf and verl in it")
         return 1
     results = {"openrlhf": run(args.python, OPENRLHF), "verl": run(args.python, VERL)}
-    ok = {"openrlhf": lambda r: r["reward.remote_url listed"] and r["remote_rm_url refused"],
+    ok = {"openrlhf": lambda r: all(v for k, v in r.items() if k not in ("version", "cli")),
           "verl": lambda r: (({"reward.reward_model.rollout.name", "reward.reward_model.model_path"} <= set(r["keys"])
                               or {"reward_model.rollout.name", "reward_model.model.path"} <= set(r["keys"]))
                              and r["posts classify"] and r["posts v1/embeddings"] and r["sends use_activation"])}
