@@ -28,7 +28,6 @@ Without --distributed_ckpt_path the tiny config's randomly initialised weights a
 import argparse
 import asyncio
 import http.client
-import platform
 import json
 import os
 import signal
@@ -181,15 +180,6 @@ def load(port: int, items: list, clients: int, per_client: int):
     return wall, np.array(latencies), scores
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), None)
-    except OSError:
-        model = None
-    return f"{model or platform.processor() or 'unknown CPU'}, {os.cpu_count()} logical cores"
-
-
 def decoded_queries(items: list) -> list:
     """The rendered texts as OpenRLHF sends them: the ids (with BOS and EOS) decoded by transformers' Llama
     tokenizer with skip_special_tokens=False."""
@@ -274,11 +264,11 @@ def main():
     items = items[:args.clients * args.requests_per_client]
     checkpoint = "random weights" if not args.distributed_ckpt_path else ckpt
     if not args.skip_batching:
-        save("server", dict(batching(args, ckpt, items, work), cpu=cpu_name()))
+        save("server", batching(args, ckpt, items, work))
     if args.memory_requests:
         save("server_memory", memory_bound(args.config, args.memory_requests, work))
     if args.openrlhf_rollouts:
-        save("server_openrlhf", {"cpu": cpu_name(), "checkpoint": checkpoint, "defaults": "every server limit",
+        save("server_openrlhf", {"checkpoint": checkpoint, "defaults": "every server limit",
                                  "samples_per_rollout": args.samples_per_rollout,
                                  "bursts": openrlhf_bursts(args, ckpt, items, work)})
 
@@ -385,7 +375,7 @@ def memory_bound(config: str, counts: list, work: Path) -> dict:
     """RSS with N requests of max_body_bytes in flight, for each N in counts (see the module docstring)."""
     import uvicorn
 
-    from mindrlhf.serving.app import Limits, create_app
+    from mindrlhf.serving.app import ENCODE_THREADS, Limits, create_app
     from mindrlhf.serving.server import build_service, open_socket
 
     long_config = work / "tiny_4096.yaml"
@@ -451,14 +441,13 @@ def memory_bound(config: str, counts: list, work: Path) -> dict:
         batcher.before_pass = None
         server.should_exit = True
         batcher.stop()
-    first, last = results[0], results[-1]
-    slope = (last["rss_held_mib"] - first["rss_held_mib"]) / max(1, last["requests"] - first["requests"])
+    per_request = max(r["held_per_request_mib"] for r in results)
     ids_mib = limits.max_texts * 4096 * 4 / 2 ** 20
-    return {"cpu": cpu_name(), "seq_length": 4096, "limits": vars(limits), "body_bytes": len(body),
-            "tokens_per_text": tokens, "runs": results, "slope_mib_per_request": round(slope, 2),
-            "ids_per_request_mib": ids_mib,
+    return {"seq_length": 4096, "limits": vars(limits), "body_bytes": len(body),
+            "tokens_per_text": tokens, "runs": results, "held_per_request_mib": per_request,
+            "ids_per_request_mib": ids_mib, "encode_threads": ENCODE_THREADS,
             "bound_at_max_in_flight_mib": round(limits.max_in_flight * max(limits.max_body_bytes / 2 ** 20, ids_mib)),
-            "projected_at_max_in_flight_mib": round(first["rss_before_mib"] + limits.max_in_flight * slope)}
+            "projected_at_max_in_flight_mib": round(results[0]["rss_before_mib"] + limits.max_in_flight * per_request)}
 
 
 if __name__ == "__main__":

@@ -213,14 +213,19 @@ class RewardService:  # pylint: disable=too-many-instance-attributes
         self.counts = {"answered": 0, "rejected": 0, "non_finite": 0}
 
     # -- scoring ---------------------------------------------------------------------------------------------
-    def encode(self, texts: Sequence[str], full_texts: bool = False) -> List[np.ndarray]:
+    def encode(self, texts: Sequence[str], full_texts: bool = False,
+               cut: Optional[int] = None) -> List[np.ndarray]:
         """Token ids exactly as reward_infer.py makes them for the rendered text (same special-token rule), as
-        int32 arrays (a Python int list costs 9x more); full texts from a client are normalised to the template's
-        rendering first."""
+        int32 arrays (a Python int list costs 9x more), the first `cut` of each when given; full texts from a
+        client are normalised to the template's rendering first."""
+        return self._encode(texts, full_texts, cut)[0]
+
+    def _encode(self, texts: Sequence[str], full_texts: bool, cut: Optional[int]):
         if full_texts:
             texts = [self.full_text_normaliser(t) for t in texts]
-        return [np.asarray(x, np.int32) for x in self.tokenizer.encode(list(texts),
-                                                                       special_tokens=self.template.special_tokens)]
+        lists = self.tokenizer.encode(list(texts), special_tokens=self.template.special_tokens)
+        lengths = np.fromiter(map(len, lists), np.int64, len(lists))  # no int objects left behind in the heap
+        return [np.array(x[:cut], np.int32) for x in lists], lengths
 
     def check_ids(self, ids: List[np.ndarray], field: str):
         """Every id inside the model's vocabulary before a pass (a tokenizer with more tokens than the model's
@@ -235,21 +240,21 @@ class RewardService:  # pylint: disable=too-many-instance-attributes
                                              "does not belong to this model")
 
     def token_ids(self, texts: List[str], full_texts: bool, field: str,
-                  max_tokens: Optional[int] = None) -> Tuple[List[np.ndarray], List[int]]:
+                  max_tokens: Optional[int] = None) -> Tuple[List[np.ndarray], np.ndarray]:
         """(ids cut to seq_length as training and reward_infer.py cut them, each text's token count). Empties
-        `texts`: from here on only the ids are held."""
-        try:
-            ids = self.encode(texts, full_texts)
+        `texts`: from here on only the ids are held (and no Python ints: they would pin freed heap)."""
+        seq_length = min(self.scorer.seq_length, max_tokens or self.scorer.seq_length)
+        try:  # cut before the arrays are made: the tokenizer's whole output is never copied
+            ids, lengths = self._encode(texts, full_texts, seq_length)
         except Exception as err:  # pylint: disable=broad-except  (the tokenizer's own error, answered as a 400)
             raise Rejected(400, "encoding", f"field '{field}': the tokenizer cannot encode it: "
                                             f"{type(err).__name__}: {str(err)[:200]}") from None
         finally:
             texts.clear()
         self.check_ids(ids, field)
-        seq_length = min(self.scorer.seq_length, max_tokens or self.scorer.seq_length)
-        return [x[:seq_length].copy() for x in ids], [len(x) for x in ids]
+        return ids, lengths
 
-    def prepare(self, body: bytes, kind: str) -> Tuple[List[np.ndarray], List[int], dict, str]:
+    def prepare(self, body: bytes, kind: str) -> Tuple[List[np.ndarray], np.ndarray, dict, str]:
         """A request's body -> (token ids, token counts, options, field): parsed, checked, encoded. The parsed
         payload and texts live only inside this call."""
         payload = parse_json(body)
@@ -273,11 +278,11 @@ class RewardService:  # pylint: disable=too-many-instance-attributes
         ids, lengths = self.token_ids(texts, full_texts, field, max_tokens)
         return await self.score(ids, lengths, field, max_tokens)
 
-    async def score(self, ids: List[np.ndarray], lengths: List[int], field: str,
+    async def score(self, ids: List[np.ndarray], lengths: np.ndarray, field: str,
                     max_tokens: Optional[int] = None) -> dict:
         """Rewards of encoded texts, through the batcher; the ids list is emptied once the batcher has them."""
         seq_length = min(self.scorer.seq_length, max_tokens or self.scorer.seq_length)
-        truncated = [i for i, n in enumerate(lengths) if n > seq_length]
+        truncated = np.flatnonzero(lengths > seq_length).tolist()
         if not self.batcher.thread.is_alive():
             raise Rejected(503, "batcher", "the scoring thread has stopped (see the server log); nothing can be "
                                            "scored until the server is restarted")
@@ -301,7 +306,7 @@ class RewardService:  # pylint: disable=too-many-instance-attributes
             raise Rejected(500, "non_finite", f"the model gave a non-finite reward for {field}{bad[:16]} "
                                               f"({', '.join(str(float(raw[i])) for i in bad[:4])}): not a score; the "
                                               "weights or the input are broken (see GET /health)")
-        answer = {"rewards": [float(r) for r in raw], "num_tokens": lengths, "truncated": truncated}
+        answer = {"rewards": [float(r) for r in raw], "num_tokens": lengths.tolist(), "truncated": truncated}
         if truncated:
             answer["note"] = (f"{len(truncated)} text(s) longer than seq_length={seq_length} tokens were truncated "
                               "to their first seq_length tokens, as in training")
