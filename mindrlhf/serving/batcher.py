@@ -190,7 +190,7 @@ class DynamicBatcher:
                               "(see the errors above)", len(jobs))
                     self.counts["failed_passes"] += 1
                 jobs = []
-        except BaseException as err:  # the thread dies: nobody may wait for it
+        except BaseException as err:  # pylint: disable=broad-except  (the thread ends: nobody may wait for it)
             LOG.critical("the batcher thread stopped: %s: %s", type(err).__name__, err)
             stopped = RuntimeError(f"the batcher thread stopped: {type(err).__name__}: {err}")
             for job in jobs:
@@ -203,7 +203,6 @@ class DynamicBatcher:
                     break
                 if job is not None and job.future.set_running_or_notify_cancel():
                     job.future.set_exception(stopped)
-            raise
 
     def _score_jobs(self, jobs: list) -> int:
         """Score these jobs in one go; when that raises, each half again, down to the job that fails alone.
