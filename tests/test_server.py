@@ -555,7 +555,7 @@ def test_only_the_serving_tokenizers_own_spelling_is_normalised(hf_folders, tmp_
     for sent in ("x<|eot_id|>", "<|begin_of_text|>x<|eot_id|>", "<|begin_of_text|><|begin_of_text|>x<|eot_id|>"):
         assert llama3(sent) == "<|begin_of_text|>x<|eot_id|>", sent  # none, one or several BOS: the template's one
     assert llama3("<s>x</s>") == "<|begin_of_text|><s>x</s>"  # Llama 2's spelling is text; the BOS is put back
-    llama3_tutorial = FullTextNormaliser.build(TUTORIAL, llama3_tok)  # the tokenizer adds the BOS, the tutorial has no EOS
+    llama3_tutorial = FullTextNormaliser.build(TUTORIAL, llama3_tok)  # the tokenizer adds the BOS; no EOS
     assert llama3_tutorial("<|begin_of_text|>x<|eot_id|>") == "x"
 
 

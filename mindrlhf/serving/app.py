@@ -15,15 +15,16 @@ a bound on requests in flight and a per-request timeout.
   `{"id", "object": "score.evaluation", "model", "scores": [...]}`.
 - `POST /score` `{"prompt", "response"}` or `{"items": [...]}`: rendered with the run's template here.
 Full texts are normalised first (mindrlhf.data.templates.FullTextNormaliser: BOS/EOS a decode wrote as text, or a
-BOS a client stripped -> the ids the run's template gives), so the decoded rollout of a policy whose prompt format is the run's template scores as
-reward_infer.py scores the plain (prompt, response).
+BOS a client stripped -> the ids the run's template gives), so the decoded rollout of a policy whose prompt format
+is the run's template scores as reward_infer.py scores the plain (prompt, response).
 
 Every rejection and every failure is a JSON `{"error", "limit"}` with a 4xx/5xx and never touches the process: the
 next request is served; a forward pass that fails answers only the request that caused it (500 `scoring`, see
 batcher.py); a reward that is NaN or infinite is never sent as a number (500 `non_finite`).
 
-Memory: a request holds its body until it is parsed, its parsed texts until they are encoded, and from then on only
-its token ids, int32 and cut to seq_length (docs/serving.md gives the bound, benchmarks/bench_server.py measures it).
+Memory: a request holds its body until one of ENCODE_THREADS threads has parsed and encoded it, and from then on
+only its token ids, int32 in one block, cut to seq_length (docs/serving.md gives the bound, bench_server.py
+measures it).
 Nothing in a request reaches the file system or a shell: the checkpoint, config, tokenizer and template are fixed
 when the service starts, a request only carries texts.
 """

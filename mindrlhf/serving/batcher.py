@@ -17,8 +17,9 @@ A batch whose scoring raises fails only its culprit: its jobs are split in halve
 (recursively), so the requests that did not cause the failure get their scores and the one that did gets the
 error (log2 of the batch's jobs extra passes per culprit). A pass in which no request could be scored, alone or
 with others (one request or many), is counted as `failed_passes`: the model itself fails. Should the thread itself
-die (an error no pass catches), every waiting job gets the error and `thread.is_alive()` says so (/health). `before_pass(rows)` is called before every forward
-pass with its real rows (packed: the sequences it holds): tests use it to inject a failure or hold a pass.
+die (an error no pass catches), every waiting job gets the error and `thread.is_alive()` says so (/health).
+`before_pass(rows)` is called before every forward pass with its real rows (packed: the sequences it holds): tests
+use it to inject a failure or hold a pass.
 """
 import logging
 import queue
