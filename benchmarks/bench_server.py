@@ -360,7 +360,7 @@ def reset_peak():
 
 def largest_body(limits) -> bytes:
     """A /get_reward body of at most max_body_bytes: max_texts texts (or fewer, if the body limit is reached first)
-    of random lowercase words, each of more than 4096 tokens for the Llama 2 tokenizer (about 0.4 tokens a
+    of random lowercase words, each of more than 4096 tokens for the Llama 2 tokenizer (about 0.57 tokens a
     character), so that what a request keeps after encoding, its ids cut to seq_length, is as large as it gets."""
     rng = np.random.default_rng(0)
     per_text = min(limits.max_chars, (limits.max_body_bytes - 64) // limits.max_texts - 4)
