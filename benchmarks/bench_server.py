@@ -15,12 +15,19 @@ transformers with skip_special_tokens=False, so `<s> ...</s>`), ignores Retry-Af
 apart with a 180 s timeout, then drops the sample; it reads `scores`, else `rewards`. Reports samples scored and
 dropped, tries, 503s and p50/p99 latency (first try to answer), and checks every score against the plain text's
 (benchmarks/results/server_openrlhf.json).
+
+Then (`--memory_requests`, default 8 and 24; 0 skips) the memory bound: a service built in this process with the
+tiny model at the 7B YAML's seq_length 4096 (random weights) and the default limits, served by uvicorn on a thread;
+N requests each carrying a body of max_body_bytes (max_texts texts of text that tokenizes to more than 4096 tokens
+each, the most token ids a body can leave) are held in flight (the batcher's before_pass holds a first small
+request's pass until the N are queued), and the process's RSS is read then, and its peak while they were parsed and
+encoded. The slope over N is what one request in flight costs; docs/serving.md gives the bound
+(benchmarks/results/server_memory.json). The held requests are then answered with a 500 (no 4096-token passes).
 Without --distributed_ckpt_path the tiny config's randomly initialised weights are served.
 """
 import argparse
 import asyncio
 import http.client
-import platform
 import json
 import os
 import signal
@@ -173,15 +180,6 @@ def load(port: int, items: list, clients: int, per_client: int):
     return wall, np.array(latencies), scores
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), None)
-    except OSError:
-        model = None
-    return f"{model or platform.processor() or 'unknown CPU'}, {os.cpu_count()} logical cores"
-
-
 def decoded_queries(items: list) -> list:
     """The rendered texts as OpenRLHF sends them: the ids (with BOS and EOS) decoded by transformers' Llama
     tokenizer with skip_special_tokens=False."""
@@ -254,7 +252,9 @@ def main():
     parser.add_argument("--openrlhf_rollouts", type=int, nargs="*", default=[64, 256, 512],
                         help="concurrent OpenRLHF-like rollouts against a server with default limits")
     parser.add_argument("--samples_per_rollout", type=int, default=8)
-    parser.add_argument("--skip_batching", action="store_true", help="only the OpenRLHF bursts")
+    parser.add_argument("--skip_batching", action="store_true", help="only the OpenRLHF bursts and the memory bound")
+    parser.add_argument("--memory_requests", type=int, nargs="*", default=[8, 24],
+                        help="requests of max_body_bytes held in flight for the memory bound (none: skip it)")
     args = parser.parse_args()
     require_inputs()
     work = Path(tempfile.mkdtemp(prefix="bench_server_"))
@@ -264,9 +264,11 @@ def main():
     items = items[:args.clients * args.requests_per_client]
     checkpoint = "random weights" if not args.distributed_ckpt_path else ckpt
     if not args.skip_batching:
-        save("server", dict(batching(args, ckpt, items, work), cpu=cpu_name()))
+        save("server", batching(args, ckpt, items, work))
+    if args.memory_requests:
+        save("server_memory", memory_bound(args.config, args.memory_requests, work))
     if args.openrlhf_rollouts:
-        save("server_openrlhf", {"cpu": cpu_name(), "checkpoint": checkpoint, "defaults": "every server limit",
+        save("server_openrlhf", {"checkpoint": checkpoint, "defaults": "every server limit",
                                  "samples_per_rollout": args.samples_per_rollout,
                                  "bursts": openrlhf_bursts(args, ckpt, items, work)})
 
@@ -343,6 +345,109 @@ def batching(args, ckpt: str, items: list, work: Path) -> dict:
           f"{results['batch_1']['p99_ms']} ms; max |score difference| {diff:.2e}")
     assert diff < 1e-4, diff
     return result
+
+
+def rss_kib(field: str = "VmRSS") -> int:
+    with open("/proc/self/status", encoding="utf-8") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
+
+
+def reset_peak():
+    """Start VmHWM (peak RSS) again from the current RSS (Linux: clear_refs 5)."""
+    with open("/proc/self/clear_refs", "w", encoding="utf-8") as fh:
+        fh.write("5")
+
+
+def largest_body(limits) -> bytes:
+    """A /get_reward body of at most max_body_bytes: max_texts texts (or fewer, if the body limit is reached first)
+    of random lowercase words, each of more than 4096 tokens for the Llama 2 tokenizer (about 0.57 tokens a
+    character), so that what a request keeps after encoding, its ids cut to seq_length, is as large as it gets."""
+    rng = np.random.default_rng(0)
+    per_text = min(limits.max_chars, (limits.max_body_bytes - 64) // limits.max_texts - 4)
+    letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz      ", np.uint8)
+    texts = [rng.choice(letters, per_text).tobytes().decode("ascii") for _ in range(limits.max_texts)]
+    body = json.dumps({"query": texts}).encode("utf-8")
+    assert len(body) <= limits.max_body_bytes, len(body)
+    return body
+
+
+def memory_bound(config: str, counts: list, work: Path) -> dict:
+    """RSS with N requests of max_body_bytes in flight, for each N in counts (see the module docstring)."""
+    import uvicorn
+
+    from mindrlhf.serving.app import ENCODE_THREADS, Limits, create_app
+    from mindrlhf.serving.server import build_service, open_socket
+
+    long_config = work / "tiny_4096.yaml"
+    long_config.write_text(Path(config).read_text(encoding="utf-8").replace("    seq_length: 256\n",
+                                                                           "    seq_length: 4096\n", 1),
+                           encoding="utf-8")
+    ckpt = random_checkpoint(str(long_config), work / "memory")
+    limits = Limits()
+    service = build_service(str(long_config), ckpt, str(TOKENIZER), limits, max_batch=4)
+    assert service.scorer.seq_length == 4096
+    sock = open_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning", lifespan="off"))
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    body = largest_body(limits)
+    tokens = [len(x) for x in service.tokenizer.encode(json.loads(body)["query"][:2])]
+    assert min(tokens) > 4096, tokens
+    batcher, results = service.batcher, []
+    plug_ids = service.encode(["memory plug"])[0]
+
+    def send(data: bytes, out: list):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        conn.request("POST", "/get_reward", body=data, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        out.append(resp.status)
+        resp.read()
+        conn.close()
+
+    try:
+        for count in counts:
+            entered, release, done = threading.Event(), threading.Event(), []
+
+            def before_pass(rows):
+                if any(np.array_equal(row, plug_ids) for row in rows):
+                    entered.set()
+                    release.wait(600)
+                else:
+                    raise RuntimeError("memory benchmark: not scored")
+
+            batcher.before_pass = before_pass
+            plug = threading.Thread(target=send, args=(json.dumps({"query": ["memory plug"]}).encode(), done))
+            plug.start()
+            entered.wait(120)
+            base = rss_kib()
+            reset_peak()
+            threads = [threading.Thread(target=send, args=(body, done)) for _ in range(count)]
+            for thread in threads:
+                thread.start()
+            while batcher.jobs.qsize() < count:
+                time.sleep(0.05)
+            held, peak = rss_kib(), rss_kib("VmHWM")
+            release.set()
+            for thread in threads + [plug]:
+                thread.join(600)
+            assert sorted(done) == [200] + [500] * count, done
+            results.append({"requests": count, "rss_before_mib": round(base / 1024, 1),
+                            "rss_held_mib": round(held / 1024, 1), "peak_mib": round(peak / 1024, 1),
+                            "held_per_request_mib": round((held - base) / 1024 / count, 2)})
+            print("memory:", results[-1], flush=True)
+    finally:
+        batcher.before_pass = None
+        server.should_exit = True
+        batcher.stop()
+    per_request = max(r["held_per_request_mib"] for r in results)
+    ids_mib = limits.max_texts * 4096 * 4 / 2 ** 20
+    return {"seq_length": 4096, "limits": vars(limits), "body_bytes": len(body),
+            "tokens_per_text": tokens, "runs": results, "held_per_request_mib": per_request,
+            "ids_per_request_mib": ids_mib, "encode_threads": ENCODE_THREADS,
+            "bound_at_max_in_flight_mib": round(limits.max_in_flight * max(limits.max_body_bytes / 2 ** 20, ids_mib)),
+            "projected_at_max_in_flight_mib": round(results[0]["rss_before_mib"] + limits.max_in_flight * per_request)}
 
 
 if __name__ == "__main__":

@@ -463,10 +463,10 @@ def short_picks(run, count=6):
     return [i for i, n in enumerate(lengths) if n < 200][:count]
 
 
-def test_openrlhf_verl_llamafactory_clients_score_decoded_llama2_rollouts_as_reward_infer(server, run):
+def test_openrlhf_llamafactory_clients_score_decoded_llama2_rollouts_as_reward_infer(server, run):
     """A rollout decoded as OpenRLHF decodes it (transformers' Llama tokenizer, skip_special_tokens=False: BOS and
     EOS written as `<s> ...</s>`) scores exactly as reward_infer.py scores the plain row, through OpenRLHF's own
-    request handling, a verl-style /classify call and a LLaMA-Factory-style /v1/score/evaluation call."""
+    request handling and a LLaMA-Factory-style /v1/score/evaluation call."""
     from mindrlhf.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(TOKENIZER))
@@ -481,20 +481,20 @@ def test_openrlhf_verl_llamafactory_clients_score_decoded_llama2_rollouts_as_rew
                               list(zip(queries, picks)))
         for (scores, tries), i in zip(answers, picks):
             assert tries == 1 and scores[0] == pytest.approx(scored[i]["score"], abs=1e-5), (name, i)
-        status, answer, _ = server.post("/classify", {"model": "rm", "input": queries, "activation": False,
-                                                      "add_special_tokens": False})
-        assert status == 200 and answer["object"] == "list" and answer["id"].startswith("classify-")
-        assert answer["model"] == "rm" and answer["usage"]["completion_tokens"] == 0
-        assert [d["index"] for d in answer["data"]] == list(range(len(picks)))
-        for data, i in zip(answer["data"], picks):  # verl's reward loop reads probs[0] with activation false
-            assert data["num_classes"] == 1 and data["probs"][0] == pytest.approx(scored[i]["score"], abs=1e-5)
         status, answer, _ = server.post("/v1/score/evaluation", {"model": "rm", "messages": queries})
         assert status == 200 and answer["object"] == "score.evaluation" and answer["id"].startswith("scoreval-")
         assert answer["scores"] == pytest.approx([scored[i]["score"] for i in picks], abs=1e-5)
-    # vLLM's default activation: sigmoid of the reward
-    status, answer, _ = server.post("/v1/classify", {"input": plain[0]})
-    assert status == 200 and answer["data"][0]["probs"][0] == pytest.approx(
-        1 / (1 + np.exp(-scored[picks[0]]["score"])), abs=1e-6)
+    # vLLM's default activation: sigmoid of the reward; a list of texts; both names of the switch
+    status, answer, _ = server.post("/v1/classify", {"input": plain[:2]})
+    assert status == 200 and answer["object"] == "list" and answer["id"].startswith("classify-")
+    assert [d["index"] for d in answer["data"]] == [0, 1] and answer["usage"]["completion_tokens"] == 0
+    assert [d["probs"][0] for d in answer["data"]] == pytest.approx(
+        [1 / (1 + np.exp(-scored[i]["score"])) for i in picks[:2]], abs=1e-6)
+    for flags in ({"activation": False}, {"use_activation": False}, {"activation": False, "use_activation": False}):
+        status, answer, _ = server.post("/classify", dict(flags, input=plain[0]))
+        assert status == 200 and answer["data"][0]["probs"] == pytest.approx([scored[picks[0]]["score"]], abs=1e-5)
+    status, answer, _ = server.post("/classify", {"input": plain[0], "activation": False, "use_activation": True})
+    assert status == 400 and answer["limit"] == "conflict" and "use_activation" in answer["error"], answer
     health = server.get("/health")[1]
     assert "<s>" in json.dumps(health["full_texts"]) and "policy's prompt format" in health["full_texts"]["why"]
     # reward_infer.py normalises {"query"} rows with the same code
@@ -528,11 +528,11 @@ def llama2_chat_template(folder):
 def test_only_the_serving_tokenizers_own_spelling_is_normalised(hf_folders, tmp_path):
     """`<s>` means BOS only to the Llama 2 tokenizer, `<|im_end|>` only to the Qwen one: in another tokenizer's
     spelling they are ordinary text. Repeated BOS collapse to the template's one."""
-    from mindrlhf.data.templates import TUTORIAL, client_texts, resolve_template
+    from mindrlhf.data.templates import TUTORIAL, FullTextNormaliser, resolve_template
     from mindrlhf.data.tokenizer import load_tokenizer
 
     llama2_tok = load_tokenizer(str(TOKENIZER))
-    llama2 = client_texts(TUTORIAL, llama2_tok)
+    llama2 = FullTextNormaliser.build(TUTORIAL, llama2_tok)
     assert llama2("<s><s> 你好</s>") == "你好"
     assert llama2("<s> Use <s>old</s></s>") == "Use <s>old</s>"  # one EOS appended by the loop, HTML's kept
     # Llama 2's chat template renders ' ' + eos after the answer; a policy stops right after its last word. Chat
@@ -540,21 +540,22 @@ def test_only_the_serving_tokenizers_own_spelling_is_normalised(hf_folders, tmp_
     hf_llama2_tokenizers()["fast"].save_pretrained(str(tmp_path / "llama2_fast"))
     fast = load_tokenizer(str(tmp_path / "llama2_fast" / "tokenizer.json"))
     template = resolve_template(str(llama2_chat_template(tmp_path)), fast)
-    llama2_chat = client_texts(template, fast)
+    llama2_chat = FullTextNormaliser.build(template, fast)
     decoded = "<s>[INST] Hi [/INST] Hello there</s>"  # as the policy's ids decode: no space before </s>
     assert llama2_chat(decoded) == template.render("Hi", "Hello there") == "<s>[INST] Hi [/INST] Hello there </s>"
     assert fast.encode([llama2_chat(decoded)], special_tokens=template.special_tokens) == \
         fast.encode([template.render("Hi", "Hello there")], special_tokens=template.special_tokens)
     assert llama2("<|begin_of_text|>你好<|im_end|>") == "<|begin_of_text|>你好<|im_end|>"
     qwen_tok = load_tokenizer(str(hf_folders["qwen2"]))
-    qwen = client_texts(resolve_template("chat", qwen_tok), qwen_tok)
+    qwen = FullTextNormaliser.build(resolve_template("chat", qwen_tok), qwen_tok)
     assert qwen("<s> 你好</s>") == "<s> 你好</s>" and qwen("a<|im_end|>") == "a<|im_end|>\n"
     assert qwen("a<|im_end|>\n") == "a<|im_end|>\n"
     llama3_tok = load_tokenizer(str(hf_folders["llama3"]))
-    llama3 = client_texts(resolve_template("chat", llama3_tok), llama3_tok)
-    assert llama3("<|begin_of_text|><|begin_of_text|>x<|eot_id|>") == "<|begin_of_text|>x<|eot_id|>"
-    assert llama3("<s>x</s>") == "<s>x</s>"
-    llama3_tutorial = client_texts(TUTORIAL, llama3_tok)  # the tokenizer adds the BOS, the tutorial has no EOS
+    llama3 = FullTextNormaliser.build(resolve_template("chat", llama3_tok), llama3_tok)
+    for sent in ("x<|eot_id|>", "<|begin_of_text|>x<|eot_id|>", "<|begin_of_text|><|begin_of_text|>x<|eot_id|>"):
+        assert llama3(sent) == "<|begin_of_text|>x<|eot_id|>", sent  # none, one or several BOS: the template's one
+    assert llama3("<s>x</s>") == "<|begin_of_text|><s>x</s>"  # Llama 2's spelling is text; the BOS is put back
+    llama3_tutorial = FullTextNormaliser.build(TUTORIAL, llama3_tok)  # the tokenizer adds the BOS; no EOS
     assert llama3_tutorial("<|begin_of_text|>x<|eot_id|>") == "x"
 
 
@@ -601,7 +602,7 @@ def test_decoded_chat_rollouts_score_as_reward_infer(family_run):
     """Llama 3 / Qwen2.5 (tokenizer.json, chat template): the rollout's ids decoded by transformers with
     skip_special_tokens=False, as OpenRLHF builds its query (Qwen's generation stops at <|im_end|>, before the
     template's newline; a prompt tokenized with its BOS again gives two), score as reward_infer.py scores the
-    plain rows, through all three full-text contracts."""
+    plain rows, through OpenRLHF's and LLaMA-Factory's contracts."""
     from transformers import AutoTokenizer
 
     run = family_run
@@ -621,11 +622,62 @@ def test_decoded_chat_rollouts_score_as_reward_infer(family_run):
     answers = in_parallel(lambda q, r: openrlhf_reward(server.port, [q], [r["prompt"]], [None]),
                           list(zip(queries, run["rows"])))
     assert [a[0][0] for a in answers] == pytest.approx(run["scored"], abs=1e-5)
-    status, answer, _ = server.post("/classify", {"model": "rm", "input": queries, "activation": False,
-                                                  "add_special_tokens": False})
-    assert status == 200 and [d["probs"][0] for d in answer["data"]] == pytest.approx(run["scored"], abs=1e-5)
     status, answer, _ = server.post("/v1/score/evaluation", {"model": "rm", "messages": queries})
     assert status == 200 and answer["scores"] == pytest.approx(run["scored"], abs=1e-5)
+
+
+def verl_texts(hf, rows):
+    """What verl's reward loop (verl/experimental/reward_loop/reward_loop.py, _preprocess_reward_inputs) posts for
+    each row: the policy's response ids (ending in its EOS) decoded, the EOS text removed, put in an assistant turn
+    after the user turn, rendered by the reward model's tokenizer with apply_chat_template(tokenize=False), and a
+    leading BOS text stripped (vLLM adds one)."""
+    texts = []
+    for row in rows:
+        response_ids = hf.encode(row["response"], add_special_tokens=False) + [hf.eos_token_id]
+        response = hf.decode(response_ids).replace(hf.eos_token, "")
+        chat = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": response}]
+        text = hf.apply_chat_template(chat, add_generation_prompt=False, tokenize=False)
+        if hf.bos_token is not None and text.startswith(hf.bos_token):
+            text = text[len(hf.bos_token):]
+        texts.append(text)
+    return texts
+
+
+def test_verl_reward_loop_on_vllm_and_sglang_engines_scores_as_reward_infer(family_run):
+    """verl's reward loop as it calls a discriminative reward model: one text per request, to the vLLM engine's
+    /classify with use_activation false (it reads data[-1].probs[-1]) and to the SGLang engine's /v1/embeddings (it
+    reads data[-1].embedding[-1]). Llama 3's template renders a BOS that verl strips: it is put back."""
+    from transformers import AutoTokenizer
+
+    run = family_run
+    hf = AutoTokenizer.from_pretrained(str(run["folder"]))
+    server = run["server"]
+    texts = verl_texts(hf, run["rows"])
+    if run["family"] == "llama3":
+        assert hf.bos_token and not any(t.startswith(hf.bos_token) for t in texts)
+        assert run["template"].render("p", "r").startswith(hf.bos_token)
+
+    def vllm(text):
+        status, answer, _ = server.post("/classify", {"model": "/models/rm", "input": text, "use_activation": False})
+        assert status == 200 and answer["model"] == "/models/rm", answer
+        return answer["data"][-1]["probs"][-1]
+
+    def sglang(text):
+        status, answer, _ = server.post("/v1/embeddings", {"model": "/models/rm", "input": text})
+        assert status == 200 and answer["object"] == "list" and answer["data"][-1]["object"] == "embedding", answer
+        assert answer["usage"]["prompt_tokens"] > 0 and answer["model"] == "/models/rm"
+        return answer["data"][-1]["embedding"][-1]
+
+    for call in (vllm, sglang):
+        assert in_parallel(call, [(t,) for t in texts]) == pytest.approx(run["scored"], abs=1e-5), call.__name__
+    status, answer, _ = server.post("/v1/embeddings", {"input": texts[:2]})  # a list: one embedding each
+    assert status == 200 and [d["index"] for d in answer["data"]] == [0, 1]
+    assert [d["embedding"][0] for d in answer["data"]] == pytest.approx(run["scored"][:2], abs=1e-5)
+
+
+def holds(batch, ids) -> bool:
+    """Whether a pass's rows (int32 arrays) hold this token id sequence."""
+    return any(np.array_equal(row, ids) for row in batch)
 
 
 def held_batch(inproc, texts, fails):
@@ -637,7 +689,7 @@ def held_batch(inproc, texts, fails):
     entered, held = threading.Event(), threading.Event()
 
     def before_pass(batch):
-        if plug in batch:
+        if holds(batch, plug):
             entered.set()
             held.wait(60)  # the batcher is busy until the requests wait in its queue
         else:
@@ -681,7 +733,7 @@ def test_a_failing_pass_fails_only_its_culprit(served, run, request):
     culprit = service.encode([texts[5]])[0]
 
     def fails(batch):
-        if culprit in batch:
+        if holds(batch, culprit):
             raise RuntimeError("injected: this row breaks the forward pass")
 
     before = dict(batcher.counts)
@@ -724,7 +776,7 @@ def test_scoring_timeout_answers_503_and_the_next_request_is_served(inproc, monk
     text = template_text("超时测试", "等待。")
     ids = service.encode([text])[0]
     release = threading.Event()
-    service.batcher.before_pass = lambda batch: release.wait(60) if ids in batch else None
+    service.batcher.before_pass = lambda batch: release.wait(60) if holds(batch, ids) else None
     try:
         with monkeypatch.context() as patch:
             patch.setattr(service.limits, "request_timeout", 0.5)
@@ -742,7 +794,11 @@ def test_unencodable_text_and_foreign_ids_are_named_json_answers(server, inproc,
     for path, body, field in [("/get_reward", b'{"query": ["ok", "a\\ud800b"]}', "query[1]"),
                               ("/classify", b'{"input": "\\ud800"}', "input[0]"),
                               ("/v1/score/evaluation", b'{"model": "m", "messages": ["\\udfff"]}', "messages[0]"),
-                              ("/score", b'{"prompt": "p", "response": "\\ud800"}', "items[0].response")]:
+                              ("/score", b'{"prompt": "p", "response": "\\ud800"}', "items[0].response"),
+                              # echoed fields are texts too
+                              ("/classify", b'{"model": "\\ud800", "input": "x"}', "model"),
+                              ("/v1/embeddings", b'{"model": "a\\udfffb", "input": ["x"]}', "model"),
+                              ("/v1/score/evaluation", b'{"model": "\\ud800", "messages": ["x"]}', "model")]:
         status, answer, _ = server.post(path, None, raw=body)
         assert status == 400 and answer["limit"] == "encoding" and field in answer["error"], (path, answer)
     monkeypatch.setattr(inproc.service, "vocab_size", 300)
@@ -750,6 +806,108 @@ def test_unencodable_text_and_foreign_ids_are_named_json_answers(server, inproc,
     status, answer, _ = inproc.post("/get_reward", {"query": ["你好"]})
     assert status == 422 and answer["limit"] == "vocab" and "query[0]" in answer["error"], answer
     assert inproc.service.batcher.counts["forward_passes"] == passes
+
+
+def test_a_lone_failed_pass_is_counted_and_a_dead_batcher_is_told(inproc, run, monkeypatch):
+    """One request alone whose pass fails: /health counts the failed pass. A batcher thread that dies (an error no
+    pass catches) answers the request it held, /health says so with a 503, and later requests get a 503 at once."""
+    service, batcher = inproc.service, inproc.service.batcher
+    text = template_text(run["rows"][0]["prompt"], run["rows"][0]["response"])
+    before = dict(batcher.counts)
+
+    def broken(batch):
+        raise RuntimeError("injected: the model is broken")
+
+    batcher.before_pass = broken
+    try:
+        status, answer, _ = inproc.post("/get_reward", {"query": [text]})
+    finally:
+        batcher.before_pass = None
+    assert status == 500 and answer["limit"] == "scoring", answer
+    counts = inproc.get("/health")[1]["counts"]
+    assert counts["failed_passes"] - before["failed_passes"] == 1 and counts["failed_jobs"] - before["failed_jobs"] == 1
+
+    def dies(batch):
+        raise SystemExit("injected: the thread ends")
+
+    monkeypatch.setattr(service.limits, "request_timeout", 20.0)
+    batcher.before_pass = dies
+    try:
+        status, answer, _ = inproc.post("/get_reward", {"query": [text]}, timeout=30)
+        assert status == 500 and "batcher thread stopped" in answer["error"], answer
+        batcher.thread.join(10)
+        status, health, _ = inproc.get("/health")
+        assert status == 503 and health["batcher_alive"] is False and health["status"] == "batcher_stopped"
+        status, answer, _ = inproc.post("/get_reward", {"query": [text]}, timeout=30)
+        assert status == 503 and answer["limit"] == "batcher", answer
+    finally:
+        batcher.before_pass = None
+        if not batcher.thread.is_alive():
+            batcher.start()
+    status, health, _ = inproc.get("/health")
+    assert status == 200 and health["batcher_alive"] is True
+    assert inproc.post("/get_reward", {"query": [text]})[0] == 200
+
+
+@pytest.fixture(scope="module")
+def extreme(run, tmp_path_factory):
+    """The trained run with its value head scaled by -1e4 or 1e4, whichever makes its mean reward negative
+    (rewards far below exp()'s range), and with one weight of it set to inf (rewards of +-inf or NaN): real
+    checkpoints, each served in this process."""
+    import mindspore as ms
+
+    servers, scale = {}, -1e4 if run["stats"]["mean"] > 0 else 1e4
+    for name, change in (("huge", lambda w: w * scale), ("inf", lambda w: np.where(np.arange(w.size).reshape(w.shape)
+                                                                                   == 0, np.inf, w))):
+        root = tmp_path_factory.mktemp(f"extreme_{name}") / "checkpoint"
+        (root / "rank_0").mkdir(parents=True)
+        params = ms.load_checkpoint(str(run["checkpoint"]))
+        params["v_head.weight"] = ms.Parameter(ms.Tensor(change(params["v_head.weight"].asnumpy()).astype(
+            np.float32)), name="v_head.weight")
+        ms.save_checkpoint([{"name": k, "data": v} for k, v in params.items()], str(root / "rank_0" / "x.ckpt"))
+        for record in run["root"].glob("*.json"):
+            if record.name != "reward_stats.json":  # the statistics belong to the trained weights
+                shutil.copy2(record, root / record.name)
+        servers[name] = build_inprocess(TINY_CONFIG, root, TOKENIZER, max_batch=4)
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+def test_extreme_rewards_are_answered_right(extreme, run):
+    """A reward of -1e4 has a sigmoid (0, not an OverflowError); a reward of +-inf or NaN is never sent as a number:
+    a JSON 500 `non_finite` naming the inputs, counted in /health, not as answered."""
+    texts = [template_text(r["prompt"], r["response"]) for r in run["rows"][:8]]
+    huge = extreme["huge"]
+    status, answer, _ = huge.post("/classify", {"input": texts, "use_activation": False})
+    assert status == 200, answer
+    raw = [d["probs"][0] for d in answer["data"]]
+    assert min(raw) < -1000, raw  # past exp()'s range
+    status, answer, _ = huge.post("/classify", {"input": texts})
+    assert status == 200 and [d["probs"][0] for d in answer["data"]] == [float(r > 0) for r in raw], answer
+    inf = extreme["inf"]
+    before = inf.get("/health")[1]["counts"]
+    for path, body in (("/get_reward", {"query": texts[:3]}), ("/v1/embeddings", {"input": texts[0]}),
+                       ("/score", {"prompt": "p", "response": "r"})):
+        status, answer, _ = inf.post(path, body)
+        assert status == 500 and answer["limit"] == "non_finite", (path, answer)
+        field = {"/get_reward": "query[0, 1, 2]", "/v1/embeddings": "input[0]", "/score": "items[0]"}[path]
+        assert field in answer["error"], answer
+    counts = inf.get("/health")[1]["counts"]
+    assert counts["answered"] == before["answered"] and counts["non_finite"] - before["non_finite"] == 3
+
+
+def test_limits_must_be_finite_and_positive(run):
+    from mindrlhf.errors import ConfigError
+    from mindrlhf.serving.app import Limits
+
+    for value in ("nan", "inf", "-1", "0"):
+        proc = run_main(SERVER, "--config", TINY_CONFIG, "--distributed_ckpt_path", run["root"], "--tokenizer",
+                        TOKENIZER, "--request_timeout", value, check=False)
+        assert proc.returncode == 2 and "--request_timeout must be a finite positive number" in proc.stderr, \
+            (value, proc.stderr[-500:])
+    with pytest.raises(ConfigError, match="--max_in_flight must be a finite positive number"):
+        Limits(max_in_flight=float("inf")).check()
 
 
 def asgi_get(app, path, client, headers=()):
@@ -786,6 +944,10 @@ def test_health_beyond_loopback_without_the_key_shows_no_paths(inproc, run, monk
     monkeypatch.setattr(inproc.service, "_key", KEY.encode())
     assert paths(asgi_get(inproc.app, "/health", remote, [("Authorization", f"Bearer {KEY}")])[1])
     assert not paths(asgi_get(inproc.app, "/health", remote, [("Authorization", "Bearer wrong")])[1])
+    # with a key, loopback is no pass (behind a loopback proxy every caller is local): the key is
+    assert not paths(inproc.get("/health")[1])
+    assert not paths(asgi_get(inproc.app, "/health", ("127.0.0.1", 40000))[1])
+    assert paths(asgi_get(inproc.app, "/health", ("127.0.0.1", 40000), [("Authorization", f"Bearer {KEY}")])[1])
 
 
 # -- shutdown (last use of `server`) --------------------------------------------------------------------------

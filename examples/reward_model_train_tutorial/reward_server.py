@@ -1,12 +1,14 @@
-"""Serve a trained reward model over HTTP, with OpenRLHF's remote reward-model contract.
+"""Serve a trained reward model over HTTP, with the contracts RL frameworks call a reward model with.
 
     MINDRLHF_API_KEY=... python reward_server.py --config run_llama_2_7b_rm.yaml \
         --distributed_ckpt_path output/checkpoint --tokenizer /path/to/tokenizer.model [--normalize]
-POST /get_reward {"query": [full texts]} -> {"rewards", "scores"}   (OpenRLHF's --remote_rm_url)
-POST /classify {"input": [full texts], "activation": false} -> {"data": [{"probs": [reward]}]}  (vLLM's, verl)
+POST /get_reward {"query": [full texts]} -> {"rewards", "scores"}   (OpenRLHF's --reward.remote_url)
+POST /classify {"input": text(s), "use_activation": false} -> {"data": [{"probs": [reward]}]}  (vLLM's: verl)
+POST /v1/embeddings {"input": text(s)} -> {"data": [{"embedding": [reward]}]}  (SGLang's: verl)
 POST /v1/score/evaluation {"messages": [full texts]} -> {"scores"}     (LLaMA-Factory's)
 POST /score {"prompt", "response"} or {"items": [...]}       (rendered with the run's template)
-GET /health: checkpoint, step, config, template, normalisation, limits (no paths beyond loopback without the key).
+GET /health: checkpoint, step, config, template, normalisation, limits, counts, whether the batcher runs (paths only
+for a caller with the key, or on loopback when no key is set).
 Full texts are normalised to the run's template first (BOS/EOS an RL loop's decode wrote as text), so the policy's
 prompt format must be the reward model's template.
 Listens on 127.0.0.1 unless --host says otherwise. SIGTERM answers the requests in flight, then exits 0.

@@ -265,13 +265,14 @@ def _special_text(tokenizer, key: str) -> Optional[str]:
 
 
 @dataclass
-class ClientTexts:
+class FullTextNormaliser:
     """A full text as an RL loop sends it -> the text the run's template renders for it, before tokenizing.
 
     RL loops (OpenRLHF, verl) decode the policy's token ids with skip_special_tokens=False, so a query carries
     the BOS and EOS as text; the reward must be read after the same token ids as in training:
     - leading BOS text: the BOS the template renders or the tokenizer adds anyway, so exactly one remains (a
-      SentencePiece decode also writes a space after it, which is dropped with it);
+      SentencePiece decode also writes a space after it, which is dropped with it); a template that renders the
+      BOS gets it back when the client stripped it (verl does, as vLLM adds one);
     - one trailing EOS text the template never renders (the tutorial's): dropped; only one, since an RL loop
       appends at most one and a response may itself end in text spelled like it (HTML's `</s>`);
     - a chat template's end of turn (`<|im_end|>\\n`, `<|eot_id|>`, Llama 2's ` </s>`) stays as its training rows
@@ -293,7 +294,7 @@ class ClientTexts:
                 text, stripped = text[len(self.bos):], stripped + 1
             if stripped and self.bos_space and text.startswith(" "):
                 text = text[1:]
-            if self.bos_in_template and stripped:
+            if self.bos_in_template:
                 text = self.bos + text
         end = self.end_of_turn
         token = end.strip()
@@ -331,12 +332,13 @@ class ClientTexts:
                        "any other format is scored as it is, and the score means nothing."}
 
 
-def client_texts(template: Template, tokenizer) -> ClientTexts:
-    """The normaliser of full texts for this template and tokenizer (shared by the server and reward_infer)."""
-    rendered = template.render(PROMPT_MARK, RESPONSE_MARK)
-    prefix = rendered[:rendered.index(PROMPT_MARK)] if PROMPT_MARK in rendered else rendered
-    # a template that changes the response (a filter) has no end of turn we can tell: nothing is appended
-    end = rendered[rendered.index(RESPONSE_MARK) + len(RESPONSE_MARK):] if RESPONSE_MARK in rendered else ""
-    bos, eos = _special_text(tokenizer, "bos"), _special_text(tokenizer, "eos")
-    return ClientTexts(bos=bos, eos=eos, bos_space=hasattr(tokenizer, "sp") and not prefix.startswith(" "),
-                       bos_in_template=bool(bos) and prefix.startswith(bos), end_of_turn=end)
+    @classmethod
+    def build(cls, template: Template, tokenizer) -> "FullTextNormaliser":
+        """The normaliser for this template and tokenizer (shared by the server and reward_infer)."""
+        rendered = template.render(PROMPT_MARK, RESPONSE_MARK)
+        prefix = rendered[:rendered.index(PROMPT_MARK)] if PROMPT_MARK in rendered else rendered
+        # a template that changes the response (a filter) has no end of turn we can tell: nothing is appended
+        end = rendered[rendered.index(RESPONSE_MARK) + len(RESPONSE_MARK):] if RESPONSE_MARK in rendered else ""
+        bos, eos = _special_text(tokenizer, "bos"), _special_text(tokenizer, "eos")
+        return cls(bos=bos, eos=eos, bos_space=hasattr(tokenizer, "sp") and not prefix.startswith(" "),
+                   bos_in_template=bool(bos) and prefix.startswith(bos), end_of_turn=end)

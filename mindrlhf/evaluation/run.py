@@ -15,7 +15,7 @@ import numpy as np
 from mindrlhf import distributed
 from mindrlhf.data.formats import encode_pairs, is_rows_source, read_preference_pairs
 from mindrlhf.data.pairs import SkipReport, read_rows
-from mindrlhf.data.templates import (JINJA, TUTORIAL, choose_template, client_texts, read_run_template,
+from mindrlhf.data.templates import (JINJA, TUTORIAL, FullTextNormaliser, choose_template, read_run_template,
                                      run_template_path)
 from mindrlhf.errors import ConfigError, MindRLHFError
 from mindrlhf.evaluation import report, rewardbench
@@ -307,7 +307,7 @@ def infer(config_path: str, data_file: str, tokenizer: str, ckpt_path: str, outp
         stats = load_stats(checkpoint_root(weights), weights) if normalize else None
         scorer = RewardScorer(config, checkpoint, batch_size=batch_size, src_strategy=src_strategy, log=log,
                               config_name=config_path, adapter=adapter)
-    normalise = client_texts(chosen_template, tok) if "query" in items[0] else None
+    normalise = FullTextNormaliser.build(chosen_template, tok) if "query" in items[0] else None
     texts = [normalise(it["query"]) if normalise else
              chosen_template.render_messages(it["messages"], f"{data_file}:{it['line']}") if "messages" in it else
              chosen_template.render(it["prompt"], it["response"]) for it in items]

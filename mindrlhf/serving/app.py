@@ -3,39 +3,53 @@ a bound on requests in flight and a per-request timeout.
 
 - OpenRLHF (openrlhf/utils/agent.py, cli/serve_rm.py): `POST /get_reward` `{"query": [full texts], "prompts",
   "labels"}` -> `{"rewards": [...], "scores": [...]}` (it reads `scores`, else `rewards`).
-- vLLM's pooling API, as verl's reward loop calls a discriminative reward model: `POST /classify` (and
-  `/v1/classify`) `{"model", "input": [texts] or text, "activation", "add_special_tokens"}` -> `{"id", "object":
-  "list", "created", "model", "data": [{"index", "label", "probs": [reward], "num_classes": 1}], "usage"}`; with
-  `activation` true (vLLM's default) probs are sigmoid(reward), verl sends false and reads the reward.
+- vLLM's pooling API, as verl's reward loop calls a discriminative reward model on its vLLM engine: `POST /classify`
+  (and `/v1/classify`) `{"model", "input": text or [texts], "use_activation" (or the older "activation"),
+  "add_special_tokens"}` -> `{"id", "object": "list", "created", "model", "data": [{"index", "label", "probs":
+  [reward], "num_classes": 1}], "usage"}`; with the activation on (vLLM's default) probs are sigmoid(reward); verl
+  sends `use_activation: false` and reads the reward.
+- SGLang's embeddings API, as verl calls a reward model on its SGLang engine: `POST /v1/embeddings` `{"model",
+  "input": text or [texts]}` -> OpenAI's `{"object": "list", "data": [{"object": "embedding", "index",
+  "embedding": [reward]}], "model", "usage"}`.
 - LLaMA-Factory's API: `POST /v1/score/evaluation` `{"model", "messages": [full texts], "max_length"}` ->
   `{"id", "object": "score.evaluation", "model", "scores": [...]}`.
 - `POST /score` `{"prompt", "response"}` or `{"items": [...]}`: rendered with the run's template here.
-Full texts are normalised first (mindrlhf.data.templates.ClientTexts: BOS/EOS a decode wrote as text -> the ids
-the run's template gives), so the decoded rollout of a policy whose prompt format is the run's template scores as
-reward_infer.py scores the plain (prompt, response).
+Full texts are normalised first (mindrlhf.data.templates.FullTextNormaliser: BOS/EOS a decode wrote as text, or a
+BOS a client stripped -> the ids the run's template gives), so the decoded rollout of a policy whose prompt format
+is the run's template scores as reward_infer.py scores the plain (prompt, response).
 
-Every rejection is a JSON `{"error", "limit"}` with a 4xx/5xx and never touches the process: the next request
-is served; a forward pass that fails answers only the request that caused it (500 `scoring`, see batcher.py).
+Every rejection and every failure is a JSON `{"error", "limit"}` with a 4xx/5xx and never touches the process: the
+next request is served; a forward pass that fails answers only the request that caused it (500 `scoring`, see
+batcher.py); a reward that is NaN or infinite is never sent as a number (500 `non_finite`).
+
+Memory: a request holds its body until one of ENCODE_THREADS threads has parsed and encoded it, and from then on
+only its token ids, int32 in one block, cut to seq_length (docs/serving.md gives the bound, bench_server.py
+measures it).
 Nothing in a request reaches the file system or a shell: the checkpoint, config, tokenizer and template are fixed
 when the service starts, a request only carries texts.
 """
 import asyncio
 import hmac
 import ipaddress
+import itertools
 import json
 import logging
 import math
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
 
 from mindrlhf.errors import ConfigError
 
 LOG = logging.getLogger("mindrlhf.serving")
 DRAIN_CAP = 8 << 20  # a rejected request's body is read (and dropped) up to this size, so the answer arrives
-INLINE_TOKENIZE_CHARS = 16384  # smaller requests are tokenized on the event loop, larger ones in a thread
+INLINE_BODY_BYTES = 16384  # smaller bodies are parsed and tokenized on the event loop, larger ones on a thread
+ENCODE_THREADS = 2  # threads parsing and tokenizing large bodies: how many hold a parsed payload at once
 PATH_FIELDS = ("checkpoint", "adapter", "config", "tokenizer")  # what /health shows only by name beyond loopback without the key
 
 
@@ -51,8 +65,9 @@ class Limits:
 
     def check(self):
         for name, value in asdict(self).items():
-            if not value or value <= 0:
-                raise ConfigError(f"--{name} must be positive, got {value}")
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"--{name} must be a finite positive number, got {value}")
         return self
 
 
@@ -117,33 +132,47 @@ def query_texts(payload, limits: Limits, field: str = "query") -> List[str]:
     return [_string(v, f"{field}[{i}]", limits) for i, v in enumerate(values)]
 
 
-def _optional(payload: dict, field: str, kinds: tuple, what: str):
+def _optional(payload: dict, field: str, kinds: tuple, what: str, limits: Limits):
+    """An optional field of these types; a string is checked as any text is (it may be echoed back)."""
     value = payload.get(field)
     if value is not None and (not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool))):
         raise Rejected(400, "field_type", f"field '{field}' must be {what}, got {type(value).__name__}")
-    return value
+    return _string(value, field, limits) if isinstance(value, str) else value
 
 
-def classify_request(payload, limits: Limits) -> Tuple[List[str], dict]:
-    """vLLM's /classify body -> (texts, options): `input` a text or a list of texts; `model`, `activation`,
-    `add_special_tokens` optional (the run's template decides the special tokens: see ClientTexts)."""
+def input_request(payload, limits: Limits) -> Tuple[List[str], dict]:
+    """vLLM's /classify or SGLang's /v1/embeddings body -> (texts, options): `input` a text or a list of texts;
+    `model`, `use_activation` (vLLM >= 0.11.2) or `activation` (before), `add_special_tokens` optional (the run's
+    template decides the special tokens: see FullTextNormaliser)."""
     if isinstance(payload, dict) and isinstance(payload.get("input"), str):
         payload = dict(payload, input=[payload["input"]])
     texts = query_texts(payload, limits, "input")
-    options = {"model": _optional(payload, "model", (str,), "a string"),
-               "activation": _optional(payload, "activation", (bool,), "true or false"),
-               "add_special_tokens": _optional(payload, "add_special_tokens", (bool,), "true or false")}
-    return texts, options
+    flags = {name: _optional(payload, name, (bool,), "true or false", limits)
+             for name in ("use_activation", "activation", "add_special_tokens")}
+    if None not in (flags["use_activation"], flags["activation"]) and flags["use_activation"] != flags["activation"]:
+        raise Rejected(400, "conflict", f"'use_activation' is {str(flags['use_activation']).lower()} and "
+                                        f"'activation' is {str(flags['activation']).lower()}: send one of them")
+    activation = flags["activation"] if flags["use_activation"] is None else flags["use_activation"]
+    return texts, {"model": _optional(payload, "model", (str,), "a string", limits),
+                   "activation": activation is not False}  # vLLM applies its activation unless told not to
 
 
 def evaluation_request(payload, limits: Limits) -> Tuple[List[str], dict]:
     """LLaMA-Factory's /v1/score/evaluation body -> (texts, options): `messages` full texts, `model`, and
     `max_length` (tokens kept per text; at most seq_length)."""
     texts = query_texts(payload, limits, "messages")
-    max_length = _optional(payload, "max_length", (int,), "a positive integer")
+    max_length = _optional(payload, "max_length", (int,), "a positive integer", limits)
     if max_length is not None and max_length < 1:
         raise Rejected(400, "field_type", f"field 'max_length' must be a positive integer, got {max_length}")
-    return texts, {"model": _optional(payload, "model", (str,), "a string"), "max_length": max_length}
+    return texts, {"model": _optional(payload, "model", (str,), "a string", limits), "max_length": max_length}
+
+
+def sigmoid(x: float) -> float:
+    """1 / (1 + e^-x) without overflow for any finite x (e^-x is never taken for a large negative x)."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
 
 
 def score_items(payload, limits: Limits) -> List[Tuple[str, str]]:
@@ -172,54 +201,99 @@ class RewardService:  # pylint: disable=too-many-instance-attributes
 
     def __init__(self, scorer, tokenizer, template, batcher, limits: Limits, api_key: Optional[str] = None,
                  stats: Optional[dict] = None, info: Optional[dict] = None):
-        from mindrlhf.data.templates import client_texts
+        from mindrlhf.data.templates import FullTextNormaliser
 
         self.scorer, self.tokenizer, self.template, self.batcher = scorer, tokenizer, template, batcher
-        self.client_texts = client_texts(template, tokenizer)
+        self.full_text_normaliser = FullTextNormaliser.build(template, tokenizer)
+        self.encoder = ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="reward-encode")
         self.vocab_size = int(scorer.model_config.vocab_size)
         self.limits = limits.check()
         self._key = api_key.encode("utf-8") if api_key else None
         self.stats = stats
         self.info = dict(info or {})
         self.in_flight = 0
-        self.counts = {"answered": 0, "rejected": 0}
+        self.counts = {"answered": 0, "rejected": 0, "non_finite": 0}
 
     # -- scoring ---------------------------------------------------------------------------------------------
-    def encode(self, texts: Sequence[str], full_texts: bool = False) -> List[List[int]]:
-        """Token ids exactly as reward_infer.py makes them for the rendered text (same special-token rule); full
-        texts from a client are normalised to the template's rendering first."""
-        if full_texts:
-            texts = [self.client_texts(t) for t in texts]
-        return self.tokenizer.encode(list(texts), special_tokens=self.template.special_tokens)
+    def encode(self, texts: Sequence[str], full_texts: bool = False,
+               cut: Optional[int] = None) -> List[np.ndarray]:
+        """Token ids exactly as reward_infer.py makes them for the rendered text (same special-token rule), as
+        int32 arrays (a Python int list costs 9x more), the first `cut` of each when given; full texts from a
+        client are normalised to the template's rendering first."""
+        return self._encode(texts, full_texts, cut)[0]
 
-    def check_ids(self, ids: List[List[int]], field: str):
+    def _encode(self, texts: Sequence[str], full_texts: bool, cut: Optional[int]):
+        if full_texts:
+            texts = [self.full_text_normaliser(t) for t in texts]
+        lists = self.tokenizer.encode(list(texts), special_tokens=self.template.special_tokens)
+        lengths = np.fromiter(map(len, lists), np.int64, len(lists))  # no int objects left behind in the heap
+        kept = np.minimum(lengths, cut) if cut is not None else lengths
+        # one block for all of them (views into it): freed at once, never scattered between other allocations
+        flat = np.fromiter(itertools.chain.from_iterable(x[:cut] for x in lists), np.int32, int(kept.sum()))
+        del lists
+        return np.split(flat, np.cumsum(kept)[:-1]), lengths
+
+    def check_ids(self, ids: List[np.ndarray], field: str):
         """Every id inside the model's vocabulary before a pass (a tokenizer with more tokens than the model's
         embedding would otherwise read past it)."""
         for i, seq in enumerate(ids):
-            if not seq:
+            if not len(seq):
                 raise Rejected(400, "empty_text", f"{field}[{i}] has no tokens: nothing to score")
-            low, high = min(seq), max(seq)
+            low, high = int(seq.min()), int(seq.max())
             if low < 0 or high >= self.vocab_size:
                 raise Rejected(422, "vocab", f"{field}[{i}] tokenizes to id {high if high >= self.vocab_size else low}"
                                              f", outside the model's vocabulary of {self.vocab_size}: the tokenizer "
                                              "does not belong to this model")
 
-    async def rewards(self, texts: Sequence[str], full_texts: bool = False, field: str = "query",
-                      max_tokens: Optional[int] = None) -> dict:
-        try:
-            if sum(len(t) for t in texts) <= INLINE_TOKENIZE_CHARS:  # a thread hand-off costs more than this
-                ids = self.encode(texts, full_texts)
-            else:
-                ids = await asyncio.get_running_loop().run_in_executor(None, self.encode, texts, full_texts)
+    def token_ids(self, texts: List[str], full_texts: bool, field: str,
+                  max_tokens: Optional[int] = None) -> Tuple[List[np.ndarray], np.ndarray]:
+        """(ids cut to seq_length as training and reward_infer.py cut them, each text's token count). Empties
+        `texts`: from here on only the ids are held (and no Python ints: they would pin freed heap)."""
+        seq_length = min(self.scorer.seq_length, max_tokens or self.scorer.seq_length)
+        try:  # cut before the arrays are made: the tokenizer's whole output is never copied
+            ids, lengths = self._encode(texts, full_texts, seq_length)
         except Exception as err:  # pylint: disable=broad-except  (the tokenizer's own error, answered as a 400)
             raise Rejected(400, "encoding", f"field '{field}': the tokenizer cannot encode it: "
                                             f"{type(err).__name__}: {str(err)[:200]}") from None
+        finally:
+            texts.clear()
         self.check_ids(ids, field)
+        return ids, lengths
+
+    def prepare(self, body: bytes, kind: str) -> Tuple[List[np.ndarray], np.ndarray, dict, str]:
+        """A request's body -> (token ids, token counts, options, field): parsed, checked, encoded. The parsed
+        payload and texts live only inside this call."""
+        payload = parse_json(body)
+        options, field, full = {}, "query", True
+        if kind == "get_reward":
+            texts = query_texts(payload, self.limits)
+        elif kind in ("classify", "embeddings"):
+            (texts, options), field = input_request(payload, self.limits), "input"
+        elif kind == "evaluation":
+            (texts, options), field = evaluation_request(payload, self.limits), "messages"
+        else:
+            texts, field, full = [self.template.render(p, r) for p, r in score_items(payload, self.limits)], "items", \
+                False
+        del payload
+        ids, lengths = self.token_ids(texts, full, field, options.get("max_length"))
+        return ids, lengths, options, field
+
+    async def rewards(self, texts: List[str], full_texts: bool = False, field: str = "query",
+                      max_tokens: Optional[int] = None) -> dict:
+        """Rewards of these texts (the list is emptied once they are encoded)."""
+        ids, lengths = self.token_ids(texts, full_texts, field, max_tokens)
+        return await self.score(ids, lengths, field, max_tokens)
+
+    async def score(self, ids: List[np.ndarray], lengths: np.ndarray, field: str,
+                    max_tokens: Optional[int] = None) -> dict:
+        """Rewards of encoded texts, through the batcher; the ids list is emptied once the batcher has them."""
         seq_length = min(self.scorer.seq_length, max_tokens or self.scorer.seq_length)
-        lengths = [len(x) for x in ids]
-        truncated = [i for i, n in enumerate(lengths) if n > seq_length]
-        ids = [x[:seq_length] for x in ids]  # as training and reward_infer.py truncate
-        job = self.batcher.submit(ids)
+        truncated = np.flatnonzero(lengths > seq_length).tolist()
+        if not self.batcher.thread.is_alive():
+            raise Rejected(503, "batcher", "the scoring thread has stopped (see the server log); nothing can be "
+                                           "scored until the server is restarted")
+        job = self.batcher.submit(list(ids))
+        ids.clear()
         try:
             raw = await asyncio.wrap_future(job.future)
         except asyncio.CancelledError:  # request_timeout: the batcher skips what is left of this job
@@ -230,7 +304,15 @@ class RewardService:  # pylint: disable=too-many-instance-attributes
                                            f"{str(err)[:300]}; requests batched with it were scored without it "
                                            "(GET /health counts failed_passes: passes where every request failed, "
                                            "i.e. the model itself)") from None
-        answer = {"rewards": [float(r) for r in raw], "num_tokens": lengths, "truncated": truncated}
+        bad = [i for i, r in enumerate(raw) if not math.isfinite(float(r))]
+        if bad:
+            self.counts["non_finite"] += 1
+            LOG.error("the model gave non-finite rewards for %s[%s]: %s", field, bad,
+                      [float(raw[i]) for i in bad[:8]])
+            raise Rejected(500, "non_finite", f"the model gave a non-finite reward for {field}{bad[:16]} "
+                                              f"({', '.join(str(float(raw[i])) for i in bad[:4])}): not a score; the "
+                                              "weights or the input are broken (see GET /health)")
+        answer = {"rewards": [float(r) for r in raw], "num_tokens": lengths.tolist(), "truncated": truncated}
         if truncated:
             answer["note"] = (f"{len(truncated)} text(s) longer than seq_length={seq_length} tokens were truncated "
                               "to their first seq_length tokens, as in training")
@@ -283,19 +365,15 @@ class RewardService:  # pylint: disable=too-many-instance-attributes
         except asyncio.TimeoutError:
             raise Rejected(408, "request_timeout", f"request body not received within request_timeout="
                                                    f"{self.limits.request_timeout}s") from None
-        payload = parse_json(body)
-        options, field, full = {}, "query", True
-        if kind == "get_reward":
-            texts = query_texts(payload, self.limits)
-        elif kind == "classify":
-            (texts, options), field = classify_request(payload, self.limits), "input"
-        elif kind == "evaluation":
-            (texts, options), field = evaluation_request(payload, self.limits), "messages"
+        # parsing and encoding a large body runs on ENCODE_THREADS threads: the requests waiting for them hold
+        # only their body, and at most ENCODE_THREADS hold a parsed payload and a tokenizer's output at once
+        if len(body) <= INLINE_BODY_BYTES:  # a thread hand-off costs more than this
+            ids, lengths, options, field = self.prepare(body, kind)
         else:
-            texts, field, full = [self.template.render(p, r) for p, r in score_items(payload, self.limits)], "items", \
-                False
+            ids, lengths, options, field = await loop.run_in_executor(self.encoder, self.prepare, body, kind)
+        del body
         try:
-            answer = await asyncio.wait_for(self.rewards(texts, full, field, options.get("max_length")),
+            answer = await asyncio.wait_for(self.score(ids, lengths, field, options.get("max_length")),
                                             max(0.0, deadline - loop.time()))
         except asyncio.TimeoutError:
             raise Rejected(503, "request_timeout", f"not scored within request_timeout="
@@ -305,6 +383,8 @@ class RewardService:  # pylint: disable=too-many-instance-attributes
             answer["scores"] = answer["rewards"]  # newer OpenRLHF servers send both; its client reads scores first
         elif kind == "classify":
             answer = self.classify_answer(answer, options)
+        elif kind == "embeddings":
+            answer = self.embeddings_answer(answer, options)
         elif kind == "evaluation":
             answer = {"id": f"scoreval-{uuid.uuid4().hex}", "object": "score.evaluation",
                       "model": options["model"] or self.model_name, "scores": answer["rewards"]}
@@ -314,20 +394,26 @@ class RewardService:  # pylint: disable=too-many-instance-attributes
     def model_name(self) -> str:
         return str(self.info.get("model") or "mindrlhf-reward-model")
 
+    def _tokens(self, answer: dict) -> int:
+        return sum(min(n, self.scorer.seq_length) for n in answer["num_tokens"])
+
     def classify_answer(self, answer: dict, options: dict) -> dict:
         """vLLM's ClassificationResponse: one class, probs = [reward], or [sigmoid(reward)] with activation."""
-        activation = options.get("activation") is not False  # vLLM applies its activation unless told not to
-
-        def prob(r):
-            return 1.0 / (1.0 + math.exp(-r)) if activation else r
-
-        tokens = sum(min(n, self.scorer.seq_length) for n in answer["num_tokens"])
+        tokens = self._tokens(answer)
         return {"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
                 "model": options.get("model") or self.model_name,
-                "data": [{"index": i, "label": "LABEL_0", "probs": [prob(r)], "num_classes": 1}
-                         for i, r in enumerate(answer["rewards"])],
+                "data": [{"index": i, "label": "LABEL_0", "probs": [sigmoid(r) if options["activation"] else r],
+                          "num_classes": 1} for i, r in enumerate(answer["rewards"])],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
                           "prompt_tokens_details": None}}
+
+    def embeddings_answer(self, answer: dict, options: dict) -> dict:
+        """OpenAI's embeddings response, as SGLang answers it for a reward model: embedding = [reward]."""
+        tokens = self._tokens(answer)
+        return {"object": "list", "model": options.get("model") or self.model_name,
+                "data": [{"object": "embedding", "index": i, "embedding": [r]}
+                         for i, r in enumerate(answer["rewards"])],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     async def handle(self, request, kind: str):
         from fastapi.responses import JSONResponse
@@ -340,7 +426,7 @@ class RewardService:  # pylint: disable=too-many-instance-attributes
                                                      f"{self.limits.max_in_flight}; retry later", {"Retry-After": "1"})
             self.in_flight += 1
             try:
-                answer = await self.answer(request, kind)
+                response = JSONResponse(await self.answer(request, kind))  # rendered here: an error is answered
             except Rejected:
                 raise
             except Exception as err:  # pylint: disable=broad-except  (a JSON answer naming it, never a bare 500)
@@ -357,13 +443,13 @@ class RewardService:  # pylint: disable=too-many-instance-attributes
             return JSONResponse({"error": err.reason, "limit": err.limit}, status_code=err.status,
                                 headers=err.headers)
         self.counts["answered"] += 1
-        return JSONResponse(answer)
+        return response
 
     def trusted(self, request) -> bool:
-        """Loopback callers, and callers with the key, may see file paths."""
-        host = request.client.host if request.client else ""
-        if is_loopback(host):
-            return True
+        """Callers with the key may see file paths; without a key set, loopback callers too (with one, a loopback
+        proxy would make every caller look local)."""
+        if self._key is None:
+            return is_loopback(request.client.host if request.client else "")
         return self._key_matches(request)
 
     def _key_matches(self, request) -> bool:
@@ -385,11 +471,13 @@ class RewardService:  # pylint: disable=too-many-instance-attributes
             template = str(info.get("template", ""))
             info["template"] = os.path.basename(template) if os.path.isabs(template) else template
             stats_file = None if stats_file is None else os.path.basename(stats_file)
-        return dict(info, status="ok", in_flight=self.in_flight, counts=dict(self.counts, **self.batcher.counts),
+        alive = self.batcher.thread.is_alive()
+        return dict(info, status="ok" if alive else "batcher_stopped", batcher_alive=alive, in_flight=self.in_flight,
+                    counts=dict(self.counts, **self.batcher.counts),
                     normalization=None if self.stats is None else
                     {"mean": self.stats["mean"], "std": self.stats["std"], "stats_file": stats_file},
                     limits=asdict(self.limits), api_key_required=self._key is not None,
-                    full_texts=self.client_texts.describe())
+                    full_texts=self.full_text_normaliser.describe())
 
 
 async def drain(request):
@@ -425,13 +513,18 @@ def create_app(service: RewardService):
             return await service.handle(request, kind)
         return endpoint
 
-    # OpenRLHF, the run's own template, vLLM's pooling API (verl), LLaMA-Factory: one batcher, key and limits
+    # OpenRLHF, the run's own template, vLLM's pooling and SGLang's embeddings APIs (verl), LLaMA-Factory: one
+    # batcher, key and limits
     for path, kind in (("/get_reward", "get_reward"), ("/score", "score"), ("/classify", "classify"),
-                       ("/v1/classify", "classify"), ("/v1/score/evaluation", "evaluation")):
+                       ("/v1/classify", "classify"), ("/v1/embeddings", "embeddings"),
+                       ("/v1/score/evaluation", "evaluation")):
         app.add_api_route(path, answer(kind), methods=["POST"])
 
     @app.get("/health")
     async def health(request: Request):
-        return service.health(service.trusted(request))
+        from fastapi.responses import JSONResponse
+
+        answer = service.health(service.trusted(request))
+        return JSONResponse(answer, status_code=200 if answer["batcher_alive"] else 503)
 
     return app

@@ -15,8 +15,11 @@ max_batch rows' worth of tokens instead of max_batch sequences.
 
 A batch whose scoring raises fails only its culprit: its jobs are split in halves and each half scored again
 (recursively), so the requests that did not cause the failure get their scores and the one that did gets the
-error (log2 of the batch's jobs extra passes per culprit). `before_pass(rows)` is called before every forward
-pass with its real rows (packed: the sequences it holds): tests use it to inject a failure or hold a pass.
+error (log2 of the batch's jobs extra passes per culprit). A pass in which no request could be scored, alone or
+with others (one request or many), is counted as `failed_passes`: the model itself fails. Should the thread itself
+die (an error no pass catches), every waiting job gets the error and `thread.is_alive()` says so (/health).
+`before_pass(rows)` is called before every forward pass with its real rows (packed: the sequences it holds): tests
+use it to inject a failure or hold a pass.
 """
 import logging
 import queue
@@ -72,6 +75,9 @@ class DynamicBatcher:
         self.thread = threading.Thread(target=self._run, name="reward-batcher", daemon=True)
 
     def start(self) -> "DynamicBatcher":
+        """Start the worker thread (again, if it died)."""
+        if self.thread.ident is not None and not self.thread.is_alive():
+            self.thread = threading.Thread(target=self._run, name="reward-batcher", daemon=True)
         self.thread.start()
         return self
 
@@ -168,21 +174,37 @@ class DynamicBatcher:
         return jobs
 
     def _run(self):
-        while True:
-            first = self.jobs.get()
-            if first is None:
-                return
-            collected = self._collect(first)
-            jobs = [job for job in collected if job.future.set_running_or_notify_cancel()]
-            self.counts["skipped_jobs"] += len(collected) - len(jobs)
-            if not jobs:
-                continue
-            self.counts["collected_batches"] += 1
-            if not self._score_jobs(jobs) and len(jobs) > 1:
-                # no request of the pass could be scored, alone or with others: the model fails, not a request
-                LOG.error("every one of %d requests of a pass failed, each alone too: the model itself fails "
-                          "(see the errors above)", len(jobs))
-                self.counts["failed_passes"] += 1
+        jobs = []
+        try:
+            while True:
+                first = self.jobs.get()
+                if first is None:
+                    return
+                collected = self._collect(first)
+                jobs = [job for job in collected if job.future.set_running_or_notify_cancel()]
+                self.counts["skipped_jobs"] += len(collected) - len(jobs)
+                if not jobs:
+                    continue
+                self.counts["collected_batches"] += 1
+                if not self._score_jobs(jobs):
+                    # no request of the pass could be scored, alone or with others: the model fails, not a request
+                    LOG.error("every one of %d request(s) of a pass failed, each alone too: the model itself fails "
+                              "(see the errors above)", len(jobs))
+                    self.counts["failed_passes"] += 1
+                jobs = []
+        except BaseException as err:  # pylint: disable=broad-except  (the thread ends: nobody may wait for it)
+            LOG.critical("the batcher thread stopped: %s: %s", type(err).__name__, err)
+            stopped = RuntimeError(f"the batcher thread stopped: {type(err).__name__}: {err}")
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(stopped)
+            while True:
+                try:
+                    job = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None and job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(stopped)
 
     def _score_jobs(self, jobs: list) -> int:
         """Score these jobs in one go; when that raises, each half again, down to the job that fails alone.

@@ -45,6 +45,18 @@ def setup_logging(level: str = "info"):
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def map_large_buffers():
+    """glibc only: buffers of 128 KiB and more are always mapped on their own and unmapped when freed (a fixed
+    M_MMAP_THRESHOLD; glibc otherwise raises it as large blocks are freed), so a request's body and its
+    tokenizer's output go back to the system instead of staying in a heap that cannot shrink below live data."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 << 10)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: its own allocator's rules
+        pass
+
+
 def build_service(config_path: str, ckpt_path: str, tokenizer: str, limits: Limits, max_batch: int = 32,
                   batch_wait_ms: float = 5.0, api_key: Optional[str] = None, normalize: bool = False,
                   template: Optional[str] = None, src_strategy: Optional[str] = None,
@@ -58,6 +70,7 @@ def build_service(config_path: str, ckpt_path: str, tokenizer: str, limits: Limi
     from mindrlhf.training.config import load_config
 
     limits.check()
+    map_large_buffers()
     if max_batch < 1:
         raise ConfigError(f"--max_batch must be at least 1, got {max_batch}")
     config = load_config(config_path)
