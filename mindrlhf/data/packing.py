@@ -88,6 +88,18 @@ class Pair:
         return 2 * e if span else c + r
 
 
+def check_no_pad_in_text(chosen, rejected, pad_token_id: int, where: str = "record"):
+    """The pad-id rule, one for padded training, packed training and scoring: a text never holds the pad id.
+    The padded model hides every key equal to it (MindFormers builds the mask from ids != pad), so such a token
+    would silently vanish; conversion refuses it, and so does every reader of records made elsewhere."""
+    for field, ids in (("chosen_input_ids", chosen), ("rejected_input_ids", rejected)):
+        at = np.flatnonzero(np.asarray(ids) == pad_token_id)
+        if at.size:
+            raise InputError(where, None, field, f"token {int(at[0])} of the text is {pad_token_id}, the pad id, "
+                                                 "which the model hides as padding; convert again with a "
+                                                 "--pad_token_id that never occurs in the text")
+
+
 def pair_from_record(record: dict, pad_token_id: int, where: str = "record") -> Pair:
     """The stored fields of one MindRecord row (padded or compact layout; margin when present) -> Pair.
 
@@ -97,6 +109,7 @@ def pair_from_record(record: dict, pad_token_id: int, where: str = "record") -> 
     r_len = int(np.asarray(record["rejected_attention_mask"]).sum())
     chosen = np.asarray(record["chosen_input_ids"], dtype=np.int32)[:c_len].copy()
     rejected = np.asarray(record["rejected_input_ids"], dtype=np.int32)[:r_len].copy()
+    check_no_pad_in_text(chosen, rejected, pad_token_id, where)
     end = max(c_len, r_len)
     padded_c, padded_r = np.full(end, pad_token_id, np.int32), np.full(end, pad_token_id, np.int32)
     padded_c[:c_len], padded_r[:r_len] = chosen, rejected
@@ -211,6 +224,69 @@ def plan_steps(pair_lengths: Sequence[int], rows: int, seq_length: int, seed: in
         steps.append([(r, i) for r, row in enumerate(closed[start:start + count]) for i in row])
         start += count
     return steps
+
+
+def row_counts(max_rows: int, multiple_of: int = 1) -> List[int]:
+    """The row counts a packed step or scoring pass may have: multiple_of x (1, 2, 4, ... below max_rows /
+    multiple_of, and that bound itself). Graph mode compiles one shape for each, once."""
+    group = max(1, int(multiple_of))
+    top = max(1, int(max_rows) // group)
+    sizes, size = {top}, 1
+    while size < top:
+        sizes.add(size)
+        size *= 2
+    return sorted(group * s for s in sizes)
+
+
+def rows_for(lengths: Sequence[int], seq_length: int, max_spans: Optional[int] = None,
+             spans_per_pair: int = 2) -> List[List[int]]:
+    """First-fit decreasing of these pairs (their row lengths, each <= seq_length) into rows: the rows, each the
+    pairs' indices in this list. Few rows, and depends only on the lengths (not on rank or step)."""
+    remaining: List[int] = []
+    content: List[List[int]] = []
+    cap = None if max_spans is None else max(1, int(max_spans) // spans_per_pair)
+    for index in np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable"):
+        need = int(lengths[index])
+        row = next((r for r, left in enumerate(remaining) if left >= need
+                    and (cap is None or len(content[r]) < cap)), None)
+        if row is None:
+            remaining.append(int(seq_length))
+            content.append([])
+            row = len(content) - 1
+        remaining[row] -= need
+        content[row].append(int(index))
+    return content
+
+
+def worst_rows(batch_size: int, longest: int, seq_length: int, max_spans: Optional[int] = None,
+               spans_per_pair: int = 2) -> int:
+    """An upper bound on the rows rows_for needs for batch_size pairs of at most `longest` tokens: every row
+    but the last is filled past seq_length - longest (first fit), and holds at most max_spans' pairs."""
+    batch_size, longest = int(batch_size), int(longest)
+    by_tokens = batch_size if longest * 2 > seq_length else -(-batch_size * longest // (seq_length - longest + 1)) + 1
+    bound = min(batch_size, by_tokens)
+    if max_spans is not None:
+        bound = max(bound, -(-batch_size // max(1, int(max_spans) // spans_per_pair)))
+    return max(1, bound)
+
+
+def plan_batch(group_lengths: Sequence[Sequence[int]], seq_length: int, sizes: Sequence[int],
+               max_spans: Optional[int] = None, spans_per_pair: int = 2,
+               names: Optional[Sequence[str]] = None) -> Tuple[int, List[List[Tuple[int, int]]]]:
+    """One step of `batch_size` pairs per data-parallel rank, drawn in the run's order (never chosen by fit):
+    group_lengths[g] = the row lengths of rank g's pairs. Returns (rows, placements): the smallest of `sizes`
+    that holds every rank's rows (one shape for all ranks of a step), and per rank its (row, pair index)
+    placement, pair indices into that rank's list, in the order pack_step takes. ConfigError when the largest
+    of `sizes` cannot hold them."""
+    laid = [rows_for(lengths, seq_length, max_spans, spans_per_pair) for lengths in group_lengths]
+    need = max(len(rows) for rows in laid)
+    pairs = max(len(lengths) for lengths in group_lengths)
+    rows = next((s for s in sizes if s >= need and s * seq_length // 2 >= pairs), None)
+    if rows is None:
+        where = f" ({', '.join(names)})" if names else ""
+        raise ConfigError(f"a step's {pairs} pair(s){where} need {need} rows of {seq_length} tokens, more than "
+                          f"train_dataset.pack_rows {max(sizes)}: raise pack_rows or seq_length, or lower batch_size")
+    return rows, [[(r, i) for r, row in enumerate(group) for i in row] for group in laid]
 
 
 def filler_share(pair_lengths: Sequence[int], n_steps: int, rows: int, seq_length: int) -> float:

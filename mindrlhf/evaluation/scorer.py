@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from mindrlhf.data.buckets import bucket_length
-from mindrlhf.data.packing import EOD_PAD_LENGTH, MAX_FA_ENTRIES, actual_seq_len, pack_sequences, packing_mode
+from mindrlhf.data.packing import EOD_PAD_LENGTH, MAX_FA_ENTRIES, actual_seq_len, pack_sequences, packing_mode, row_counts
 from mindrlhf.data.templates import TUTORIAL, read_run_template
 from mindrlhf.errors import ConfigError
 from mindrlhf.models.loading import checkpoint_step
@@ -91,13 +91,9 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> List[np.ndarray]:
 
 
 def pass_sizes(max_rows: int) -> List[int]:
-    """Rows per packed pass: powers of 2 below max_rows, and max_rows itself (graph mode compiles one shape
-    each; a lone short request runs a 1-row pass, not max_rows rows)."""
-    sizes, size = {max(1, int(max_rows))}, 1
-    while size < max_rows:
-        sizes.add(size)
-        size *= 2
-    return sorted(sizes)
+    """Rows per packed pass: the training steps' row counts (packing.row_counts), so a lone short request runs
+    a 1-row pass, not max_rows rows, and graph mode compiles one shape each."""
+    return row_counts(max_rows)
 
 
 def packed_passes(sequences: Sequence[Sequence[int]], max_rows: int, width: int,
