@@ -19,9 +19,10 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from mindrlhf.data.buckets import bucket_length
-from mindrlhf.data.packing import EOD_PAD_LENGTH, MAX_FA_ENTRIES, actual_seq_len, pack_sequences, packing_mode, row_counts
+from mindrlhf.data.packing import (EOD_PAD_LENGTH, MAX_FA_ENTRIES, actual_seq_len, pack_sequences, packing_mode,
+                                   row_counts)
 from mindrlhf.data.templates import TUTORIAL, read_run_template
-from mindrlhf.errors import ConfigError
+from mindrlhf.errors import ConfigError, InputError
 from mindrlhf.models.loading import checkpoint_step
 from mindrlhf.models.lora import check_lora_tensors, is_lora, lora_settings
 from mindrlhf.models.lora_files import check_checkpoint_lora, lora_dims
@@ -252,6 +253,16 @@ class RewardScorer:
         ends = np.array([len(s) for s in sequences], dtype=np.int32)
         return self.network(ms.Tensor(ids), None, None, None, ms.Tensor(ends)).asnumpy().reshape(-1)
 
+    def check_pad_rule(self, sequences: Sequence[Sequence[int]]):
+        """The pad-id rule of training (packing.check_no_pad_in_text): a text never holds the pad id, padded or
+        packed. InputError naming the sequence."""
+        held = next((i for i, s in enumerate(sequences) if self.pad_token_id in s), None)
+        if held is not None:
+            raise InputError(f"sequence {held}", None, None,
+                             f"holds pad_token_id {self.pad_token_id} ({self.config_where}: "
+                             "model.model_config.pad_token_id), which the model hides as padding; training refuses "
+                             "such texts too: use a pad id that never occurs in the text")
+
     def packed_passes(self, sequences: Sequence[Sequence[int]], max_rows: Optional[int] = None) -> List[dict]:
         """The packed passes (see packed_passes) of these sequences (1 to seq_length tokens each), at most
         max_rows (default batch_size; on Ascend never more than max_pass_rows) rows each."""
@@ -285,6 +296,7 @@ class RewardScorer:
         sequences = [list(s)[:self.seq_length] for s in sequences]
         if any(len(s) == 0 for s in sequences):
             raise ConfigError("cannot score an empty sequence")
+        self.check_pad_rule(sequences)
         scores = np.full(len(sequences), np.nan, dtype=np.float32)
         if self.packing:
             for packed in self.packed_passes(sequences)[rank::size]:
