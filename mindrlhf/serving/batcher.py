@@ -90,8 +90,9 @@ class DynamicBatcher:
         request that needs it."""
         pad = self.scorer.pad_token_id
         if self.packing:
+            token = 0 if pad else 1  # any id but the pad id, which texts never hold
             for size in self.sizes:  # size full rows: one pass of exactly `size` rows
-                self.score([[pad] * self.scorer.seq_length] * size)
+                self.score([[token] * self.scorer.seq_length] * size)
             return
         for width in self.scorer.buckets:
             for size in self.sizes:
