@@ -344,7 +344,7 @@ class PackedBatches:
         if rows not in self.seen:
             self.seen.add(rows)
             _say_on_rank_0(f"packing: a step of {rows} row(s) x {plan['seq_length']} tokens (one compiled shape; "
-                           f"first at step {batch_index + 1})")
+                           f"first used by batch {batch_index + 1})")
         arrays = pk.pack_step(mine, placements[self.group], rows, plan["seq_length"], self.pad_token_id,
                               self.loss_type, shared, plan["margin"])
         if self.ascend_row_groups:
