@@ -8,8 +8,9 @@ conversion). Then the tiny model (hidden 64, 2 layers; the tiny CPU YAML with se
 of those --pairs pairs three ways, one after another:
   fixed    every pair padded to seq_length (bucket_boundaries []);
   buckets  each batch padded to the bucket conversion suggests for it (what bucket_boundaries: auto picks);
-  packed   model_config.packing: pairs, rows of 2 x seq_length (any pair fits one), pack_rows the dataset's
-           default (the padded step's token count) unless --pack_rows.
+  packed   model_config.packing: pairs, rows of 2 x seq_length (any pair fits one), the padded runs' batch_size
+           pairs a step (pack_steps batch_size) in the fewest of 1, 2, 4, ... rows; pack_rows (the most rows) the
+           dataset's default unless --pack_rows.
 Each: real tokens/s (the epoch's real tokens / steps x steady s/step; steady = first to last logged step, so the
 first step's compile is left out), s/step, steps and the padding share of the computed tokens, counted exactly by
 iterating the same dataset pipeline (create_reward_dataset, the run's seed and shuffle): fixed and buckets:
@@ -117,7 +118,7 @@ def packed_share(data, batch, seed, rows, seq_length, loss_type, pad_token_id):
     """Steps, computed and real tokens of one epoch of the packed pipeline: padding = filler (segment 0) plus
     pad tokens inside spans (kind +4; span loss only), from the layout codes of every step. Rows left wholly
     filler (the epoch's rows rounded up to whole steps: at most pack_rows - 1, a share that shrinks as the epoch
-    grows) are counted too, and apart."""
+    grows; fill plan only) are counted too, and apart."""
     from mindrlhf.data.dataset import create_reward_dataset
     from mindrlhf.data.packing import PAD, kind_of, segment_of
 
@@ -125,8 +126,10 @@ def packed_share(data, batch, seed, rows, seq_length, loss_type, pad_token_id):
                                     pad_token_id=pad_token_id, packing="pairs", pack_rows=rows,
                                     loss_type=loss_type, seq_length=seq_length)
     steps = computed = filler = pads = empty_rows = 0
+    shapes = {}
     for item in dataset.create_dict_iterator(output_numpy=True, num_epochs=1):
         codes = item["attention_mask"]
+        shapes[int(codes.shape[0])] = shapes.get(int(codes.shape[0]), 0) + 1
         steps += 1
         computed += int(codes.size)
         filler += int((segment_of(codes) == 0).sum())
@@ -138,7 +141,7 @@ def packed_share(data, batch, seed, rows, seq_length, loss_type, pad_token_id):
             "padding_tokens": filler + pads, "filler_tokens": filler, "in_span_pad_tokens": pads,
             "empty_rows": empty_rows,
             "padding_share_in_used_rows": round((filler + pads - (computed - used)) / used, 4),
-            "pack_rows": rows or int(codes.shape[0]), "row_tokens": width}
+            "pack_rows": rows or max(shapes), "steps_by_rows": dict(sorted(shapes.items())), "row_tokens": width}
 
 
 def train(name, raw, data, work, env, stop_step):
@@ -235,7 +238,8 @@ def main():
             if args.pack_rows:
                 dataset_cfg["pack_rows"] = args.pack_rows
             count = packed_share(data, batch, args.seed, args.pack_rows, 2 * seq, args.loss_type, pad_id)
-            padding = (f"packed (pairs): {count['pack_rows']} rows of {count['row_tokens']} a step; padding = "
+            padding = (f"packed (pairs): {batch} pairs a step in {sorted(count['steps_by_rows'])} rows of "
+                       f"{count['row_tokens']}; padding = "
                        "filler" + (" + pads inside spans (span loss)" if args.loss_type == "span" else ""))
         else:
             dataset_cfg["bucket_boundaries"] = boundaries if name == "buckets" else []
@@ -251,8 +255,9 @@ def main():
                  "padding_share": round(count["padding_tokens"] / count["computed_tokens"], 4), **count}
         if name == "packed":
             found = PACKING_LINE.findall(output)
-            if found:  # the dataset's own figure, from the plan (filler only)
-                entry["filler_share_logged"] = float(found[-1][-1]) / 100.0
+            if found:  # the dataset's own line: pairs a step (batch_size x ranks, as the padded runs) and row counts
+                entry["pairs_per_step"] = int(found[-1][4]) * int(found[-1][5])
+                entry["row_counts"] = [int(c) for c in found[-1][7].split(",")]
             entry["padding_target"] = f"< {PADDING_TARGET:.0%}"
             entry["padding_target_met"] = bool(entry["padding_share"] < PADDING_TARGET)
         if name == "buckets":

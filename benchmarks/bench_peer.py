@@ -15,14 +15,14 @@ tutorial's CompareLoss, ours only). A difference that stays (reported, not hidde
 longest pair, ours pads each batch to the bucket boundary that conversion suggests for this data ([] at
 seq 256: every pair to 256, as most batches reach it), so ours compiles one graph per bucket.
 
---packing (pairs, issue #25): ours trains the packed YAML instead (model_config.packing: pairs, rows of
+--packing (pairs, issues #25 and #33): ours trains the packed YAML instead (model_config.packing: pairs, rows of
 --row_length tokens, at least twice the shape's seq so that any pair fits one row; the data is still converted at the
-shape's seq; bucket_boundaries [];
-pack_rows the dataset's default, the padded step's token count), against TRL in the same run, at the same shapes.
-Packed steps hold a varying number of pairs (TRL's hold 8), so the figure is real tokens/s over the epoch (the
-epoch's real tokens / steps x steady s/step), with the ratio against the target (>= 1.5x, met/missed); also
-each side's steps and accuracy (ours: reward_eval.py with the shape's plain YAML over the packed run's
-checkpoint: no weight depends on packing) and ours' filler share (the dataset's 'packing ... filler share'
+shape's seq; bucket_boundaries []; pack_rows the dataset's default), against TRL in the same run, at the same shapes
+and the same recipe: batch_size pairs a step (TRL's 8) drawn in shuffled order, so the same number of steps an
+epoch (give or take TRL's last, partial batch). Reported: real tokens/s over the epoch (the epoch's real tokens /
+steps x steady s/step) with the ratio against the target (>= 1.5x, met/missed), wall time, each side's steps and
+pairs a step, and accuracy (ours: reward_eval.py with the shape's plain YAML over the packed run's checkpoint: no
+weight depends on packing), and the row counts ours' steps may take (the dataset's 'packing ...'
 line). Writes benchmarks/results/peer_packed.json (peer_packed_span.json with --loss_type span).
 """
 import argparse
@@ -146,23 +146,23 @@ def main():
 
 
 def print_packed(results):
-    """The --packing summary: real tokens/s of both, the ratio against the target, accuracy, steps, filler."""
+    """The --packing summary: real tokens/s of both, the ratio against the target, accuracy, steps, pairs a step."""
     print(f"{'shape':7s} {'model':32s} {'tokens/s ours':>13s} {'TRL':>8s} {'ratio':>6s} {'target':>13s} "
-          f"{'accuracy ours':>13s} {'TRL':>6s} {'steps ours':>10s} {'TRL':>4s} {'filler':>6s}")
+          f"{'accuracy ours':>13s} {'TRL':>6s} {'steps ours':>10s} {'TRL':>4s} {'pairs/step':>10s}")
     for name, r in results["shapes"].items():
         ours, trl = r["runs"]["ours"], r["runs"]["trl"]
         print(f"{name:7s} {r['model']:32s} {ours['real_tokens_per_s']:13.1f} {trl['real_tokens_per_s']:8.1f} "
               f"{r['ratio_real_tokens_per_s_ours_over_trl']:5.2f}x "
               f"{'>= ' + str(PACKED_TARGET) + 'x ' + ('met' if r['target_met'] else 'missed'):>13s} "
               f"{ours['accuracy']:13.4f} {trl['accuracy']:6.4f} {ours['steps']:10d} {trl['steps']:4d} "
-              f"{ours['filler_share']:6.1%}")
+              f"{ours['pairs_per_step']:10d}")
     print(cpu_line(results.get("cpu")))
 
 
 def packed_config(raw, seq, row_length=2048):
     """The packed twin of a shape's YAML (PACKING.md): rows of max(row_length, 2 x seq) tokens (every pair,
-    chosen + rejected, each at most seq, fits one row); one shape per step, so no buckets; pack_rows left to the
-    dataset's default (the padded step's token count)."""
+    chosen + rejected, each at most seq, fits one row); no buckets; batch_size pairs a step, as TRL's; pack_rows
+    left to the dataset's default (enough rows for any batch_size pairs)."""
     packed = copy.deepcopy(raw)
     packed["model"]["model_config"].update(packing="pairs", seq_length=max(int(row_length), 2 * seq))
     packed["train_dataset"]["bucket_boundaries"] = []
@@ -176,10 +176,11 @@ def packing_report(text):
     build the dataset more than once)."""
     found = PACKING_LINE.findall(text)
     if not found:
-        sys.exit("bench_peer: the packed run printed no 'packing ... filler share' line; is packing on?")
-    mode, loss, pairs, steps, rows, width, per_rank, filler = found[-1]
-    return {"packing": mode, "loss": loss, "pairs": int(pairs), "steps": int(steps), "pack_rows": int(rows),
-            "row_tokens": int(width), "steps_per_rank": int(per_rank), "filler_share": float(filler) / 100.0}
+        sys.exit("bench_peer: the packed run printed no 'packing ... pairs a rank' line; is packing on?")
+    mode, loss, pairs, steps, per_rank, ranks, width, counts = found[-1]
+    return {"packing": mode, "loss": loss, "pairs": int(pairs), "steps": int(steps),
+            "pairs_per_step": int(per_rank) * int(ranks), "row_tokens": int(width),
+            "row_counts": [int(c) for c in counts.split(",")]}
 
 
 def compare(shape, args):
@@ -261,7 +262,8 @@ def compare(shape, args):
     packed = None
     if args.packing:
         packed = packing_report(proc.stdout + proc.stderr + log)
-        ours_tokens_per_step = float(lengths.sum()) / packed["steps"]  # every pair of the epoch, in its steps
+        # the pairs the epoch's steps hold (the remainder past whole steps is dropped, as a padded run drops it)
+        ours_tokens_per_step = float(lengths.sum()) / len(lengths) * packed["pairs_per_step"]
     results["runs"]["ours"] = {
         "framework": "mindrlhf / MindSpore graph mode", "steps": len(lines), "process_seconds": round(wall, 1),
         "steady_s_per_step": round(steady, 4),
@@ -271,10 +273,10 @@ def compare(shape, args):
         "loss": mc.get("loss_type") or "span"}
     if packed:
         results["runs"]["ours"].update(
-            padding=f"packed ({packed['packing']}): {packed['pack_rows']} rows of {packed['row_tokens']} tokens a "
-                    f"step, filler at the rows' ends", epoch_steps=packed["steps"], pack_rows=packed["pack_rows"],
-            row_tokens=packed["row_tokens"], mean_pairs_per_step=round(packed["pairs"] / packed["steps"], 1),
-            real_tokens_per_step=round(ours_tokens_per_step, 1), filler_share=round(packed["filler_share"], 4),
+            padding=f"packed ({packed['packing']}): {packed['row_counts']} rows of {packed['row_tokens']} tokens a "
+                    f"step, filler at the rows' ends", epoch_steps=packed["steps"], row_counts=packed["row_counts"],
+            row_tokens=packed["row_tokens"], pairs_per_step=packed["pairs_per_step"],
+            real_tokens_per_step=round(ours_tokens_per_step, 1),
             accuracy_scored_with="the shape's plain YAML (packing off) over the packed run's last checkpoint")
 
     peer_json = os.path.join(work, "peer_result.json")
@@ -312,8 +314,8 @@ def compare(shape, args):
           f"{results['ratio_real_tokens_per_s_ours_over_trl']}x, wall {results['ratio_wall_ours_over_trl']}x",
           flush=True)
     if args.packing:
-        print(f"ours packed: {packed['steps']} steps of {packed['pack_rows']} x {packed['row_tokens']} tokens, "
-              f"filler share {packed['filler_share']:.1%}; real tokens/s ours/TRL "
+        print(f"ours packed: {packed['steps']} steps of {packed['pairs_per_step']} pairs in {packed['row_counts']} "
+              f"rows of {packed['row_tokens']} tokens (TRL: {peer['steps']} steps); real tokens/s ours/TRL "
               f"{results['ratio_real_tokens_per_s_ours_over_trl']}x, target >= {PACKED_TARGET}x "
               f"{'met' if results['target_met'] else 'missed'}", flush=True)
     print(cpu_line(), flush=True)

@@ -17,8 +17,10 @@ TINY_CONFIG = ROOT / "model_configs" / "llama2_config" / "run_llama_2_tiny_rm_cp
 RESULTS = ROOT / "benchmarks" / "results"
 # The packed dataset's line on rank 0 (mindrlhf.data.dataset): mode, loss, pairs, steps, rows, row tokens, steps a
 # rank, filler share in %.
-PACKING_LINE = re.compile(r"packing (\w+) \((\w+)\): (\d+) pairs -> (\d+) steps of (\d+) rows x (\d+) tokens "
-                          r"\((\d+) per rank\), filler share ([\d.]+)%")
+# the packed dataset's line (pack_steps batch_size): mode, loss, pairs, steps, pairs a rank, ranks, row tokens,
+# row counts
+PACKING_LINE = re.compile(r"packing (\w+) \((\w+)\): (\d+) pairs -> (\d+) steps of (\d+) pairs a rank x (\d+) "
+                          r"rank\(s\), rows of (\d+) tokens, \[([\d, ]+)\] rows a step")
 
 
 def require_inputs():

@@ -206,7 +206,7 @@ def test_ascend_run_gets_actual_seq_len_column_and_argument(test_mindrecord, tmp
     data_template_and_margin(config, [str(test_mindrecord)])
     assert config.train_dataset.construct_args_key == ["input_ids", "position_id", "attention_mask", "loss_mask",
                                                        "end_ind", ACTUAL_SEQ_LEN]
-    dataset = create_reward_dataset(str(test_mindrecord), 8, packing="pairs", pack_rows=2, loss_type="last_token",
+    dataset = create_reward_dataset(str(test_mindrecord), 2, packing="pairs", pack_rows=2, loss_type="last_token",
                                     seq_length=512, ascend_row_groups=2)
     assert dataset.get_col_names()[-1] == ACTUAL_SEQ_LEN
     step = next(dataset.create_dict_iterator(output_numpy=True))

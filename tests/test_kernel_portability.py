@@ -3,7 +3,7 @@
 - the source is portable C++17 (no builtins, intrinsics or attributes: g++ 9/10 on Kunpeng or Ubuntu 20.04
   build it), and each architecture gets flags its compiler accepts;
 - aarch64 for real: the kernels cross-compiled with the aarch64 baseline flags run under qemu-aarch64 and match
-  a float64 reference; the x86-64 baseline build passes the same self-check natively;
+  a float64 reference (attention with both adder masks and with the packed mask of positions and codes); the x86-64 baseline build passes the same self-check natively;
 - the cache key tells CPUs apart on both architectures (arm64's /proc/cpuinfo has no model name or flags);
 - ranks that build at once into one cache build once and all load the same library, leaving no temporary file;
 - kernel threads divide the cores by the ranks on this host, not in the whole job.
@@ -162,6 +162,20 @@ def run_selfcheck(tmp_path, compiler, arch, prefix, lib=None):
                        [x.shape for x in inputs[:3]])
         want, want_grads = reference_attention(*inputs, heads, groups)
         expected.append((out, want, grads, want_grads(dout.astype(np.float64))))
+    # the packed-mask path (B, 2, 1, S) of positions and layout codes: spans, shared-prefix answers, in-span pads
+    # and filler in one row, checked against the float64 reference of the visibility rule
+    from mindrlhf.data import packing as pk
+    from test_packed_kernel import packed_case, reference as packed_reference
+
+    size, heads, groups = 16, 4, 2
+    _, inputs, _, positions, codes, _ = packed_case(11, 83, size, heads, groups)
+    batch, seq = codes.shape
+    out, stats = m.call("RopeAttentionForward", inputs, [(batch, seq, heads * size), (batch, heads, seq, 2)])
+    dout = rng.normal(size=(batch, seq, heads * size)).astype(np.float32)
+    grads = m.call("RopeAttentionBackward", inputs + [out, stats, dout], [x.shape for x in inputs[:3]])
+    want, want_grads = packed_reference(*inputs[:5], positions, np.stack([pk.visible(c) for c in codes]), heads,
+                                        groups)
+    expected.append((out, want, grads, want_grads(dout.astype(np.float64))))
     x = rng.normal(size=(3, 47, 37)).astype(np.float32)
     w = rng.normal(size=(37,)).astype(np.float32)
     eps = np.array([1e-5], np.float32)
@@ -177,7 +191,7 @@ def run_selfcheck(tmp_path, compiler, arch, prefix, lib=None):
     done = subprocess.run([*prefix, str(driver), lib, str(m.write())], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     calls = done.stdout.split()
-    assert calls[1::2] == ["0"] * 8 and len(calls) == 16, done.stdout  # every kernel ran and accepted its shapes
+    assert calls[1::2] == ["0"] * 10 and len(calls) == 20, done.stdout  # every kernel ran and accepted its shapes
 
     for out, want, grads, want_grads in expected:
         close(read(out), want, 2e-5, "attention")

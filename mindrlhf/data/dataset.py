@@ -182,6 +182,28 @@ def read_pairs(files: Sequence[str], pad_token_id: int, num_samples: Optional[in
     return pairs, MARGIN_COLUMN in columns, data_length
 
 
+def check_pad_rule(files: Sequence[str], pad_token_id: int, num_samples: Optional[int] = None):
+    """packing.check_no_pad_in_text on every row the padded pipeline will read (the packed one checks as it
+    reads the pairs): InputError naming the file and row."""
+    from mindspore.mindrecord import FileReader
+
+    read = 0
+    for path in files:
+        reader = FileReader(path, num_consumer=1, columns=["chosen_input_ids", "chosen_attention_mask",
+                                                            "rejected_input_ids", "rejected_attention_mask"])
+        try:
+            for i, row in enumerate(reader.get_next()):
+                if num_samples and read >= int(num_samples):
+                    return
+                read += 1
+                pk.check_no_pad_in_text(
+                    row["chosen_input_ids"][:int(np.asarray(row["chosen_attention_mask"]).sum())],
+                    row["rejected_input_ids"][:int(np.asarray(row["rejected_attention_mask"]).sum())],
+                    pad_token_id, f"{path}: row {i}")
+        finally:
+            reader.close()
+
+
 class PackedSteps:
     """Random-access source of packed steps for GeneratorDataset: step i -> the model's columns."""
 
@@ -234,23 +256,36 @@ class PackingPlans:
     def keep(self, key, plan: dict):
         self.key, self.plan = key, plan
 
+PACK_STEPS = ("batch_size", "fill")  # train_dataset.pack_steps: batch_size pairs a step (default), or fill rows
+
+
+def pack_steps_mode(value) -> str:
+    """train_dataset.pack_steps: batch_size (default: every step holds batch_size pairs a rank, as a padded
+    step) or fill (rows filled by fit: more pairs a step, fewer steps, docs/packing.md)."""
+    value = "batch_size" if value is None else str(value).strip()
+    if value not in PACK_STEPS:
+        raise ConfigError(f"train_dataset.pack_steps must be one of {PACK_STEPS}, got {value!r}")
+    return value
+
 
 def plan_packed(files, packing: str, pack_rows: Optional[int], seq_length: Optional[int] = None,
                 loss_type: str = pk.SPAN, num_samples: Optional[int] = None, num_shards=None,
                 seed: Optional[int] = None, pad_token_id: int = 2, batch_size: int = 8,
-                ascend_row_groups: Optional[int] = None) -> dict:
+                ascend_row_groups: Optional[int] = None, pack_steps: Optional[str] = None) -> dict:
     """Read the pairs and plan the packed steps as create_packed_dataset serves them: ConfigError/InputError
-    naming the file and row of a bad or too long pair. Returns the pairs, steps, the resolved pack_rows and
-    seq_length, shared_prefix, margin and the filler share. On Ascend (ascend_row_groups) each row keeps the
-    planner's reserve of filler tokens for its actual_seq_len entries (plan_steps' tnd_entries)."""
+    naming the file and row of a bad or too long pair. Returns the pairs, the step count, the resolved
+    pack_rows and seq_length, shared_prefix, margin; pack_steps "batch_size": the row counts a step may take
+    (row_counts); "fill": the steps and the filler share. On Ascend (ascend_row_groups) each row keeps the
+    planner's reserve of filler tokens for its actual_seq_len entries (packing.fits_row)."""
     mode = pk.packing_mode(packing, "packing")
+    how = pack_steps_mode(pack_steps)
     if loss_type not in (pk.SPAN, pk.LAST_TOKEN):
         raise ConfigError(f"loss_type must be {pk.SPAN} or {pk.LAST_TOKEN}, got {loss_type!r}")
     if pack_rows is not None and int(pack_rows) < 1:
         raise ConfigError(f"train_dataset.pack_rows must be >= 1, got {pack_rows}")
     files = resolve_mindrecord_files(files)
     key = (tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files), mode, pack_rows, seq_length,
-           loss_type, num_samples, num_shards, seed, pad_token_id, batch_size, ascend_row_groups)
+           loss_type, num_samples, num_shards, seed, pad_token_id, batch_size, ascend_row_groups, how)
     plans = PackingPlans.current()
     if plans is not None and plans.get(key) is not None:  # the trainer's check, then the dataset it trains on
         return plans.get(key)
@@ -258,23 +293,41 @@ def plan_packed(files, packing: str, pack_rows: Optional[int], seq_length: Optio
     if not pairs:
         raise ConfigError(f"{files[0]}: no pairs to pack")
     seq_length = int(seq_length or data_length)
-    if pack_rows is None:
-        pack_rows = max(1, 2 * int(batch_size) * int(data_length) // seq_length)
-        if ascend_row_groups:  # whole FlashAttention calls, each of at most tnd_rows_per_call rows
-            groups = int(ascend_row_groups)
-            pack_rows = min(-(-pack_rows // groups), pk.tnd_rows_per_call(seq_length)) * groups
-    if ascend_row_groups:  # the resolved value, default or explicit, is what the pipeline feeds FlashAttention
-        pk.check_ascend_pack_rows(pack_rows, ascend_row_groups, seq_length)
     shared_prefix = mode == "shared_prefix"
     lengths = pk.pair_row_lengths(pairs, seq_length, shared_prefix, loss_type)
-    steps = pk.plan_steps(lengths, int(pack_rows), seq_length, 0 if seed is None else int(seed),
-                          multiple_of=int(num_shards or 1),
-                          tnd_entries=pk.tnd_row_entries(seq_length) if ascend_row_groups else None,
-                          spans_per_pair=pk.pair_spans(shared_prefix),
-                          names=[p.label(i) for i, p in enumerate(pairs)])
-    plan = {"mode": mode, "pairs": pairs, "steps": steps, "pack_rows": int(pack_rows), "seq_length": seq_length,
-            "shared_prefix": shared_prefix, "margin": margin,
-            "filler_share": pk.filler_share(lengths, len(steps), int(pack_rows), seq_length)}
+    tnd = pk.tnd_row_entries(seq_length) if ascend_row_groups else None
+    spans = pk.pair_spans(shared_prefix)
+    groups = int(ascend_row_groups or 1)
+    names = [p.label(i) for i, p in enumerate(pairs)]
+    pk.check_tnd_room(lengths, seq_length, tnd, spans, lambda i: names[i])
+    plan = {"mode": mode, "pack_steps": how, "pairs": pairs, "seq_length": seq_length,
+            "shared_prefix": shared_prefix, "margin": margin}
+    if how == "batch_size":
+        per_step = int(batch_size) * int(num_shards or 1)
+        if len(pairs) < per_step:
+            raise ConfigError(f"{files[0]}: {len(pairs)} pair(s), fewer than the {per_step} a step takes "
+                              f"(batch_size {batch_size} x {int(num_shards or 1)} data-parallel rank(s))")
+        worst = pk.worst_rows(batch_size, int(lengths.max()), seq_length, tnd, spans)
+        worst = -(-worst // groups) * groups
+        if pack_rows is not None and int(pack_rows) < worst:
+            raise ConfigError(f"train_dataset.pack_rows {pack_rows} may not hold a step's batch_size {batch_size} "
+                              f"pairs (the longest takes {int(lengths.max())} of a row's {seq_length} tokens): up to "
+                              f"{worst} rows; raise pack_rows or leave it unset, or lower batch_size")
+        pack_rows = worst if pack_rows is None else pack_rows  # enough rows for any batch_size pairs of this data
+    elif pack_rows is None:
+        pack_rows = max(1, 2 * int(batch_size) * int(data_length) // seq_length)
+        if ascend_row_groups:  # whole FlashAttention calls, each of at most tnd_rows_per_call rows
+            pack_rows = min(-(-pack_rows // groups), pk.tnd_rows_per_call(seq_length)) * groups
+    if ascend_row_groups:  # the resolved value, default or explicit, is what the pipeline feeds FlashAttention
+        pk.check_ascend_pack_rows(int(pack_rows), groups, seq_length)
+    if how == "batch_size":
+        plan.update(pack_rows=int(pack_rows), n_steps=len(pairs) // per_step,
+                    row_counts=pk.row_counts(int(pack_rows), groups), lengths=lengths)
+    else:
+        steps = pk.plan_steps(lengths, int(pack_rows), seq_length, 0 if seed is None else int(seed),
+                              multiple_of=int(num_shards or 1), tnd_entries=tnd, spans_per_pair=spans, names=names)
+        plan.update(pack_rows=int(pack_rows), steps=steps, n_steps=len(steps),
+                    filler_share=pk.filler_share(lengths, len(steps), int(pack_rows), seq_length))
     if plans is not None:
         plans.keep(key, plan)
     return plan
@@ -283,7 +336,8 @@ def plan_packed(files, packing: str, pack_rows: Optional[int], seq_length: Optio
 def packing_plan_check(files, dataset_cfg, num_shards=None) -> dict:
     """The trainer's early check of a packed dataset: reads and plans exactly as the dataset will (same
     fields of the train_dataset config as RewardModelDataset reads), so a bad or too long pair fails before
-    training, naming its file and row. Returns {pairs, steps, filler_share, pack_rows, seq_length} (counts).
+    training, naming its file and row. Returns {pairs, steps, pack_rows, seq_length, pack_steps} and the
+    row_counts a step may take (batch_size) or the filler_share (fill).
     num_shards None: this rank's data-parallel shard count (shard_info)."""
     cfg = dataset_cfg or {}
     loader = cfg.get("data_loader") or {}
@@ -292,36 +346,111 @@ def packing_plan_check(files, dataset_cfg, num_shards=None) -> dict:
     plan = plan_packed(files, cfg.get("packing"), cfg.get("pack_rows"), cfg.get("seq_length"),
                        cfg.get("loss_type") or pk.SPAN, loader.get("num_samples"), num_shards,
                        cfg.get("seed", 0), int(cfg.get("pad_token_id", 2)), int(cfg.get("batch_size") or 8),
-                       cfg.get("ascend_row_groups"))
-    return {"pairs": len(plan["pairs"]), "steps": len(plan["steps"]),
-            "filler_share": round(float(plan["filler_share"]), 6), "pack_rows": plan["pack_rows"],
-            "seq_length": plan["seq_length"]}
+                       cfg.get("ascend_row_groups"), cfg.get("pack_steps"))
+    out = {"pairs": len(plan["pairs"]), "steps": plan["n_steps"], "pack_rows": plan["pack_rows"],
+           "seq_length": plan["seq_length"], "pack_steps": plan["pack_steps"]}
+    if "filler_share" in plan:
+        out["filler_share"] = round(float(plan["filler_share"]), 6)
+    else:
+        out["row_counts"] = plan["row_counts"]
+    return out
+
+
+class PackedBatches:
+    """per_batch_map of pack_steps batch_size: the batch_size x ranks pairs MindDataset drew (the padded run's
+    shuffled order) -> this rank's batch_size pairs packed into the fewest rows of the plan's row counts that
+    hold every rank's pairs (one shape a step on every rank). Logs each row count the first time it is used:
+    each is one compiled graph."""
+
+    def __init__(self, plan, loss_type: str, pad_token_id: int, groups: int, group: int,
+                 ascend_row_groups: Optional[int] = None):
+        self.plan, self.loss_type, self.pad_token_id = plan, loss_type, pad_token_id
+        self.groups, self.group, self.ascend_row_groups = groups, group, ascend_row_groups
+        self.tnd_entries = pk.tnd_row_entries(plan["seq_length"]) if ascend_row_groups else None
+        self.seen = set()
+        self.columns = list(MODEL_COLUMNS) + ([MARGIN_COLUMN] if plan["margin"] else []) \
+            + ([pk.ACTUAL_SEQ_LEN] if ascend_row_groups else [])
+
+    def pack(self, records, batch_index: int):
+        plan, shared = self.plan, self.plan["shared_prefix"]
+        pairs = [pk.pair_from_record(record, self.pad_token_id, f"batch {batch_index}: pair {i}")
+                 for i, record in enumerate(records)]
+        per_rank = len(pairs) // self.groups
+        mine = pairs[self.group * per_rank:(self.group + 1) * per_rank]
+        lengths = [[p.row_length(shared, self.loss_type) for p in pairs[g * per_rank:(g + 1) * per_rank]]
+                   for g in range(self.groups)]
+        rows, placements = pk.plan_batch(lengths, plan["seq_length"], plan["row_counts"], self.tnd_entries,
+                                         pk.pair_spans(shared))
+        if rows not in self.seen:
+            self.seen.add(rows)
+            _say_on_rank_0(f"packing: a step of {rows} row(s) x {plan['seq_length']} tokens (one compiled shape; "
+                           f"first used by batch {batch_index + 1})")
+        arrays = pk.pack_step(mine, placements[self.group], rows, plan["seq_length"], self.pad_token_id,
+                              self.loss_type, shared, plan["margin"])
+        if self.ascend_row_groups:
+            arrays[pk.ACTUAL_SEQ_LEN] = pk.actual_seq_len(arrays["attention_mask"], self.tnd_entries,
+                                                          row_groups=self.ascend_row_groups)
+        return tuple(arrays[name] for name in self.columns)
+
+    def batch_map(self, columns: Sequence[str]):
+        """MindSpore matches a per_batch_map's signature to the columns: one for each column count."""
+        def records(values):
+            return [dict(zip(columns, row)) for row in zip(*values)]
+
+        if MARGIN_COLUMN in columns:
+            def with_margin(c_ids, c_mask, r_ids, r_mask, position_id, loss_mask, end_ind, margin, info):
+                return self.pack(records((c_ids, c_mask, r_ids, r_mask, position_id, loss_mask, end_ind, margin)),
+                                 info.get_batch_num())
+            return with_margin
+
+        def plain(c_ids, c_mask, r_ids, r_mask, position_id, loss_mask, end_ind, info):
+            return self.pack(records((c_ids, c_mask, r_ids, r_mask, position_id, loss_mask, end_ind)),
+                             info.get_batch_num())
+        return plain
 
 
 def create_packed_dataset(files, packing: str, pack_rows: Optional[int], seq_length: Optional[int] = None,
                           loss_type: str = pk.SPAN, shuffle: bool = False, repeat: int = 1,
                           num_samples: Optional[int] = None, shard_id=None, num_shards=None,
                           seed: Optional[int] = None, pad_token_id: int = 2, batch_size: int = 8,
-                          ascend_row_groups: Optional[int] = None):
-    """Packed steps (PACKING.md): all pairs read once, planned with the seed (plan_packed), served per step;
-    data-parallel ranks split the steps, each getting the same number (the plan is rounded up to a multiple of
-    num_shards). pack_rows None: the padded step's capacity, 2 x batch_size rows of the data's length, in rows
-    of seq_length (rows twice the data's length, which pairs mode needs, hold half as many)."""
+                          ascend_row_groups: Optional[int] = None, pack_steps: Optional[str] = None):
+    """Packed steps (docs/packing.md), all pairs read and checked once (plan_packed).
+    pack_steps batch_size: MindDataset draws batch_size pairs a rank a step in the padded run's shuffled order
+    (every rank reads the global order, batch_size x num_shards a step, and keeps its own batch_size), packed
+    into rows of seq_length; pack_rows (default: enough for any batch of this data) caps the rows.
+    pack_steps fill: the plan fills pack_rows rows a step by fit; data-parallel ranks split the steps."""
     import mindspore.dataset as ds
 
     plan = plan_packed(files, packing, pack_rows, seq_length, loss_type, num_samples, num_shards, seed,
-                       pad_token_id, batch_size, ascend_row_groups)
-    pairs, steps, pack_rows, seq_length = plan["pairs"], plan["steps"], plan["pack_rows"], plan["seq_length"]
-    _say_on_rank_0(f"packing {plan['mode']} ({loss_type}): {len(pairs)} pairs -> {len(steps)} steps of {pack_rows} "
-                   f"rows x {seq_length} tokens ({len(steps) // int(num_shards or 1)} per rank), filler share "
-                   f"{plan['filler_share']:.1%}")
-    if seed is not None:
-        ds.config.set_seed(int(seed))
-    source = PackedSteps(pairs, steps, pack_rows, seq_length, pad_token_id, loss_type, plan["shared_prefix"],
-                         plan["margin"], ascend_row_groups)
-    kwargs = {"num_shards": int(num_shards), "shard_id": int(shard_id)} if num_shards else {}
-    dataset = ds.GeneratorDataset(source, column_names=source.columns, shuffle=bool(shuffle),
-                                  python_multiprocessing=False, num_parallel_workers=1, **kwargs)
+                       pad_token_id, batch_size, ascend_row_groups, pack_steps)
+    pairs, pack_rows, seq_length = plan["pairs"], plan["pack_rows"], plan["seq_length"]
+    ranks = int(num_shards or 1)
+    if plan["pack_steps"] == "batch_size":
+        _say_on_rank_0(f"packing {plan['mode']} ({loss_type}): {len(pairs)} pairs -> {plan['n_steps']} steps of "
+                       f"{batch_size} pairs a rank x {ranks} rank(s), rows of {seq_length} tokens, "
+                       f"{plan['row_counts']} rows a step (one compiled shape each)")
+        files = resolve_mindrecord_files(files)
+        if seed is not None:
+            ds.config.set_seed(int(seed))
+        columns = record_columns(files)
+        source = PackedBatches(plan, loss_type, pad_token_id, ranks, int(shard_id or 0), ascend_row_groups)
+        kwargs = {"num_samples": int(num_samples)} if num_samples else {}
+        dataset = ds.MindDataset(files, columns_list=columns, shuffle=shuffle, num_parallel_workers=1, **kwargs)
+        dataset = dataset.batch(int(batch_size) * ranks, drop_remainder=True, input_columns=columns,
+                                output_columns=source.columns, per_batch_map=source.batch_map(columns))
+        dataset = dataset.project(source.columns)
+    else:
+        steps = plan["steps"]
+        _say_on_rank_0(f"packing {plan['mode']} ({loss_type}, pack_steps fill): {len(pairs)} pairs -> {len(steps)} "
+                       f"steps of {pack_rows} rows x {seq_length} tokens ({len(steps) // ranks} per rank), filler "
+                       f"share {plan['filler_share']:.1%}")
+        if seed is not None:
+            ds.config.set_seed(int(seed))
+        source = PackedSteps(pairs, steps, pack_rows, seq_length, pad_token_id, loss_type, plan["shared_prefix"],
+                             plan["margin"], ascend_row_groups)
+        kwargs = {"num_shards": int(num_shards), "shard_id": int(shard_id)} if num_shards else {}
+        dataset = ds.GeneratorDataset(source, column_names=source.columns, shuffle=bool(shuffle),
+                                      python_multiprocessing=False, num_parallel_workers=1, **kwargs)
     if repeat and repeat > 1:
         dataset = dataset.repeat(repeat)
     return dataset
@@ -332,7 +461,7 @@ def create_reward_dataset(files, batch_size: int, shuffle: bool = False, drop_re
                           num_parallel_workers: int = 1, shard_id=None, num_shards=None, seed: Optional[int] = None,
                           pad_token_id: int = 2, packing=None, pack_rows: Optional[int] = None,
                           loss_type: Optional[str] = None, seq_length: Optional[int] = None,
-                          ascend_row_groups: Optional[int] = None):
+                          ascend_row_groups: Optional[int] = None, pack_steps: Optional[str] = None):
     """The dataset pipeline without the registry: what both training and evaluation use.
 
     Padded files are batched then trimmed; compact files (see mindrlhf.data.records.COMPACT_SCHEMA) are padded
@@ -347,8 +476,9 @@ def create_reward_dataset(files, batch_size: int, shuffle: bool = False, drop_re
                               "packed steps have one shape; set bucket_boundaries: []")
         return create_packed_dataset(files, packing, pack_rows, seq_length, loss_type or pk.SPAN, shuffle, repeat,
                                      num_samples, shard_id, num_shards, seed, pad_token_id, batch_size,
-                                     ascend_row_groups)
+                                     ascend_row_groups, pack_steps)
     files = resolve_mindrecord_files(files)
+    check_pad_rule(files, pad_token_id, num_samples)
     bucket_boundaries = boundaries_for(bucket_boundaries, files, batch_size, log=_say_on_rank_0) or None
     if seed is not None:
         ds.config.set_seed(seed)
@@ -383,8 +513,9 @@ class RewardModelDataset(BaseDataset):
 
     data_loader.{dataset_dir|dataset_files, shuffle, num_samples}, batch_size, drop_remainder, repeat,
     num_parallel_workers, seed, bucket_boundaries (list of lengths; empty = fixed length; "auto" = the ones
-    conversion suggested for these files); packing (false | pairs | shared_prefix), pack_rows, loss_type and
-    seq_length (the trainer copies packing, loss_type, seq_length and pad_token_id from model_config).
+    conversion suggested for these files); packing (false | pairs | shared_prefix), pack_rows, pack_steps
+    (batch_size | fill), loss_type and seq_length (the trainer copies packing, loss_type, seq_length and
+    pad_token_id from model_config).
     """
 
     def __new__(cls, dataset_config: Optional[dict] = None, data_loader=None, batch_size: int = 8,
@@ -406,4 +537,5 @@ class RewardModelDataset(BaseDataset):
             pad_token_id=int(dataset_config.get("pad_token_id", pad_token_id)),
             packing=dataset_config.get("packing"), pack_rows=dataset_config.get("pack_rows"),
             loss_type=dataset_config.get("loss_type"), seq_length=dataset_config.get("seq_length"),
-            ascend_row_groups=dataset_config.get("ascend_row_groups"))
+            ascend_row_groups=dataset_config.get("ascend_row_groups"),
+            pack_steps=dataset_config.get("pack_steps"))

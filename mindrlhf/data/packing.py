@@ -88,6 +88,18 @@ class Pair:
         return 2 * e if span else c + r
 
 
+def check_no_pad_in_text(chosen, rejected, pad_token_id: int, where: str = "record"):
+    """The pad-id rule, one for padded training, packed training and scoring: a text never holds the pad id.
+    The padded model hides every key equal to it (MindFormers builds the mask from ids != pad), so such a token
+    would silently vanish; conversion refuses it, and so does every reader of records made elsewhere."""
+    for field, ids in (("chosen_input_ids", chosen), ("rejected_input_ids", rejected)):
+        at = np.flatnonzero(np.asarray(ids) == pad_token_id)
+        if at.size:
+            raise InputError(where, None, field, f"token {int(at[0])} of the text is {pad_token_id}, the pad id, "
+                                                 "which the model hides as padding; convert again with a "
+                                                 "--pad_token_id that never occurs in the text")
+
+
 def pair_from_record(record: dict, pad_token_id: int, where: str = "record") -> Pair:
     """The stored fields of one MindRecord row (padded or compact layout; margin when present) -> Pair.
 
@@ -97,6 +109,7 @@ def pair_from_record(record: dict, pad_token_id: int, where: str = "record") -> 
     r_len = int(np.asarray(record["rejected_attention_mask"]).sum())
     chosen = np.asarray(record["chosen_input_ids"], dtype=np.int32)[:c_len].copy()
     rejected = np.asarray(record["rejected_input_ids"], dtype=np.int32)[:r_len].copy()
+    check_no_pad_in_text(chosen, rejected, pad_token_id, where)
     end = max(c_len, r_len)
     padded_c, padded_r = np.full(end, pad_token_id, np.int32), np.full(end, pad_token_id, np.int32)
     padded_c[:c_len], padded_r[:r_len] = chosen, rejected
@@ -140,6 +153,33 @@ def pair_row_lengths(pairs: Sequence[Pair], seq_length: int, shared_prefix: bool
     return lengths
 
 
+def check_tnd_room(lengths, seq_length: int, entries: Optional[int], spans_per_pair: int, name) -> None:
+    """Ascend (entries: actual_seq_len's entries a row, None elsewhere): a row holding one pair keeps entries -
+    spans_per_pair filler tokens as one-token FlashAttention blocks, so a pair longer than the rest is refused,
+    named by name(i)."""
+    if entries is None:
+        return
+    room = seq_length - (entries - spans_per_pair)
+    over = np.flatnonzero(np.asarray(lengths) > room)
+    if over.size:
+        i = int(over[0])
+        raise ConfigError(f"{name(i)} needs {int(lengths[i])} tokens; on Ascend a row of {seq_length} holds at "
+                          f"most {room} with one pair: it keeps {entries - spans_per_pair} filler tokens as "
+                          f"FlashAttention blocks (actual_seq_len: {entries} entries a row, none empty); use "
+                          f"seq_length >= {int(np.max(lengths)) + entries - spans_per_pair}")
+
+
+def fits_row(left: int, held: int, need: int, entries: Optional[int], spans_per_pair: int) -> bool:
+    """Whether a pair of `need` tokens fits a row with `left` tokens free that holds `held` pairs. On Ascend
+    (entries) the row keeps its reserve after it: fewer spans than entries, and entries - spans filler tokens."""
+    if left < need:
+        return False
+    if entries is None:
+        return True
+    spans = (held + 1) * spans_per_pair
+    return spans < entries and left - need >= entries - spans
+
+
 def plan_steps(pair_lengths: Sequence[int], rows: int, seq_length: int, seed: int = 0,
                open_rows: Optional[int] = None, multiple_of: int = 1, tnd_entries: Optional[int] = None,
                spans_per_pair: int = 2, names: Optional[Sequence[str]] = None) -> List[List[Tuple[int, int]]]:
@@ -173,15 +213,7 @@ def plan_steps(pair_lengths: Sequence[int], rows: int, seq_length: int, seed: in
         i = int(over[0])
         raise ConfigError(f"{name(i)} needs {int(lengths[i])} tokens in one row, more than seq_length {seq_length}; "
                           f"a pair never crosses a row: use seq_length >= {int(lengths.max())} or shared_prefix")
-    if entries is not None:
-        room = seq_length - (entries - spans_per_pair)
-        over = np.flatnonzero(lengths > room)
-        if over.size:
-            i = int(over[0])
-            raise ConfigError(f"{name(i)} needs {int(lengths[i])} tokens; on Ascend a row of {seq_length} holds at "
-                              f"most {room} with one pair: it keeps {entries - spans_per_pair} filler tokens as "
-                              f"FlashAttention blocks (actual_seq_len: {entries} entries a row, none empty); use "
-                              f"seq_length >= {int(lengths.max()) + entries - spans_per_pair}")
+    check_tnd_room(lengths, seq_length, entries, spans_per_pair, name)
     if (lengths < 1).any():
         raise ConfigError(f"{name(int(np.flatnonzero(lengths < 1)[0]))} has no tokens")
     width = int(open_rows or max(16, 2 * rows))
@@ -226,6 +258,72 @@ def plan_steps(pair_lengths: Sequence[int], rows: int, seq_length: int, seed: in
         steps.append([(r, i) for r, row in enumerate(closed[start:start + count]) for i in row])
         start += count
     return steps
+
+
+def row_counts(max_rows: int, multiple_of: int = 1) -> List[int]:
+    """The row counts a packed step or scoring pass may have: multiple_of x (1, 2, 4, ... below max_rows /
+    multiple_of, and that bound itself). Graph mode compiles one shape for each, once."""
+    group = max(1, int(multiple_of))
+    top = max(1, int(max_rows) // group)
+    sizes, size = {top}, 1
+    while size < top:
+        sizes.add(size)
+        size *= 2
+    return sorted(group * s for s in sizes)
+
+
+def rows_for(lengths: Sequence[int], seq_length: int, tnd_entries: Optional[int] = None,
+             spans_per_pair: int = 2) -> List[List[int]]:
+    """First-fit decreasing of these pairs (their row lengths, each <= seq_length) into rows: the rows, each the
+    pairs' indices in this list. Few rows, and depends only on the lengths (not on rank or step). On Ascend
+    (tnd_entries) every row keeps plan_steps' reserve (fits_row)."""
+    remaining: List[int] = []
+    content: List[List[int]] = []
+    for index in np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable"):
+        need = int(lengths[index])
+        row = next((r for r, left in enumerate(remaining)
+                    if fits_row(left, len(content[r]), need, tnd_entries, spans_per_pair)), None)
+        if row is None:
+            remaining.append(int(seq_length))
+            content.append([])
+            row = len(content) - 1
+        remaining[row] -= need
+        content[row].append(int(index))
+    return content
+
+
+def worst_rows(batch_size: int, longest: int, seq_length: int, tnd_entries: Optional[int] = None,
+               spans_per_pair: int = 2) -> int:
+    """An upper bound on the rows rows_for needs for batch_size pairs of at most `longest` tokens: every row
+    but the last is filled past capacity - longest (first fit). On Ascend (tnd_entries) the capacity is
+    seq_length - tnd_entries (the reserve never takes more) and a row holds at most (tnd_entries - 1) //
+    spans_per_pair pairs."""
+    batch_size, longest = int(batch_size), int(longest)
+    capacity = int(seq_length) - (int(tnd_entries) if tnd_entries is not None else 0)
+    by_tokens = batch_size if longest * 2 > capacity else -(-batch_size * longest // (capacity - longest + 1)) + 1
+    bound = min(batch_size, by_tokens)
+    if tnd_entries is not None:
+        bound = max(bound, -(-batch_size // max(1, (int(tnd_entries) - 1) // spans_per_pair)))
+    return max(1, bound)
+
+
+def plan_batch(group_lengths: Sequence[Sequence[int]], seq_length: int, sizes: Sequence[int],
+               tnd_entries: Optional[int] = None, spans_per_pair: int = 2,
+               names: Optional[Sequence[str]] = None) -> Tuple[int, List[List[Tuple[int, int]]]]:
+    """One step of `batch_size` pairs per data-parallel rank, drawn in the run's order (never chosen by fit):
+    group_lengths[g] = the row lengths of rank g's pairs. Returns (rows, placements): the smallest of `sizes`
+    that holds every rank's rows (one shape for all ranks of a step), and per rank its (row, pair index)
+    placement, pair indices into that rank's list, in the order pack_step takes. ConfigError when the largest
+    of `sizes` cannot hold them."""
+    laid = [rows_for(lengths, seq_length, tnd_entries, spans_per_pair) for lengths in group_lengths]
+    need = max(len(rows) for rows in laid)
+    pairs = max(len(lengths) for lengths in group_lengths)
+    rows = next((s for s in sizes if s >= need and s * seq_length // 2 >= pairs), None)
+    if rows is None:
+        where = f" ({', '.join(names)})" if names else ""
+        raise ConfigError(f"a step's {pairs} pair(s){where} need {need} rows of {seq_length} tokens, more than "
+                          f"train_dataset.pack_rows {max(sizes)}: raise pack_rows or seq_length, or lower batch_size")
+    return rows, [[(r, i) for r, row in enumerate(group) for i in row] for group in laid]
 
 
 def filler_share(pair_lengths: Sequence[int], n_steps: int, rows: int, seq_length: int) -> float:

@@ -18,10 +18,10 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from mindrlhf.data.buckets import bucket_length
-from mindrlhf.data.packing import (actual_seq_len, pack_sequences, packing_mode, tnd_row_entries,
+from mindrlhf.data.packing import (actual_seq_len, pack_sequences, packing_mode, row_counts, tnd_row_entries,
                                    tnd_rows_per_call)
 from mindrlhf.data.templates import TUTORIAL, read_run_template
-from mindrlhf.errors import ConfigError
+from mindrlhf.errors import ConfigError, InputError
 from mindrlhf.model.ascend_packing import on_flash_attention
 from mindrlhf.checkpoints.reader import checkpoint_step
 from mindrlhf.checkpoints.names import is_lora
@@ -85,13 +85,9 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> List[np.ndarray]:
 
 
 def pass_sizes(max_rows: int) -> List[int]:
-    """Rows per packed pass: powers of 2 below max_rows, and max_rows itself (graph mode compiles one shape
-    each; a lone short request runs a 1-row pass, not max_rows rows)."""
-    sizes, size = {max(1, int(max_rows))}, 1
-    while size < max_rows:
-        sizes.add(size)
-        size *= 2
-    return sorted(sizes)
+    """Rows per packed pass: the training steps' row counts (packing.row_counts), so a lone short request runs
+    a 1-row pass, not max_rows rows, and graph mode compiles one shape each."""
+    return row_counts(max_rows)
 
 
 def packed_passes(sequences: Sequence[Sequence[int]], max_rows: int, width: int,
@@ -250,6 +246,16 @@ class RewardScorer:
         ends = np.array([len(s) for s in sequences], dtype=np.int32)
         return self.network(ms.Tensor(ids), None, None, None, ms.Tensor(ends)).asnumpy().reshape(-1)
 
+    def check_pad_rule(self, sequences: Sequence[Sequence[int]]):
+        """The pad-id rule of training (packing.check_no_pad_in_text): a text never holds the pad id, padded or
+        packed. InputError naming the sequence."""
+        held = next((i for i, s in enumerate(sequences) if self.pad_token_id in s), None)
+        if held is not None:
+            raise InputError(f"sequence {held}", None, None,
+                             f"holds pad_token_id {self.pad_token_id} ({self.config_where}: "
+                             "model.model_config.pad_token_id), which the model hides as padding; training refuses "
+                             "such texts too: use a pad id that never occurs in the text")
+
     def packed_passes(self, sequences: Sequence[Sequence[int]], max_rows: Optional[int] = None) -> List[dict]:
         """The packed passes (see packed_passes) of these sequences (1 to seq_length tokens each), at most
         max_rows (default batch_size; on Ascend never more than max_pass_rows) rows each."""
@@ -283,6 +289,7 @@ class RewardScorer:
         sequences = [list(s)[:self.seq_length] for s in sequences]
         if any(len(s) == 0 for s in sequences):
             raise ConfigError("cannot score an empty sequence")
+        self.check_pad_rule(sequences)
         scores = np.full(len(sequences), np.nan, dtype=np.float32)
         if self.packing:
             for packed in self.packed_passes(sequences)[rank::size]:

@@ -108,6 +108,7 @@ class DynamicBatcher:
         """Rewards for these sequences (already truncated to seq_length): sorted, bucketed, padded rows.
 
         give_up() is asked before each forward pass; True raises Abandoned."""
+        self.scorer.check_pad_rule(sequences)
         if self.packing:
             return self._score_packed(sequences, give_up)
         scores = np.zeros(len(sequences), np.float32)

@@ -85,7 +85,7 @@ def semi_auto(config, path: str) -> bool:
 
 def set_packing(config, path: str):
     """model.model_config.packing, checked (false | pairs | shared_prefix), and copied with what the packed
-    dataset needs (loss_type, seq_length, pad_token_id) into train_dataset, the dataset's config: one source of
+    dataset needs (loss_type, seq_length; pad_token_id always) into train_dataset, the dataset's config: one source of
     truth. Packing replaces length buckets. Returns the mode (None when off)."""
     from mindrlhf.data.packing import packing_mode
     from mindrlhf.model.ascend_packing import on_flash_attention
@@ -94,6 +94,8 @@ def set_packing(config, path: str):
     mode = packing_mode(model_cfg.get("packing"), f"{path}: model.model_config.packing")
     if model_cfg.get("packing") is not None:
         model_cfg.packing = mode or False  # "false"/"off" strings become False for the model
+    if model_cfg.get("pad_token_id") is not None:  # the dataset checks the pad-id rule with the model's pad id
+        dataset_cfg.pad_token_id = int(model_cfg.pad_token_id)
     if not mode:
         return None
     buckets = dataset_cfg.get("bucket_boundaries")
@@ -122,8 +124,6 @@ def set_packing(config, path: str):
         dataset_cfg.ascend_row_groups = ascend_row_groups(config, path)
     dataset_cfg.loss_type = model_cfg.get("loss_type") or "span"
     dataset_cfg.seq_length = int(model_cfg.seq_length)
-    if model_cfg.get("pad_token_id") is not None:
-        dataset_cfg.pad_token_id = int(model_cfg.pad_token_id)
     return mode
 
 
