@@ -225,26 +225,32 @@ def test_ascend_run_gets_actual_seq_len_column_and_argument(test_mindrecord, tmp
 
 
 def test_default_pack_rows_is_capped_per_flash_attention_call(test_mindrecord):
-    """Without pack_rows the padded step's tokens decide the rows (batch 64 of 256-token pairs in 2048-token rows:
-    16); on Ascend a FlashAttention call takes at most 1024 entries, 128 a row of 2048: 8 rows, so the default
-    is capped there and the first step's actual_seq_len is built (it raised in the pipeline when only an
-    explicit pack_rows was checked)."""
+    """pack_steps fill: without pack_rows the padded step's tokens decide the rows (batch 64 of 256-token pairs in
+    2048-token rows: 16); on Ascend a FlashAttention call takes at most 1024 entries, 128 a row of 2048: 8 rows,
+    so the default is capped there and the first step's actual_seq_len is built (it raised in the pipeline when
+    only an explicit pack_rows was checked). pack_steps batch_size: the rows a step's 64 pairs may need (20) are
+    more than a call takes (22 with the TND reserve), refused before training."""
     from mindrlhf.data.dataset import create_reward_dataset, plan_packed
     from mindrlhf.data.packing import ACTUAL_SEQ_LEN, tnd_rows_per_call
 
     files = [str(test_mindrecord)]
     most = tnd_rows_per_call(2048)
     assert most == 8
-    assert plan_packed(files, "pairs", None, 2048, "last_token", batch_size=64)["pack_rows"] == 16  # CPU: no cap
+    fill = {"pack_steps": "fill"}
+    assert plan_packed(files, "pairs", None, 2048, "last_token", batch_size=64, **fill)["pack_rows"] == 16  # CPU
     for groups in (1, 2):
-        plan = plan_packed(files, "pairs", None, 2048, "last_token", batch_size=64, ascend_row_groups=groups)
+        plan = plan_packed(files, "pairs", None, 2048, "last_token", batch_size=64, ascend_row_groups=groups, **fill)
         assert plan["pack_rows"] == min(16, most * groups)
     dataset = create_reward_dataset(files, 64, packing="pairs", loss_type="last_token", seq_length=2048,
-                                    ascend_row_groups=1)
+                                    ascend_row_groups=1, **fill)
     step = next(dataset.create_dict_iterator(output_numpy=True))
     assert step[ACTUAL_SEQ_LEN].shape == (most, tnd_row_entries(2048))
     with pytest.raises(ConfigError, match=r"pack_rows \(16\) gives 16 rows a FlashAttention call"):
-        plan_packed(files, "pairs", 16, 2048, "last_token", ascend_row_groups=1)
+        plan_packed(files, "pairs", 16, 2048, "last_token", ascend_row_groups=1, **fill)
+    assert plan_packed(files, "pairs", None, 2048, "last_token", batch_size=64)["pack_rows"] == 20  # CPU
+    with pytest.raises(ConfigError, match=r"batch_size 64: a step's pairs may need 22 rows of 2048 tokens, and "
+                                          r"FlashAttention takes at most 8 a step"):
+        plan_packed(files, "pairs", None, 2048, "last_token", batch_size=64, ascend_row_groups=1)
 
 
 @pytest.mark.parametrize("mode", [1, "SEMI_AUTO_PARALLEL", "semi_auto_parallel", 2, "AUTO_PARALLEL"])

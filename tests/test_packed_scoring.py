@@ -299,7 +299,9 @@ def test_batcher_warms_up_its_shapes_and_isolates_a_culprit(scorers, variant, ki
     batcher.before_pass = lambda rows: (_ for _ in ()).throw(RuntimeError("injected: the model is broken"))
     results = run_jobs(batcher, [seqs[k:k + 2] for k in range(0, 6, 2)])
     assert all(isinstance(r, RuntimeError) for r in results)
-    assert batcher.counts["failed_passes"] == 1 and batcher.counts["failed_jobs"] == 3
+    # every collected batch failed whole, a lone request's too (the arrival gaps decide how the 3 are collected)
+    assert batcher.counts["failed_passes"] == batcher.counts["collected_batches"] >= 1
+    assert batcher.counts["failed_jobs"] == 3
 
     # every request of a batch gave up: give_up is asked before the first pass, nothing is scored
     batcher = DynamicBatcher(scorer, max_batch=4, wait_ms=50)

@@ -319,6 +319,12 @@ def plan_packed(files, packing: str, pack_rows: Optional[int], seq_length: Optio
         if ascend_row_groups:  # whole FlashAttention calls, each of at most tnd_rows_per_call rows
             pack_rows = min(-(-pack_rows // groups), pk.tnd_rows_per_call(seq_length)) * groups
     if ascend_row_groups:  # the resolved value, default or explicit, is what the pipeline feeds FlashAttention
+        most = pk.tnd_rows_per_call(seq_length) * groups
+        if how == "batch_size" and int(pack_rows) > most:
+            raise ConfigError(f"train_dataset.batch_size {batch_size}: a step's pairs may need {int(pack_rows)} rows "
+                              f"of {seq_length} tokens, and FlashAttention takes at most {most} a step "
+                              f"({pk.tnd_rows_per_call(seq_length)} a call: {pk.MAX_FA_ENTRIES} actual_seq_len "
+                              f"entries, {tnd} a row); lower batch_size or raise seq_length")
         pk.check_ascend_pack_rows(int(pack_rows), groups, seq_length)
     if how == "batch_size":
         plan.update(pack_rows=int(pack_rows), n_steps=len(pairs) // per_step,
