@@ -8,7 +8,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn
 from mindspore.mindrecord import FileReader, FileWriter
 
-import mindrlhf.registry  # noqa: F401
+import mindrlhf.training.registry  # noqa: F401
 from mindrlhf.data import packing as pk
 from mindrlhf.data.dataset import create_reward_dataset
 from mindrlhf.data.records import RECORD_SCHEMA
