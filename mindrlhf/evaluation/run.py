@@ -217,9 +217,10 @@ def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_data
             summary["stats_file"] = normalize.save_stats(checkpoint_root(adapter or ckpt_path), *newest_scores, source,
                                                          overwrite)
             log(f"reward statistics of {newest_scores[0]}: {summary['stats_file']}")
+        folder = report_dir or _report_dir(output_file)
+        summary["report"] = os.path.join(folder, "report.md")  # every rank names it: rank 0 writes it
         if rank == 0:
-            summary["report"] = report.write_report(report_dir or _report_dir(output_file), summary, report_scores,
-                                                    overwrite)
+            report.write_report(folder, summary, report_scores, overwrite)
             log(f"report: {summary['report']}")
             write_json(output_file, summary)
     summary["output_file"] = output_file
