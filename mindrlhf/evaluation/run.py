@@ -220,8 +220,7 @@ def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_data
         folder = report_dir or _report_dir(output_file)
         summary["report"] = os.path.join(folder, "report.md")  # every rank names it: rank 0 writes it
         if rank == 0:
-            report.write_report(folder, summary, report_scores, overwrite)
-            log(f"report: {summary['report']}")
+            report.write_report(folder, summary, report_scores, overwrite)  # the CLI's last line names it
             write_json(output_file, summary)
     summary["output_file"] = output_file
     return summary
