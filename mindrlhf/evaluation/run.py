@@ -198,8 +198,8 @@ def evaluate(config_path: str, ckpt_path: str, load_all: bool = False, eval_data
         metrics.update(report.pair_figures(chosen, rejected, lengths))
         report_scores.append((scorer.step, chosen, rejected))
         results.append(metrics)
-        log(f"{ckpt} acc: [{metrics['accuracy']:.6f}]")
         log(report.format_figures(metrics))
+        log(f"{ckpt} acc: [{metrics['accuracy']:.6f}]")  # the tutorial's line, last for each checkpoint
         newest_scores = (adapter or ckpt, scorer.step, chosen, rejected)
     good = [r for r in results if "error" not in r]
     if not good:
