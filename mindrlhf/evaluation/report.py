@@ -253,9 +253,8 @@ def check_report_dir(folder: str, overwrite: bool = False) -> str:
 
 def write_report(folder: str, summary: dict, scores: List[tuple], overwrite: bool = False) -> str:
     """report.md, the PNGs and a TensorBoard event file in `folder`, written whole (a staging folder renamed
-    into place); returns report.md's path. scores: (step, chosen rewards, rejected rewards) per checkpoint."""
-    import shutil
-
+    into place; with overwrite an earlier report is swapped out only once the new one is whole); returns
+    report.md's path. scores: (step, chosen rewards, rejected rewards) per checkpoint."""
     from mindrlhf.io import replaced_folder
 
     check_report_dir(folder, overwrite)
@@ -263,7 +262,7 @@ def write_report(folder: str, summary: dict, scores: List[tuple], overwrite: boo
     newest = good[-1]
     step, chosen, rejected = scores[-1]
     title = f"step {step}" if step is not None else os.path.basename(str(newest["checkpoint"]))
-    with replaced_folder(folder + ".new" if os.path.exists(folder) else folder) as tmp:
+    with replaced_folder(folder, replace=overwrite) as tmp:
         pngs = {
             "reward_histogram": plot_histogram(chosen, rejected, os.path.join(tmp, "reward_histogram.png"),
                                                f"rewards, {title}"),
@@ -278,9 +277,6 @@ def write_report(folder: str, summary: dict, scores: List[tuple], overwrite: boo
         _write_events(tmp, good, pngs, step)
         with open(os.path.join(tmp, "report.md"), "w", encoding="utf-8") as fh:
             fh.write(render_markdown(summary, good))
-    if os.path.exists(folder + ".new"):  # --overwrite: the old report goes only once the new one is whole
-        shutil.rmtree(folder)
-        os.replace(folder + ".new", folder)
     return os.path.join(folder, "report.md")
 
 
