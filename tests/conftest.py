@@ -1,4 +1,5 @@
 """Shared paths and the expensive fixtures (a converted test set, one real tiny training run)."""
+import fcntl
 import json
 import os
 import socket
@@ -20,6 +21,21 @@ TINY_CONFIG = CONFIGS / "run_llama_2_tiny_rm_cpu.yaml"
 CONFIG_7B = CONFIGS / "run_llama_2_7b_rm.yaml"
 EXAMPLES = ROOT / "examples" / "reward_model_train_tutorial"
 SCRIPTS = ROOT / "scripts"
+
+
+# `make test` runs the suite on pytest-xdist workers, a module whole on one (--dist loadfile, so a module's fixtures
+# are built once), and these modules first, longest first (from the suite's --durations), so that no worker is left
+# with a long module at the end while the others wait; the rest keep their usual order.
+LONGEST_FIRST = ("test_docs.py", "test_multirank.py", "test_lora_scoring.py", "test_rank_verdict.py",
+                 "test_packed_train.py", "test_training.py", "test_packing_recipe.py", "test_resume.py",
+                 "test_server.py", "test_packed_scoring.py", "test_lora_train.py", "test_backbones.py",
+                 "test_packed_model.py", "test_demo.py")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def cli_env():
@@ -101,6 +117,54 @@ def msrun(order, workers, log_dir, *node, port=None, timeout=900, prefix=()):
     return subprocess.run(args, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def _encode(value):
+    if isinstance(value, Path):
+        return {"__path__": str(value)}
+    if isinstance(value, subprocess.CompletedProcess):
+        return {"__proc__": [value.args, value.returncode, value.stdout, value.stderr]}
+    if isinstance(value, dict):
+        return {key: _encode(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v) for v in value]
+    return value
+
+
+def _decode(value):
+    if isinstance(value, dict):
+        if "__path__" in value:
+            return Path(value["__path__"])
+        if "__proc__" in value:
+            return subprocess.CompletedProcess(*value["__proc__"])
+        return {key: _decode(v) for key, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def shared_once(tmp_path_factory, name, build):
+    """build(folder) run once per test run, for every module that needs it. Under pytest-xdist the first worker to
+    ask builds it in the run's shared temporary folder while holding a lock; the others wait on the lock and read
+    its recorded result (pytest-xdist's documented pattern), so no worker trains the same run twice. A failed
+    build records nothing: the next worker to ask tries again and fails with its own error."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return build(tmp_path_factory.mktemp(name))
+    shared = tmp_path_factory.getbasetemp().parent
+    done = shared / f"{name}.json"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done.exists():
+            return _decode(json.loads(done.read_text(encoding="utf-8")))
+        folder = shared / name
+        if folder.exists():  # a failed build's leftovers
+            import shutil
+
+            shutil.rmtree(folder)
+        folder.mkdir()
+        result = build(folder)
+        done.write_text(json.dumps(_encode(result)), encoding="utf-8")
+        return result
+
+
 @pytest.fixture(scope="module")
 def pynative_mode():
     """PyNative for one module (the FlashAttention stand-in checks the values it is given), then back."""
@@ -115,10 +179,13 @@ def pynative_mode():
 @pytest.fixture(scope="session")
 def test_mindrecord(tmp_path_factory):
     """The test split converted at seq 256, pad 2."""
-    out = tmp_path_factory.mktemp("data") / "test_256.mindrecord"
-    run_cli(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", TEST_JSONL,
-            "--dst_file", out, "--seq_length", 256, "--pad_token_id", 2)
-    return out
+    def build(folder):
+        out = folder / "test_256.mindrecord"
+        run_cli(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", TEST_JSONL,
+                "--dst_file", out, "--seq_length", 256, "--pad_token_id", 2)
+        return out
+
+    return shared_once(tmp_path_factory, "test_mindrecord", build)
 
 
 def split_by_prompt(src, seen, heldout, every=10):
@@ -138,30 +205,35 @@ SEEN_PAIRS, HELDOUT_PAIRS = 3639, 410  # of the 4,049 train pairs; 23 of 224 pro
 def trained_run(tmp_path_factory):
     """One epoch of the tiny CPU config over the train pairs whose prompts are not held out (8 pairs a step,
     a checkpoint every 100 steps), via the CLI."""
-    work = tmp_path_factory.mktemp("train")
-    seen, heldout = work / "seen.jsonl", work / "heldout.jsonl"
-    split_by_prompt(TRAIN_JSONL, seen, heldout)
-    data = work / "train_256.mindrecord"
-    run_cli(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", seen,
-            "--dst_file", data, "--seq_length", 256, "--pad_token_id", 2)
-    out = work / "output"
-    run_cli(EXAMPLES / "reward_train.py", "--config", TINY_CONFIG, "--train_dataset", data,
-            "--output_dir", out, "--batch_size", 8, "--save_steps", 100, cwd=work)
-    summary = json.loads((out / "train_summary.json").read_text())
-    return {"work": work, "data": data, "output": out, "summary": summary, "heldout": heldout,
-            "checkpoint_root": out / "checkpoint", "log": out / "log" / "rank_0" / "info.log"}
+    def build(work):
+        seen, heldout = work / "seen.jsonl", work / "heldout.jsonl"
+        split_by_prompt(TRAIN_JSONL, seen, heldout)
+        data = work / "train_256.mindrecord"
+        run_cli(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", seen,
+                "--dst_file", data, "--seq_length", 256, "--pad_token_id", 2)
+        out = work / "output"
+        run_cli(EXAMPLES / "reward_train.py", "--config", TINY_CONFIG, "--train_dataset", data,
+                "--output_dir", out, "--batch_size", 8, "--save_steps", 100, cwd=work)
+        summary = json.loads((out / "train_summary.json").read_text())
+        return {"work": work, "data": data, "output": out, "summary": summary, "heldout": heldout,
+                "checkpoint_root": out / "checkpoint", "log": out / "log" / "rank_0" / "info.log"}
+
+    return shared_once(tmp_path_factory, "trained_run", build)
 
 
 @pytest.fixture(scope="session")
 def trained_eval(trained_run, tmp_path_factory):
     """reward_eval.py on trained_run's newest checkpoint over the whole test split (jsonl + tokenizer), with
     per-pair scores: shared by the tests that need the padded run's accuracy or scores."""
-    out = tmp_path_factory.mktemp("eval")
-    proc = run_cli(EXAMPLES / "reward_eval.py", "--config", TINY_CONFIG,
-                   "--distributed_ckpt_path", trained_run["checkpoint_root"], "--eval_dataset", TEST_JSONL,
-                   "--tokenizer", TOKENIZER, "--output_file", out / "eval.json", "--scores_file", out / "scores.jsonl")
-    return {"proc": proc, "results": json.loads((out / "eval.json").read_text()),
-            "scores": [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]}
+    def build(out):
+        proc = run_cli(EXAMPLES / "reward_eval.py", "--config", TINY_CONFIG,
+                       "--distributed_ckpt_path", trained_run["checkpoint_root"], "--eval_dataset", TEST_JSONL,
+                       "--tokenizer", TOKENIZER, "--output_file", out / "eval.json",
+                       "--scores_file", out / "scores.jsonl")
+        return {"proc": proc, "results": json.loads((out / "eval.json").read_text()),
+                "scores": [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]}
+
+    return shared_once(tmp_path_factory, "trained_eval", build)
 
 
 LORA_CONFIG = CONFIGS / "run_llama_2_tiny_lora_rm_cpu.yaml"
@@ -187,20 +259,24 @@ def lora_epoch(tmp_path_factory):
     """One epoch of the tiny LoRA YAML over one train pair in LORA_EVERY, from a random base file, a checkpoint
     every 16 steps (16, 32, 48, 63: all kept), then evaluated on the whole test split. Shared by test_lora_train
     (learning, frozen base, resume, msrun) and test_lora_scoring (the run's three forms scored downstream)."""
-    work = tmp_path_factory.mktemp("lora")
-    base = random_base(work / "base.ckpt")
-    subset = work / "train_subset.jsonl"
-    subset.write_text("".join(TRAIN_JSONL.read_text(encoding="utf-8").splitlines(keepends=True)[::LORA_EVERY]),
-                      encoding="utf-8")
-    data = work / "train_256.mindrecord"
-    run_main(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", subset, "--dst_file", data,
-             "--seq_length", 256, "--pad_token_id", 2)
-    out = work / "output"
-    run_cli(EXAMPLES / "reward_train.py", "--config", LORA_CONFIG, "--train_dataset", data, "--output_dir", out,
-            "--load_checkpoint", base, "--save_steps", 16, cwd=work)
-    run_cli(EXAMPLES / "reward_eval.py", "--config", LORA_CONFIG, "--distributed_ckpt_path", out / "checkpoint",
-            "--eval_dataset", TEST_JSONL, "--tokenizer", TOKENIZER, "--batch_size", 32,
-            "--output_file", work / "eval.json", cwd=work)
-    return {"work": work, "base": base, "data": data, "out": out,
-            "summary": json.loads((out / "train_summary.json").read_text()),
-            "eval": json.loads((work / "eval.json").read_text()), "log": out / "log" / "rank_0" / "info.log"}
+    def build(work):
+        base = random_base(work / "base.ckpt")
+        subset = work / "train_subset.jsonl"
+        rows = TRAIN_JSONL.read_text(encoding="utf-8").splitlines(keepends=True)
+        subset.write_text("".join(rows[::LORA_EVERY]), encoding="utf-8")
+        data = work / "train_256.mindrecord"
+        run_main(EXAMPLES / "cvalues_comparison.py", "--model", TOKENIZER, "--src_file", subset,
+                 "--dst_file", data, "--seq_length", 256, "--pad_token_id", 2)
+        out = work / "output"
+        run_cli(EXAMPLES / "reward_train.py", "--config", LORA_CONFIG, "--train_dataset", data,
+                "--output_dir", out, "--load_checkpoint", base, "--save_steps", 16, cwd=work)
+        run_cli(EXAMPLES / "reward_eval.py", "--config", LORA_CONFIG, "--distributed_ckpt_path",
+                out / "checkpoint",
+                "--eval_dataset", TEST_JSONL, "--tokenizer", TOKENIZER, "--batch_size", 32,
+                "--output_file", work / "eval.json", cwd=work)
+        return {"work": work, "base": base, "data": data, "out": out,
+                "summary": json.loads((out / "train_summary.json").read_text()),
+                "eval": json.loads((work / "eval.json").read_text()), "log": out / "log" / "rank_0" / "info.log"}
+
+    return shared_once(tmp_path_factory, "lora_epoch", build)
+
