@@ -100,6 +100,20 @@ def test_one_packed_epoch_learns(packed_epoch, trained_eval, tmp_path):
     assert packed >= 0.95 and abs(packed - padded) <= 0.02, (packed, padded)
 
 
+def test_the_packed_run_logs_the_padded_runs_losses(packed_epoch, trained_run):
+    """The same pairs a step in the same order, each weighing 1/batch_size: the packed CLI run logs the losses of
+    conftest's padded trained_run (the tiny YAML: no buckets at seq 256, the same seed), equal to the log's 6
+    digits while AdamW has not yet amplified float32 rounding (the first 50 steps), and close over the epoch."""
+    padded = np.array([p.loss for p in parse_log(trained_run["log"])])
+    packed = np.array([p.loss for p in parse_log(packed_epoch["log"])])
+    assert len(packed) == len(padded) == SEEN_PAIRS // 8
+    diff = np.abs(packed - padded)
+    print(f"\nPACKED-VS-PADDED losses: largest difference {diff[:50].max():.1e} over steps 1-50, "
+          f"{diff[:100].max():.1e} over 1-100, {diff.max():.1e} over the epoch ({len(diff)} steps)")
+    assert diff[:50].max() <= 1e-5, np.flatnonzero(diff[:50] > 1e-5) + 1
+    assert diff.max() <= 2e-2, int(np.argmax(diff)) + 1
+
+
 def test_packed_resume_is_bit_exact(test_mindrecord, tmp_path):
     """Stopped at step 8 and resumed to 16 = 16 steps straight: every tensor, optimizer state included, bit for
     bit (the packed plan and its shuffled step order are the seed's, so the resumed run skips to the same step)."""
