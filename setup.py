@@ -21,7 +21,7 @@ setup(
     install_requires=requirements(),
     # interop: benchmarks/check_hf_parity.py scores the Hugging Face export with transformers on PyTorch
     # test: aiohttp, the HTTP client OpenRLHF's reward requests use (tests/test_server.py reproduces them);
-    # pytest-xdist runs the suite on two workers (make test)
+    # pytest-xdist runs the suite on several workers (make test)
     extras_require={"test": ["pytest", "pytest-xdist", "aiohttp"], "interop": ["torch", "transformers"]},
     entry_points={"console_scripts": ["mindrlhf-demo=mindrlhf.demo:main",
                                       "mindrlhf-hccl-tools=mindrlhf.tools.hccl_tools:main"]},

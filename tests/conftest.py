@@ -2,6 +2,7 @@
 import fcntl
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -156,8 +157,6 @@ def shared_once(tmp_path_factory, name, build):
             return _decode(json.loads(done.read_text(encoding="utf-8")))
         folder = shared / name
         if folder.exists():  # a failed build's leftovers
-            import shutil
-
             shutil.rmtree(folder)
         folder.mkdir()
         result = build(folder)
@@ -270,8 +269,7 @@ def lora_epoch(tmp_path_factory):
         out = work / "output"
         run_cli(EXAMPLES / "reward_train.py", "--config", LORA_CONFIG, "--train_dataset", data,
                 "--output_dir", out, "--load_checkpoint", base, "--save_steps", 16, cwd=work)
-        run_cli(EXAMPLES / "reward_eval.py", "--config", LORA_CONFIG, "--distributed_ckpt_path",
-                out / "checkpoint",
+        run_cli(EXAMPLES / "reward_eval.py", "--config", LORA_CONFIG, "--distributed_ckpt_path", out / "checkpoint",
                 "--eval_dataset", TEST_JSONL, "--tokenizer", TOKENIZER, "--batch_size", 32,
                 "--output_file", work / "eval.json", cwd=work)
         return {"work": work, "base": base, "data": data, "out": out,
@@ -279,4 +277,3 @@ def lora_epoch(tmp_path_factory):
                 "eval": json.loads((work / "eval.json").read_text()), "log": out / "log" / "rank_0" / "info.log"}
 
     return shared_once(tmp_path_factory, "lora_epoch", build)
-
