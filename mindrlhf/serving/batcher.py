@@ -187,11 +187,18 @@ class DynamicBatcher:
                 if not jobs:
                     continue
                 self.counts["collected_batches"] += 1
-                if not self._score_jobs(jobs):
+                answers = []
+                if not self._score_jobs(jobs, answers):
                     # no request of the pass could be scored, alone or with others: the model fails, not a request
                     LOG.error("every one of %d request(s) of a pass failed, each alone too: the model itself fails "
                               "(see the errors above)", len(jobs))
                     self.counts["failed_passes"] += 1
+                # answered only now, once counted: a client that reads /health after its answer sees its pass
+                for job, scores, err in answers:
+                    if err is None:
+                        job.future.set_result(scores)
+                    else:
+                        job.future.set_exception(err)
                 jobs = []
         except BaseException as err:  # pylint: disable=broad-except  (the thread ends: nobody may wait for it)
             LOG.critical("the batcher thread stopped: %s: %s", type(err).__name__, err)
@@ -207,16 +214,16 @@ class DynamicBatcher:
                 if job is not None and job.future.set_running_or_notify_cancel():
                     job.future.set_exception(stopped)
 
-    def _score_jobs(self, jobs: list) -> int:
+    def _score_jobs(self, jobs: list, answers: list) -> int:
         """Score these jobs in one go; when that raises, each half again, down to the job that fails alone.
-        Returns how many jobs got their scores."""
+        Appends (job, scores, None) or (job, None, error) to answers, for the caller to deliver once it has
+        counted the pass. Returns how many jobs got their scores."""
         sequences = [seq for job in jobs for seq in job.sequences]
         try:
             scores = self.score(sequences, lambda: all(job.abandoned for job in jobs))
         except Abandoned as err:
             self.counts["skipped_jobs"] += len(jobs)
-            for job in jobs:
-                job.future.set_exception(err)
+            answers.extend((job, None, err) for job in jobs)
             return len(jobs)  # given up by their clients, not failed
         except Exception as err:  # pylint: disable=broad-except  (answer every waiting request, keep serving)
             if len(jobs) > 1:
@@ -224,13 +231,13 @@ class DynamicBatcher:
                             "culprit", len(jobs), type(err).__name__, err)
                 self.counts["rescored_jobs"] += len(jobs)
                 half = len(jobs) // 2
-                return self._score_jobs(jobs[:half]) + self._score_jobs(jobs[half:])
+                return self._score_jobs(jobs[:half], answers) + self._score_jobs(jobs[half:], answers)
             LOG.exception("scoring failed for one request (%d texts)", len(jobs[0].sequences))
             self.counts["failed_jobs"] += 1
-            jobs[0].future.set_exception(err)
+            answers.append((jobs[0], None, err))
             return 0
         start = 0
         for job in jobs:
-            job.future.set_result(scores[start:start + len(job.sequences)])
+            answers.append((job, scores[start:start + len(job.sequences)], None))
             start += len(job.sequences)
         return len(jobs)
