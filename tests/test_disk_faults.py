@@ -63,6 +63,7 @@ def keep_one_config(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_a_full_disk_fails_the_save_and_keeps_the_last_checkpoint(keep_one_config, test_mindrecord, tmp_path):
     """keep_checkpoint_max 1, a checkpoint at step 2, then the disk has half a checkpoint free: the save of step 4
     fails with one error naming the folder, the space needed and free; step 2's file is whole and still listed."""

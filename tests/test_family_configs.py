@@ -47,6 +47,7 @@ def test_qwen_7b_yaml_is_qwen2_5_7b():
     assert config.runner_config.batch_size * parallel.data_parallel == 4  # the tutorial's 4 pairs a step
 
 
+@pytest.mark.slow
 def test_qwen_7b_width_builds_as_the_converter_expects():
     """One layer at full width (vocabulary cut to keep memory small): every parameter the model builds has the
     shape the converter checks Qwen2.5-7B's tensors against."""

@@ -183,9 +183,12 @@ def worst_errors(got, want):
 
 
 # Every loss on the compiled kernel (what CPU users get); the other layers share the packed loss and mask code,
-# so they run the plain and the fullest case each (each case compiles two gradient graphs: ~10 s).
+# so they run the plain and the fullest case each (each case compiles two gradient graphs: ~10 s), in make test
+# (slow), not in make test-fast.
 CASES = [("kernel", loss) for loss in LOSSES] + [
-    ("matmul-softmax", "span"), ("matmul-softmax", "last_token-margin-center"), ("stock", "span-margin-center")]
+    pytest.param(*case, marks=pytest.mark.slow)
+    for case in (("matmul-softmax", "span"), ("matmul-softmax", "last_token-margin-center"),
+                 ("stock", "span-margin-center"))]
 
 
 @pytest.mark.parametrize("variant, loss", CASES)

@@ -26,10 +26,10 @@ def user_attention():
     return "kernel" if native.library("cpu_kernels") else "ops"
 
 
-@pytest.fixture(scope="module", params=["ops", "kernel"])
+@pytest.fixture(scope="module", params=[pytest.param("ops", marks=pytest.mark.slow), "kernel"])
 def variant(request):
-    """The CPU attention every model of a test is built with: MindSpore ops, then the compiled kernel (skipped
-    where no C++ compiler built it: user_attention says which a user gets)."""
+    """The CPU attention every model of a test is built with: MindSpore ops (in make test, not test-fast), then the
+    compiled kernel (skipped where no C++ compiler built it: user_attention says which a user gets)."""
     if request.param == "kernel" and user_attention() != "kernel":
         pytest.skip("no compiled kernels here (no C++ compiler, or switched off)")
     with pytest.MonkeyPatch.context() as patch:

@@ -166,6 +166,7 @@ def train(net, dataset, count, adam=False):
     return losses, shapes, {p.name: p.asnumpy().astype(np.float64) for p in net.trainable_params()}
 
 
+@pytest.mark.slow
 def test_packed_training_ends_where_padded_training_does(test_mindrecord, monkeypatch):
     """Same seed, padded without buckets against packed: N momentum-SGD steps, the losses and then every
     parameter equal within float32 tolerance (the one-step loss and gradient checks are tests/test_packed_model.py's)."""

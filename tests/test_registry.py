@@ -3,6 +3,7 @@ stay free of MindFormers); the 7B Ascend YAML resolves and its model builds on C
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from conftest import CONFIG_7B, TINY_CONFIG, cli_env
@@ -91,6 +92,7 @@ def test_production_config_sets_every_section_explicitly():
     assert (mc.hidden_size, mc.num_layers, mc.num_heads, mc.seq_length, mc.vocab_size) == (4096, 32, 32, 4096, 32000)
 
 
+@pytest.mark.slow
 def test_7b_model_builds_on_cpu_with_one_layer():
     """The 7B width (hidden 4096, vocab 32000, FFN from multiple_of 256) with num_layers overridden to 1.
 
