@@ -83,7 +83,8 @@ def loss_and_grads(net):
     return float(loss.asnumpy()), {w.name: g.asnumpy() for w, g in zip(weights, grads)}
 
 
-@pytest.mark.parametrize("compiled,kv_heads", [(True, None), (True, 2), (False, None)],
+@pytest.mark.parametrize("compiled,kv_heads",
+                         [(True, None), (True, 2), pytest.param(False, None, marks=pytest.mark.slow)],
                          ids=["compiled-kernels", "compiled-kernels-shared-kv-heads", "matmul-softmax"])
 def test_cpu_layers_give_the_stock_loss_and_gradients(monkeypatch, compiled, kv_heads):
     stock = build(monkeypatch, stock=True, kv_heads=kv_heads)

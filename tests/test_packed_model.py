@@ -23,7 +23,9 @@ LOSSES = {"span": dict(loss_type="span"),
           "span-margin-center": dict(loss_type="span", center_rewards_coefficient=0.3),
           "last_token": dict(loss_type="last_token"),
           "last_token-margin-center": dict(loss_type="last_token", center_rewards_coefficient=0.3)}
-VARIANTS = ["matmul-softmax", "stock", "kernel"]
+# The compiled kernel (what CPU users get) in make test-fast; the other two layers in make test (slow).
+VARIANTS = [pytest.param("matmul-softmax", marks=pytest.mark.slow), pytest.param("stock", marks=pytest.mark.slow),
+            "kernel"]
 
 
 @pytest.fixture(scope="module", autouse=True)
