@@ -770,6 +770,27 @@ def test_a_model_failing_every_pass_is_told_from_a_culprit(served, run, request)
     assert counts["failed_jobs"] - before["failed_jobs"] == 4, counts
 
 
+def test_a_pass_is_counted_before_its_answers_go_out(inproc):
+    """/health read right after an answer shows that answer's pass: the batcher counts a failed pass (and its failed
+    request) before it sets the request's result, so a callback run as the answer is set already sees them."""
+    service, batcher = inproc.service, inproc.service.batcher
+    before, seen, done = dict(batcher.counts), [], threading.Event()
+
+    def fails(batch):
+        raise RuntimeError("injected: the model is broken")
+
+    batcher.before_pass = fails
+    try:
+        job = batcher.submit(service.encode([template_text("问题", "回答")]))
+        job.future.add_done_callback(lambda _: (seen.append(dict(batcher.counts)), done.set()))
+        assert done.wait(60), "the job was never answered"
+    finally:
+        batcher.before_pass = None
+    assert isinstance(job.future.exception(), RuntimeError)
+    assert seen[0]["failed_passes"] - before["failed_passes"] == 1, seen[0]
+    assert seen[0]["failed_jobs"] - before["failed_jobs"] == 1, seen[0]
+
+
 def test_scoring_timeout_answers_503_and_the_next_request_is_served(inproc, monkeypatch):
     """request_timeout while scoring, driven by a hook that holds the pass until the client has its answer."""
     service = inproc.service
