@@ -19,9 +19,9 @@ demo: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m mindrlhf.demo $(DEMO_ARGS)
 
 # pytest-xdist workers, a test module whole on one (its fixtures built once). The suite's processes mostly use one
-# core each and often wait (launchers, servers, subprocesses, msrun's node timeout), so four keep two cores busy;
-# TEST_WORKERS=0 runs it in one process.
-TEST_WORKERS ?= 4
+# core each and often wait (launchers, servers, subprocesses), so three keep two cores busy; TEST_WORKERS=0 runs
+# it in one process.
+TEST_WORKERS ?= 3
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 test: $(STAMP)
