@@ -23,7 +23,11 @@ epoch (give or take TRL's last, partial batch). Reported: real tokens/s over the
 steps x steady s/step) with the ratio against the target (>= 1.5x, met/missed), wall time, each side's steps and
 pairs a step, and accuracy (ours: reward_eval.py with the shape's plain YAML over the packed run's checkpoint: no
 weight depends on packing), and the row counts ours' steps may take (the dataset's 'packing ...'
-line). Writes benchmarks/results/peer_packed.json (peer_packed_span.json with --loss_type span).
+line). Also TRL's padding share, from the tokens its own collator handed its model (benchmarks/peer_trl.py
+counts them), and the ceiling it sets: TRL's computed over its real tokens, the most a run computing no padding at
+all reaches over TRL at TRL's cost per token. Where that ceiling is below the target, removing padding cannot meet
+the target at this recipe and data; only a lower cost per token can. Writes benchmarks/results/peer_packed.json
+(peer_packed_span.json with --loss_type span).
 """
 import argparse
 import copy
@@ -146,15 +150,16 @@ def main():
 
 
 def print_packed(results):
-    """The --packing summary: real tokens/s of both, the ratio against the target, accuracy, steps, pairs a step."""
+    """The --packing summary: real tokens/s of both, the ratio against the target, the zero-padding ceiling,
+    accuracy, steps, pairs a step."""
     print(f"{'shape':7s} {'model':32s} {'tokens/s ours':>13s} {'TRL':>8s} {'ratio':>6s} {'target':>13s} "
-          f"{'accuracy ours':>13s} {'TRL':>6s} {'steps ours':>10s} {'TRL':>4s} {'pairs/step':>10s}")
+          f"{'ceiling':>7s} {'accuracy ours':>13s} {'TRL':>6s} {'steps ours':>10s} {'TRL':>4s} {'pairs/step':>10s}")
     for name, r in results["shapes"].items():
         ours, trl = r["runs"]["ours"], r["runs"]["trl"]
         print(f"{name:7s} {r['model']:32s} {ours['real_tokens_per_s']:13.1f} {trl['real_tokens_per_s']:8.1f} "
               f"{r['ratio_real_tokens_per_s_ours_over_trl']:5.2f}x "
               f"{'>= ' + str(PACKED_TARGET) + 'x ' + ('met' if r['target_met'] else 'missed'):>13s} "
-              f"{ours['accuracy']:13.4f} {trl['accuracy']:6.4f} {ours['steps']:10d} {trl['steps']:4d} "
+              f"{r['zero_padding_ceiling']:6.2f}x {ours['accuracy']:13.4f} {trl['accuracy']:6.4f} {ours['steps']:10d} {trl['steps']:4d} "
               f"{ours['pairs_per_step']:10d}")
     print(cpu_line(results.get("cpu")))
 
@@ -298,6 +303,9 @@ def compare(shape, args):
     results["ratio_real_tokens_per_s_ours_over_trl"] = round(ours["real_tokens_per_s"] / peer["real_tokens_per_s"], 2)
     results["ratio_wall_ours_over_trl"] = round(ours["process_seconds"] / peer["process_seconds"], 2)
     results["accuracy_difference_ours_minus_trl"] = round(ours["accuracy"] - peer["accuracy"], 4)
+    # what removing all padding could give at TRL's cost per token: its computed tokens over its real ones
+    results["trl_padding_share"] = peer["padding_share"]
+    results["zero_padding_ceiling"] = round(peer["computed_tokens"] / peer["real_tokens"], 2)
     if args.packing:
         results["target_met"] = bool(results["ratio_real_tokens_per_s_ours_over_trl"] >= PACKED_TARGET)
     results["load_average_after"] = os.getloadavg()
@@ -311,8 +319,9 @@ def compare(shape, args):
         print(f"{name:5s} {r['steady_s_per_step']:.4f} s/step  {r['real_tokens_per_s']:9.1f} real tokens/s  "
               f"wall {r['process_seconds']:6.1f} s  accuracy {r['accuracy']:.4f}", flush=True)
     print(f"ours/trl: s/step {results['ratio_s_per_step_ours_over_trl']}x, real tokens/s "
-          f"{results['ratio_real_tokens_per_s_ours_over_trl']}x, wall {results['ratio_wall_ours_over_trl']}x",
-          flush=True)
+          f"{results['ratio_real_tokens_per_s_ours_over_trl']}x, wall {results['ratio_wall_ours_over_trl']}x; TRL "
+          f"computes {100 * results['trl_padding_share']:.1f}% padding: no padding at its cost per token reaches "
+          f"{results['zero_padding_ceiling']}x", flush=True)
     if args.packing:
         print(f"ours packed: {packed['steps']} steps of {packed['pairs_per_step']} pairs in {packed['row_counts']} "
               f"rows of {packed['row_tokens']} tokens (TRL: {peer['steps']} steps); real tokens/s ours/TRL "

@@ -3,7 +3,8 @@
 
 Input: a JSON file written by bench_peer.py with the model shape, the optimizer/schedule settings and the
 pre-tokenized train/test pairs (chosen_ids, rejected_ids: real tokens only, no padding). Output: a JSON file
-with wall time, steady s/step, real tokens/s and pairwise test accuracy.
+with wall time, steady s/step, pairwise test accuracy, and the tokens TRL's own collator gave the model: computed
+(the batches' ids, padding included) and real (their attention mask), counted as it trains.
 """
 import argparse
 import json
@@ -82,6 +83,17 @@ def main():
     clock = step_clock()
     trainer = RewardTrainer(model=model, args=rconfig, train_dataset=train, processing_class=processing,
                             callbacks=[clock])
+    tokens = {"computed": 0, "real": 0}
+    collate = trainer.data_collator
+
+    def counting(examples):
+        """TRL's collator, counting what it hands the model (its train dataloader is built in train())."""
+        batch = collate(examples)
+        tokens["computed"] += int(batch["input_ids"].numel())
+        tokens["real"] += int(batch["attention_mask"].sum())
+        return batch
+
+    trainer.data_collator = counting
     start = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - start
@@ -102,7 +114,8 @@ def main():
               "threads": torch.get_num_threads(), "gradient_checkpointing": False, "steps": steps,
               "train_seconds": round(train_seconds, 2),
               "steady_s_per_step": round(steady, 4), "test_pairs": len(spec["test"]),
-              "accuracy": round(correct / len(spec["test"]), 4)}
+              "accuracy": round(correct / len(spec["test"]), 4), "computed_tokens": tokens["computed"],
+              "real_tokens": tokens["real"], "padding_share": round(1 - tokens["real"] / tokens["computed"], 4)}
     with open(args.output, "w", encoding="utf-8") as fh:
         json.dump(result, fh, indent=2)
     print(json.dumps(result))
