@@ -159,8 +159,8 @@ def print_packed(results):
         print(f"{name:7s} {r['model']:32s} {ours['real_tokens_per_s']:13.1f} {trl['real_tokens_per_s']:8.1f} "
               f"{r['ratio_real_tokens_per_s_ours_over_trl']:5.2f}x "
               f"{'>= ' + str(PACKED_TARGET) + 'x ' + ('met' if r['target_met'] else 'missed'):>13s} "
-              f"{r['zero_padding_ceiling']:6.2f}x {ours['accuracy']:13.4f} {trl['accuracy']:6.4f} {ours['steps']:10d} {trl['steps']:4d} "
-              f"{ours['pairs_per_step']:10d}")
+              f"{r['zero_padding_ceiling']:6.2f}x {ours['accuracy']:13.4f} {trl['accuracy']:6.4f} "
+              f"{ours['steps']:10d} {trl['steps']:4d} {ours['pairs_per_step']:10d}")
     print(cpu_line(results.get("cpu")))
 
 
